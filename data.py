@@ -1,0 +1,731 @@
+"""ReDSM5 data: loading with a report, sentence alignment, post-level splits, features, demo corpus.
+
+    python data.py --make_demo DIR [--n_posts N] [--seed S]   # write the synthetic demo corpus
+    python data.py --data_dir DIR                             # print the load report of a corpus
+
+Reading order: constants -> CSV reading and validation (`load_corpus`) -> alignment of annotated
+sentences to character spans of their post -> splits -> examples per task -> tokenised features
+(windows over long posts) -> batching -> the synthetic demo corpus.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import functools
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import UserError
+
+log = logging.getLogger("redsm5")
+csv.field_size_limit(2**31 - 1)  # real posts run to ~7,000 words; csv's default cap is 131,072 chars
+
+# The nine DSM-5 A-criteria, each with a one-sentence description in this project's own words.
+# The description is the first text of every (criterion, text) pair the encoder sees.
+CRITERIA = {
+    "DEPRESSED_MOOD": "A.1 Depressed mood: feeling sad, empty, hopeless or tearful most of the day.",
+    "ANHEDONIA": "A.2 Anhedonia: lost interest or pleasure in activities that used to be enjoyable.",
+    "APPETITE_CHANGE": "A.3 Appetite or weight change: eating much less or much more, losing or gaining weight.",
+    "SLEEP_ISSUES": "A.4 Sleep problems: insomnia, waking at night, or sleeping far too much.",
+    "PSYCHOMOTOR": "A.5 Psychomotor change: restless agitation or visibly slowed movement and speech.",
+    "FATIGUE": "A.6 Fatigue: tired, drained or without energy nearly every day.",
+    "WORTHLESSNESS": "A.7 Worthlessness or guilt: feeling worthless, a failure, or excessively guilty.",
+    "COGNITIVE_ISSUES": "A.8 Cognitive problems: trouble thinking, concentrating, remembering or deciding.",
+    "SUICIDAL_THOUGHTS": "A.9 Suicidal thoughts: thoughts of death, wanting to die, or plans to end one's life.",
+}
+SYMPTOMS = list(CRITERIA)
+SPECIAL_CASE = "SPECIAL_CASE"
+LABEL_FIXES = {"LEEP_ISSUES": "SLEEP_ISSUES"}  # misspellings seen in the real corpus
+FILE_PAIRS = [("posts.csv", "annotations.csv"), ("redsm5_posts.csv", "redsm5_annotations.csv")]
+POST_COLUMNS = ["post_id", "text"]
+ANNOTATION_COLUMNS = ["post_id", "sentence_id", "sentence_text", "DSM5_symptom", "status"]
+
+
+# --------------------------------------------------------------------------- loading
+
+def read_csv(path: Path, required: list[str]) -> tuple[list[dict], int]:
+    """Rows of a CSV as dicts; returns (rows, undecodable_rows). Structural problems are UserErrors."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        text, bad = raw.decode("utf-8-sig"), 0
+    except UnicodeDecodeError:  # keep the rows, replace the bytes, and say so in the report
+        text = raw.decode("utf-8-sig", errors="replace")
+        bad = 1
+    if not text.strip():
+        raise UserError(f"{path}: file is empty (expected a header with columns {', '.join(required)})")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise UserError(f"{path}: missing column '{missing[0]}' (found: {', '.join(header)})")
+        reader.fieldnames = header
+        rows = [{k: (v if v is not None else "") for k, v in r.items() if k is not None} for r in reader]
+    except csv.Error as e:
+        raise UserError(f"{path}: malformed CSV ({e})") from None
+    if bad:
+        bad = sum("\ufffd" in "".join(r.values()) for r in rows)
+    return rows, bad
+
+
+def find_files(data_dir: str | Path) -> tuple[Path, Path]:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: data directory not found")
+    for posts, annotations in FILE_PAIRS:
+        if (data_dir / posts).exists() or (data_dir / annotations).exists():
+            return data_dir / posts, data_dir / annotations
+    names = " or ".join(f"{p} + {a}" for p, a in FILE_PAIRS)
+    raise UserError(f"{data_dir}: no ReDSM5 files found (expected {names})")
+
+
+@dataclass
+class Corpus:
+    posts: dict[str, str]  # post_id -> text
+    rows: list[dict]  # kept annotation rows, with aligned char spans where alignment succeeded
+    report: dict = field(default_factory=dict)
+
+    def positives(self) -> dict[tuple[str, str], list[dict]]:
+        """(post_id, symptom) -> its status-1 rows: the evidence of that pair."""
+        out = defaultdict(list)
+        for r in self.rows:
+            if r["status"] == 1:
+                out[(r["post_id"], r["symptom"])].append(r)
+        return out
+
+
+def load_corpus(data_dir=None, *, demo_posts=1000, demo_seed=0, include_special_case=False,
+                fuzzy_threshold=0.3) -> Corpus:
+    """Load and validate a ReDSM5 folder (or generate the demo corpus); log one report."""
+    if data_dir is None:
+        post_rows, ann_rows = make_demo(demo_posts, demo_seed)
+        source, bad_bytes = f"demo corpus (synthetic, {demo_posts} posts, seed {demo_seed})", 0
+    else:
+        posts_path, ann_path = find_files(data_dir)
+        post_rows, bad_posts = read_csv(posts_path, POST_COLUMNS)
+        ann_rows, bad_ann = read_csv(ann_path, ANNOTATION_COLUMNS)
+        source, bad_bytes = str(data_dir), bad_posts + bad_ann
+    return build_corpus(post_rows, ann_rows, source=source, include_special_case=include_special_case,
+                        fuzzy_threshold=fuzzy_threshold, undecodable_rows=bad_bytes)
+
+
+def build_corpus(post_rows, ann_rows, *, source="", include_special_case=False, fuzzy_threshold=0.3,
+                 undecodable_rows=0) -> Corpus:
+    """Validate raw rows into a Corpus. Every dropped row is counted under a reason."""
+    dropped, posts = Counter(), {}
+    for r in post_rows:
+        pid, text = r.get("post_id", "").strip(), r.get("text", "")
+        if not pid:
+            dropped["post: missing post_id"] += 1
+        elif pid in posts:
+            dropped["post: duplicate post_id"] += 1
+        elif not text.strip():
+            dropped["post: empty text"] += 1
+        else:
+            posts[pid] = text
+    symptoms = set(SYMPTOMS) | ({SPECIAL_CASE} if include_special_case else set())
+    kept: dict[tuple, dict] = {}
+    fixed_labels = conflicts = 0
+    for r in ann_rows:
+        pid, label = r["post_id"].strip(), r["DSM5_symptom"].strip().upper()
+        if label in LABEL_FIXES:
+            label, fixed_labels = LABEL_FIXES[label], fixed_labels + 1
+        status = {"1": 1, "0": 0, "1.0": 1, "0.0": 0}.get(str(r["status"]).strip())
+        if label == SPECIAL_CASE and not include_special_case:
+            dropped["annotation: SPECIAL_CASE (ignored by default)"] += 1
+        elif label not in symptoms:
+            dropped[f"annotation: unknown symptom label {label!r}"] += 1
+        elif status is None:
+            dropped[f"annotation: status not 0/1 ({r['status']!r})"] += 1
+        elif pid not in posts:
+            dropped["annotation: post missing or empty"] += 1
+        elif not r["sentence_text"].strip():
+            dropped["annotation: empty sentence_text"] += 1
+        else:
+            key = (pid, r["sentence_id"].strip(), label)
+            if key in kept:
+                dropped["annotation: duplicate (post, sentence, symptom)"] += 1
+                if kept[key]["status"] != status:  # annotators disagree: evidence wins, and is counted
+                    conflicts += 1
+                    kept[key]["status"] = 1
+                continue
+            kept[key] = {"post_id": pid, "sentence_id": key[1], "sentence_text": r["sentence_text"],
+                         "symptom": label, "status": status}
+    rows = list(kept.values())
+    alignment = Counter()
+    cache = {}
+    for r in rows:
+        ck = (r["post_id"], r["sentence_text"])
+        if ck not in cache:
+            cache[ck] = align_sentence(r["sentence_text"], posts[r["post_id"]], fuzzy_threshold)
+        r["start"], r["end"], r["align"] = cache[ck]
+        alignment[r["align"]] += 1
+    annotated = {r["post_id"] for r in rows}
+    report = {
+        "source": source,
+        "posts_read": len(post_rows),
+        "posts_kept": len(posts),
+        "posts_without_annotations": len(set(posts) - annotated),
+        "annotations_read": len(ann_rows),
+        "annotations_kept": len(rows),
+        "dropped": dict(sorted(dropped.items())),
+        "labels_fixed": fixed_labels,
+        "conflicting_duplicates_resolved_to_1": conflicts,
+        "undecodable_rows_kept_with_replacement_chars": undecodable_rows,
+        "per_symptom": {s: {"status_1": sum(r["status"] == 1 and r["symptom"] == s for r in rows),
+                            "status_0": sum(r["status"] == 0 and r["symptom"] == s for r in rows)}
+                        for s in sorted(symptoms)},
+        "alignment": {m: alignment[m] for m in ("exact", "normalized", "fuzzy", "unaligned")},
+    }
+    return Corpus(posts, rows, report)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"data: {report['source']}",
+             f"  posts: {report['posts_read']} read, {report['posts_kept']} kept "
+             f"({report['posts_without_annotations']} without annotations)",
+             f"  annotations: {report['annotations_read']} read, {report['annotations_kept']} kept"]
+    lines += [f"  dropped {n:>5}  {why}" for why, n in report["dropped"].items()]
+    for key in ("labels_fixed", "conflicting_duplicates_resolved_to_1", "undecodable_rows_kept_with_replacement_chars"):
+        if report[key]:
+            lines.append(f"  {key.replace('_', ' ')}: {report[key]}")
+    lines.append("  sentences aligned to their post: " + ", ".join(f"{k} {v}" for k, v in report["alignment"].items()))
+    lines.append("  per symptom (status 1 / 0): " + ", ".join(
+        f"{s} {c['status_1']}/{c['status_0']}" for s, c in report["per_symptom"].items()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- alignment
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
+_WORD = re.compile(r"[\w']+")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Char spans of the sentences of `text` (split after . ! ? and at line breaks)."""
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        if text[start : m.start()].strip():
+            spans.append((start, m.start()))
+        start = m.end()
+    if text[start:].strip():
+        spans.append((start, len(text.rstrip())))
+    return spans
+
+
+def _normalized(text: str) -> tuple[str, list[int]]:
+    """Lower-cased text with whitespace runs collapsed, and each kept char's index in `text`."""
+    chars, index = [], []
+    for i, c in enumerate(text):
+        if c.isspace():
+            if chars and chars[-1] == " ":
+                continue
+            c = " "
+        chars.append(c.lower())
+        index.append(i)
+    return "".join(chars), index
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
+
+
+def align_sentence(sentence: str, post: str, threshold: float) -> tuple[int, int, str]:
+    """(start, end, method) of `sentence` in `post`: exact, then normalized, then fuzzy best sentence."""
+    sentence = sentence.strip()
+    start = post.find(sentence)
+    if start >= 0:
+        return start, start + len(sentence), "exact"
+    norm_post, index = _normalized(post)
+    norm_sent = _normalized(sentence)[0].strip()
+    at = norm_post.find(norm_sent)
+    if at >= 0 and norm_sent:
+        return index[at], index[at + len(norm_sent) - 1] + 1, "normalized"
+    best, best_span, words = 0.0, None, _words(sentence)
+    for s, e in sentence_spans(post):  # paraphrases keep words more than characters: compare word lists
+        matcher = difflib.SequenceMatcher(None, words, _words(post[s:e]), autojunk=False)
+        if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best and matcher.ratio() > best:
+            best, best_span = matcher.ratio(), (s, e)
+    if best_span and best >= threshold:
+        return best_span[0], best_span[1], "fuzzy"
+    return -1, -1, "unaligned"
+
+
+# --------------------------------------------------------------------------- splits
+
+def post_strata(corpus: Corpus, post_ids: list[str]) -> list[str]:
+    """Stratification key of each post: its rarest positive symptom ('none' without one)."""
+    freq = Counter(r["symptom"] for r in corpus.rows if r["status"] == 1)
+    per_post = defaultdict(set)
+    for r in corpus.rows:
+        if r["status"] == 1:
+            per_post[r["post_id"]].add(r["symptom"])
+    keys = [min(per_post[p], key=lambda s: (freq[s], s)) if per_post[p] else "none" for p in post_ids]
+    counts = Counter(keys)  # a stratum too small to split becomes part of one 'rare' stratum
+    return [k if counts[k] >= 10 else "rare" for k in keys]
+
+
+def split_posts(corpus: Corpus, seed: int, val_ratio: float = 0.1, test_ratio: float = 0.1) -> dict[str, list[str]]:
+    """Post ids per split: no post in two splits, stratified by the post's symptom profile."""
+    from sklearn.model_selection import train_test_split
+
+    ids = sorted(corpus.posts)
+    n_holdout = max(2, round(len(ids) * (val_ratio + test_ratio))) if val_ratio + test_ratio > 0 else 0
+    if len(ids) < n_holdout + 2:
+        raise UserError(f"only {len(ids)} usable posts: too few to split into train/val/test")
+
+    def split(items, n_second, seed):
+        strata = post_strata(corpus, items)
+        try:
+            return train_test_split(items, test_size=n_second, random_state=seed, stratify=strata)
+        except ValueError:  # too few posts per stratum (tiny corpora): an unstratified split
+            return train_test_split(items, test_size=n_second, random_state=seed)
+
+    train, holdout = split(ids, n_holdout, seed)
+    n_test = max(1, round(n_holdout * test_ratio / (val_ratio + test_ratio)))
+    val, test = split(holdout, n_test, seed) if n_holdout - n_test > 0 else ([], holdout)
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def kfold_splits(corpus: Corpus, k: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    """(train ids, held-out ids) per fold; folds are by post and stratified like `split_posts`."""
+    from sklearn.model_selection import StratifiedKFold
+
+    ids = sorted(corpus.posts)
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(ids, post_strata(corpus, ids))
+    return [([ids[i] for i in tr], [ids[i] for i in te]) for tr, te in folds]
+
+
+def load_splits(path: str | Path, corpus: Corpus) -> dict[str, list[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: splits file not found")
+    try:
+        splits = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(k), list) for k in ("train", "val", "test")):
+        raise UserError(f"{path}: expected lists 'train', 'val' and 'test' of post ids")
+    seen = {}
+    for name in ("train", "val", "test"):
+        for pid in splits[name]:
+            if pid in seen:
+                raise UserError(f"{path}: post {pid!r} is in both '{seen[pid]}' and '{name}'")
+            seen[pid] = name
+    missing = [p for p in seen if p not in corpus.posts]
+    if missing:
+        log.warning("%s: %d post ids are not in the corpus and are skipped", path, len(missing))
+    return {k: [p for p in splits[k] if p in corpus.posts] for k in ("train", "val", "test")}
+
+
+# --------------------------------------------------------------------------- examples per task
+
+def sentence_examples(corpus: Corpus, post_ids) -> list[dict]:
+    """criteria, unit=sentence: one (criterion, sentence) example per annotation row."""
+    keep = set(post_ids)
+    return [{"post_id": r["post_id"], "criterion": r["symptom"], "sentence_id": r["sentence_id"],
+             "text": r["sentence_text"], "label": r["status"], "spans": []}
+            for r in corpus.rows if r["post_id"] in keep]
+
+
+def post_examples(corpus: Corpus, post_ids, require_evidence: bool = False) -> list[dict]:
+    """(criterion, post) examples, every post x 9 criteria; `spans` are the aligned evidence sentences.
+
+    With `require_evidence` (evidence task without negatives) only pairs with a usable span are kept.
+    """
+    positives = corpus.positives()
+    out = []
+    for pid in post_ids:
+        for symptom in SYMPTOMS:
+            rows = positives.get((pid, symptom), [])
+            spans = sorted({(r["start"], r["end"]) for r in rows if r["start"] >= 0})
+            if require_evidence and not spans:
+                continue
+            out.append({"post_id": pid, "criterion": symptom, "text": corpus.posts[pid],
+                        "label": int(bool(rows)), "spans": spans})
+    return out
+
+
+def span_usability(corpus: Corpus, post_ids) -> dict:
+    """How many positive (post, criterion) pairs have at least one aligned span (for the report)."""
+    keep, positives = set(post_ids), corpus.positives()
+    pairs = [rows for (pid, _), rows in positives.items() if pid in keep]
+    usable = sum(any(r["start"] >= 0 for r in rows) for rows in pairs)
+    return {"positive_pairs": len(pairs), "with_aligned_span": usable, "without_span_dropped": len(pairs) - usable}
+
+
+# --------------------------------------------------------------------------- features
+
+def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int, windows: bool) -> list[dict]:
+    """Tokenise (criterion description, text) pairs into model inputs.
+
+    With `windows`, a long text becomes overlapping windows (`doc_stride` tokens of overlap;
+    only the text is truncated), each with char offsets of its text tokens, the span target
+    (first gold span wholly inside the window, else the null position 0) and a window label
+    (1 if the pair is positive and the window holds evidence, or the pair has no usable span).
+    """
+    enc = tokenizer([CRITERIA[e["criterion"]] for e in examples], [e["text"] for e in examples],
+                    truncation="only_second", max_length=max_length, stride=doc_stride if windows else 0,
+                    return_overflowing_tokens=windows, return_offsets_mapping=windows,
+                    return_token_type_ids="token_type_ids" in tokenizer.model_input_names)
+    features = []
+    for i, ids in enumerate(enc["input_ids"]):
+        example_idx = enc["overflow_to_sample_mapping"][i] if windows else i
+        ex = examples[example_idx]
+        f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "example_idx": example_idx, "label": ex["label"]}
+        if "token_type_ids" in enc:
+            f["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
+        if windows:
+            seq = enc.sequence_ids(i)
+            ctx = [t for t, s in enumerate(seq) if s == 1]
+            offsets = np.full((len(ids), 2), -1, dtype=np.int32)  # -1: not a text token
+            for t in ctx:
+                offsets[t] = enc["offset_mapping"][i][t]
+            f["offsets"] = offsets
+            f["start"] = f["end"] = 0
+            lo, hi = offsets[ctx[0], 0], offsets[ctx[-1], 1]
+            inside = [(s, e) for s, e in ex["spans"] if lo <= s and e <= hi]
+            if inside:
+                s, e = inside[0]
+                f["start"] = max(t for t in ctx if offsets[t, 0] <= s)
+                f["end"] = min(t for t in ctx if offsets[t, 1] >= e)
+            f["label"] = int(bool(inside)) if ex["spans"] else ex["label"]
+        features.append(f)
+    return features
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest sequence (dynamic padding)."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        input_ids[i, : len(f["input_ids"])] = torch.from_numpy(f["input_ids"])
+        attention_mask[i, : len(f["input_ids"])] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "labels": torch.tensor([f["label"] for f in features]),
+             "feature_idx": torch.tensor([f["idx"] for f in features])}
+    if "token_type_ids" in features[0]:
+        batch["token_type_ids"] = torch.zeros_like(input_ids)
+        for i, f in enumerate(features):
+            batch["token_type_ids"][i, : len(f["token_type_ids"])] = torch.from_numpy(f["token_type_ids"])
+    if "offsets" in features[0]:  # which tokens belong to the post: the only ones a span may use
+        batch["context_mask"] = torch.zeros_like(input_ids, dtype=torch.bool)
+        for i, f in enumerate(features):
+            batch["context_mask"][i, : len(f["offsets"])] = torch.from_numpy(f["offsets"][:, 0] >= 0)
+    if "start" in features[0]:
+        batch["start_positions"] = torch.tensor([f["start"] for f in features])
+        batch["end_positions"] = torch.tensor([f["end"] for f in features])
+    return batch
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Shuffled batches of similar length: little padding, still random and seeded per epoch.
+
+    Indices are shuffled, cut into groups of `group` batches, sorted by length inside a group,
+    batched, and the batches shuffled again. With `shuffle=False` (evaluation) all features are
+    sorted by length.
+    """
+
+    def __init__(self, lengths, batch_size: int, shuffle: bool, seed: int = 0, group: int = 50):
+        self.lengths, self.batch_size, self.shuffle, self.seed, self.group = np.asarray(lengths), batch_size, shuffle, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            order = np.argsort(-self.lengths, kind="stable")
+            yield from (order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size))
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        size = self.batch_size * self.group
+        batches = []
+        for g in range(0, len(order), size):
+            chunk = order[g : g + size]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        for i in rng.permutation(len(batches)):
+            yield batches[i]
+
+    def __len__(self):
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def make_loader(features: list[dict], batch_size: int, shuffle: bool, pad_id: int, seed: int = 0, **kwargs):
+    """DataLoader over pre-tokenised features: length-grouped (train) or length-sorted (eval) batches."""
+    sampler = LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle, seed)
+    return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id), **kwargs)
+
+
+# --------------------------------------------------------------------------- demo corpus
+
+# symptom -> (evidence cores, hard-negative cores, evidence explanations, negative explanations).
+# Cores of one symptom share vocabulary on purpose, so keywords alone cannot separate them.
+_DEMO_SYMPTOMS = {
+    "DEPRESSED_MOOD": (
+        ["I feel empty and sad all the time", "everything feels hopeless", "I cry for no reason",
+         "there's this heavy sadness I can't shake", "I feel numb and miserable",
+         "my mood has been really low", "I keep breaking down in tears",
+         "I feel like a dark cloud follows me around"],
+        ["I actually feel pretty happy", "my mood has been really good",
+         "I don't feel sad or empty anymore", "I'm not depressed, just stressed about exams",
+         "the sadness finally lifted", "I feel hopeful about things"],
+        ["Describes persistent sadness.", "Reports feeling empty and hopeless.", "Mentions low mood."],
+        ["States their mood is good.", "Denies current sadness."],
+    ),
+    "ANHEDONIA": (
+        ["nothing I used to enjoy feels fun anymore", "I've lost interest in everything, even gaming",
+         "I can't enjoy anything", "I stopped caring about my hobbies",
+         "music doesn't do anything for me anymore", "hanging out with friends feels pointless now",
+         "I don't get excited about anything", "I have zero interest in things I used to love"],
+        ["I still really enjoy my hobbies", "I've gotten back into gaming and I love it",
+         "music still makes me happy", "I'm excited about the trip we planned",
+         "I enjoy hanging out with friends again", "I haven't lost interest in the things I love"],
+        ["Reports loss of interest or pleasure.", "Says hobbies no longer feel enjoyable."],
+        ["Describes still enjoying activities.", "Interest in hobbies is intact."],
+    ),
+    "APPETITE_CHANGE": (
+        ["I barely eat anymore", "I have no appetite at all", "I've lost a lot of weight without trying",
+         "I keep binge eating even when I'm not hungry", "food just doesn't appeal to me",
+         "I forget to eat most days", "I've gained a lot of weight from stress eating",
+         "I eat maybe one meal a day because I'm never hungry"],
+        ["my appetite is normal", "I eat three meals a day like usual", "my weight has been stable",
+         "I'm eating well and cooking for myself again", "I have a healthy appetite"],
+        ["Describes a change in appetite.", "Mentions eating much less or much more than usual."],
+        ["Reports a normal appetite.", "Denies appetite or weight changes."],
+    ),
+    "SLEEP_ISSUES": (
+        ["I can't fall asleep until 4am", "I wake up at 3am and can't get back to sleep", "I barely sleep",
+         "I sleep 14 hours and still want more", "my insomnia is out of control",
+         "I lie awake every night", "I keep waking up throughout the night",
+         "I only get a couple hours of sleep"],
+        ["I sleep fine now, eight hours most nights", "I've been sleeping well since I changed jobs",
+         "my sleep schedule is totally normal", "I fall asleep easily", "my insomnia went away",
+         "I don't have any trouble sleeping"],
+        ["Mentions trouble sleeping most nights.", "Describes insomnia or oversleeping."],
+        ["Denies current sleep problems.", "Says they sleep well."],
+    ),
+    "PSYCHOMOTOR": (
+        ["I can't sit still and keep pacing around", "I move and talk so slowly people notice",
+         "I feel restless and fidgety all the time", "everything I do feels like moving through mud",
+         "my body feels slowed down", "I keep tapping my leg and can't stop",
+         "my family says I talk way slower than before",
+         "I feel physically agitated and can't stay in one place"],
+        ["I can sit still just fine", "I'm not restless, just excited for the weekend",
+         "my family says I seem like my normal self", "I pace when I'm on the phone but I always have",
+         "I don't feel slowed down or agitated"],
+        ["Describes restlessness or agitation.", "Reports being noticeably slowed down."],
+        ["Denies restlessness or slowing.", "Movement described as normal."],
+    ),
+    "FATIGUE": (
+        ["I'm exhausted all the time", "I have no energy to do anything",
+         "even showering feels like too much effort", "I'm tired no matter how much I rest",
+         "I feel completely drained", "getting out of bed takes all my energy",
+         "I'm so worn out I can barely get through the day", "my energy is completely gone"],
+        ["I have plenty of energy", "I'm not tired at all", "my energy is back to normal",
+         "I feel rested and ready to go", "I was tired after the hike but that's normal"],
+        ["Reports constant exhaustion.", "Describes a lack of energy."],
+        ["Reports normal energy levels.", "Tiredness is situational, not persistent."],
+    ),
+    "WORTHLESSNESS": (
+        ["I feel completely worthless", "I'm a burden to everyone around me", "I hate myself",
+         "I feel like a failure at everything", "I keep blaming myself for everything that goes wrong",
+         "I feel so guilty all the time", "I'm useless and everyone knows it",
+         "I don't deserve the people in my life"],
+        ["I don't feel worthless anymore, therapy really helped", "I'm proud of myself",
+         "I know I'm not a burden to my friends", "I don't blame myself for the breakup",
+         "I feel good about who I am"],
+        ["Expresses worthlessness or excessive guilt.", "Describes self-blame."],
+        ["Expresses positive self-worth.", "Says feelings of worthlessness have passed."],
+    ),
+    "COGNITIVE_ISSUES": (
+        ["I can't concentrate on anything", "I read the same page five times and nothing sticks",
+         "my brain feels foggy", "I can't make even simple decisions", "I keep forgetting things at work",
+         "I can't focus in class at all", "my thoughts feel slow and scattered",
+         "I zone out in the middle of conversations"],
+        ["I can focus fine at work", "my concentration is back", "my head feels clear",
+         "I made a big decision today and feel good about it", "I have no trouble focusing in class"],
+        ["Reports poor concentration.", "Describes indecisiveness or brain fog."],
+        ["Reports normal concentration.", "Denies trouble focusing."],
+    ),
+    "SUICIDAL_THOUGHTS": (
+        ["I keep thinking about ending my life", "I wish I could just disappear forever",
+         "I think everyone would be better off without me", "I've been thinking about killing myself",
+         "I don't want to be alive anymore", "I think about suicide every day",
+         "I wish I wouldn't wake up", "death seems like the only way out"],
+        ["I'm not suicidal", "I haven't had thoughts of suicide in years",
+         "I want to live and see where things go", "I'd never hurt myself",
+         "I'm safe and I want to be alive"],
+        ["Expresses thoughts of death or suicide.", "Mentions wishing to not be alive."],
+        ["Explicitly denies suicidal thoughts.", "Expresses wanting to live."],
+    ),
+}
+# Relative frequency among positive (post, symptom) pairs: mild imbalance on purpose.
+_DEMO_WEIGHTS = {"DEPRESSED_MOOD": 1.6, "ANHEDONIA": 1.2, "APPETITE_CHANGE": 1.0,
+                 "SLEEP_ISSUES": 1.3, "PSYCHOMOTOR": 0.6, "FATIGUE": 1.2, "WORTHLESSNESS": 1.1,
+                 "COGNITIVE_ISSUES": 1.0, "SUICIDAL_THOUGHTS": 0.8}
+
+# Most openers and some tails are shared by evidence and hard negatives, so the core decides.
+_SHARED_OPENERS = ["", "", "", "Honestly, ", "Lately ", "These days ", "To be honest, ",
+                   "I guess ", "Tbh ", "Right now ", "Ok so ", "Anyway, "]
+_EV_OPENERS = _SHARED_OPENERS + ["For weeks now ", "Ever since the breakup ", "Most days "]
+_NEG_OPENERS = _SHARED_OPENERS + ["Thankfully ", "Good news, ", "Luckily "]
+_SHARED_TAILS = ["", "", "", " to be honest", " if that makes sense"]
+_EV_TAILS = _SHARED_TAILS + [" and I don't know why", " every single day", " no matter what I do",
+                             " and it's getting worse", " and nobody notices"]
+_NEG_TAILS = _SHARED_TAILS + [" these days", " which is a relief", " and I'm grateful for that",
+                              " since I started therapy", " so that's good"]
+
+# Filler must avoid symptom vocabulary so an unannotated sentence is never hidden evidence.
+_FILLER_OPENERS = ["", "", "Yesterday ", "Last week ", "This morning ", "Over the weekend ",
+                   "On Sunday ", "Funny story, ", "So ", "Random update, "]
+_FILLER_CLAUSES = [
+    "my cat knocked a glass off the counter", "my dog figured out how to open the back door",
+    "we finally finished painting the living room", "I started a new save in Stardew Valley",
+    "my sister got a job offer in Denver", "it rained all day here", "the bus was twenty minutes late",
+    "our group project meeting ran over", "my landlord fixed the sink", "I got a parking ticket",
+    "I beat the final boss in Hollow Knight", "my brother visited with his kids",
+    "the wifi went out during my exam review", "we ordered pizza and watched a movie",
+    "my manager moved our standup to Friday", "I rearranged my desk setup",
+    "my neighbor's kid learned to ride a bike", "I watched the new Marvel trailer",
+    "my mom called to talk about her garden", "the power flickered during the storm",
+    "I finally returned my library books", "my roommate bought a huge plant",
+    "we had a fire drill at work", "I tried a new route to campus", "I cleaned out the garage",
+    "my car made a weird noise on the highway", "I built a new PC with my cousin",
+    "our team lost the pub quiz by one point", "my professor cancelled the lecture",
+    "the cat sat on my keyboard during a call", "I saw a raccoon in the parking lot",
+    "we went to my grandma's birthday dinner", "I upgraded my phone", "it snowed for the first time",
+    "my coworker brought donuts", "I watched a documentary about octopuses",
+    "my friend's band played a small show", "I signed up for a pottery class",
+    "the new season of my show dropped", "my laptop decided to update in the middle of a meeting"]
+_FILLER_TAILS = ["", "", " lol", " which was pretty funny", " and it was actually nice",
+                 " if anyone cares", " so that happened", " haha", " for the third time this month",
+                 " and everyone laughed"]
+_FILLER_QUESTIONS = [
+    "Does anyone else play Valorant on weekends?", "Has anyone tried the new Zelda game?",
+    "What are you all watching right now?", "Any tips for first-time renters?",
+    "Is the new iPhone worth it?", "Does anyone know a good budget keyboard?",
+    "What's the best way to learn guitar?", "Anyone else think this winter is lasting forever?",
+    "Which is better for school, a laptop or a tablet?", "Do people still use Discord for study groups?"]
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def make_demo(n_posts: int = 1000, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Generate a SYNTHETIC corpus in the ReDSM5 format (template text, not real Reddit data).
+
+    Returns (posts, annotations). posts: {"post_id", "text"}, the text being its sentences
+    joined by single spaces. annotations: {"post_id", "sentence_id", "sentence_text",
+    "DSM5_symptom", "status", "explanation"}, with sentence_id f"{post_id}_{i}" (i = 0-based
+    sentence index) and status 1 for evidence, 0 for a hard negative (same topic, not
+    evidence). About 25% of posts have no symptom, 30% carry 1-2 hard negatives, and post
+    lengths have a long tail (~2% of posts have 150-500 sentences). Every sentence occurs
+    once per post, so str.find locates sentence_text unambiguously. Deterministic in seed.
+    """
+    rng = random.Random(seed)
+    # All filler forms up front: one rng.sample per post is fast and distinct by construction.
+    filler_pool = [_cap(o + c + t + p) for o, c, t, p in itertools.product(
+        _FILLER_OPENERS, _FILLER_CLAUSES, _FILLER_TAILS, ".!")]
+    filler_pool = list(dict.fromkeys(filler_pool)) + _FILLER_QUESTIONS
+    names = list(_DEMO_SYMPTOMS)
+
+    def sentence(openers: list[str], core: str, tails: list[str]) -> str:
+        return _cap(rng.choice(openers) + core + rng.choice(tails) + rng.choice("...!"))
+
+    posts, annotations = [], []
+    width = max(5, len(str(n_posts - 1)))
+    for p in range(n_posts):
+        post_id = f"demo_{p:0{width}d}"
+        rows = []  # (sentence, symptom, status, explanation)
+        positives = []
+        if rng.random() >= 0.25:
+            pool, weights = names[:], [_DEMO_WEIGHTS[s] for s in names]
+            for _ in range(rng.choices((1, 2, 3, 4), weights=(45, 30, 17, 8))[0]):
+                i = rng.choices(range(len(pool)), weights=weights)[0]
+                positives.append(pool.pop(i))
+                weights.pop(i)
+        for sym in positives:
+            cores, _, expl, _ = _DEMO_SYMPTOMS[sym]
+            # A doubled symptom takes two different cores, so neither sentence contains the other.
+            for core in rng.sample(cores, 2 if rng.random() < 0.15 else 1):
+                rows.append((sentence(_EV_OPENERS, core, _EV_TAILS), sym, 1, rng.choice(expl)))
+        if rng.random() < 0.30:
+            # Hard negatives only for symptoms without evidence, so post-level labels stay clean.
+            others = [s for s in names if s not in positives]
+            for sym in rng.sample(others, rng.randint(1, 2)):
+                _, cores, _, expl = _DEMO_SYMPTOMS[sym]
+                rows.append((sentence(_NEG_OPENERS, rng.choice(cores), _NEG_TAILS), sym, 0,
+                             rng.choice(expl)))
+
+        u = rng.random()
+        n = rng.randint(150, 500) if u < 0.02 else rng.randint(20, 80) if u < 0.12 else rng.randint(3, 15)
+        n = max(n, len(rows))
+        sentences = rng.sample(filler_pool, n)
+        # Uniform positions: evidence lands anywhere, including deep into long posts.
+        positions = rng.sample(range(n), len(rows))
+        for pos, (text, sym, status, expl) in sorted(zip(positions, rows)):
+            sentences[pos] = text
+            annotations.append({"post_id": post_id, "sentence_id": f"{post_id}_{pos}",
+                                "sentence_text": text, "DSM5_symptom": sym, "status": status,
+                                "explanation": expl})
+        posts.append({"post_id": post_id, "text": " ".join(sentences)})
+    return posts, annotations
+
+
+
+def write_demo(out_dir: str | Path, n_posts: int, seed: int) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    posts, annotations = make_demo(n_posts, seed)
+    for name, rows, cols in (("posts.csv", posts, POST_COLUMNS),
+                             ("annotations.csv", annotations, ANNOTATION_COLUMNS + ["explanation"])):
+        with open(out_dir / name, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=cols)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def main(argv=None):
+    import argparse
+
+    from utils import _Parser, setup_logging
+
+    parser = _Parser(prog="data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make_demo", metavar="DIR", help="write the synthetic demo corpus to DIR")
+    parser.add_argument("--n_posts", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", help="print the load report of this ReDSM5 folder")
+    parser.add_argument("--fuzzy_threshold", type=float, default=0.3)
+    args = parser.parse_args(argv)
+    setup_logging(True)
+    if args.make_demo:
+        write_demo(args.make_demo, args.n_posts, args.seed)
+        log.info("wrote %d synthetic posts to %s", args.n_posts, args.make_demo)
+    else:
+        corpus = load_corpus(args.data_dir, fuzzy_threshold=args.fuzzy_threshold)
+        log.info("\n%s", format_report(corpus.report))
+
+
+if __name__ == "__main__":
+    from utils import run_main
+
+    run_main(main)

@@ -1,0 +1,195 @@
+"""Encoder + task heads, the task registry, losses, and checkpoint save/load.
+
+Every task reads (criterion description, text) pairs through one Hugging Face encoder. What
+differs per task is in `TASKS`: which examples it builds, whether long texts become windows,
+which heads it trains, and the metric that early stopping and HPO watch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+import data
+from utils import Config, UserError, make_config
+
+log = logging.getLogger("redsm5")
+
+
+@dataclass(frozen=True)
+class Task:
+    examples: Callable  # (corpus, post_ids, cfg) -> list of example dicts (data.py)
+    windows: Callable  # cfg -> whether texts are cut into overlapping windows
+    classify: bool  # trains the has-evidence / status head (classification metrics)
+    spans: bool  # trains the start/end head (span metrics)
+    main_metric: str  # default early-stopping and HPO metric
+
+
+def _criteria_examples(corpus, post_ids, cfg):
+    return data.sentence_examples(corpus, post_ids) if cfg.unit == "sentence" else data.post_examples(corpus, post_ids)
+
+
+TASKS = {
+    "criteria": Task(_criteria_examples, lambda cfg: cfg.unit == "post", classify=True, spans=False, main_metric="f1_macro"),
+    "evidence": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids, require_evidence=not cfg.include_negatives),
+                     lambda cfg: True, classify=False, spans=True, main_metric="span_f1"),
+    "joint": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids),
+                  lambda cfg: True, classify=True, spans=True, main_metric="combined"),
+}
+
+
+# --------------------------------------------------------------------------- tokenizer and encoder
+
+def train_tiny_tokenizer(texts, vocab_size: int):
+    """WordPiece tokenizer trained on the training texts: the offline stand-in for a hub tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def tiny_encoder_config(cfg: Config, vocab_size: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
+                      num_attention_heads=cfg.tiny_heads, intermediate_size=4 * cfg.tiny_hidden,
+                      max_position_embeddings=max(512, cfg.max_length))
+
+
+def build_tokenizer(cfg: Config, train_texts):
+    if cfg.model == "tiny":
+        return train_tiny_tokenizer(list(data.CRITERIA.values()) + list(train_texts), cfg.tiny_vocab)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"--model {cfg.model}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def build_encoder(cfg: Config, vocab_size: int):
+    from transformers import AutoModel
+
+    if cfg.model == "tiny":
+        return AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa")
+    try:
+        return AutoModel.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"--model {cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
+
+
+# --------------------------------------------------------------------------- model
+
+class TaskModel(nn.Module):
+    """Encoder(s) with a classification head on [CLS] and/or a start/end head on every token."""
+
+    def __init__(self, task: Task, encoder, second_encoder=None, dropout: float = 0.1):
+        super().__init__()
+        self.task, self.encoder, self.span_encoder = task, encoder, second_encoder
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.cls_head = nn.Linear(hidden, 2) if task.classify else None
+        self.span_head = nn.Linear(hidden, 2) if task.spans else None
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**inputs).last_hidden_state
+        out = {}
+        if self.cls_head is not None:
+            out["cls_logits"] = self.cls_head(self.dropout(hidden[:, 0]))
+        if self.span_head is not None:
+            span_hidden = self.span_encoder(**inputs).last_hidden_state if self.span_encoder is not None else hidden
+            logits = self.span_head(self.dropout(span_hidden)).float()
+            logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)  # never point at padding
+            out["start_logits"], out["end_logits"] = logits.unbind(-1)
+        return out
+
+
+def compute_loss(out: dict, batch: dict, cfg: Config, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """criteria: CE on the status; evidence: mean CE of start and end; joint: w_c * CE + w_e * span CE."""
+    losses = []
+    if "cls_logits" in out:
+        w = cfg.loss_weight_criteria if "start_logits" in out else 1.0
+        losses.append(w * F.cross_entropy(out["cls_logits"].float(), batch["labels"], weight=class_weights))
+    if "start_logits" in out:
+        w = cfg.loss_weight_evidence if "cls_logits" in out else 1.0
+        span = (F.cross_entropy(out["start_logits"], batch["start_positions"])
+                + F.cross_entropy(out["end_logits"], batch["end_positions"])) / 2
+        losses.append(w * span)
+    return sum(losses)
+
+
+def build_model(cfg: Config, tokenizer) -> TaskModel:
+    task = TASKS[cfg.task]
+    encoder = build_encoder(cfg, len(tokenizer))
+    second = build_encoder(cfg, len(tokenizer)) if cfg.task == "joint" and not cfg.shared_encoder else None
+    model = TaskModel(task, encoder, second, cfg.dropout)
+    if cfg.gradient_checkpointing:
+        for enc in (encoder, second):
+            if enc is not None:
+                enc.gradient_checkpointing_enable()
+    return model
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra: dict | None = None) -> None:
+    """save_pretrained-style folder: model.safetensors, encoder config(s), tokenizer, run config, extra."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"task": cfg.task, "format": "pt"})
+    model.encoder.config.to_json_file(str(path / "encoder_config.json"))
+    tokenizer.save_pretrained(str(path / "tokenizer"))
+    (path / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    (path / "checkpoint.json").write_text(json.dumps({"task": cfg.task, **(extra or {})}, indent=2))
+
+
+def load_checkpoint(path: str | Path, expect_task: str | None = None):
+    """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = Path(path)
+    needed = ["model.safetensors", "encoder_config.json", "config.yaml", "checkpoint.json", "tokenizer"]
+    missing = [n for n in needed if not (path / n).exists()]
+    if missing:
+        raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    cfg = make_config(**yaml.safe_load((path / "config.yaml").read_text()))
+    extra = json.loads((path / "checkpoint.json").read_text())
+    if expect_task and cfg.task != expect_task:
+        raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    enc_cfg = AutoConfig.from_pretrained(str(path / "encoder_config.json"))
+
+    def encoder():
+        return AutoModel.from_config(enc_cfg, trust_remote_code=cfg.trust_remote_code)
+
+    second = encoder() if cfg.task == "joint" and not cfg.shared_encoder else None
+    model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match a '{cfg.task}' model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), tokenizer, cfg, extra

@@ -1,0 +1,340 @@
+"""Config, command line, seeding, hardware report and MLflow helpers.
+
+Everything a run can change is one field of `Config`; YAML files and command-line flags only
+override the defaults (precedence: dataclass defaults < --config YAML < --flags). This module
+imports nothing else of ours, so every other file can use it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+log = logging.getLogger("redsm5")
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line and exit code 2, never a traceback."""
+
+
+@dataclass
+class Config:
+    # --- task and data
+    task: typing.Literal["criteria", "evidence", "joint"] = "criteria"  # what to train (models.TASKS)
+    data_dir: str | None = None  # ReDSM5 csv folder; None = the generated demo corpus
+    demo_posts: int = 1000  # size of the demo corpus when data_dir is None
+    demo_seed: int = 0  # the demo corpus is a pure function of (demo_posts, demo_seed)
+    unit: typing.Literal["sentence", "post"] = "sentence"  # criteria examples: annotated sentence, or post x 9 criteria
+    include_negatives: bool = False  # evidence: also train (criterion, post) pairs without evidence, to the null answer
+    include_special_case: bool = False  # keep ReDSM5 SPECIAL_CASE rows (dropped and counted otherwise)
+    fuzzy_threshold: float = 0.3  # min word-sequence similarity to align a paraphrased sentence to a post sentence
+    val_ratio: float = 0.1  # post-level split fractions; train gets the rest
+    test_ratio: float = 0.1
+    splits_file: str | None = None  # reuse the post split of an earlier run (its splits.json)
+    # --- model
+    model: str = "tiny"  # "tiny" (built offline) or any from_pretrained name / local dir
+    tiny_hidden: int = 128  # width of the tiny encoder
+    tiny_layers: int = 2  # depth of the tiny encoder
+    tiny_heads: int = 2  # attention heads of the tiny encoder
+    tiny_vocab: int = 8000  # WordPiece vocabulary trained on the training texts
+    dropout: float = 0.1  # dropout of the task heads
+    shared_encoder: bool = True  # joint: one encoder for both heads (False = two encoders)
+    max_length: int = 256  # tokens per (criterion, text) window
+    doc_stride: int = 64  # overlap between consecutive windows of a long post
+    max_answer_tokens: int = 96  # longest span the decoder may return
+    n_best: int = 5  # span candidates kept per window
+    gradient_checkpointing: bool = False  # trade compute for memory
+    trust_remote_code: bool = False  # only for hub models that need it
+    # --- optimisation
+    epochs: int = 3
+    max_steps: int = -1  # > 0 caps the number of optimizer steps
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 64  # per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # the tiny model is trained from scratch; use ~2e-5 for pretrained encoders
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    scheduler: typing.Literal["cosine", "linear", "constant"] = "linear"
+    warmup_ratio: float = 0.06  # fraction of optimizer steps spent warming up
+    max_grad_norm: float = 1.0  # gradient clipping on sync steps; 0 disables
+    class_weights: bool = False  # criteria: weight CE by inverse class frequency
+    loss_weight_criteria: float = 1.0  # joint: w_c
+    loss_weight_evidence: float = 1.0  # joint: w_e
+    mixed_precision: typing.Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto = what `accelerate launch` says
+    # --- early stopping and checkpoints
+    early_stopping_metric: str = "auto"  # validation metric to watch; auto = the task's main metric
+    early_stopping_mode: typing.Literal["max", "min"] = "max"
+    patience: int = 3  # epochs without improvement before stopping; 0 disables
+    min_delta: float = 1e-4  # smallest change that counts as an improvement
+    resume: bool = False  # continue the run in output_dir from checkpoints/last
+    # --- runtime
+    seed: int = 42
+    deterministic: bool = False  # torch.use_deterministic_algorithms: exact repeats, slower
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels (GPU only)
+    num_workers: int = 0  # DataLoader workers; features are pre-tokenised, so 0 is fastest on CPU
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    output_dir: str = "outputs/run"
+    log_every: int = 10  # steps between progress/MLflow loss points
+    # --- tracking
+    mlflow: bool = True
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "redsm5"
+    run_name: str | None = None
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _choices(tp) -> tuple | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+def coerce(name: str, value, source: str):
+    """Check `value` against the type of field `name`; strings from the command line are parsed."""
+    fields = config_fields()
+    if name not in fields:
+        raise UserError(f"{source}: unknown config key '{name}' (valid: {', '.join(fields)})")
+    tp = typing.get_type_hints(Config)[name]
+    choices, optional = _choices(tp), type(None) in typing.get_args(tp)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    if choices:
+        if value not in choices:
+            raise UserError(f"{source}: invalid value {value!r} for '{name}' (choose from {', '.join(choices)})")
+        return value
+    base = next(t for t in (bool, int, float, str) if t is tp or t in typing.get_args(tp))
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        if base in (int, float) and isinstance(value, str):
+            value = float(value) if base is float else int(value)
+        if base is str and not isinstance(value, str):
+            raise ValueError
+        return base(value)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{source}: invalid value {value!r} for '{name}' (expected {base.__name__})") from None
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys")
+    return {k: coerce(k, v, str(path)) for k, v in raw.items()}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, no usage dump
+        raise UserError(f"{self.prog}: {message}")
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=None) -> tuple[Config, argparse.Namespace]:
+    """Config from defaults < --config YAML < --field flags. `extra(parser)` adds script-only flags."""
+    parser = _Parser(prog=prog, allow_abbrev=False, description=__doc__)
+    parser.add_argument("--config", help="YAML file of config fields")
+    for name, f in config_fields().items():
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=f"default: {f.default}")
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    values = load_yaml_config(args.config) if args.config else {}
+    for name in config_fields():
+        if hasattr(args, name):
+            values[name] = coerce(name, getattr(args, name), f"--{name}")
+    return make_config(**values), args
+
+
+def make_config(**overrides) -> Config:
+    cfg = Config(**{k: coerce(k, v, "config") for k, v in overrides.items()})
+    for name in ("val_ratio", "test_ratio", "warmup_ratio", "dropout", "fuzzy_threshold"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"--{name}: must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "n_best", "max_answer_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.doc_stride >= cfg.max_length // 2:
+        raise UserError(f"--doc_stride: must be below max_length/2 ({cfg.max_length // 2}), got {cfg.doc_stride}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr: must be > 0, got {cfg.lr}")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def set_seed(seed: int, deterministic: bool = False, cudnn_benchmark: bool = False) -> None:
+    """Seed every generator; `deterministic` also forbids non-deterministic kernels."""
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def system_info() -> dict:
+    """What the run ran on: logged with every run so numbers can be compared honestly."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+            bf16_supported=torch.cuda.is_bf16_supported(),
+            cuda_version=torch.version.cuda,
+        )
+    return info
+
+
+def dataloader_kwargs(cfg: Config, use_cuda: bool) -> dict:
+    kwargs = {"num_workers": cfg.num_workers, "pin_memory": use_cuda}
+    if cfg.num_workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=2)
+    return kwargs
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(main, argv=None) -> None:
+    """Entry-point wrapper: user errors are one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --- MLflow (imported lazily: `import mlflow` costs seconds)
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """One MLflow run, written on the main process only; a no-op when tracking is off.
+
+    Step metrics are buffered and sent in batches: one sqlite write per step would cost more
+    than the tiny model's training step.
+    """
+
+    def __init__(self, cfg: Config, enabled: bool, run_id: str | None = None, nested: bool = False, parent_run_id=None):
+        self.enabled, self.buffer, self.run_id = enabled and cfg.mlflow, [], None
+        if not self.enabled:
+            return
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+            tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}"}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(exp_id, tags=tags)
+            run_id = run.info.run_id
+            params = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
+            self._log_params(run_id, params)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def _log_params(self, run_id, params: dict):
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_params(self, params: dict):
+        if self.enabled:
+            self._log_params(self.run_id, {k: str(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict, step: int, flush: bool = False):
+        if not self.enabled:
+            return
+        import time
+
+        ts = int(time.time() * 1000)
+        self.buffer += [(k, float(v), ts, step) for k, v in flatten(metrics).items()]
+        if flush or len(self.buffer) >= 200:
+            self.flush()
+
+    def flush(self):
+        if self.enabled and self.buffer:
+            from mlflow.entities import Metric
+
+            for i in range(0, len(self.buffer), 500):
+                chunk = [Metric(k, v, ts, s) for k, v, ts, s in self.buffer[i : i + 500]]
+                self.client.log_batch(self.run_id, metrics=chunk)
+            self.buffer = []
+
+    def log_artifact(self, path: str | Path):
+        if self.enabled and Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_dict(self, d: dict, name: str):
+        if self.enabled:
+            self.client.log_text(self.run_id, json.dumps(d, indent=2, default=str), name)
+
+    def end(self, status: str = "FINISHED"):
+        if self.enabled:
+            self.flush()
+            self.client.set_terminated(self.run_id, status=status)
