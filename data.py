@@ -378,6 +378,14 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
     (first gold span wholly inside the window, else the null position 0) and a window label
     (1 if the pair is positive and the window holds evidence, or the pair has no usable span).
     """
+    # Checked here: the tokenizer itself raises a bare Exception (no room) or panics (stride >= room).
+    longest = max((len(tokenizer(CRITERIA[c], add_special_tokens=False)["input_ids"])
+                   for c in {e["criterion"] for e in examples}), default=0)
+    room = max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
+    if room <= (doc_stride if windows else 0):
+        stride = f", not more than --doc_stride {doc_stride}" if windows else ""
+        raise UserError(f"--max_length {max_length}: leaves {room} text tokens beside the longest criterion "
+                        f"description ({longest} tokens){stride}")
     enc = tokenizer([CRITERIA[e["criterion"]] for e in examples], [e["text"] for e in examples],
                     truncation="only_second", max_length=max_length, stride=doc_stride if windows else 0,
                     return_overflowing_tokens=windows, return_offsets_mapping=windows,
@@ -471,7 +479,11 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 def make_loader(features: list[dict], batch_size: int, shuffle: bool, pad_id: int, seed: int = 0, **kwargs):
     """DataLoader over pre-tokenised features: length-grouped (train) or length-sorted (eval) batches."""
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle, seed)
-    return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id), **kwargs)
+    # A generator of its own: a new iterator then draws its base seed here, not from the global
+    # RNG that dropout uses, so a resumed run sees the same dropout masks as an uninterrupted one.
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id),
+                                       generator=generator, **kwargs)
 
 
 # --------------------------------------------------------------------------- demo corpus

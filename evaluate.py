@@ -144,7 +144,8 @@ def tune_null_threshold(decoded: list[dict], golds: list[list[str]]) -> float:
     f1_span = np.array([span_scores(d["text"], g)[1] for d, g in zip(decoded, golds)])
     f1_null = np.array([float(not g) for g in golds])
     best_t, best_f1 = np.inf, f1_span.mean()
-    for t in np.unique(diffs[np.isfinite(diffs)]):
+    finite = np.unique(diffs[np.isfinite(diffs)])
+    for t in np.concatenate([finite[:1] - 1.0, finite]):  # the first candidate: every pair null
         f1 = np.where(diffs > t, f1_null, f1_span).mean()
         if f1 > best_f1 + 1e-12:
             best_t, best_f1 = float(t), f1

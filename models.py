@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 import data
-from utils import Config, UserError, make_config
+from utils import Config, UserError, load_yaml_config, make_config
 
 log = logging.getLogger("redsm5")
 
@@ -53,11 +53,22 @@ def train_tiny_tokenizer(texts, vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    texts = list(texts)
+    trainee = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trainee.normalizer = normalizers.BertNormalizer(lowercase=True)
+    trainee.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers the "##c" pieces in hash-map order, which differs between processes and
+    # decides which merges win ties: numbered first (as trainer-only specials), the vocabulary is a
+    # function of the texts, so a config reproduces its run in a fresh process.
+    pieces = sorted({c for t in texts for w, _ in trainee.pre_tokenizer.pre_tokenize_str(trainee.normalizer.normalize_str(t))
+                     for c in w[1:]})
+    trainee.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=specials + [f"##{c}" for c in pieces]))
+    tok = Tokenizer(models.WordPiece(trainee.get_vocab(), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.add_special_tokens(specials)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -176,7 +187,7 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
-    cfg = make_config(**yaml.safe_load((path / "config.yaml").read_text()))
+    cfg = make_config(**load_yaml_config(path / "config.yaml"))  # errors name the file
     extra = json.loads((path / "checkpoint.json").read_text())
     if expect_task and cfg.task != expect_task:
         raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")

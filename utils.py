@@ -81,6 +81,7 @@ class Config:
     patience: int = 3  # epochs without improvement before stopping; 0 disables
     min_delta: float = 1e-4  # smallest change that counts as an improvement
     resume: bool = False  # continue the run in output_dir from checkpoints/last
+    save_every: int = 0  # also write checkpoints/last every N optimizer steps (0 = once per epoch)
     # --- runtime
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms: exact repeats, slower
@@ -151,6 +152,13 @@ def load_yaml_config(path: str | Path) -> dict:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, no usage dump
+        if message.startswith("unrecognized arguments"):  # name the valid flags, or the likely one
+            import difflib
+
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            unknown = [w.split("=")[0] for w in message.split()[2:] if w.startswith("--")]
+            close = sorted({m for w in unknown for m in difflib.get_close_matches(w, flags, n=3)})
+            message += f" (did you mean {' or '.join(close)}?)" if close else f" (valid: {', '.join(flags)})"
         raise UserError(f"{self.prog}: {message}")
 
 

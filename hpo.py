@@ -1,0 +1,396 @@
+"""Optuna hyperparameter search over train.py's own training loop: one trial = one `train.train` in process.
+
+    python hpo.py --task criteria --n_trials 20                     # coarse study over configs/hpo/criteria.yaml
+    python hpo.py --task criteria --n_trials 20 --stage fine        # narrowed around the best trials of criteria-coarse
+    python hpo.py --task evidence --n_trials 12 --demo_posts 300 --epochs 3 --threads 1   # any train.py flag = base config
+    python hpo.py --task joint --n_trials 40 & sleep 5; python hpo.py --task joint --n_trials 40   # two workers, one study
+    python train.py --config outputs/hpo/criteria-coarse/best_config.yaml                  # retrain the best trial
+
+Every trial trains the base config (`--config` and train.py flags, seed included) with the fields
+of the search space (`--space`, default configs/hpo/<task>.yaml) sampled by TPE, reports the
+validation metric that early stopping watches after each epoch (so the pruner can stop it), and
+returns that metric of its best checkpoint. A trial that fails (NaN loss, out of memory) is
+recorded as failed with its reason and the study goes on.
+
+--n_trials is the size of the study, not of this run: the same command run again after a kill
+adds only the missing trials. The study lives in --storage (default sqlite:///outputs/hpo/optuna.db).
+A trial whose worker died is marked failed once its heartbeat is GRACE_S seconds old (by the next
+trial any worker starts) and is run once more with the same parameters. Workers started N times
+on one storage share the study; workers started in the same second draw the same first random
+trials, so start them a few seconds apart. SQLite is fine for a few workers on one machine; for
+many workers or machines use PostgreSQL (--storage postgresql://user:password@host/db, needs
+psycopg2) or, without a database server, a journal file on a shared filesystem
+(--storage journal:outputs/hpo/journal.log; no heartbeat there: a dead worker's trial stays RUNNING).
+
+Outputs in outputs/hpo/<study>/ (or --output_dir): trial_<n>/ (a train.py run; its checkpoints/last
+is deleted, and all checkpoints of pruned or failed trials), best_config.yaml (a config
+`train.py --config` takes as is, reproducing the best trial), trials_history.json. With MLflow on:
+one parent run per study and a nested run per trial.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+import train
+from models import TASKS
+from utils import Config, Tracker, UserError, coerce, make_config, parse_config, run_main, setup_logging
+
+log = logging.getLogger("redsm5")
+SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
+DEFAULT_STORAGE = "sqlite:///outputs/hpo/optuna.db"
+PRUNERS = ("median", "halving", "hyperband", "none")
+DEFAULT_PRUNER = "median"  # measured on the demo: see the README's HPO section
+# What trials are compared on, or where they write: never sampled.
+FIXED_FIELDS = {"task", "data_dir", "demo_posts", "demo_seed", "unit", "include_negatives", "val_ratio", "test_ratio",
+                "splits_file", "seed", "early_stopping_metric", "early_stopping_mode", "resume", "output_dir",
+                "mlflow", "tracking_uri", "experiment", "run_name"}
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")  # trial states that count toward --n_trials
+HEARTBEAT_S, GRACE_S = 10, 30
+
+
+def add_hpo_flags(parser) -> None:
+    group = parser.add_argument_group("hpo.py")
+    group.add_argument("--n_trials", type=int, default=20, help="trials the study should have (finished ones count)")
+    group.add_argument("--stage", choices=("coarse", "fine"), default="coarse")
+    group.add_argument("--space", help="search space YAML (default configs/hpo/<task>.yaml)")
+    group.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL, or journal:PATH")
+    group.add_argument("--study_name", help="default <task>-<stage>")
+    group.add_argument("--coarse_study", help="fine stage: the study to narrow around (default <task>-coarse)")
+    group.add_argument("--top_k", type=int, default=5, help="fine stage: best coarse trials the space is narrowed to")
+    group.add_argument("--pruner", choices=PRUNERS, default=DEFAULT_PRUNER)
+    group.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
+
+
+# --------------------------------------------------------------------------- search spaces
+
+def parse_range(name: str, spec, source: str) -> dict:
+    """One entry of a search space, checked against the Config field: {low, high, log} or {choices}."""
+    if isinstance(spec, list):
+        spec = {"choices": spec}
+    if name in FIXED_FIELDS:
+        raise UserError(f"{source}: '{name}' cannot be searched (trials are compared on it or write to it)")
+    if not isinstance(spec, dict) or not (set(spec) == {"choices"} or {"low", "high"} <= set(spec) <= {"low", "high", "log"}):
+        raise UserError(f"{source}: expected a list of choices or {{low, high[, log]}}, got {spec!r}")
+    if "choices" in spec:
+        if not spec["choices"]:
+            raise UserError(f"{source}: no choices")
+        return {"choices": [coerce(name, c, source) for c in spec["choices"]]}
+    low, high, log_scale = coerce(name, spec["low"], source), coerce(name, spec["high"], source), spec.get("log", False)
+    if isinstance(low, bool) or not isinstance(low, (int, float)):
+        raise UserError(f"{source}: '{name}' is not numeric: give a list of choices")
+    if not low < high:
+        raise UserError(f"{source}: low ({low}) must be below high ({high})")
+    if log_scale is not False and (log_scale is not True or low <= 0):
+        raise UserError(f"{source}: log must be true or false, and a log range needs low > 0")
+    return {"low": low, "high": high, "log": log_scale}
+
+
+def load_space(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: search space file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: expected a mapping of config fields to ranges or choices")
+    return {name: parse_range(name, spec, f"{path}: {name}") for name, spec in raw.items()}
+
+
+def narrow_space(space: dict, best_params: list[dict], margin: float = 0.1) -> dict:
+    """The space around the best trials' values: choices they used; ranges spanning their values,
+    widened by `margin` of the coarse range on each side (on the log scale for log ranges)."""
+    fine = {}
+    for name, spec in space.items():
+        values = [p[name] for p in best_params if name in p]
+        if not values:
+            fine[name] = spec
+        elif "choices" in spec:
+            fine[name] = {"choices": [c for c in spec["choices"] if c in values]}
+        else:
+            scale, unscale = (math.log, math.exp) if spec["log"] else (float, float)
+            lo, hi = scale(spec["low"]), scale(spec["high"])
+            pad = margin * (hi - lo)
+            low = spec["low"] if scale(min(values)) - pad <= lo else unscale(scale(min(values)) - pad)
+            high = spec["high"] if scale(max(values)) + pad >= hi else unscale(scale(max(values)) + pad)
+            if isinstance(spec["low"], int):
+                low, high = math.floor(low), math.ceil(high)
+            fine[name] = {"low": low, "high": high, "log": spec["log"]}
+    return fine
+
+
+def sample_params(trial, space: dict) -> dict:
+    params = {}
+    for name, spec in space.items():
+        if "choices" in spec:
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
+            params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec["log"])
+        else:
+            params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec["log"])
+    return params
+
+
+def best_trials(study, k: int) -> list:
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    return sorted(done, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:k]
+
+
+# --------------------------------------------------------------------------- trials
+
+def trial_config(base: Config, params: dict, output_dir: Path, run_name: str | None = None) -> Config:
+    """The base config with the sampled fields; make_config rejects combinations that cannot train."""
+    return make_config(**{**dataclasses.asdict(base), **params, "output_dir": str(output_dir), "run_name": run_name,
+                          "resume": False})
+
+
+def steps_after(cfg: Config, epochs: int) -> int:
+    """Optimizer steps train.train has taken when it validates epoch `epochs - 1` (one process)."""
+    _, _, features, _ = train.prepare_data(cfg)  # cached: the trial has just used it
+    per_epoch = math.ceil(math.ceil(len(features["train"][1]) / cfg.batch_size) / cfg.grad_accum)
+    total = per_epoch * cfg.epochs if cfg.max_steps <= 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
+    return min(epochs * per_epoch, total)
+
+
+def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, parent_run_id: str | None) -> float:
+    import optuna
+
+    t0, cfg, epochs_done = time.perf_counter(), None, 0
+
+    def report(epoch: int, metrics: dict) -> None:
+        nonlocal epochs_done
+        epochs_done = epoch + 1
+        trial.report(metrics[metric], epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: {metric} {metrics[metric]:.4f}")
+
+    try:
+        cfg = trial_config(base, sample_params(trial, space), study_dir / f"trial_{trial.number}", f"trial_{trial.number}")
+        trial.set_user_attr("config", dataclasses.asdict(cfg))  # exactly what ran, whatever later workers' flags
+        cfg._parent_run_id = parent_run_id  # train.train nests its MLflow run under the study's
+        results = train.train(cfg, report=report)
+        trial.set_user_attr("train_steps", results["train"]["steps"])
+        if not math.isfinite(results["val"][metric]):
+            raise ValueError(f"val {metric} is {results['val'][metric]}")
+        return results["val"][metric]
+    except (Exception, KeyboardInterrupt) as e:
+        if not isinstance(e, optuna.TrialPruned):
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
+        if epochs_done:
+            trial.set_user_attr("train_steps", steps_after(cfg, epochs_done))
+        raise
+    finally:
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
+
+
+# --------------------------------------------------------------------------- outputs
+
+def write_atomic(path: Path, text: str) -> None:
+    """Several workers rewrite the same files: a reader never sees half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trial_record(t) -> dict:
+    reason = t.user_attrs.get("fail_reason") or ("no heartbeat: its worker died" if t.state.name == "FAIL" else None)
+    return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            "train_steps": t.user_attrs.get("train_steps"), "seconds": t.user_attrs.get("seconds"),
+            "fail_reason": reason, "retry_of": t.system_attrs.get("failed_trial"),
+            "output_dir": t.user_attrs.get("config", {}).get("output_dir"),
+            "start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "end": t.datetime_complete.isoformat() if t.datetime_complete else None}
+
+
+def write_outputs(study, study_dir: Path, metric: str) -> dict:
+    """trials_history.json and best_config.yaml from the storage: every worker's trials."""
+    trials = [trial_record(t) for t in study.trials]
+    counts = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    best = best_trials(study, 1)
+    summary = {"study": study.study_name, "direction": study.direction.name.lower(), "metric": metric,
+               "counts": counts, "train_steps": sum(t["train_steps"] or 0 for t in trials),
+               "best_trial": best[0].number if best else None, "best_value": best[0].value if best else None,
+               "search_space": study.user_attrs.get("search_space"), "trials": trials}
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(study_dir / "trials_history.json", json.dumps(summary, indent=2))
+    if best:
+        config = {**best[0].user_attrs["config"], "output_dir": str(study_dir / "best"), "run_name": None}
+        header = (f"# Best trial {best[0].number} of study {study.study_name}: val {metric} = {best[0].value:.6f}\n"
+                  f"# Reproduce: python train.py --config {study_dir / 'best_config.yaml'}\n")
+        write_atomic(study_dir / "best_config.yaml", header + yaml.safe_dump(config, sort_keys=False))
+    return summary
+
+
+def close_trial_run(tracker: Tracker, trial) -> None:
+    """Tag the trial's nested MLflow run, and end it if train.py could not (pruned, failed, or a dead
+    worker's trial that this one retries): train.py ends its run only when training ends."""
+    retried = trial.system_attrs.get("failed_trial")
+    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    for number, state in [(trial.number, trial.state.name)] + ([(retried, "FAIL")] if retried is not None else []):
+        for run in tracker.client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{tracker.run_id}' "
+                                                        f"and attributes.run_name = 'trial_{number}'"):
+            tracker.client.set_tag(run.info.run_id, "optuna.trial", str(number))
+            tracker.client.set_tag(run.info.run_id, "optuna.state", state)
+            if run.info.status == "RUNNING":
+                tracker.client.set_terminated(run.info.run_id, "KILLED" if state == "PRUNED" else "FAILED")
+
+
+# --------------------------------------------------------------------------- the study
+
+def make_storage(url: str):
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url[len("journal:"):]).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for another worker's write, not "database is locked"
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except sqlalchemy.exc.IntegrityError:  # workers started together race to create the tables: one wins
+            if attempt == 2:
+                raise
+            time.sleep(1)
+
+
+def make_pruner(name: str, cfg: Config):
+    """Pruning steps are epochs: trials with different batch sizes are compared after the same data."""
+    import optuna
+
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0),
+            "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs,
+                                                                reduction_factor=3),
+            "none": optuna.pruners.NopPruner}[name]()
+
+
+def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None]:
+    """(search space, params to try first) of a new study: the YAML, or the coarse study narrowed."""
+    import optuna
+
+    if args.stage == "coarse":
+        return load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml"), None
+    coarse_name = args.coarse_study or f"{cfg.task}-coarse"
+    try:
+        coarse = optuna.load_study(study_name=coarse_name, storage=storage)
+    except KeyError:
+        raise UserError(f"--stage fine: no study '{coarse_name}' in {args.storage} (run --stage coarse first)") from None
+    top = best_trials(coarse, args.top_k)
+    if not top:
+        raise UserError(f"--stage fine: study '{coarse_name}' has no completed trial to narrow around")
+    space = coarse.user_attrs.get("search_space") or load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
+    return narrow_space(space, [t.params for t in top]), top[0].params
+
+
+def main(argv=None):
+    cfg, args = parse_config(argv, prog="hpo.py", extra=add_hpo_flags)
+    setup_logging(True)
+    import optuna
+
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat and retry: stable enough here
+
+    metric = TASKS[cfg.task].main_metric if cfg.early_stopping_metric == "auto" else cfg.early_stopping_metric
+    direction = "maximize" if cfg.early_stopping_mode == "max" else "minimize"
+    name = args.study_name or f"{cfg.task}-{args.stage}"
+    study_dir = Path(cfg.output_dir) if cfg.output_dir != Config.output_dir else Path("outputs/hpo") / name
+    storage = make_storage(args.storage)
+    study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True,
+                                pruner=make_pruner(args.pruner, cfg))
+    if study.direction.name.lower() != direction or study.user_attrs.get("task", cfg.task) != cfg.task:
+        raise UserError(f"study '{name}' exists for task {study.user_attrs.get('task')} "
+                        f"({study.direction.name.lower()}): choose another --study_name")
+    if "search_space" not in study.user_attrs:  # a new study: its space is fixed now, for every worker and resume
+        space, first = study_space(args, cfg, storage)
+        for key, value in {"task": cfg.task, "metric": metric, "search_space": space,
+                           "base_config": dataclasses.asdict(cfg)}.items():
+            study.set_user_attr(key, value)
+        if first:
+            study.enqueue_trial(first, skip_if_exists=True)  # the fine stage starts from the coarse optimum
+    space = study.user_attrs["search_space"]
+    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if study.user_attrs["base_config"].get(k) != v}
+    if changed:
+        log.warning("base config differs from the one study '%s' was created with: %s", name, changed)
+    # Offset by the trials already there: a resumed study or a second worker does not redraw the
+    # first worker's random startup trials; a fresh single-worker study stays a function of the seed.
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials),
+                                               n_startup_trials=min(10, max(4, args.n_trials // 3)))
+
+    parent_cfg = dataclasses.replace(cfg, run_name=f"hpo-{name}", output_dir=str(study_dir))
+    tracker = Tracker(parent_cfg, True, run_id=study.user_attrs.get("mlflow_parent_run_id"))
+    if tracker.enabled and "mlflow_parent_run_id" not in study.user_attrs:
+        study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
+        winner = study.user_attrs["mlflow_parent_run_id"]
+        if winner != tracker.run_id:  # a worker started at the same moment made one too: keep the last written
+            tracker.client.delete_run(tracker.run_id)
+            tracker = Tracker(parent_cfg, True, run_id=winner)
+        tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": args.storage.split("@")[-1],
+                            "hpo.pruner": args.pruner, "hpo.metric": metric, "hpo.n_trials": args.n_trials})
+        tracker.log_dict(space, "search_space.json")
+
+    def after_trial(study, trial):
+        summary = write_outputs(study, study_dir, metric)
+        # Trials are never resumed (a dead one is rerun): only a complete trial's best checkpoint is worth its disk.
+        checkpoints = study_dir / f"trial_{trial.number}" / "checkpoints"
+        shutil.rmtree(checkpoints / "last" if trial.state.name == "COMPLETE" else checkpoints, ignore_errors=True)
+        if tracker.enabled:
+            close_trial_run(tracker, trial)
+            best = summary["best_value"]
+            tracker.log_metrics({"best_value": float("nan") if best is None else best,
+                                 "train_steps": summary["train_steps"],
+                                 **{f"n_{k.lower()}": v for k, v in summary["counts"].items()}},
+                                step=trial.number, flush=True)
+
+    finished = sum(t.state.name in FINISHED for t in study.trials)
+    log.info("study %s: %d of %d trials finished; storage %s", name, finished, args.n_trials, args.storage.split("@")[-1])
+    status = "FINISHED"
+    try:
+        if finished < args.n_trials:
+            # Every worker stops once the study, not the worker, has n_trials finished trials.
+            stop_at_total = optuna.study.MaxTrialsCallback(args.n_trials, [optuna.trial.TrialState[s] for s in FINISHED])
+            study.optimize(lambda t: objective(t, cfg, space, metric, study_dir, tracker.run_id),
+                           n_trials=args.n_trials - finished, timeout=args.timeout, catch=(Exception,),
+                           callbacks=[after_trial, stop_at_total], gc_after_trial=True)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log.warning("interrupted: run the same command again to continue the study")
+    summary = write_outputs(study, study_dir, metric)
+    c = summary["counts"]
+    log.info("study %s: %d complete, %d pruned, %d failed, %d training steps in all", name, c["COMPLETE"], c["PRUNED"],
+             c["FAIL"], summary["train_steps"])
+    if summary["best_trial"] is not None:
+        log.info("best trial %d: val %s %.6f -> %s", summary["best_trial"], metric, summary["best_value"],
+                 study_dir / "best_config.yaml")
+    if tracker.enabled:
+        for f in ("best_config.yaml", "trials_history.json"):
+            tracker.log_artifact(study_dir / f)
+        if c["RUNNING"] == 0 or status == "KILLED":  # another worker still running keeps the parent open
+            tracker.end(status)
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

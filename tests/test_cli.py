@@ -1,0 +1,275 @@
+"""The bad-input matrix: every case exits with code 2 and one line naming the file, column or flag.
+
+The scripts' `main` functions run in-process through `utils.run_main` (what `python X.py` runs);
+two subprocess tests check the real entry points once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import data
+import evaluate
+import models
+import train
+from conftest import ROOT, write_corpus, write_quirky
+from utils import UserError, make_config
+
+
+def assert_one_line_error(code, err, *needles, only_line=False):
+    """Exit code 2, no traceback, exactly one `error:` line (the last), containing every needle."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    if only_line:  # failed before any logging: the error is all there is
+        assert lines == errors, err
+
+
+QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads", "1",
+         "--tiny_vocab", "300", "--max_length", "96", "--doc_stride", "16", "--batch_size", "8"]
+
+
+# --------------------------------------------------------------------------- flags and config files (train.py)
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--lrr", "3"], ["unrecognized arguments: --lrr 3", "(did you mean --lr?)"]),
+    (["--zzzz"], ["unrecognized arguments: --zzzz", "(valid: --help, --config, --task, --data_dir", "--run_name)"]),
+    (["--epochs", "three"], ["--epochs", "'three'", "expected int"]),
+    (["--max_steps", "1.5"], ["--max_steps", "'1.5'", "expected int"]),
+    (["--lr", "fast"], ["--lr", "expected float"]),
+    (["--lr", "-1"], ["--lr", "must be > 0"]),
+    (["--task", "foo"], ["--task", "'foo'", "criteria, evidence, joint"]),
+    (["--unit", "word"], ["--unit", "sentence, post"]),
+    (["--mlflow", "maybe"], ["--mlflow", "expected bool"]),
+    (["--val_ratio", "1.5"], ["--val_ratio", "[0, 1)"]),
+    (["--batch_size", "0"], ["--batch_size", ">= 1"]),
+    (["--max_length", "64", "--doc_stride", "40"], ["--doc_stride", "max_length/2"]),
+    (["--epochs"], ["--epochs", "expected one argument"]),
+])
+def test_bad_flags(cli, argv, needles):
+    code, err = cli(train.main, argv)
+    assert_one_line_error(code, err, *needles, only_line=True)
+
+
+@pytest.mark.parametrize("content, needles", [
+    ("lrr: 0.1\n", ["unknown config key 'lrr'", "valid: task, data_dir"]),
+    ("epochs: three\n", ["invalid value 'three' for 'epochs'", "expected int"]),
+    ("epochs: 2.5\n", ["'epochs'", "expected int"]),
+    ("mlflow: [1, 2]\n", ["'mlflow'", "expected bool"]),
+    ("task: foo\n", ["'task'", "criteria, evidence, joint"]),
+    ("- epochs\n", ["expected a mapping"]),
+    ("epochs: [unclosed\n", ["not valid YAML"]),
+])
+def test_bad_config_files(cli, tmp_path, content, needles):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    code, err = cli(train.main, ["--config", path])
+    assert_one_line_error(code, err, str(path), *needles, only_line=True)
+
+
+def test_config_file_missing_and_precedence(cli, tmp_path):
+    code, err = cli(train.main, ["--config", tmp_path / "none.yaml"])
+    assert_one_line_error(code, err, "none.yaml: config file not found", only_line=True)
+    # YAML (3e-5 is a string to YAML 1.1, still a float here) < flags; the rest keep their defaults
+    path = tmp_path / "ok.yaml"
+    path.write_text("lr: 3e-5\nepochs: 2.0\ntask: evidence\n")
+    from utils import parse_config
+
+    cfg, _ = parse_config(["--config", str(path), "--epochs", "5"])
+    assert (cfg.lr, cfg.epochs, cfg.task, cfg.batch_size) == (3e-5, 5, "evidence", 32)
+
+
+# --------------------------------------------------------------------------- data problems (train.py)
+
+def run_train_on(cli, tmp_path, folder, *extra):
+    return cli(train.main, ["--data_dir", folder, "--output_dir", tmp_path / "out", *QUICK, *extra])
+
+
+def test_missing_data_dir(cli, tmp_path):
+    code, err = run_train_on(cli, tmp_path, tmp_path / "nowhere")
+    assert_one_line_error(code, err, str(tmp_path / "nowhere"), "data directory not found")
+
+
+def test_no_redsm5_files(cli, tmp_path):
+    (tmp_path / "d").mkdir()
+    code, err = run_train_on(cli, tmp_path, tmp_path / "d")
+    assert_one_line_error(code, err, "no ReDSM5 files found", "posts.csv + annotations.csv")
+
+
+@pytest.mark.parametrize("names", data.FILE_PAIRS)
+def test_missing_posts_file(cli, tmp_path, names):
+    folder = write_quirky(tmp_path / "d", names)
+    (folder / names[0]).unlink()
+    code, err = run_train_on(cli, tmp_path, folder)
+    assert_one_line_error(code, err, str(folder / names[0]), "file not found")
+
+
+def test_missing_column_names_the_column(cli, tmp_path):
+    folder = write_corpus(tmp_path / "d", [("a", "x")], [("a", "a_0", "x", "FATIGUE", "1")])
+    (folder / "posts.csv").write_text("post_id,body\na,hello\n")
+    code, err = run_train_on(cli, tmp_path, folder)
+    assert_one_line_error(code, err, str(folder / "posts.csv"), "missing column 'text'", "found: post_id, body")
+
+
+def test_empty_csv(cli, tmp_path):
+    folder = write_corpus(tmp_path / "d", [("a", "x")], [("a", "a_0", "x", "FATIGUE", "1")])
+    (folder / "annotations.csv").write_bytes(b"")
+    code, err = run_train_on(cli, tmp_path, folder)
+    assert_one_line_error(code, err, str(folder / "annotations.csv"), "file is empty")
+
+
+def test_splits_file_with_a_post_in_two_splits(cli, tmp_path):
+    folder = write_quirky(tmp_path / "d")
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ["p_main", "p_dup"], "val": ["p_nl"], "test": ["p_dup"]}))
+    code, err = run_train_on(cli, tmp_path, folder, "--splits_file", splits)
+    assert_one_line_error(code, err, str(splits), "post 'p_dup' is in both 'train' and 'test'")
+
+
+def test_max_length_too_small_for_the_criterion(cli, tmp_path):
+    code, err = cli(train.main, ["--output_dir", tmp_path / "out", *QUICK, "--task", "evidence",
+                                 "--max_length", "40", "--doc_stride", "16"])
+    assert_one_line_error(code, err, "--max_length 40", "--doc_stride 16")
+
+
+def test_resume_without_a_saved_state(cli, tmp_path):
+    code, err = cli(train.main, ["--output_dir", tmp_path / "out", *QUICK, "--resume", "true"])
+    assert_one_line_error(code, err, str(tmp_path / "out" / "checkpoints" / "last"), "no complete training state")
+
+
+def test_resume_a_run_of_another_task(cli, tmp_path):
+    out = tmp_path / "out"
+    code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "1", "--epochs", "1"])
+    assert code == 0, err
+    code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "2", "--epochs", "1",
+                                 "--resume", "true", "--task", "evidence"])
+    assert_one_line_error(code, err, str(out / "checkpoints" / "last"), "--task evidence", "span_head")
+
+
+# --------------------------------------------------------------------------- checkpoints (evaluate.py)
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real (untrained) criteria checkpoint of a very small model, as train.py saves it."""
+    cfg = make_config(task="criteria", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64, doc_stride=16)
+    tokenizer = models.train_tiny_tokenizer(list(data.CRITERIA.values()) + ["I can’t sleep."], 200)
+    path = tmp_path_factory.mktemp("run") / "checkpoints" / "best"
+    models.save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {"null_threshold": None})
+    return path
+
+
+def copy_checkpoint(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_checkpoint_checks_the_task(checkpoint):
+    model, _, cfg, extra = models.load_checkpoint(checkpoint, expect_task="criteria")
+    assert cfg.task == "criteria" and model.cls_head is not None and model.span_head is None
+    with pytest.raises(UserError, match="checkpoint of task 'criteria', expected 'evidence'"):
+        models.load_checkpoint(checkpoint, expect_task="evidence")
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("nothing_there", ["not a complete checkpoint", "model.safetensors"]),
+    ("no_weights", ["not a complete checkpoint (missing model.safetensors)"]),
+    ("no_tokenizer", ["not a complete checkpoint (missing tokenizer)"]),
+    ("other_task", ["weights do not match a 'evidence' model"]),
+    ("bad_config", ["config.yaml: unknown config key 'colour'"]),
+])
+def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
+    import shutil
+
+    path = tmp_path / "best"
+    if damage != "nothing_there":
+        copy_checkpoint(checkpoint, path)
+    if damage == "no_weights":
+        (path / "model.safetensors").unlink()
+    elif damage == "no_tokenizer":
+        shutil.rmtree(path / "tokenizer")
+    elif damage == "other_task":  # a criteria model's weights behind an evidence run's config
+        cfg = yaml.safe_load((path / "config.yaml").read_text())
+        (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "task": "evidence"}))
+    elif damage == "bad_config":
+        (path / "config.yaml").write_text(yaml.safe_dump({"task": "criteria", "colour": "red"}))
+    code, err = cli(evaluate.main, ["--checkpoint", path])
+    assert_one_line_error(code, err, str(path), *needles)
+
+
+def test_run_dir_instead_of_its_checkpoint(cli, checkpoint):
+    run_dir = checkpoint.parent.parent  # outputs/run rather than outputs/run/checkpoints/best
+    code, err = cli(evaluate.main, ["--checkpoint", run_dir])
+    assert_one_line_error(code, err, str(run_dir), "not a complete checkpoint")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    ([], ["the following arguments are required: --checkpoint"]),
+    (["--checkpoint", "x", "--split", "dev"], ["--split", "'dev'", "'train', 'val', 'test'"]),
+    (["--checkpoint", "x", "--batch_size", "big"], ["--batch_size", "invalid int value: 'big'"]),
+    (["--checkpoint", "x", "--bogus"], ["unrecognized arguments: --bogus"]),
+])
+def test_evaluate_bad_flags(cli, argv, needles):
+    code, err = cli(evaluate.main, argv)
+    assert_one_line_error(code, err, *needles, only_line=True)
+
+
+def test_predict_file_problems(cli, checkpoint, tmp_path):
+    code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", tmp_path / "new.csv"])
+    assert_one_line_error(code, err, str(tmp_path / "new.csv"), "file not found")
+    (tmp_path / "new.csv").write_text("id,text\n1,hello\n")
+    code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", tmp_path / "new.csv"])
+    assert_one_line_error(code, err, str(tmp_path / "new.csv"), "missing column 'post_id'")
+
+
+# --------------------------------------------------------------------------- data.py
+
+def test_data_cli_errors(cli, tmp_path):
+    code, err = cli(data.main, ["--data_dir", tmp_path / "nowhere"])
+    assert_one_line_error(code, err, str(tmp_path / "nowhere"), "data directory not found")
+    code, err = cli(data.main, ["--make_demo", tmp_path / "demo", "--n_posts", "many"])
+    assert_one_line_error(code, err, "--n_posts", "invalid int value: 'many'", only_line=True)
+
+
+def test_data_cli_reports_a_quirky_folder(cli, tmp_path):
+    code, err = cli(data.main, ["--data_dir", write_quirky(tmp_path / "d")])
+    assert code == 0 and "annotations: 19 read, 9 kept" in err and "unaligned 1" in err
+
+
+# --------------------------------------------------------------------------- the real entry points
+
+def run_script(*argv, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / argv[0]), *map(str, argv[1:])], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_make_demo_script_writes_a_corpus_that_loads_cleanly(tmp_path):
+    proc = run_script("data.py", "--make_demo", tmp_path / "demo", "--n_posts", 60, "--seed", 5, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["annotations.csv", "posts.csv"]
+    corpus = data.load_corpus(tmp_path / "demo")
+    rep = corpus.report
+    posts, anns = data.make_demo(60, 5)
+    assert rep["dropped"] == {} and rep["posts_kept"] == rep["posts_read"] == 60
+    assert rep["annotations_kept"] == rep["annotations_read"] == len(anns)
+    assert rep["alignment"]["exact"] == len(anns)
+    assert corpus.posts == {p["post_id"]: p["text"] for p in posts}  # the CSV round trip is lossless
+
+
+def test_script_bad_input_exits_2_without_traceback(tmp_path):
+    proc = run_script("train.py", "--task", "foo", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: --task: invalid value 'foo' for 'task' (choose from criteria, evidence, joint)"]
+    assert not (tmp_path / "outputs").exists()  # nothing written on a bad command line

@@ -1,0 +1,224 @@
+"""hpo.py: search spaces, the fine-stage narrowing, failed and dead trials, resume, and the best-config round trip."""
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import hpo
+from utils import Config, UserError, load_yaml_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# A study small enough for a test: ~130 training sentences, 4 optimizer steps a trial.
+TINY = ["--task", "criteria", "--demo_posts", "80", "--tiny_hidden", "32", "--tiny_layers", "1", "--tiny_vocab", "600",
+        "--max_steps", "4", "--epochs", "1", "--eval_batch_size", "64", "--threads", "1", "--mlflow", "false"]
+SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "dropout": {"low": 0.0, "high": 0.3},
+         "batch_size": [8, 16], "scheduler": ["linear", "cosine", "constant"]}
+
+
+def write_space(path: Path, space: dict) -> Path:
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def history(study_dir: Path) -> dict:
+    return json.loads((study_dir / "trials_history.json").read_text())
+
+
+# --------------------------------------------------------------------------- search spaces
+
+def test_shipped_spaces_load_with_config_types():
+    spaces = {task: hpo.load_space(ROOT / "configs" / "hpo" / f"{task}.yaml") for task in ("criteria", "evidence", "joint")}
+    assert spaces["criteria"]["lr"] == {"low": 1e-4, "high": 5e-3, "log": True}
+    assert spaces["criteria"]["batch_size"] == {"choices": [16, 32, 64]}
+    assert spaces["criteria"]["class_weights"] == {"choices": [False, True]}
+    assert spaces["joint"]["loss_weight_evidence"] == {"low": 0.25, "high": 4.0, "log": True}
+    for space in spaces.values():
+        assert set(space) <= set(Config.__dataclass_fields__)
+        for name in ("lr", "weight_decay", "warmup_ratio", "dropout"):
+            assert isinstance(space[name]["low"], float) and isinstance(space[name]["high"], float)
+        assert all(isinstance(c, int) for c in space["max_length"]["choices"] + space["batch_size"]["choices"])
+        assert set(space["scheduler"]["choices"]) == {"linear", "cosine", "constant"}
+        for length in space["max_length"]["choices"]:  # every choice must make a valid config with the defaults
+            assert Config.doc_stride < length // 2
+
+
+def test_space_values_are_parsed_like_config_values(tmp_path):
+    space = hpo.load_space(write_space(tmp_path / "s.yaml", {"lr": {"low": "1e-4", "high": "1e-3", "log": True},
+                                                             "tiny_layers": {"low": 1, "high": 4.0}}))
+    assert space == {"lr": {"low": 1e-4, "high": 1e-3, "log": True}, "tiny_layers": {"low": 1, "high": 4, "log": False}}
+    assert isinstance(space["tiny_layers"]["high"], int)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"learning_rate": [1e-3]}, "unknown config key 'learning_rate'"),
+    ({"seed": [1, 2]}, "'seed' cannot be searched"),
+    ({"lr": {"low": 1e-2, "high": 1e-3}}, "must be below high"),
+    ({"lr": {"low": 0.0, "high": 1e-3, "log": True}}, "log range needs low > 0"),
+    ({"scheduler": {"low": 0, "high": 1}}, "invalid value 0 for 'scheduler'"),
+    ({"class_weights": {"low": False, "high": True}}, "not numeric"),
+    ({"batch_size": [16, "big"]}, "invalid value 'big' for 'batch_size'"),
+    ({"lr": {"low": 1e-4}}, "expected a list of choices or {low, high[, log]}"),
+    ({"dropout": []}, "no choices"),
+])
+def test_bad_space_is_a_user_error_naming_file_and_field(tmp_path, entry, message):
+    path = write_space(tmp_path / "bad.yaml", entry)
+    with pytest.raises(UserError, match=None) as e:
+        hpo.load_space(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+# --------------------------------------------------------------------------- fine stage
+
+def test_narrow_space_hand_computed():
+    coarse = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "dropout": {"low": 0.0, "high": 0.3, "log": False},
+              "epochs": {"low": 1, "high": 11, "log": False}, "warmup_ratio": {"low": 0.0, "high": 0.2, "log": False},
+              "batch_size": {"choices": [16, 32, 64]}, "scheduler": {"choices": ["linear", "cosine", "constant"]},
+              "weight_decay": {"low": 0.0, "high": 0.1, "log": False}}
+    best = [{"lr": 1e-3, "dropout": 0.10, "epochs": 4, "warmup_ratio": 0.005, "batch_size": 32, "scheduler": "cosine"},
+            {"lr": 2e-3, "dropout": 0.12, "epochs": 5, "warmup_ratio": 0.010, "batch_size": 32, "scheduler": "linear"}]
+    fine = hpo.narrow_space(coarse, best, margin=0.1)
+    # lr: log width ln(100), 10% of it = a factor 10**0.2 on each side of [1e-3, 2e-3]
+    assert fine["lr"]["low"] == pytest.approx(1e-3 / 10**0.2) and fine["lr"]["high"] == pytest.approx(2e-3 * 10**0.2)
+    assert fine["lr"]["log"] is True
+    assert fine["dropout"]["low"] == pytest.approx(0.07) and fine["dropout"]["high"] == pytest.approx(0.15)
+    assert fine["epochs"] == {"low": 3, "high": 6, "log": False}  # 4 - 1.0 and 5 + 1.0
+    assert fine["warmup_ratio"]["low"] == 0.0 and fine["warmup_ratio"]["high"] == pytest.approx(0.03)  # clipped, exact
+    assert fine["batch_size"] == {"choices": [32]}
+    assert fine["scheduler"] == {"choices": ["linear", "cosine"]}  # coarse order kept
+    assert fine["weight_decay"] == coarse["weight_decay"]  # no best trial sampled it: unchanged
+    for name in ("lr", "dropout", "warmup_ratio"):  # every best value is still inside its fine range
+        assert all(fine[name]["low"] <= b[name] <= fine[name]["high"] for b in best)
+
+
+def test_sampled_params_stay_in_space_with_field_types():
+    import optuna
+
+    space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "tiny_layers": {"low": 1, "high": 3, "log": False},
+             "batch_size": {"choices": [8, 16]}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        params = hpo.sample_params(study.ask(), space)
+        assert 1e-4 <= params["lr"] <= 1e-2 and isinstance(params["lr"], float)
+        assert params["tiny_layers"] in (1, 2, 3) and params["batch_size"] in (8, 16)
+    fixed = {"lr": 3e-3, "tiny_layers": 2, "batch_size": 16}
+    assert hpo.sample_params(optuna.trial.FixedTrial(fixed), space) == fixed
+
+
+# --------------------------------------------------------------------------- studies (real trials, tiny model)
+
+@pytest.fixture(scope="module")
+def coarse_study(tmp_path_factory):
+    """A 3-trial coarse study, shared by the tests below: (folder, storage url, space file)."""
+    tmp = tmp_path_factory.mktemp("hpo")
+    storage, space = f"sqlite:///{tmp}/optuna.db", write_space(tmp / "space.yaml", SPACE)
+    summary = hpo.main(TINY + ["--n_trials", "3", "--storage", storage, "--space", str(space),
+                               "--output_dir", str(tmp / "coarse")])
+    assert summary["counts"]["COMPLETE"] == 3
+    return tmp, storage, space
+
+
+def test_best_config_reproduces_best_trial_in_fresh_process(coarse_study):
+    tmp, _, _ = coarse_study
+    summary = history(tmp / "coarse")
+    best = next(t for t in summary["trials"] if t["number"] == summary["best_trial"])
+    assert summary["best_value"] == max(t["value"] for t in summary["trials"]) == best["value"]
+    config_file = tmp / "coarse" / "best_config.yaml"
+    config = load_yaml_config(config_file)
+    trial_config = load_yaml_config(tmp / "coarse" / f"trial_{best['number']}" / "config.yaml")
+    assert {k: v for k, v in config.items() if k not in ("output_dir", "run_name")} == \
+           {k: v for k, v in trial_config.items() if k not in ("output_dir", "run_name")}
+    assert all(config[k] == v for k, v in best["params"].items())
+    cfg, _ = parse_config(["--config", str(config_file)])  # accepted as is
+    assert cfg.output_dir == str(tmp / "coarse" / "best")
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config_file)], check=True, cwd=tmp,
+                   capture_output=True)
+    val = json.loads((tmp / "coarse" / "best" / "metrics.json").read_text())["val"]
+    assert abs(val["f1_macro"] - best["value"]) < 1e-6
+
+
+def test_trial_records_and_cleanup(coarse_study):
+    tmp, _, _ = coarse_study
+    summary = history(tmp / "coarse")
+    assert [t["number"] for t in summary["trials"]] == [0, 1, 2]
+    for t in summary["trials"]:
+        assert t["state"] == "COMPLETE" and t["train_steps"] == 4 and set(t["params"]) == set(SPACE)
+        assert list(t["intermediate"]) == ["0"] and t["intermediate"]["0"] == pytest.approx(t["value"])
+        trial_dir = tmp / "coarse" / f"trial_{t['number']}"
+        assert (trial_dir / "checkpoints" / "best" / "model.safetensors").exists()
+        assert not (trial_dir / "checkpoints" / "last").exists()  # trials are never resumed
+    assert summary["train_steps"] == 12
+
+
+def test_fine_stage_narrows_around_coarse_best_and_starts_there(coarse_study):
+    tmp, storage, _ = coarse_study
+    hpo.main(TINY + ["--n_trials", "1", "--stage", "fine", "--top_k", "2", "--storage", storage,
+                     "--coarse_study", "criteria-coarse", "--output_dir", str(tmp / "fine")])
+    coarse, fine = history(tmp / "coarse"), history(tmp / "fine")
+    top2 = sorted(coarse["trials"], key=lambda t: -t["value"])[:2]
+    assert fine["search_space"] == hpo.narrow_space(coarse["search_space"], [t["params"] for t in top2])
+    assert fine["search_space"]["batch_size"]["choices"] == [c for c in (8, 16) if c in {t["params"]["batch_size"] for t in top2}]
+    lr = fine["search_space"]["lr"]
+    assert lr["low"] >= 1e-4 and lr["high"] <= 1e-2 and lr["high"] / lr["low"] < 100
+    first = fine["trials"][0]
+    assert first["params"] == top2[0]["params"]  # the coarse optimum is the fine study's first trial
+    assert first["value"] == pytest.approx(top2[0]["value"], abs=1e-6)  # same config, same seed, same score
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_resume_adds_only_missing_trials_and_reruns_dead_ones(coarse_study, monkeypatch):
+    import optuna
+
+    tmp, _, space = coarse_study
+    storage = f"sqlite:///{tmp}/resume.db"
+    args = TINY + ["--storage", storage, "--space", str(space), "--output_dir", str(tmp / "resume")]
+    hpo.main(args + ["--n_trials", "1"])
+    # A worker that died mid-trial: a RUNNING trial whose last heartbeat is older than the grace period.
+    monkeypatch.setattr(hpo, "GRACE_S", 1)
+    study = optuna.load_study(study_name="criteria-coarse", storage=hpo.make_storage(storage))
+    dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(1.5)
+    summary = hpo.main(args + ["--n_trials", "3"])
+    trials = summary["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2]  # no number twice; the dead trial counts toward 3
+    assert trials[1]["state"] == "FAIL" and "heartbeat" in trials[1]["fail_reason"]
+    assert trials[2]["state"] == "COMPLETE" and trials[2]["retry_of"] == 1  # rerun with the dead trial's lr
+    assert trials[2]["params"]["lr"] == trials[1]["params"]["lr"]
+    assert summary["counts"]["RUNNING"] == 0
+    again = hpo.main(args + ["--n_trials", "3"])  # a finished study runs nothing more
+    assert [t["number"] for t in again["trials"]] == [0, 1, 2]
+
+
+def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path):
+    space = write_space(tmp_path / "s.yaml", {"max_length": [64], "lr": {"low": 1e-4, "high": 1e-3}})
+    summary = hpo.main(TINY + ["--n_trials", "2", "--storage", f"sqlite:///{tmp_path}/o.db", "--space", str(space),
+                               "--output_dir", str(tmp_path / "study")])
+    assert summary["counts"]["FAIL"] == 2 and summary["best_trial"] is None
+    for t in summary["trials"]:
+        assert t["fail_reason"] == "UserError: --doc_stride: must be below max_length/2 (32), got 64"
+    assert not (tmp_path / "study" / "best_config.yaml").exists()
+
+
+def test_existing_study_of_another_task_is_refused(coarse_study):
+    tmp, storage, space = coarse_study
+    with pytest.raises(UserError, match="exists for task criteria"):
+        hpo.main(TINY[2:] + ["--task", "evidence", "--study_name", "criteria-coarse", "--storage", storage,
+                             "--space", str(space), "--n_trials", "1"])
+
+
+def test_pruners_are_built_from_their_names():
+    import optuna
+
+    cfg = Config(epochs=4)
+    assert isinstance(hpo.make_pruner("median", cfg), optuna.pruners.MedianPruner)
+    assert isinstance(hpo.make_pruner("halving", cfg), optuna.pruners.SuccessiveHalvingPruner)
+    assert isinstance(hpo.make_pruner("hyperband", cfg), optuna.pruners.HyperbandPruner)
+    assert isinstance(hpo.make_pruner("none", cfg), optuna.pruners.NopPruner)
+    with pytest.raises(UserError, match="invalid choice: 'asha'"):
+        parse_config(["--pruner", "asha"], prog="hpo.py", extra=hpo.add_hpo_flags)
+    assert math.isclose(parse_config(["--timeout", "90"], prog="hpo.py", extra=hpo.add_hpo_flags)[1].timeout, 90)
