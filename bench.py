@@ -1,23 +1,22 @@
-"""Throughput benchmark: our training loop and evaluation against transformers.Trainer, same work.
+"""Throughput benchmark: our training loop and evaluation against transformers.Trainer, on the same work.
 
-    python bench.py                                   # 3 workloads x 3 settings, 30 timed steps each (~5 min on 2 cores)
-    python bench.py --output bench.json               # also write every figure as JSON
-    python bench.py --workloads evidence --steps 50 --n_posts 5000
-    python bench.py --settings ours --minilm false --train_py false   # our loop only
+    python bench.py --output bench.json          # 3 workloads x 3 settings + MiniLM MFU + train.py start-up
+    python bench.py --threads 1 --repeats 2      # steadier on a machine shared with other jobs
+    python bench.py --workloads evidence --steps 50 --n_posts 5000 --settings ours trainer_best
 
-Workloads: criteria with the sentence unit, criteria with the post unit (windows), evidence (windows).
-Each is trained for `--steps` optimizer steps after `--warmup` untimed ones, then `--eval_examples`
-model inputs are evaluated, on the same features, tokenizer, model config, batch size, max_length,
-seed and thread count, by three settings:
-  ours            data.make_loader + models.TaskModel/compute_loss + accelerate, as in train.py's loop;
-                  evaluation with evaluate.model_outputs
-  trainer_best    transformers.Trainer, dynamic padding, length-grouped sampling; Trainer.predict
-  trainer_padded  Trainer, every input padded to max_length (run_glue's classic default)
-Every setting runs in a fresh process, so its peak RSS and time to first step are its own.
-Model FLOP utilisation (MFU) = FLOPs of the real tokens per second / a dense fp32 matmul peak
-measured on the spot; HFU counts the padded tokens too. The difference is padding; the rest of
-the gap is small matmuls, non-matmul ops and framework overhead (the `breakdown` of our step).
-Throughput numbers only: evaluation inputs are taken from the training split.
+Workloads: criteria (sentence unit), criteria (post unit, windows), evidence (windows). Each setting
+trains --steps timed optimizer steps after --warmup untimed ones, then evaluates --eval_examples
+inputs (taken from the training split: throughput only), with the same features (train.py's
+prepare_data), model config and initial weights, AdamW and schedule, batch sizes, seed and threads:
+  ours            data.make_loader + TaskModel + compute_loss + accelerate: train.py's loop;
+                  evaluate.model_outputs
+  trainer_best    transformers.Trainer, dynamic padding, length-grouped batches; Trainer.predict
+  trainer_padded  Trainer, inputs padded to max_length at tokenisation (run_glue's classic default)
+Each run is a fresh process: its peak RSS and time to first step are its own. Speed-ups compare real
+(non-pad) tokens/s, as the timed steps of two samplers hold different batches. MFU = FLOPs of the
+real tokens per second / a dense fp32 matmul peak measured here; HFU counts the padding too; a
+profile of our step says where the rest goes. CPU time hardly moves when other processes share the
+cores: with --threads 1, tokens per CPU-second are what an idle machine would give.
 """
 from __future__ import annotations
 
@@ -38,11 +37,13 @@ WORKLOADS = {"criteria_sentence": {"task": "criteria", "unit": "sentence"},
              "criteria_post": {"task": "criteria", "unit": "post"},
              "evidence": {"task": "evidence"}}
 SETTINGS = ["ours", "trainer_best", "trainer_padded"]
-SIZES = {"tiny": {}, "minilm": {"tiny_hidden": 384, "tiny_layers": 6, "tiny_heads": 12}}  # MiniLM-L6-H384 shape
+SIZES = {"tiny": {}, "minilm": {"tiny_hidden": 384, "tiny_layers": 6, "tiny_heads": 12}}  # MiniLM-L6-H384's shape
 
+
+# --------------------------------------------------------------------------- measuring
 
 def matmul_peak(threads: int, sizes=(1024, 2048), repeats: int = 10) -> float:
-    """Best dense fp32 matmul GFLOP/s of this machine with `threads` threads: the MFU denominator."""
+    """Best dense fp32 matmul GFLOP/s with `threads` threads: the denominator of MFU."""
     torch.set_num_threads(threads)
     best = 0.0
     for n in sizes:
@@ -55,51 +56,60 @@ def matmul_peak(threads: int, sizes=(1024, 2048), repeats: int = 10) -> float:
     return best
 
 
+def clock() -> np.ndarray:
+    return np.array([time.perf_counter(), time.process_time()])  # wall, CPU (all threads of this process)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class BatchRecorder:
-    """Wraps a collate function and remembers each batch's (rows, width, real tokens, sum of squared lengths)."""
+    """Wraps a collate function; keeps each batch's (rows, width, real tokens, sum of squared lengths)."""
 
     def __init__(self, collate_fn):
         self.collate_fn, self.shapes = collate_fn, []
 
     def __call__(self, features):
         batch = self.collate_fn(features)
-        lengths = batch["attention_mask"].sum(1)  # on the host, before the batch reaches the device
+        lengths = batch["attention_mask"].sum(1)  # on the host: no device sync
         self.shapes.append((*batch["input_ids"].shape, int(lengths.sum()), int((lengths**2).sum())))
         return batch
 
 
 def n_params_of(model) -> int:
-    """Parameters that multiply every token: all but the embedding tables (lookups) and the unused pooler."""
-    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and "pooler" not in n)
+    """Weights that multiply every token: the encoder's matrices less the embedding tables (lookups) and
+    the unused pooler. The task heads add under 1% (the span query runs on [CLS] only)."""
+    encoders = [m for m in (model.encoder, model.span_encoder) if m is not None]
+    return sum(p.numel() for e in encoders for n, p in e.named_parameters()
+               if p.ndim > 1 and "embeddings" not in n and "pooler" not in n)
 
 
 def flops(shapes, n_params: int, n_layers: int, hidden: int, padded: bool, train: bool = True) -> float:
-    """FLOPs of the batches `shapes`: 2 per parameter per token forward (x3 with the backward) plus
-    attention scores and mixing, 4 * layers * hidden * length per token forward (PaLM's 12 * L * d * T
-    with the backward). Within 1% of torch.utils.flop_counter on this model. `padded`: count pad tokens too.
-    """
+    """FLOPs of the batches `shapes`: per token, 2 per weight and 4 * layers * hidden * length for the
+    attention, forward; x3 with the backward (PaLM's 6N + 12 L d T). Within 0.2% of
+    torch.utils.flop_counter on these models. `padded` counts the pad tokens too."""
     s = np.array(shapes, dtype=np.float64).reshape(-1, 4)
     tokens, tokens_sq = (s[:, 0] * s[:, 1], s[:, 0] * s[:, 1] ** 2) if padded else (s[:, 2], s[:, 3])
     return (3 if train else 1) * (2 * n_params * tokens.sum() + 4 * n_layers * hidden * tokens_sq.sum())
 
 
-def batch_stats(shapes, seconds: float, model_shape: tuple, train: bool = True) -> dict:
-    """Throughput, padding and GFLOP/s (real tokens: model; with the padding: hardware) of `shapes` in `seconds`."""
+def batch_stats(shapes, seconds: np.ndarray, model_shape: tuple, train: bool = True) -> dict:
+    """Throughput, padding and GFLOP/s of the batches `shapes`, processed in `seconds` = (wall, CPU)."""
     s = np.array(shapes, dtype=np.float64).reshape(-1, 4)
     rows, slots, real = s[:, 0].sum(), (s[:, 0] * s[:, 1]).sum(), s[:, 2].sum()
-    return {"seconds": seconds, "batches": len(s), "samples_per_s": rows / seconds, "real_tokens_per_s": real / seconds,
+    wall, cpu = seconds
+    return {"seconds": wall, "cpu_seconds": cpu, "batches": len(s), "samples_per_s": rows / wall,
+            "real_tokens_per_s": real / wall, "real_tokens_per_cpu_s": real / cpu,
             "padding_fraction": 1 - real / slots, "mean_width": slots / rows,
-            "model_gflop_per_s": flops(shapes, *model_shape, padded=False, train=train) / seconds / 1e9,
-            "hardware_gflop_per_s": flops(shapes, *model_shape, padded=True, train=train) / seconds / 1e9}
+            "model_gflop_per_s": flops(shapes, *model_shape, padded=False, train=train) / wall / 1e9,
+            "hardware_gflop_per_s": flops(shapes, *model_shape, padded=True, train=train) / wall / 1e9}
 
 
 def step_breakdown(prof, wall: float, hardware_flops: float) -> dict:
-    """Where the profiled steps' wall time goes, and how fast the FLOP-bearing ops ran.
-
-    matmul: mm/addmm/bmm and fused attention (all the FLOPs); other_ops: element-wise ops, layer
-    norm, dropout, softmax, embedding, loss; optimizer: the AdamW step; the rest is Python, autograd
-    engine and data loading (the profiler's own overhead included).
-    """
+    """Shares of profiled wall time: matmul (mm/addmm/bmm, fused attention: all the FLOPs, and their
+    GFLOP/s), other ops (element-wise, dropout masks, softmax, layer norm, loss), the AdamW step, and
+    the rest: Python, autograd engine, data loading, the profiler itself."""
     matmuls = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
     out = dict.fromkeys(["matmul", "other_ops", "optimizer"], 0.0)
     for e in prof.key_averages():
@@ -109,13 +119,14 @@ def step_breakdown(prof, wall: float, hardware_flops: float) -> dict:
         elif e.key.startswith("aten::"):
             out["matmul" if any(m in e.key for m in matmuls) else "other_ops"] += e.self_cpu_time_total / 1e6
     out["python_and_framework"] = wall - sum(out.values())
-    return {"time_share": {k: v / wall for k, v in out.items()}, "matmul_gflop_per_s": hardware_flops / out["matmul"] / 1e9}
+    return {"time_share": {k: v / wall for k, v in out.items()},
+            "matmul_gflop_per_s": hardware_flops / out["matmul"] / 1e9}
 
 
 # --------------------------------------------------------------------------- one (workload, setting) per process
 
 def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
-    """train.py's inner loop, unchanged in substance, with timestamps; then evaluate.model_outputs."""
+    """The inner loop of train.py with timestamps, then evaluate.model_outputs."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -128,15 +139,13 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     pad, total, n_profiled = tokenizer.pad_token_id, job["warmup"] + job["steps"], 3
     train_loader = data.make_loader(train_feats, cfg.batch_size, True, pad, cfg.seed)
     train_loader.collate_fn = recorder = BatchRecorder(train_loader.collate_fn)
-    sampler = train_loader.batch_sampler
-    optimizer = make_optimizer(model, cfg)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
                               num_training_steps=total + n_profiled)
 
-    def batches():  # epoch after epoch, as long as needed
+    def batches():  # epoch after epoch
         for epoch in range(10**9):
-            sampler.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
             yield from train_loader
 
     def train_step(batch):
@@ -156,39 +165,38 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     stream, step_ends, losses = batches(), [], []
     for step in range(total):
         train_step(next(stream))
-        step_ends.append(time.perf_counter())
-        if step == 0:
-            first_step = time.time() - t_process
-    breakdown = None
-    if job["profile"]:  # a few more steps under the profiler: where the time goes
+        step_ends.append(clock())
+        first_step = time.time() - t_process if step == 0 else first_step
+
+    warm_loader = data.make_loader(eval_feats[: 2 * cfg.eval_batch_size], cfg.eval_batch_size, False, pad)
+    model_outputs(model, accelerator.prepare(warm_loader), accelerator, cfg)
+    eval_loader = data.make_loader(eval_feats, cfg.eval_batch_size, False, pad)
+    eval_loader.collate_fn = eval_recorder = BatchRecorder(eval_loader.collate_fn)
+    t = clock()
+    model_outputs(model, accelerator.prepare(eval_loader), accelerator, cfg)
+    out = {"step_ends": step_ends, "train_shapes": recorder.shapes, "first_step_s": first_step,
+           "eval_seconds": clock() - t, "eval_shapes": eval_recorder.shapes, "peak_rss_mib": peak_rss_mib()}
+    if job["profile"]:  # a few more training steps under the profiler: where the time goes
+        model.train()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
             for _ in range(n_profiled):
                 train_step(next(stream))
             wall = time.perf_counter() - t
         enc = accelerator.unwrap_model(model).encoder.config
-        hardware_flops = flops(recorder.shapes[total : total + n_profiled], n_params_of(model), enc.num_hidden_layers,
-                               enc.hidden_size, padded=True)
-        breakdown = step_breakdown(prof, wall, hardware_flops)
-
-    eval_loader = data.make_loader(eval_feats, cfg.eval_batch_size, False, pad)
-    eval_loader.collate_fn = eval_recorder = BatchRecorder(eval_loader.collate_fn)
-    warm_loader = accelerator.prepare(data.make_loader(eval_feats[: 2 * cfg.eval_batch_size], cfg.eval_batch_size, False, pad))
-    model_outputs(model, warm_loader, accelerator, cfg)
-    eval_loader = accelerator.prepare(eval_loader)
-    t = time.perf_counter()
-    model_outputs(model, eval_loader, accelerator, cfg)
-    return {"step_ends": step_ends, "train_shapes": recorder.shapes, "first_step_s": first_step,
-            "eval_seconds": time.perf_counter() - t, "eval_shapes": eval_recorder.shapes, "breakdown": breakdown}
+        hardware_flops = flops(recorder.shapes[total : total + n_profiled], n_params_of(model),
+                               enc.num_hidden_layers, enc.hidden_size, padded=True)
+        out["breakdown"] = step_breakdown(prof, wall, hardware_flops)
+    return out
 
 
 def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
-    """transformers.Trainer on the same TaskModel, optimizer settings, schedule and features."""
+    """transformers.Trainer around the same TaskModel, with the same optimizer settings, schedule and features."""
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     from models import compute_loss
 
-    class LossModel(torch.nn.Module):  # Trainer wants the loss in the model's output
+    class LossModel(torch.nn.Module):  # Trainer takes the loss from the model's output
         def __init__(self, model):
             super().__init__()
             self.model = model
@@ -199,9 +207,16 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
             targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
             return {"loss": compute_loss(out, targets, cfg), **out}
 
+    class StepTimes(TrainerCallback):
+        ends, first_step = [], None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(clock())
+            self.first_step = self.first_step or time.time() - t_process
+
     padded = job["setting"] == "trainer_padded"
 
-    def rows(feats):  # what a tokenised `datasets` column holds; run_glue pads at tokenisation time
+    def rows(feats):  # what a tokenised `datasets` column would hold
         out = []
         for f in feats:
             n, width = len(f["input_ids"]), cfg.max_length if padded else len(f["input_ids"])
@@ -214,26 +229,17 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
             out.append(row)
         return out
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.ends = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-            if len(self.ends) == 1:
-                self.first_step = time.time() - t_process
-
     total = job["warmup"] + job["steps"]
-    fields = TrainingArguments.__dataclass_fields__
-    sampling = ({"train_sampling_strategy": "random" if padded else "group_by_length"}  # transformers >= 5
-                if "train_sampling_strategy" in fields else {"group_by_length": not padded})
+    new_api = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__  # transformers >= 5
+    sampling = ({"train_sampling_strategy": "random" if padded else "group_by_length"} if new_api
+                else {"group_by_length": not padded})
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench_trainer_"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size, max_steps=total, learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
         lr_scheduler_type="linear", warmup_steps=round(cfg.warmup_ratio * total), max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
-        report_to="none", save_strategy="no", logging_steps=cfg.log_every, disable_tqdm=True,
+        seed=cfg.seed, use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, report_to="none",
+        save_strategy="no", logging_steps=cfg.log_every, disable_tqdm=True,
         label_names=["start_positions", "end_positions"] if "start" in train_feats[0] else ["labels"], **sampling)
     collate = default_data_collator if padded else DataCollatorWithPadding(tokenizer)
     recorder, timer = BatchRecorder(collate), StepTimes()
@@ -243,14 +249,14 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
     eval_rows = rows(eval_feats)
     trainer.predict(eval_rows[: 2 * cfg.eval_batch_size])  # warm-up
     trainer.data_collator = eval_recorder = BatchRecorder(collate)
-    t = time.perf_counter()
+    t = clock()
     trainer.predict(eval_rows)
     return {"step_ends": timer.ends, "train_shapes": recorder.shapes, "first_step_s": timer.first_step,
-            "eval_seconds": time.perf_counter() - t, "eval_shapes": eval_recorder.shapes, "breakdown": None}
+            "eval_seconds": clock() - t, "eval_shapes": eval_recorder.shapes, "peak_rss_mib": peak_rss_mib()}
 
 
 def run_job(job: dict) -> dict:
-    """Prepare data as train.py does, build the model, run one setting, and summarise it."""
+    """Prepare the data as train.py does, build the model, run one setting, summarise it."""
     import psutil
 
     t_process = psutil.Process().create_time()
@@ -263,32 +269,25 @@ def run_job(job: dict) -> dict:
     cfg = make_config(**WORKLOADS[job["workload"]], **SIZES[job["size"]], demo_posts=job["n_posts"], seed=job["seed"],
                       batch_size=job["batch_size"], eval_batch_size=job["eval_batch_size"],
                       max_length=job["max_length"], mlflow=False)
-    _, tokenizer, features, _ = train.prepare_data(cfg)  # tokenised once, as in train.py
+    _, tokenizer, features, _ = train.prepare_data(cfg)
     train_feats = features["train"][1]
     eval_feats = train_feats[: job["eval_examples"]]  # their "idx" is their position: valid as is
     set_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
     run = run_ours if job["setting"] == "ours" else run_trainer
     r = run(job, cfg, model, tokenizer, train_feats, eval_feats, t_process)
-    enc = model.encoder.config
-    shape, w = (n_params_of(model), enc.num_hidden_layers, enc.hidden_size), job["warmup"]
+    enc, w, n = model.encoder.config, job["warmup"], job["steps"]
+    shape = (n_params_of(model), enc.num_hidden_layers, enc.hidden_size)
     out = {**{k: job[k] for k in ("workload", "setting", "size")}, "non_embedding_params": shape[0],
-           "train": batch_stats(r["train_shapes"][w : w + job["steps"]], r["step_ends"][w + job["steps"] - 1]
-                                - r["step_ends"][w - 1], shape),
+           "train": batch_stats(r["train_shapes"][w : w + n], r["step_ends"][w + n - 1] - r["step_ends"][w - 1], shape),
            "eval": batch_stats(r["eval_shapes"], r["eval_seconds"], shape, train=False),
-           "time_to_first_step_s": r["first_step_s"],
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if r["breakdown"]:
+           "time_to_first_step_s": r["first_step_s"], "peak_rss_mib": r["peak_rss_mib"]}
+    if "breakdown" in r:
         out["train"]["breakdown"] = r["breakdown"]
     return out
 
 
-def describe(breakdown: dict, peak: float) -> str:
-    share, gflops = breakdown["time_share"], breakdown["matmul_gflop_per_s"]
-    return (f"matmuls {share['matmul']:.0%} of the time (at {gflops:.0f} GFLOP/s, {gflops / peak:.0%} of peak), "
-            f"other ops {share['other_ops']:.0%}, optimizer {share['optimizer']:.0%}, "
-            f"Python/autograd/data {share['python_and_framework']:.0%}")
-
+# --------------------------------------------------------------------------- the benchmark
 
 def spawn(job: dict) -> dict:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job)],
@@ -299,29 +298,40 @@ def spawn(job: dict) -> dict:
 
 
 def best_of(runs: list[dict]) -> dict:
-    """The fastest of repeated runs, separately for training and evaluation (timeit's rule: noise only slows)."""
-    best = dict(max(runs, key=lambda r: r["train"]["samples_per_s"]))
-    best["eval"] = max((r["eval"] for r in runs), key=lambda e: e["samples_per_s"])
-    best["time_to_first_step_s"] = min(r["time_to_first_step_s"] for r in runs)
-    best["repeats"] = len(runs)
-    return best
+    """The fastest of repeated runs, for training and evaluation separately (noise only ever slows)."""
+    best = dict(max(runs, key=lambda r: r["train"]["real_tokens_per_s"]))
+    best["eval"] = max((r["eval"] for r in runs), key=lambda e: e["real_tokens_per_s"])
+    return {**best, "time_to_first_step_s": min(r["time_to_first_step_s"] for r in runs), "repeats": len(runs)}
 
 
 def time_train_py(args) -> dict:
     """Wall time from `python train.py` to its first optimizer step, and that process's peak RSS."""
-    out_dir = tempfile.mkdtemp(prefix="bench_train_py_")
-    cmd = [sys.executable, "train.py", "--max_steps", "5", "--mlflow", "false", "--output_dir", out_dir,
-           "--demo_posts", str(args.n_posts), "--threads", str(args.threads)]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    first = None
+    cmd = [sys.executable, "train.py", "--max_steps", "5", "--mlflow", "false", "--demo_posts", str(args.n_posts),
+           "--threads", str(args.threads), "--output_dir", tempfile.mkdtemp(prefix="bench_train_py_")]
+    t, first = time.perf_counter(), None
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
     for line in proc.stderr:
         if first is None and "first optimizer step" in line:
             first = time.perf_counter() - t
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the max over all children
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"command": " ".join(cmd[1:]), "seconds_to_first_step": first, "total_seconds": time.perf_counter() - t,
-            "exit_code": proc.returncode, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"command": " ".join(["python", *cmd[1:]]), "seconds_to_first_step": first, "exit_code": proc.returncode,
+            "total_seconds": time.perf_counter() - t, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def report_line(r: dict) -> str:
+    tr, ev = r["train"], r["eval"]
+    return (f"{r['workload']:<18} {r['setting']:<15} {tr['samples_per_s']:>15.1f} {tr['real_tokens_per_s']:>8.0f} "
+            f"{tr['padding_fraction']:>5.2f} {ev['samples_per_s']:>14.1f} {ev['real_tokens_per_s']:>8.0f} "
+            f"{ev['padding_fraction']:>5.2f} {r['time_to_first_step_s']:>7.1f}s {r['peak_rss_mib']:>5.0f} MiB")
+
+
+def describe(breakdown: dict, peak: float) -> str:
+    share, gflops = breakdown["time_share"], breakdown["matmul_gflop_per_s"]
+    return (f"matmuls {share['matmul']:.0%} of the time (at {gflops:.0f} GFLOP/s, {gflops / peak:.0%} of peak), "
+            f"other ops {share['other_ops']:.0%}, optimizer {share['optimizer']:.0%}, "
+            f"Python/autograd/data {share['python_and_framework']:.0%}")
 
 
 def main():
@@ -329,22 +339,19 @@ def main():
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before them")
     p.add_argument("--eval_examples", type=int, default=1000, help="model inputs evaluated")
     p.add_argument("--n_posts", type=int, default=1000, help="size of the demo corpus")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--repeats", type=int, default=1, help="runs per setting, best kept (use 3 on a busy machine)")
-    p.add_argument("--minilm", type=lambda s: s.lower() == "true", default=True,
-                   help="also measure our step's MFU for a MiniLM-sized encoder (6 layers, 384 hidden)")
-    p.add_argument("--minilm_steps", type=int, default=10)
-    p.add_argument("--train_py", type=lambda s: s.lower() == "true", default=True,
-                   help="also time `python train.py` to its first optimizer step")
-    p.add_argument("--output", help="write all figures to this JSON file")
-    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one (workload, setting) in this process
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every setting")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs per setting, the fastest kept")
+    p.add_argument("--minilm_steps", type=int, default=10, help="our loop with a 6-layer, 384-wide encoder; 0: skip")
+    p.add_argument("--no_train_py", action="store_true", help="skip timing `python train.py` to its first step")
+    p.add_argument("--output", help="write every figure to this JSON file")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one (workload, setting) in this process
     args = p.parse_args()
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
@@ -354,34 +361,32 @@ def main():
     base = {k: getattr(args, k) for k in ("steps", "warmup", "eval_examples", "n_posts", "batch_size",
                                          "eval_batch_size", "max_length", "seed", "threads")}
     print(f"{'workload':<18} {'setting':<15} {'train samples/s':>15} {'tokens/s':>8} {'pad':>5} "
-          f"{'eval samples/s':>14} {'tokens/s':>8} {'pad':>5} {'1st step':>8} {'peak RSS':>8}")
+          f"{'eval samples/s':>14} {'tokens/s':>8} {'pad':>5} {'1st step':>8} {'peak RSS':>9}")
     results, speedups = [], {"speedup_vs_trainer_best": {}, "speedup_vs_trainer_padded": {}}
     for workload in args.workloads:
         runs = {s: [] for s in args.settings}
-        for _ in range(args.repeats):  # interleaved, so that a busy spell on a shared machine hits every setting
+        for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits every setting
             for setting in args.settings:
-                runs[setting].append(spawn({**base, "workload": workload, "setting": setting, "size": "tiny",
-                                            "profile": setting == "ours"}))
-        by_setting = {s: best_of(rs) for s, rs in runs.items()}
-        for setting, r in by_setting.items():
+                job = {**base, "workload": workload, "setting": setting, "size": "tiny", "profile": setting == "ours"}
+                runs[setting].append(spawn(job))
+        best = {s: best_of(rs) for s, rs in runs.items()}
+        for r in best.values():
             results.append(r)
-            tr, ev = r["train"], r["eval"]
-            print(f"{workload:<18} {setting:<15} {tr['samples_per_s']:>15.1f} {tr['real_tokens_per_s']:>8.0f} "
-                  f"{tr['padding_fraction']:>5.2f} {ev['samples_per_s']:>14.1f} {ev['real_tokens_per_s']:>8.0f} "
-                  f"{ev['padding_fraction']:>5.2f} {r['time_to_first_step_s']:>7.1f}s {r['peak_rss_mib']:>5.0f} MiB",
-                  flush=True)
+            print(report_line(r), flush=True)
         for name in ("trainer_best", "trainer_padded"):
-            if "ours" in by_setting and name in by_setting:
-                ratio = {part: by_setting["ours"][part]["samples_per_s"] / by_setting[name][part]["samples_per_s"]
-                         for part in ("train", "eval")}
+            if "ours" in best and name in best:
+                ratio = {f"{part}{suffix}": best["ours"][part][key] / best[name][part][key]
+                         for part in ("train", "eval")
+                         for suffix, key in (("", "real_tokens_per_s"), ("_cpu_time", "real_tokens_per_cpu_s"))}
                 speedups[f"speedup_vs_{name}"][workload] = ratio
-                print(f"  ours vs {name}: training {ratio['train']:.2f}x, evaluation {ratio['eval']:.2f}x")
-    if args.minilm and "ours" in args.settings:
+                print(f"  ours vs {name}: training {ratio['train']:.2f}x (by CPU time {ratio['train_cpu_time']:.2f}x), "
+                      f"evaluation {ratio['eval']:.2f}x (by CPU time {ratio['eval_cpu_time']:.2f}x)", flush=True)
+    if args.minilm_steps and "ours" in args.settings:
         workload = "criteria_sentence" if "criteria_sentence" in args.workloads else args.workloads[0]
         results.append(spawn({**base, "workload": workload, "setting": "ours", "size": "minilm", "profile": True,
                               "steps": args.minilm_steps, "warmup": 2}))
-    peak = max(peak, matmul_peak(args.threads))  # again at the end: the larger is the closer to the truth
-    print(f"\nFLOP utilisation against the dense fp32 matmul peak measured here: {peak:.1f} GFLOP/s "
+    peak = max(peak, matmul_peak(args.threads))  # measured again at the end: the larger is nearer the truth
+    print(f"\nFLOP utilisation against a dense fp32 matmul peak of {peak:.1f} GFLOP/s measured here "
           f"({args.threads} threads); MFU counts real tokens, HFU the padding too")
     for r in results:
         for part in ("train", "eval"):
@@ -389,19 +394,18 @@ def main():
             r[part]["hfu"] = r[part]["hardware_gflop_per_s"] / peak
         print(f"  {r['workload']:<18} {r['setting']:<15} {r['size']:<7} training MFU {r['train']['mfu']:.3f} "
               f"(HFU {r['train']['hfu']:.3f}), evaluation MFU {r['eval']['mfu']:.3f}")
-        if r["train"].get("breakdown"):
+        if "breakdown" in r["train"]:
             print(f"    step: {describe(r['train']['breakdown'], peak)}")
-    train_py = None
-    if args.train_py:
-        train_py = time_train_py(args)
-        print(f"\npython {train_py['command']}\n  first optimizer step after {train_py['seconds_to_first_step']:.1f} s "
-              f"(from exec), peak RSS {train_py['peak_rss_mib']:.0f} MiB")
+    train_py = None if args.no_train_py else time_train_py(args)
+    if train_py:
+        print(f"\n{train_py['command']}\n  first optimizer step {train_py['seconds_to_first_step']:.1f} s after "
+              f"exec, peak RSS {train_py['peak_rss_mib']:.0f} MiB")
     if args.output:
-        report = {"machine": {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                              "matmul_peak_gflops": peak, "load_average": os.getloadavg()},
-                  **speedups, "args": vars(args), "train_py": train_py, "runs": results}
+        machine = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                   "matmul_peak_gflops": peak, "load_average_1_5_15_min": os.getloadavg()}
         with open(args.output, "w") as fh:
-            json.dump(report, fh, indent=2)
+            json.dump({**speedups, "machine": machine, "args": vars(args), "train_py": train_py, "runs": results},
+                      fh, indent=2)
         print(f"wrote {args.output}")
 
 

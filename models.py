@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -85,6 +86,15 @@ def tiny_encoder_config(cfg: Config, vocab_size: int):
                       max_position_embeddings=max(512, cfg.max_length))
 
 
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    """The fixed position encodings of "Attention is all you need", scaled like BERT's init."""
+    pos = torch.arange(length, dtype=torch.float)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return table * 0.02 * math.sqrt(2)  # unit-ish rows would drown the 0.02-scale token embeddings
+
+
 def build_tokenizer(cfg: Config, train_texts):
     if cfg.model == "tiny":
         return train_tiny_tokenizer(list(data.CRITERIA.values()) + list(train_texts), cfg.tiny_vocab)
@@ -100,7 +110,10 @@ def build_encoder(cfg: Config, vocab_size: int):
     from transformers import AutoModel
 
     if cfg.model == "tiny":
-        return AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa")
+        encoder = AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa")
+        with torch.no_grad():  # sinusoidal start (still trained): relative offsets are linear maps from day one
+            encoder.embeddings.position_embeddings.weight.copy_(sinusoids(*encoder.embeddings.position_embeddings.weight.shape))
+        return encoder
     try:
         return AutoModel.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -119,6 +132,10 @@ class TaskModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.cls_head = nn.Linear(hidden, 2) if task.classify else None
         self.span_head = nn.Linear(hidden, 2) if task.spans else None
+        # Start/end scores also get a term from the [CLS] vector, which has read the criterion: the
+        # head can ask "which tokens answer *this* criterion" directly instead of relying on the
+        # encoder to copy the criterion into every token (matters for small encoders trained from scratch).
+        self.span_query = nn.Linear(hidden, 2 * hidden) if task.spans else None
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -130,7 +147,10 @@ class TaskModel(nn.Module):
             out["cls_logits"] = self.cls_head(self.dropout(hidden[:, 0]))
         if self.span_head is not None:
             span_hidden = self.span_encoder(**inputs).last_hidden_state if self.span_encoder is not None else hidden
-            logits = self.span_head(self.dropout(span_hidden)).float()
+            span_hidden = self.dropout(span_hidden)
+            query = self.span_query(span_hidden[:, 0]).view(len(span_hidden), 2, -1)
+            logits = self.span_head(span_hidden) + torch.einsum("bth,bkh->btk", span_hidden, query) / span_hidden.shape[-1] ** 0.5
+            logits = logits.float()
             logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)  # never point at padding
             out["start_logits"], out["end_logits"] = logits.unbind(-1)
         return out

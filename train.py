@@ -194,12 +194,13 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         if report:
             report(epoch, metrics)
         if state["best"] is None or sign * (value - state["best"]) > cfg.min_delta:
-            state.update(best=value, bad_epochs=0, null_threshold=threshold)
+            finite = threshold is not None and math.isfinite(threshold)  # JSON has no infinity
+            state.update(best=value, bad_epochs=0, null_threshold=threshold if finite else None)
             if is_main:
                 tmp = best_dir.with_name("best.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp,
-                                {"null_threshold": threshold, "epoch": epoch, "step": state["global_step"],
+                                {"null_threshold": state["null_threshold"], "epoch": epoch, "step": state["global_step"],
                                  metric_name: value, "val_metrics": metrics})
                 (tmp / "splits.json").write_text(json.dumps(splits))
                 old = best_dir.with_name("best.old")
@@ -219,7 +220,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
 
         progress = tqdm(total=total_steps, initial=state["global_step"], desc=f"train {cfg.task}", mininterval=2)
     first_step_s, t_train, samples = None, time.perf_counter(), 0
-    step_losses, stop = [], state["global_step"] >= total_steps
+    micro_losses, pending, stop = [], [], state["global_step"] >= total_steps
     model.train()
     while not stop and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
@@ -235,9 +236,10 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             state["batches_done"] += 1
             samples += len(batch["input_ids"])
-            step_losses.append(loss.detach())
+            micro_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state["global_step"] += 1
@@ -245,17 +247,17 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                 first_step_s = time.perf_counter() - t_start
                 log.info("first optimizer step %.1f s after start", first_step_s)
             step = state["global_step"]
+            pending.append((step, torch.stack(micro_losses).mean(), lr))
+            micro_losses = []
             if step % cfg.log_every == 0 or step == total_steps:
-                losses = torch.stack(step_losses).float().cpu().numpy()  # one host sync per log_every steps
-                step_losses = []
-                if not np.isfinite(losses).all():
-                    raise UserError(f"loss became {losses[~np.isfinite(losses)][0]} at step {step}: "
-                                    "lower --lr, raise --max_grad_norm protection, or check the data")
-                lr = scheduler.get_last_lr()[0]
-                per_step = np.array_split(losses, min(len(losses), cfg.log_every))
-                for i, chunk in enumerate(per_step):
-                    tracker.log_metrics({"train_loss": float(chunk.mean())}, step=step - len(per_step) + 1 + i)
-                tracker.log_metrics({"lr": lr}, step=step)
+                losses = torch.stack([l for _, l, _ in pending]).float().cpu().numpy()  # one host sync per log_every steps
+                bad = np.flatnonzero(~np.isfinite(losses))
+                if len(bad):
+                    raise UserError(f"loss became {losses[bad[0]]} at step {pending[bad[0]][0]}: lower --lr, "
+                                    "keep --max_grad_norm on, or check the data")
+                for (s, _, step_lr), step_loss in zip(pending, losses):
+                    tracker.log_metrics({"train_loss": float(step_loss), "lr": step_lr}, step=s)
+                pending = []
                 progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}") if progress else None
             progress.update(1) if progress else None
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -294,13 +296,17 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                         "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
                         "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes}
     if is_main:
-        (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        # metrics.json holds only what the model scored, so reruns can be compared bit for bit;
+        # timings go beside it.
+        (out_dir / "metrics.json").write_text(json.dumps({"val": results["val"], "test": results["test"]}, indent=2))
+        (out_dir / "run_stats.json").write_text(json.dumps({**results["train"], "system": system_info()}, indent=2))
         for name in ("val", "test"):
             if results[name]:
                 log.info("%s %s (best checkpoint):\n%s", cfg.task, name, format_metrics(results[name]))
-                tracker.log_metrics({f"{name}_{k}": v for k, v in results[name].items() if k != "per_criterion_f1"},
+                prefix = "test_" if name == "test" else "best_val_"
+                tracker.log_metrics({prefix + k: v for k, v in results[name].items() if k != "per_criterion_f1"},
                                     step=state["global_step"])
-        for f in ("config.yaml", "metrics.json", "splits.json"):
+        for f in ("config.yaml", "metrics.json", "run_stats.json", "splits.json"):
             tracker.log_artifact(out_dir / f)
         tracker.end()
     return results

@@ -32,7 +32,8 @@ def history(study_dir: Path) -> dict:
 # --------------------------------------------------------------------------- search spaces
 
 def test_shipped_spaces_load_with_config_types():
-    spaces = {task: hpo.load_space(ROOT / "configs" / "hpo" / f"{task}.yaml") for task in ("criteria", "evidence", "joint")}
+    spaces = {task: hpo.load_space(ROOT / "configs" / "hpo" / f"{task}.yaml") for task in ("criteria", "evidence",
+                                                                                             "joint")}
     assert spaces["criteria"]["lr"] == {"low": 1e-4, "high": 5e-3, "log": True}
     assert spaces["criteria"]["batch_size"] == {"choices": [16, 32, 64]}
     assert spaces["criteria"]["class_weights"] == {"choices": [False, True]}
@@ -67,7 +68,7 @@ def test_space_values_are_parsed_like_config_values(tmp_path):
 ])
 def test_bad_space_is_a_user_error_naming_file_and_field(tmp_path, entry, message):
     path = write_space(tmp_path / "bad.yaml", entry)
-    with pytest.raises(UserError, match=None) as e:
+    with pytest.raises(UserError) as e:
         hpo.load_space(path)
     assert message in str(e.value) and str(path) in str(e.value)
 
@@ -107,6 +108,26 @@ def test_sampled_params_stay_in_space_with_field_types():
         assert params["tiny_layers"] in (1, 2, 3) and params["batch_size"] in (8, 16)
     fixed = {"lr": 3e-3, "tiny_layers": 2, "batch_size": 16}
     assert hpo.sample_params(optuna.trial.FixedTrial(fixed), space) == fixed
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_trial_seeded_sampler_same_draws_for_one_worker_or_two(tmp_path):
+    import optuna
+
+    space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "batch_size": {"choices": [8, 16, 32, 64]}}
+
+    def draw(study):
+        trial = study.ask()
+        return trial.number, hpo.sample_params(trial, space)
+
+    one = optuna.create_study(sampler=hpo.TrialSeededTPE(42, n_startup_trials=10))
+    alone = dict(draw(one) for _ in range(6))
+    storage = hpo.make_storage(f"sqlite:///{tmp_path}/o.db")
+    workers = [optuna.create_study(storage=storage, study_name="s", load_if_exists=True,
+                                   sampler=hpo.TrialSeededTPE(42, n_startup_trials=10)) for _ in range(2)]
+    together = dict(draw(workers[i % 2]) for i in range(6))  # two workers asking in turn, nothing finished yet
+    assert together == alone
+    assert len({p["lr"] for p in alone.values()}) == 6  # a worker-wide seed would repeat the first draws
 
 
 # --------------------------------------------------------------------------- studies (real trials, tiny model)
@@ -161,7 +182,8 @@ def test_fine_stage_narrows_around_coarse_best_and_starts_there(coarse_study):
     coarse, fine = history(tmp / "coarse"), history(tmp / "fine")
     top2 = sorted(coarse["trials"], key=lambda t: -t["value"])[:2]
     assert fine["search_space"] == hpo.narrow_space(coarse["search_space"], [t["params"] for t in top2])
-    assert fine["search_space"]["batch_size"]["choices"] == [c for c in (8, 16) if c in {t["params"]["batch_size"] for t in top2}]
+    used = {t["params"]["batch_size"] for t in top2}
+    assert fine["search_space"]["batch_size"]["choices"] == [c for c in (8, 16) if c in used]
     lr = fine["search_space"]["lr"]
     assert lr["low"] >= 1e-4 and lr["high"] <= 1e-2 and lr["high"] / lr["low"] < 100
     first = fine["trials"][0]
@@ -192,6 +214,33 @@ def test_resume_adds_only_missing_trials_and_reruns_dead_ones(coarse_study, monk
     assert summary["counts"]["RUNNING"] == 0
     again = hpo.main(args + ["--n_trials", "3"])  # a finished study runs nothing more
     assert [t["number"] for t in again["trials"]] == [0, 1, 2]
+
+
+def test_pruned_trial_stops_at_its_first_validation_and_counts_its_steps(tmp_path, monkeypatch):
+    import optuna
+
+    import train
+
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    monkeypatch.setattr(hpo, "make_pruner", lambda name, cfg: AlwaysPrune())
+    space = write_space(tmp_path / "s.yaml", {"batch_size": [32]})
+
+    def argv(epochs: int, name: str) -> list:
+        return TINY + ["--max_steps", "-1", "--epochs", str(epochs), "--n_trials", "1", "--space", str(space),
+                       "--storage", f"sqlite:///{tmp_path}/{name}.db", "--output_dir", str(tmp_path / name)]
+
+    (trial,) = hpo.main(argv(3, "three"))["trials"]
+    cfg, _ = parse_config(argv(3, "three"), prog="hpo.py", extra=hpo.add_hpo_flags)
+    n_train = len(train.prepare_data(cfg)[2]["train"][1])
+    assert trial["state"] == "PRUNED" and list(trial["intermediate"]) == ["0"]
+    assert trial["train_steps"] == math.ceil(n_train / 32)  # one epoch of three
+    assert not (tmp_path / "three" / "trial_0" / "checkpoints").exists()
+    # The last validation is never pruned: the training it would save is already spent.
+    (trial,) = hpo.main(argv(1, "one"))["trials"]
+    assert trial["state"] == "COMPLETE" and trial["train_steps"] == math.ceil(n_train / 32)
 
 
 def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path):

@@ -31,7 +31,7 @@ def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task):
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"]) and not set(splits["val"]) & set(splits["test"])
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["train"]["steps"] == 6
+    assert results["train"]["steps"] == 6 and set(saved) == {"val", "test"}
     evaluate.main(["--checkpoint", str(out / "checkpoints/best"), "--output", str(tmp_path / "eval.json")])
     again = json.loads((tmp_path / "eval.json").read_text())["test"]
     assert again == saved["test"]  # bit for bit: same weights, same batches, same decoding
