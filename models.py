@@ -132,12 +132,12 @@ class TaskModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.cls_head = nn.Linear(hidden, 2) if task.classify else None
         self.span_head = nn.Linear(hidden, 2) if task.spans else None
-        # Start/end scores also get a term from the [CLS] vector, which has read the criterion: the
-        # head can ask "which tokens answer *this* criterion" directly instead of relying on the
-        # encoder to copy the criterion into every token (matters for small encoders trained from scratch).
+        # Start/end scores also get a bilinear term with the mean of the criterion tokens: "which
+        # tokens answer *this* criterion" is then asked directly, instead of relying on the encoder
+        # to copy the criterion into every text token (it matters for small encoders trained from scratch).
         self.span_query = nn.Linear(hidden, 2 * hidden) if task.spans else None
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, context_mask=None, **_):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -148,7 +148,9 @@ class TaskModel(nn.Module):
         if self.span_head is not None:
             span_hidden = self.span_encoder(**inputs).last_hidden_state if self.span_encoder is not None else hidden
             span_hidden = self.dropout(span_hidden)
-            query = self.span_query(span_hidden[:, 0]).view(len(span_hidden), 2, -1)
+            criterion = (attention_mask.bool() & ~context_mask).unsqueeze(-1).to(span_hidden.dtype)
+            pooled = (span_hidden * criterion).sum(1) / criterion.sum(1).clamp(min=1)
+            query = self.span_query(pooled).view(len(span_hidden), 2, -1)
             logits = self.span_head(span_hidden) + torch.einsum("bth,bkh->btk", span_hidden, query) / span_hidden.shape[-1] ** 0.5
             logits = logits.float()
             logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)  # never point at padding

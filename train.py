@@ -52,7 +52,7 @@ def prepare_data(cfg: Config, output_dir: Path | None = None):
     task = TASKS[cfg.task]
     examples = {name: task.examples(corpus, ids, cfg) for name, ids in splits.items()}
     if task.spans:
-        log.info("evidence spans usable after alignment (train): %s", data.span_usability(corpus, splits["train"]))
+        log.info("evidence spans usable after alignment (all splits): %s", data.span_usability(corpus, list(corpus.posts)))
     for name in ("train", "val"):
         if not examples[name]:
             raise UserError(f"the {name} split has no examples for task '{cfg.task}' (too little data?)")
@@ -82,15 +82,19 @@ def make_optimizer(model, cfg: Config):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 
-def save_last(accelerator, path: Path, state: dict) -> None:
-    """Full training state for --resume, written atomically: a temp folder renamed over the old one."""
+def save_last(accelerator, path: Path, state: dict, scheduler) -> None:
+    """Full training state for --resume, written atomically: a temp folder renamed over the old one.
+
+    accelerate writes weights as safetensors and optimizer/RNG states as tensors that it reads back
+    with torch.load(weights_only=True); the scheduler and loop state go to JSON. Nothing is unpickled.
+    """
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}, indent=2))
         (tmp / "COMPLETE").touch()  # written last: a folder without it is a torn save
         if path.exists():
             path.rename(old)
@@ -155,7 +159,6 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     class_weights = None
     if cfg.class_weights and task.classify:
         counts = np.bincount([f["label"] for f in train_feats], minlength=2).clip(min=1)
@@ -172,6 +175,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
             raise UserError(f"{resume_from}: cannot resume with --task {cfg.task} --model {cfg.model}: "
                             f"{' '.join(str(e).split())[:300]}") from None
         state = json.loads((resume_from / "trainer_state.json").read_text())
+        scheduler.load_state_dict(state.pop("scheduler"))
         log.info("resumed from %s at epoch %d, batch %d, step %d", resume_from, state["epoch"],
                  state["batches_done"], state["global_step"])
     tracker = Tracker(cfg, is_main, run_id=state["run_id"], parent_run_id=getattr(cfg, "_parent_run_id", None))
@@ -261,7 +265,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                 progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}") if progress else None
             progress.update(1) if progress else None
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_last(accelerator, last_dir, state)
+                save_last(accelerator, last_dir, state, scheduler)
             if step >= total_steps:
                 stop = True
                 break
@@ -270,7 +274,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         else:
             state["epoch"], state["batches_done"] = epoch + 1, 0
             stop = validate(epoch) or stop
-        save_last(accelerator, last_dir, state)
+        save_last(accelerator, last_dir, state, scheduler)
     train_s = time.perf_counter() - t_train
     if progress:
         progress.close()

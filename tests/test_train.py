@@ -9,7 +9,8 @@ import pytest
 
 import evaluate
 import train
-from utils import make_config
+from models import load_checkpoint
+from utils import UserError, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(demo_posts=150, tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_vocab=1000, max_length=96,
@@ -82,3 +83,27 @@ def test_two_processes_evaluate_like_one(tmp_path):
     one, two = (json.loads((tmp_path / f).read_text())["test"] for f in ("one.json", "two.json"))
     assert two["confusion_matrix"] == one["confusion_matrix"]  # every pair counted exactly once
     assert two == one  # the same batches on both sides, so the same numbers, bit for bit
+
+
+def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
+    real_save = train.save_checkpoint
+    calls = {"n": 0}
+
+    def killed_on_second_save(model, tokenizer, cfg, path, extra):
+        calls["n"] += 1
+        if calls["n"] == 2:  # half a checkpoint on disk, then the process dies
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "model.safetensors").write_bytes(b"torn")
+            raise KeyboardInterrupt("killed during save")
+        return real_save(model, tokenizer, cfg, path, extra)
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_on_second_save)
+    with pytest.raises(KeyboardInterrupt):  # min_delta < 0: every epoch counts as a new best
+        run(tmp_path, "torn", epochs=3, patience=0, min_delta=-1.0)
+    best = tmp_path / "torn/checkpoints/best"
+    recorded = json.loads((best / "checkpoint.json").read_text())
+    assert recorded["epoch"] == 0
+    evaluate.main(["--checkpoint", str(best), "--split", "val", "--output", str(tmp_path / "val.json")])
+    assert json.loads((tmp_path / "val.json").read_text())["val"] == recorded["val_metrics"]
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        load_checkpoint(best.with_name("best.tmp"))
