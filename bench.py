@@ -203,7 +203,9 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
 
         def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, start_positions=None,
                     end_positions=None):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            context_mask = (token_type_ids == 1) & (input_ids != tokenizer.sep_token_id)  # text tokens of a BERT pair
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                             context_mask=context_mask)
             targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
             return {"loss": compute_loss(out, targets, cfg), **out}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,8 +60,8 @@ def train_tiny_tokenizer(texts, vocab_size: int):
     # The trainer numbers the "##c" pieces in hash-map order, which differs between processes and
     # decides which merges win ties: numbered first (as trainer-only specials), the vocabulary is a
     # function of the texts, so a config reproduces its run in a fresh process.
-    pieces = sorted({c for t in texts for w, _ in trainee.pre_tokenizer.pre_tokenize_str(trainee.normalizer.normalize_str(t))
-                     for c in w[1:]})
+    words = (w for t in texts for w, _ in trainee.pre_tokenizer.pre_tokenize_str(trainee.normalizer.normalize_str(t)))
+    pieces = sorted({c for w in words for c in w[1:]})
     trainee.train_from_iterator(texts, trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=specials + [f"##{c}" for c in pieces]))
     tok = Tokenizer(models.WordPiece(trainee.get_vocab(), unk_token="[UNK]"))
@@ -86,15 +85,6 @@ def tiny_encoder_config(cfg: Config, vocab_size: int):
                       max_position_embeddings=max(512, cfg.max_length))
 
 
-def sinusoids(length: int, dim: int) -> torch.Tensor:
-    """The fixed position encodings of "Attention is all you need", scaled like BERT's init."""
-    pos = torch.arange(length, dtype=torch.float)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
-    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
-    return table * 0.02 * math.sqrt(2)  # unit-ish rows would drown the 0.02-scale token embeddings
-
-
 def build_tokenizer(cfg: Config, train_texts):
     if cfg.model == "tiny":
         return train_tiny_tokenizer(list(data.CRITERIA.values()) + list(train_texts), cfg.tiny_vocab)
@@ -110,10 +100,7 @@ def build_encoder(cfg: Config, vocab_size: int):
     from transformers import AutoModel
 
     if cfg.model == "tiny":
-        encoder = AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa")
-        with torch.no_grad():  # sinusoidal start (still trained): relative offsets are linear maps from day one
-            encoder.embeddings.position_embeddings.weight.copy_(sinusoids(*encoder.embeddings.position_embeddings.weight.shape))
-        return encoder
+        return AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa")
     try:
         return AutoModel.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -132,12 +119,8 @@ class TaskModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.cls_head = nn.Linear(hidden, 2) if task.classify else None
         self.span_head = nn.Linear(hidden, 2) if task.spans else None
-        # Start/end scores also get a bilinear term with the mean of the criterion tokens: "which
-        # tokens answer *this* criterion" is then asked directly, instead of relying on the encoder
-        # to copy the criterion into every text token (it matters for small encoders trained from scratch).
-        self.span_query = nn.Linear(hidden, 2 * hidden) if task.spans else None
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, context_mask=None, **_):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -147,12 +130,7 @@ class TaskModel(nn.Module):
             out["cls_logits"] = self.cls_head(self.dropout(hidden[:, 0]))
         if self.span_head is not None:
             span_hidden = self.span_encoder(**inputs).last_hidden_state if self.span_encoder is not None else hidden
-            span_hidden = self.dropout(span_hidden)
-            criterion = (attention_mask.bool() & ~context_mask).unsqueeze(-1).to(span_hidden.dtype)
-            pooled = (span_hidden * criterion).sum(1) / criterion.sum(1).clamp(min=1)
-            query = self.span_query(pooled).view(len(span_hidden), 2, -1)
-            logits = self.span_head(span_hidden) + torch.einsum("bth,bkh->btk", span_hidden, query) / span_hidden.shape[-1] ** 0.5
-            logits = logits.float()
+            logits = self.span_head(self.dropout(span_hidden)).float()
             logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)  # never point at padding
             out["start_logits"], out["end_logits"] = logits.unbind(-1)
         return out
