@@ -265,6 +265,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                 progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}") if progress else None
             progress.update(1) if progress else None
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                tracker.flush()  # the MLflow history of a resumed run then has no hole
                 save_last(accelerator, last_dir, state, scheduler)
             if step >= total_steps:
                 stop = True
@@ -274,6 +275,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         else:
             state["epoch"], state["batches_done"] = epoch + 1, 0
             stop = validate(epoch) or stop
+        tracker.flush()
         save_last(accelerator, last_dir, state, scheduler)
     train_s = time.perf_counter() - t_train
     if progress:
