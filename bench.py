@@ -166,7 +166,8 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     for step in range(total):
         train_step(next(stream))
         step_ends.append(clock())
-        first_step = time.time() - t_process if step == 0 else first_step
+        if step == 0:
+            first_step = time.time() - t_process
 
     warm_loader = data.make_loader(eval_feats[: 2 * cfg.eval_batch_size], cfg.eval_batch_size, False, pad)
     model_outputs(model, accelerator.prepare(warm_loader), accelerator, cfg)
@@ -183,9 +184,10 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
             for _ in range(n_profiled):
                 train_step(next(stream))
             wall = time.perf_counter() - t
-        enc = accelerator.unwrap_model(model).encoder.config
-        hardware_flops = flops(recorder.shapes[total : total + n_profiled], n_params_of(model),
-                               enc.num_hidden_layers, enc.hidden_size, padded=True)
+        unwrapped = accelerator.unwrap_model(model)
+        hardware_flops = flops(recorder.shapes[total : total + n_profiled], n_params_of(unwrapped),
+                               unwrapped.encoder.config.num_hidden_layers, unwrapped.encoder.config.hidden_size,
+                               padded=True)
         out["breakdown"] = step_breakdown(prof, wall, hardware_flops)
     return out
 
@@ -203,14 +205,13 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
 
         def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, start_positions=None,
                     end_positions=None):
-            context_mask = (token_type_ids == 1) & (input_ids != tokenizer.sep_token_id)  # text tokens of a BERT pair
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                             context_mask=context_mask)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
             return {"loss": compute_loss(out, targets, cfg), **out}
 
     class StepTimes(TrainerCallback):
-        ends, first_step = [], None
+        def __init__(self):
+            self.ends, self.first_step = [], None
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(clock())

@@ -22,7 +22,7 @@ import torch
 
 import data
 from models import TASKS, load_checkpoint
-from utils import UserError, _Parser, dataloader_kwargs, run_main, setup_logging
+from utils import UserError, _Parser, dataloader_kwargs, make_accelerator, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
 
@@ -229,8 +229,6 @@ def write_jsonl(rows, path):
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    from accelerate import Accelerator
-
     parser = _Parser(prog="evaluate.py", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/best folder of a run")
     parser.add_argument("--data_dir", help="ReDSM5 folder (default: the one the checkpoint was trained on)")
@@ -239,7 +237,7 @@ def main(argv=None):
     parser.add_argument("--output", help="where to write the metrics JSON (or the predictions JSONL)")
     parser.add_argument("--batch_size", type=int, help="evaluation batch size (default: the run's)")
     args = parser.parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
     model, tokenizer, cfg, extra = load_checkpoint(args.checkpoint)
     if args.batch_size:

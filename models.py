@@ -96,13 +96,20 @@ def build_tokenizer(cfg: Config, train_texts):
         raise UserError(f"--model {cfg.model}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
+def drop_pooler(encoder):
+    """Our heads read the hidden states; an unused pooler would make DDP wait for its gradients."""
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
+
+
 def build_encoder(cfg: Config, vocab_size: int):
     from transformers import AutoModel
 
     if cfg.model == "tiny":
-        return AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa")
+        return drop_pooler(AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa"))
     try:
-        return AutoModel.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        return drop_pooler(AutoModel.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code))
     except OSError as e:
         raise UserError(f"--model {cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
 
@@ -195,7 +202,7 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
     enc_cfg = AutoConfig.from_pretrained(str(path / "encoder_config.json"))
 
     def encoder():
-        return AutoModel.from_config(enc_cfg, trust_remote_code=cfg.trust_remote_code)
+        return drop_pooler(AutoModel.from_config(enc_cfg, trust_remote_code=cfg.trust_remote_code))
 
     second = encoder() if cfg.task == "joint" and not cfg.shared_encoder else None
     model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout)

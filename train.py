@@ -27,7 +27,7 @@ import torch
 import data
 from evaluate import evaluate, format_metrics, write_jsonl
 from models import TASKS, build_model, build_tokenizer, compute_loss, save_checkpoint
-from utils import Config, Tracker, UserError, dataloader_kwargs, parse_config, run_main, save_config, set_seed, \
+from utils import Config, Tracker, UserError, dataloader_kwargs, make_accelerator, parse_config, run_main, save_config, set_seed, \
     setup_logging, system_info
 
 log = logging.getLogger("redsm5")
@@ -116,12 +116,10 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
 
     `report(epoch, val_metrics)` is called after every validation (HPO uses it to prune).
     """
-    from accelerate import Accelerator
 
     t_start = time.perf_counter()
     if accelerator is None:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                                  mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+        accelerator = make_accelerator(cfg)
     else:
         accelerator.gradient_accumulation_steps = cfg.grad_accum
     is_main = accelerator.is_main_process
@@ -320,10 +318,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
 
 def main(argv=None):
     cfg, _ = parse_config(argv, prog="train.py")
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+    accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     changed = {k: v for k, v in asdict(cfg).items() if v != getattr(Config, k)}
     log.info("config (non-default fields): %s", changed)

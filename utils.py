@@ -233,6 +233,19 @@ def system_info() -> dict:
     return info
 
 
+def make_accelerator(cfg: Config | None = None):
+    """An Accelerator for this machine. Without CUDA it is told `cpu=True`: otherwise
+    `accelerate launch --multi_gpu --num_processes 2` on a CPU box starts two independent
+    single-process runs instead of one gloo group."""
+    from accelerate import Accelerator
+
+    kwargs = {"cpu": not torch.cuda.is_available()}
+    if cfg is not None:
+        kwargs.update(gradient_accumulation_steps=cfg.grad_accum,
+                      mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+    return Accelerator(**kwargs)
+
+
 def dataloader_kwargs(cfg: Config, use_cuda: bool) -> dict:
     kwargs = {"num_workers": cfg.num_workers, "pin_memory": use_cuda}
     if cfg.num_workers > 0:
