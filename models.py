@@ -63,7 +63,7 @@ def train_tiny_tokenizer(texts, vocab_size: int):
     words = (w for t in texts for w, _ in trainee.pre_tokenizer.pre_tokenize_str(trainee.normalizer.normalize_str(t)))
     pieces = sorted({c for w in words for c in w[1:]})
     trainee.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=specials + [f"##{c}" for c in pieces]))
+        vocab_size=vocab_size, special_tokens=specials + [f"##{c}" for c in pieces], show_progress=False))
     tok = Tokenizer(models.WordPiece(trainee.get_vocab(), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
