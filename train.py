@@ -82,7 +82,7 @@ def make_optimizer(model, cfg: Config):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 
-def save_last(accelerator, path: Path, state: dict, scheduler) -> None:
+def save_last(accelerator, path: Path, state: dict, scheduler, keep: int = 1) -> None:
     """Full training state for --resume, written atomically: a temp folder renamed over the old one.
 
     accelerate writes weights as safetensors and optimizer/RNG states as tensors that it reads back
@@ -100,6 +100,10 @@ def save_last(accelerator, path: Path, state: dict, scheduler) -> None:
             path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
+        if keep > 1:  # older states stay as step-N copies, for rolling back by hand
+            shutil.copytree(path, path.with_name(f"step-{state['global_step']:07d}"), dirs_exist_ok=True)
+            for stale in sorted(path.parent.glob("step-*"))[: -(keep - 1)]:
+                shutil.rmtree(stale)
     accelerator.wait_for_everyone()
 
 
@@ -165,7 +169,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
     metric_name = task.main_metric if cfg.early_stopping_metric == "auto" else cfg.early_stopping_metric
     sign = 1 if cfg.early_stopping_mode == "max" else -1
     state = {"epoch": 0, "batches_done": 0, "global_step": 0, "best": None, "bad_epochs": 0,
-             "null_threshold": None, "run_id": None, "history": []}
+             "null_threshold": None, "run_id": None, "history": [], "skipped_steps": 0}
     if resume_from:
         try:
             accelerator.load_state(str(resume_from))
@@ -231,14 +235,21 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = compute_loss(model(**batch), batch, cfg, class_weights)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
+                # every process must agree, or DDP would wait for the skipped backward: a sync per step, only when asked
+                if cfg.skip_nonfinite and accelerator.gather(~torch.isfinite(loss.detach()).reshape(1)).any():
+                    log.warning("loss %s at step %d: step skipped", loss.item(), state["global_step"] + 1)
+                    state["skipped_steps"] += 1
+                    loss = None
+                else:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state["batches_done"] += 1
             samples += len(batch["input_ids"])
-            micro_losses.append(loss.detach())
+            if loss is not None:
+                micro_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
             lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -249,9 +260,10 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                 first_step_s = time.perf_counter() - t_start
                 log.info("first optimizer step %.1f s after start", first_step_s)
             step = state["global_step"]
-            pending.append((step, torch.stack(micro_losses).mean(), lr))
+            if micro_losses:
+                pending.append((step, torch.stack(micro_losses).mean(), lr))
             micro_losses = []
-            if step % cfg.log_every == 0 or step == total_steps:
+            if pending and (step % cfg.log_every == 0 or step == total_steps):
                 losses = torch.stack([l for _, l, _ in pending]).float().cpu().numpy()  # one host sync per log_every steps
                 bad = np.flatnonzero(~np.isfinite(losses))
                 if len(bad):
@@ -264,7 +276,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
             progress.update(1) if progress else None
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 tracker.flush()  # the MLflow history of a resumed run then has no hole
-                save_last(accelerator, last_dir, state, scheduler)
+                save_last(accelerator, last_dir, state, scheduler, cfg.keep_checkpoints)
             if step >= total_steps:
                 stop = True
                 break
@@ -274,7 +286,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
             state["epoch"], state["batches_done"] = epoch + 1, 0
             stop = validate(epoch) or stop
         tracker.flush()
-        save_last(accelerator, last_dir, state, scheduler)
+        save_last(accelerator, last_dir, state, scheduler, cfg.keep_checkpoints)
     train_s = time.perf_counter() - t_train
     if progress:
         progress.close()
@@ -298,7 +310,8 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
             write_jsonl(predictions, out_dir / "predictions.jsonl")
     results["train"] = {"steps": state["global_step"], "epochs_completed": state["epoch"], "train_seconds": train_s,
                         "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
-                        "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes}
+                        "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
+                        "skipped_nonfinite_steps": state["skipped_steps"]}
     if is_main:
         # metrics.json holds only what the model scored, so reruns can be compared bit for bit;
         # timings go beside it.

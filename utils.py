@@ -82,6 +82,8 @@ class Config:
     min_delta: float = 1e-4  # smallest change that counts as an improvement
     resume: bool = False  # continue the run in output_dir from checkpoints/last
     save_every: int = 0  # also write checkpoints/last every N optimizer steps (0 = once per epoch)
+    keep_checkpoints: int = 1  # training states kept: the newest is checkpoints/last, older ones checkpoints/step-N
+    skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf (costs a host sync per step) instead of stopping
     # --- runtime
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms: exact repeats, slower

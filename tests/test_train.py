@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import evaluate
@@ -107,3 +108,30 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "val.json").read_text())["val"] == recorded["val_metrics"]
     with pytest.raises(UserError, match="not a complete checkpoint"):
         load_checkpoint(best.with_name("best.tmp"))
+
+
+def _nan_at_call(n):
+    real_loss, calls = train.compute_loss, {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        value = real_loss(*args, **kwargs)
+        return value * float("nan") if calls["n"] == n else value
+    return loss
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "compute_loss", _nan_at_call(3))
+    with pytest.raises(UserError, match="loss became nan at step 3"):
+        run(tmp_path, "nan", epochs=1, max_steps=6)
+
+
+def test_nonfinite_loss_skipped_when_asked_and_states_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "compute_loss", _nan_at_call(3))
+    cfg, results = run(tmp_path, "skip", epochs=1, max_steps=8, skip_nonfinite=True, save_every=2, keep_checkpoints=3)
+    assert results["train"]["skipped_nonfinite_steps"] == 1 and results["train"]["steps"] == 8
+    assert all(np.isfinite(v) for v in results["test"].values() if isinstance(v, float) and v == v)
+    ckpts = Path(cfg.output_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000006", "step-0000008"]
+    state = json.loads((ckpts / "last/trainer_state.json").read_text())
+    assert state["global_step"] == 8
