@@ -488,154 +488,7 @@ def make_loader(features: list[dict], batch_size: int, shuffle: bool, pad_id: in
 
 # --------------------------------------------------------------------------- demo corpus
 
-# symptom -> (evidence cores, hard-negative cores, evidence explanations, negative explanations).
-# Cores of one symptom share vocabulary on purpose, so keywords alone cannot separate them.
-_DEMO_SYMPTOMS = {
-    "DEPRESSED_MOOD": (
-        ["I feel empty and sad all the time", "everything feels hopeless", "I cry for no reason",
-         "there's this heavy sadness I can't shake", "I feel numb and miserable",
-         "my mood has been really low", "I keep breaking down in tears",
-         "I feel like a dark cloud follows me around"],
-        ["I actually feel pretty happy", "my mood has been really good",
-         "I don't feel sad or empty anymore", "I'm not depressed, just stressed about exams",
-         "the sadness finally lifted", "I feel hopeful about things"],
-        ["Describes persistent sadness.", "Reports feeling empty and hopeless.", "Mentions low mood."],
-        ["States their mood is good.", "Denies current sadness."],
-    ),
-    "ANHEDONIA": (
-        ["nothing I used to enjoy feels fun anymore", "I've lost interest in everything, even gaming",
-         "I can't enjoy anything", "I stopped caring about my hobbies",
-         "music doesn't do anything for me anymore", "hanging out with friends feels pointless now",
-         "I don't get excited about anything", "I have zero interest in things I used to love"],
-        ["I still really enjoy my hobbies", "I've gotten back into gaming and I love it",
-         "music still makes me happy", "I'm excited about the trip we planned",
-         "I enjoy hanging out with friends again", "I haven't lost interest in the things I love"],
-        ["Reports loss of interest or pleasure.", "Says hobbies no longer feel enjoyable."],
-        ["Describes still enjoying activities.", "Interest in hobbies is intact."],
-    ),
-    "APPETITE_CHANGE": (
-        ["I barely eat anymore", "I have no appetite at all", "I've lost a lot of weight without trying",
-         "I keep binge eating even when I'm not hungry", "food just doesn't appeal to me",
-         "I forget to eat most days", "I've gained a lot of weight from stress eating",
-         "I eat maybe one meal a day because I'm never hungry"],
-        ["my appetite is normal", "I eat three meals a day like usual", "my weight has been stable",
-         "I'm eating well and cooking for myself again", "I have a healthy appetite"],
-        ["Describes a change in appetite.", "Mentions eating much less or much more than usual."],
-        ["Reports a normal appetite.", "Denies appetite or weight changes."],
-    ),
-    "SLEEP_ISSUES": (
-        ["I can't fall asleep until 4am", "I wake up at 3am and can't get back to sleep", "I barely sleep",
-         "I sleep 14 hours and still want more", "my insomnia is out of control",
-         "I lie awake every night", "I keep waking up throughout the night",
-         "I only get a couple hours of sleep"],
-        ["I sleep fine now, eight hours most nights", "I've been sleeping well since I changed jobs",
-         "my sleep schedule is totally normal", "I fall asleep easily", "my insomnia went away",
-         "I don't have any trouble sleeping"],
-        ["Mentions trouble sleeping most nights.", "Describes insomnia or oversleeping."],
-        ["Denies current sleep problems.", "Says they sleep well."],
-    ),
-    "PSYCHOMOTOR": (
-        ["I can't sit still and keep pacing around", "I move and talk so slowly people notice",
-         "I feel restless and fidgety all the time", "everything I do feels like moving through mud",
-         "my body feels slowed down", "I keep tapping my leg and can't stop",
-         "my family says I talk way slower than before",
-         "I feel physically agitated and can't stay in one place"],
-        ["I can sit still just fine", "I'm not restless, just excited for the weekend",
-         "my family says I seem like my normal self", "I pace when I'm on the phone but I always have",
-         "I don't feel slowed down or agitated"],
-        ["Describes restlessness or agitation.", "Reports being noticeably slowed down."],
-        ["Denies restlessness or slowing.", "Movement described as normal."],
-    ),
-    "FATIGUE": (
-        ["I'm exhausted all the time", "I have no energy to do anything",
-         "even showering feels like too much effort", "I'm tired no matter how much I rest",
-         "I feel completely drained", "getting out of bed takes all my energy",
-         "I'm so worn out I can barely get through the day", "my energy is completely gone"],
-        ["I have plenty of energy", "I'm not tired at all", "my energy is back to normal",
-         "I feel rested and ready to go", "I was tired after the hike but that's normal"],
-        ["Reports constant exhaustion.", "Describes a lack of energy."],
-        ["Reports normal energy levels.", "Tiredness is situational, not persistent."],
-    ),
-    "WORTHLESSNESS": (
-        ["I feel completely worthless", "I'm a burden to everyone around me", "I hate myself",
-         "I feel like a failure at everything", "I keep blaming myself for everything that goes wrong",
-         "I feel so guilty all the time", "I'm useless and everyone knows it",
-         "I don't deserve the people in my life"],
-        ["I don't feel worthless anymore, therapy really helped", "I'm proud of myself",
-         "I know I'm not a burden to my friends", "I don't blame myself for the breakup",
-         "I feel good about who I am"],
-        ["Expresses worthlessness or excessive guilt.", "Describes self-blame."],
-        ["Expresses positive self-worth.", "Says feelings of worthlessness have passed."],
-    ),
-    "COGNITIVE_ISSUES": (
-        ["I can't concentrate on anything", "I read the same page five times and nothing sticks",
-         "my brain feels foggy", "I can't make even simple decisions", "I keep forgetting things at work",
-         "I can't focus in class at all", "my thoughts feel slow and scattered",
-         "I zone out in the middle of conversations"],
-        ["I can focus fine at work", "my concentration is back", "my head feels clear",
-         "I made a big decision today and feel good about it", "I have no trouble focusing in class"],
-        ["Reports poor concentration.", "Describes indecisiveness or brain fog."],
-        ["Reports normal concentration.", "Denies trouble focusing."],
-    ),
-    "SUICIDAL_THOUGHTS": (
-        ["I keep thinking about ending my life", "I wish I could just disappear forever",
-         "I think everyone would be better off without me", "I've been thinking about killing myself",
-         "I don't want to be alive anymore", "I think about suicide every day",
-         "I wish I wouldn't wake up", "death seems like the only way out"],
-        ["I'm not suicidal", "I haven't had thoughts of suicide in years",
-         "I want to live and see where things go", "I'd never hurt myself",
-         "I'm safe and I want to be alive"],
-        ["Expresses thoughts of death or suicide.", "Mentions wishing to not be alive."],
-        ["Explicitly denies suicidal thoughts.", "Expresses wanting to live."],
-    ),
-}
-# Relative frequency among positive (post, symptom) pairs: mild imbalance on purpose.
-_DEMO_WEIGHTS = {"DEPRESSED_MOOD": 1.6, "ANHEDONIA": 1.2, "APPETITE_CHANGE": 1.0,
-                 "SLEEP_ISSUES": 1.3, "PSYCHOMOTOR": 0.6, "FATIGUE": 1.2, "WORTHLESSNESS": 1.1,
-                 "COGNITIVE_ISSUES": 1.0, "SUICIDAL_THOUGHTS": 0.8}
-
-# Most openers and some tails are shared by evidence and hard negatives, so the core decides.
-_SHARED_OPENERS = ["", "", "", "Honestly, ", "Lately ", "These days ", "To be honest, ",
-                   "I guess ", "Tbh ", "Right now ", "Ok so ", "Anyway, "]
-_EV_OPENERS = _SHARED_OPENERS + ["For weeks now ", "Ever since the breakup ", "Most days "]
-_NEG_OPENERS = _SHARED_OPENERS + ["Thankfully ", "Good news, ", "Luckily "]
-_SHARED_TAILS = ["", "", "", " to be honest", " if that makes sense"]
-_EV_TAILS = _SHARED_TAILS + [" and I don't know why", " every single day", " no matter what I do",
-                             " and it's getting worse", " and nobody notices"]
-_NEG_TAILS = _SHARED_TAILS + [" these days", " which is a relief", " and I'm grateful for that",
-                              " since I started therapy", " so that's good"]
-
-# Filler must avoid symptom vocabulary so an unannotated sentence is never hidden evidence.
-_FILLER_OPENERS = ["", "", "Yesterday ", "Last week ", "This morning ", "Over the weekend ",
-                   "On Sunday ", "Funny story, ", "So ", "Random update, "]
-_FILLER_CLAUSES = [
-    "my cat knocked a glass off the counter", "my dog figured out how to open the back door",
-    "we finally finished painting the living room", "I started a new save in Stardew Valley",
-    "my sister got a job offer in Denver", "it rained all day here", "the bus was twenty minutes late",
-    "our group project meeting ran over", "my landlord fixed the sink", "I got a parking ticket",
-    "I beat the final boss in Hollow Knight", "my brother visited with his kids",
-    "the wifi went out during my exam review", "we ordered pizza and watched a movie",
-    "my manager moved our standup to Friday", "I rearranged my desk setup",
-    "my neighbor's kid learned to ride a bike", "I watched the new Marvel trailer",
-    "my mom called to talk about her garden", "the power flickered during the storm",
-    "I finally returned my library books", "my roommate bought a huge plant",
-    "we had a fire drill at work", "I tried a new route to campus", "I cleaned out the garage",
-    "my car made a weird noise on the highway", "I built a new PC with my cousin",
-    "our team lost the pub quiz by one point", "my professor cancelled the lecture",
-    "the cat sat on my keyboard during a call", "I saw a raccoon in the parking lot",
-    "we went to my grandma's birthday dinner", "I upgraded my phone", "it snowed for the first time",
-    "my coworker brought donuts", "I watched a documentary about octopuses",
-    "my friend's band played a small show", "I signed up for a pottery class",
-    "the new season of my show dropped", "my laptop decided to update in the middle of a meeting"]
-_FILLER_TAILS = ["", "", " lol", " which was pretty funny", " and it was actually nice",
-                 " if anyone cares", " so that happened", " haha", " for the third time this month",
-                 " and everyone laughed"]
-_FILLER_QUESTIONS = [
-    "Does anyone else play Valorant on weekends?", "Has anyone tried the new Zelda game?",
-    "What are you all watching right now?", "Any tips for first-time renters?",
-    "Is the new iPhone worth it?", "Does anyone know a good budget keyboard?",
-    "What's the best way to learn guitar?", "Anyone else think this winter is lasting forever?",
-    "Which is better for school, a laptop or a tablet?", "Do people still use Discord for study groups?"]
+DEMO_PHRASES = Path(__file__).resolve().parent / "configs" / "demo_corpus.yaml"
 
 
 def _cap(s: str) -> str:
@@ -653,12 +506,18 @@ def make_demo(n_posts: int = 1000, seed: int = 0) -> tuple[list[dict], list[dict
     lengths have a long tail (~2% of posts have 150-500 sentences). Every sentence occurs
     once per post, so str.find locates sentence_text unambiguously. Deterministic in seed.
     """
+    import yaml
+
+    ph = yaml.safe_load(DEMO_PHRASES.read_text())
+    symptoms, weights_of = ph["symptoms"], ph["weights"]
+    ev_openers, neg_openers = ph["shared_openers"] + ph["evidence_openers"], ph["shared_openers"] + ph["negative_openers"]
+    ev_tails, neg_tails = ph["shared_tails"] + ph["evidence_tails"], ph["shared_tails"] + ph["negative_tails"]
     rng = random.Random(seed)
     # All filler forms up front: one rng.sample per post is fast and distinct by construction.
     filler_pool = [_cap(o + c + t + p) for o, c, t, p in itertools.product(
-        _FILLER_OPENERS, _FILLER_CLAUSES, _FILLER_TAILS, ".!")]
-    filler_pool = list(dict.fromkeys(filler_pool)) + _FILLER_QUESTIONS
-    names = list(_DEMO_SYMPTOMS)
+        ph["filler_openers"], ph["filler_clauses"], ph["filler_tails"], ".!")]
+    filler_pool = list(dict.fromkeys(filler_pool)) + ph["filler_questions"]
+    names = list(symptoms)
 
     def sentence(openers: list[str], core: str, tails: list[str]) -> str:
         return _cap(rng.choice(openers) + core + rng.choice(tails) + rng.choice("...!"))
@@ -670,22 +529,22 @@ def make_demo(n_posts: int = 1000, seed: int = 0) -> tuple[list[dict], list[dict
         rows = []  # (sentence, symptom, status, explanation)
         positives = []
         if rng.random() >= 0.25:
-            pool, weights = names[:], [_DEMO_WEIGHTS[s] for s in names]
+            pool, weights = names[:], [weights_of[s] for s in names]
             for _ in range(rng.choices((1, 2, 3, 4), weights=(45, 30, 17, 8))[0]):
                 i = rng.choices(range(len(pool)), weights=weights)[0]
                 positives.append(pool.pop(i))
                 weights.pop(i)
         for sym in positives:
-            cores, _, expl, _ = _DEMO_SYMPTOMS[sym]
+            cores, expl = symptoms[sym]["evidence"], symptoms[sym]["evidence_explanations"]
             # A doubled symptom takes two different cores, so neither sentence contains the other.
             for core in rng.sample(cores, 2 if rng.random() < 0.15 else 1):
-                rows.append((sentence(_EV_OPENERS, core, _EV_TAILS), sym, 1, rng.choice(expl)))
+                rows.append((sentence(ev_openers, core, ev_tails), sym, 1, rng.choice(expl)))
         if rng.random() < 0.30:
             # Hard negatives only for symptoms without evidence, so post-level labels stay clean.
             others = [s for s in names if s not in positives]
             for sym in rng.sample(others, rng.randint(1, 2)):
-                _, cores, _, expl = _DEMO_SYMPTOMS[sym]
-                rows.append((sentence(_NEG_OPENERS, rng.choice(cores), _NEG_TAILS), sym, 0,
+                cores, expl = symptoms[sym]["negative"], symptoms[sym]["negative_explanations"]
+                rows.append((sentence(neg_openers, rng.choice(cores), neg_tails), sym, 0,
                              rng.choice(expl)))
 
         u = rng.random()
