@@ -46,7 +46,7 @@ import yaml
 
 import train
 from models import TASKS
-from utils import Config, Tracker, UserError, coerce, make_config, parse_config, run_main, setup_logging
+from utils import Config, Tracker, UserError, coerce, read_yaml, make_config, parse_config, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
@@ -103,12 +103,7 @@ def parse_range(name: str, spec, source: str) -> dict:
 
 def load_space(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: search space file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "search space")
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: expected a mapping of config fields to ranges or choices")
     return {name: parse_range(name, spec, f"{path}: {name}") for name, spec in raw.items()}

@@ -139,14 +139,19 @@ def coerce(name: str, value, source: str):
         raise UserError(f"{source}: invalid value {value!r} for '{name}' (expected {base.__name__})") from None
 
 
-def load_yaml_config(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "config"):
+    """safe_load a YAML file; a missing file or bad YAML is a one-line UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+        raise UserError(f"{path}: {what} file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config keys")
     return {k: coerce(k, v, str(path)) for k, v in raw.items()}
