@@ -7,7 +7,8 @@
     python train.py --output_dir outputs/run --resume true # continue a killed run from checkpoints/last
 
 A run writes to output_dir: config.yaml, splits.json, metrics.json ({"val", "test"}),
-predictions.jsonl, checkpoints/best (what evaluate.py loads), checkpoints/last (for --resume),
+predictions.jsonl (and val_predictions.jsonl), history.json (loss and lr per logged step, validation
+metric per epoch), checkpoints/best (what evaluate.py loads), checkpoints/last (for --resume),
 and one MLflow run (params, loss and lr per step, validation metrics per epoch, artifacts).
 """
 from __future__ import annotations
@@ -271,6 +272,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                                     "keep --max_grad_norm on, or check the data")
                 for (s, _, step_lr), step_loss in zip(pending, losses):
                     tracker.log_metrics({"train_loss": float(step_loss), "lr": step_lr}, step=s)
+                    state.setdefault("curve", []).append([s, float(step_loss), step_lr])  # for history.json
                 pending = []
                 progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}") if progress else None
             progress.update(1) if progress else None
@@ -306,8 +308,8 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         metrics, predictions, _ = evaluate(model, loader, feats, ex, cfg, accelerator,
                                            float("inf") if threshold is None else threshold)
         results[name] = metrics
-        if name == "test" and is_main:
-            write_jsonl(predictions, out_dir / "predictions.jsonl")
+        if is_main:  # validation predictions too: report.py chooses its decision threshold on them
+            write_jsonl(predictions, out_dir / ("predictions.jsonl" if name == "test" else "val_predictions.jsonl"))
     results["train"] = {"steps": state["global_step"], "epochs_completed": state["epoch"], "train_seconds": train_s,
                         "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
                         "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
@@ -317,6 +319,9 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         # timings go beside it.
         (out_dir / "metrics.json").write_text(json.dumps({"val": results["val"], "test": results["test"]}, indent=2))
         (out_dir / "run_stats.json").write_text(json.dumps({**results["train"], "system": system_info()}, indent=2))
+        history = {"metric": metric_name, "val": state["history"],  # training curves, also without MLflow
+                   "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.get("curve", [])]}
+        (out_dir / "history.json").write_text(json.dumps(history))
         for name in ("val", "test"):
             if results[name]:
                 log.info("%s %s (best checkpoint):\n%s", cfg.task, name, format_metrics(results[name]))
