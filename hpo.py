@@ -25,7 +25,8 @@ there: a dead worker's trial stays RUNNING).
 
 Outputs in outputs/hpo/<study>/ (or --output_dir): trial_<n>/ (a train.py run; its checkpoints/last
 is deleted, and all checkpoints of pruned or failed trials), best_config.yaml (a config
-`train.py --config` takes as is, reproducing the best trial), trials_history.json. With MLflow on:
+`train.py --config` takes as is, reproducing the best trial), trials_history.json, hpo_history.png and
+hpo_importances.png (report.plot_hpo). With MLflow on:
 one parent run per study and a nested run per trial.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ import yaml
 
 import train
 from models import TASKS
+from report import plot_hpo
 from utils import Config, Tracker, UserError, coerce, read_yaml, make_config, parse_config, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
@@ -417,8 +419,9 @@ def main(argv=None):
     if summary["best_trial"] is not None:
         log.info("best trial %d: val %s %.6f -> %s", summary["best_trial"], metric, summary["best_value"],
                  study_dir / "best_config.yaml")
+    plots = plot_hpo(study, study_dir) if summary["best_trial"] is not None else []
     if tracker.enabled:
-        for f in ("best_config.yaml", "trials_history.json"):
+        for f in ("best_config.yaml", "trials_history.json", *(p.name for p in plots)):
             tracker.log_artifact(study_dir / f)
         if c["RUNNING"] == 0 or status == "KILLED":  # another worker still running keeps the parent open
             tracker.end(status)

@@ -271,3 +271,14 @@ def test_pruners_are_built_from_their_names():
     with pytest.raises(UserError, match="invalid choice: 'asha'"):
         parse_config(["--pruner", "asha"], prog="hpo.py", extra=hpo.add_hpo_flags)
     assert math.isclose(parse_config(["--timeout", "90"], prog="hpo.py", extra=hpo.add_hpo_flags)[1].timeout, 90)
+
+
+def test_study_plots_history_and_importances(coarse_study, cli):
+    import report
+
+    tmp, storage, _ = coarse_study
+    for name in ("hpo_history.png", "hpo_importances.png"):  # hpo.py drew them at the end of the study
+        assert (tmp / "coarse" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, err = cli(report.main, ["--hpo_study", "criteria-coarse", "--storage", storage, "--output_dir", tmp / "plots"])
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp / "plots").iterdir()) == ["hpo_history.png", "hpo_importances.png"]

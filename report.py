@@ -1,0 +1,565 @@
+"""Cross-validation and multi-seed refits, summaries with bootstrap confidence intervals, baselines, plots.
+
+    python report.py --task criteria --cv_folds 5 --seeds 1 2 3     # 5-fold CV x 3 seeds on the demo corpus
+    python report.py --task criteria --cv_folds 1 --seeds 1 2 3     # refit on one train/val/test split, 3 seeds
+    python report.py --task evidence --cv_folds 3 --epochs 2        # any train.py flag sets the base config
+    python report.py --hpo_study criteria-coarse                    # plots of an Optuna study (hpo.py makes them too)
+
+Folds are by post and stratified by the post's symptom profile (`data.kfold_splits`): fold k is the
+test set, a stratified slice of the other folds (val_ratio of all posts) the validation set, the rest
+trains. Folds depend on --seed only, so --seeds vary the training (initialisation, batch order), not
+the data. Each fold x seed is one `train.train` in output_dir/fold{k}-seed{s}/ and an MLflow run nested
+under one parent run. output_dir then holds summary.json and summary.md: for every test metric the
+mean, standard deviation and a percentile-bootstrap 95% interval of the mean over the runs (the runs
+share training posts, so the interval is a lower bound on the real uncertainty), the majority class,
+a bag-of-words logistic regression and (span tasks) the first sentence of the post on the same folds,
+and a per-criterion table; and PNGs of the confusion matrix, PR and ROC curves, training curves and
+per-criterion scores (also in each run's folder, and logged to MLflow).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import data
+import train
+from evaluate import classification_metrics, span_metrics, span_scores
+from models import TASKS
+from utils import Config, Tracker, UserError, parse_config, run_main, setup_logging
+
+log = logging.getLogger("redsm5")
+DEFAULT_STORAGE = "sqlite:///outputs/hpo/optuna.db"  # hpo.py's
+
+
+def add_report_flags(parser) -> None:
+    group = parser.add_argument_group("report.py")
+    group.add_argument("--cv_folds", type=int, default=5, help="folds grouped by post; 1 = the one train/val/test split")
+    group.add_argument("--seeds", type=int, nargs="+", help="training seeds of every fold (default: --seed)")
+    group.add_argument("--n_bootstrap", type=int, default=10000, help="bootstrap resamples of the interval")
+    group.add_argument("--hpo_study", help="only plot this Optuna study: history and parameter importances")
+    group.add_argument("--storage", default=DEFAULT_STORAGE, help="--hpo_study: its storage URL (or journal:PATH)")
+
+
+# --------------------------------------------------------------------------- statistics
+
+def bootstrap_ci(values, level: float = 0.95, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: the values resampled with replacement n_boot times."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    means = values[np.random.default_rng(seed).integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def summarize(values, n_boot: int = 10000) -> dict:
+    """mean, sample standard deviation and bootstrap 95% interval of the finite values."""
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if not len(v):
+        return {"mean": None, "std": None, "ci_low": None, "ci_high": None, "n": 0}
+    low, high = bootstrap_ci(v, n_boot=n_boot)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "ci_low": low, "ci_high": high, "n": len(v)}
+
+
+def summarize_runs(metrics: list[dict], n_boot: int = 10000) -> dict[str, dict]:
+    """summarize() of every float metric (in first-seen order) over a list of metric dicts."""
+    names = list(dict.fromkeys(k for m in metrics for k, v in m.items() if isinstance(v, float)))
+    return {k: summarize([m.get(k) for m in metrics], n_boot) for k in names}
+
+
+def choose_threshold(labels, probs) -> float:
+    """Decision threshold with the best macro F1 on these (validation) labels, halfway between the lowest
+    probability called positive and the next one below it; ties go to the higher threshold. Macro, not
+    positive-class F1: where most examples are positive, that one is best at "everything positive"."""
+    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
+    if labels.all() or not labels.any():
+        return 0.5
+    cuts = np.unique(probs)[::-1]  # "positive if prob >= cut", strictest first
+    called = probs[None, :] >= cuts[:, None]
+    tp, tn = (called & (labels == 1)).sum(1), (~called & (labels == 0)).sum(1)
+    f1_macro = tp / (called.sum(1) + labels.sum()) + tn / ((~called).sum(1) + (labels == 0).sum())  # (2tp/..+2tn/..)/2
+    best = int(np.argmax(f1_macro))
+    below = cuts[best + 1] if best + 1 < len(cuts) else 0.0
+    return float((cuts[best] + below) / 2)
+
+
+def criterion_table(rows: list[dict], classify: bool, spans: bool, gold_only: bool | None = None) -> dict[str, dict]:
+    """Per criterion and over 'all': n, support (positives), precision, recall, F1 of each row's `pred`;
+    exact match and span F1 of `pred_text` against `gold_texts` (`gold_only`, as joint does: only pairs with
+    gold evidence; default: when classifying too)."""
+    groups = {c: [r for r in rows if r["criterion"] == c] for c in data.SYMPTOMS}
+    out = {}
+    for name, group in [(c, g) for c, g in groups.items() if g] + [("all", rows)]:
+        res = {"n": len(group)}
+        if classify:
+            y, p = np.array([r["label"] for r in group]), np.array([r["pred"] for r in group])
+            tp = int(((y == 1) & (p == 1)).sum())
+            res.update(support=int(y.sum()), precision=tp / max(int(p.sum()), 1), recall=tp / max(int(y.sum()), 1),
+                       f1=2 * tp / max(int(y.sum() + p.sum()), 1))
+        if spans:
+            scored = [r for r in group if r["gold_texts"]] if (classify if gold_only is None else gold_only) else group
+            s = np.array([span_scores(r["pred_text"], r["gold_texts"]) for r in scored]).reshape(-1, 2)
+            res.update(pairs=len(scored), exact_match=float(s[:, 0].mean()) if len(s) else None,
+                       span_f1=float(s[:, 1].mean()) if len(s) else None)
+        out[name] = res
+    return out
+
+
+def mean_tables(tables: list[dict]) -> dict[str, dict]:
+    """Criterion tables of several seeds averaged field by field; f1_std / span_f1_std over the seeds."""
+    out = {}
+    for c in tables[0]:
+        rows = [t[c] for t in tables if c in t]
+        out[c] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if rows[0][k] is not None}
+        for k in ("f1", "span_f1"):
+            if k in out[c]:
+                out[c][k + "_std"] = float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- folds and baselines
+
+def fold_splits(corpus: data.Corpus, k: int, seed: int, val_ratio: float = 0.1,
+                test_ratio: float = 0.1) -> list[dict[str, list[str]]]:
+    """{train, val, test} post ids per fold: test = fold k, val = a stratified slice of the other folds.
+    k = 1: the usual split_posts split (every seed refits on it)."""
+    from sklearn.model_selection import train_test_split
+
+    if k == 1:
+        return [data.split_posts(corpus, seed, val_ratio, test_ratio)]
+    if not 2 <= k <= len(corpus.posts) // 2:
+        raise UserError(f"--cv_folds: must be 1 or between 2 and {len(corpus.posts) // 2} (posts / 2), got {k}")
+    n_val = max(1, round(val_ratio * len(corpus.posts)))
+    folds = []
+    for rest, test in data.kfold_splits(corpus, k, seed):
+        try:
+            fit, val = train_test_split(rest, test_size=n_val, random_state=seed, stratify=data.post_strata(corpus, rest))
+        except ValueError:  # too few posts per stratum (tiny corpora): an unstratified slice
+            fit, val = train_test_split(rest, test_size=n_val, random_state=seed)
+        folds.append({"train": sorted(fit), "val": sorted(val), "test": sorted(test)})
+    return folds
+
+
+def bow_tokens(example: dict) -> list[str]:
+    """Words and word pairs of the text, each also crossed with the criterion, so that a linear model
+    can weigh 'sleep' differently for SLEEP_ISSUES than for FATIGUE."""
+    words = re.findall(r"[\w']+", example["text"].lower())
+    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    return grams + [f"{example['criterion']}|{g}" for g in grams] + [example["criterion"]]
+
+
+def bow_probs(train_ex: list[dict], *others: list[dict]) -> list[np.ndarray]:
+    """A tf-idf bag-of-words logistic regression fit on train_ex: P(label 1) for each list in `others`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(analyzer=bow_tokens, sublinear_tf=True)
+    labels = [e["label"] for e in train_ex]
+    if len(set(labels)) < 2:  # one class only: nothing to fit
+        return [np.full(len(ex), float(labels[0]) if labels else 0.0) for ex in others]
+    clf = LogisticRegression(C=10.0, max_iter=2000).fit(vectorizer.fit_transform(train_ex), labels)
+    return [clf.predict_proba(vectorizer.transform(ex))[:, 1] if ex else np.zeros(0) for ex in others]
+
+
+def first_sentence(text: str) -> str:
+    spans = data.sentence_spans(text)
+    return text[spans[0][0] : spans[0][1]] if spans else ""
+
+
+def fold_baselines(corpus: data.Corpus, split: dict, cfg: Config) -> dict:
+    """Test metrics (and test rows, for the per-criterion table) of the baselines on one fold."""
+    task = TASKS[cfg.task]
+    train_ex, val_ex, test_ex = (task.examples(corpus, split[s], cfg) for s in ("train", "val", "test"))
+    labels, criteria = [e["label"] for e in test_ex], [e["criterion"] for e in test_ex]
+    out = {"metrics": {}, "rows": {}}
+    if task.classify:
+        rate = float(np.mean([e["label"] for e in train_ex]))  # P(1) of every example: the majority class at 0.5
+        out["metrics"]["majority class"] = classification_metrics(labels, np.full(len(test_ex), rate), criteria)
+        val_p, test_p = bow_probs(train_ex, val_ex, test_ex)
+        threshold = choose_threshold([e["label"] for e in val_ex], val_p)
+        metrics = classification_metrics(labels, test_p, criteria)
+        metrics.update(with_threshold(labels, test_p, threshold))
+        out["metrics"]["bag-of-words LR"] = metrics
+        out["rows"]["bag-of-words LR"] = [{**e, "prob": p, "pred": int(p >= threshold)} for e, p in zip(test_ex, test_p)]
+    if task.spans:
+        golds = [[e["text"][s:t] for s, t in e["spans"]] for e in test_ex]
+        scored = [i for i, g in enumerate(golds) if g or not task.classify]
+        preds = [first_sentence(e["text"]) for e in test_ex]
+        out["metrics"]["first sentence"] = span_metrics([preds[i] for i in scored], [golds[i] for i in scored])
+        out["rows"]["first sentence"] = [{**e, "pred_text": p, "gold_texts": g} for e, p, g in zip(test_ex, preds, golds)]
+    return out
+
+
+def with_threshold(labels, probs, threshold: float) -> dict:
+    m = classification_metrics(labels, probs, threshold=threshold)
+    return {"val_threshold": threshold, "f1_at_val_threshold": m["f1"], "f1_macro_at_val_threshold": m["f1_macro"],
+            "precision_at_val_threshold": m["precision"], "recall_at_val_threshold": m["recall"]}
+
+
+# --------------------------------------------------------------------------- plots (matplotlib, Agg)
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_confusion(cm, path: Path, title: str) -> Path:
+    plt, cm = _pyplot(), np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.imshow(cm / cm.sum(1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(cm):
+        share = v / max(cm[i].sum(), 1)
+        ax.text(j, i, f"{v:,}\n{share:.1%} of row", ha="center", va="center", color="white" if share > 0.5 else "black")
+    ax.set_xticks([0, 1], ["predicted 0", "predicted 1"])
+    ax.set_yticks([0, 1], ["true 0", "true 1"])
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_pr_roc(curves: list[tuple], path: Path, title: str) -> Path:
+    """curves: (name, labels, probs, line style kwargs); PR on the left, ROC on the right."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, (ax_pr, ax_roc) = plt.subplots(1, 2, figsize=(11, 4.6))
+    low_precision, high_fpr = 1.0, 0.0  # how far the curves stray from the perfect corner: the zoom
+    for name, labels, probs, style in curves:
+        if len(set(labels)) < 2:
+            continue
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        ax_pr.plot(recall, precision, label=f"{name} (AP {average_precision_score(labels, probs):.3f})", **style)
+        fpr, tpr, _ = roc_curve(labels, probs)
+        ax_roc.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(labels, probs):.3f})", **style)
+        middle = (recall >= 0.05) & (recall <= 0.98)  # every PR curve ends at (1, prevalence): not informative
+        low_precision = min(low_precision, precision[middle].min() if middle.any() else 0.0)
+        high_fpr = max(high_fpr, fpr[np.argmax(tpr >= 0.99)])
+    prevalence = float(np.mean(curves[0][1]))
+    ax_pr.axhline(prevalence, color="grey", ls=":", lw=1, label=f"majority class / chance ({prevalence:.2f})")
+    ax_roc.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="majority class / chance (AUC 0.5)")
+    # near-perfect curves all hug the corner: zoom in (and say so) so that they can be told apart
+    y_low = 0.0 if low_precision < 0.75 else math.floor((low_precision - 0.02) * 50) / 50
+    x_high = 1.0 if high_fpr > 0.4 else max(0.05, math.ceil(high_fpr * 1.5 * 20) / 20)
+    ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(y_low, 1.005),
+              title="precision-recall" + (f" (zoomed: precision >= {y_low:.2f})" if y_low else ""))
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", ylim=(0 if x_high == 1 else 0.8, 1.005),
+               xlim=(-0.002, x_high), title="ROC" + (f" (zoomed: FPR <= {x_high:.2f}, TPR >= 0.8)" if x_high < 1 else ""))
+    for ax in (ax_pr, ax_roc):
+        ax.legend(fontsize=7, loc="lower left" if ax is ax_pr else "lower right")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_training(histories: dict[str, dict], path: Path) -> Path:
+    """Loss and learning rate per logged step, validation metric per epoch; one line per run."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, h in histories.items():
+        steps = [r["step"] for r in h["steps"]]
+        line, = axes[0].plot(steps, [r["train_loss"] for r in h["steps"]], lw=1, label=name)
+        axes[1].plot(steps, [r["lr"] for r in h["steps"]], lw=1, color=line.get_color())
+        axes[2].plot([v["step"] for v in h["val"]], [v[h["metric"]] for v in h["val"]], marker="o", lw=1,
+                     color=line.get_color())
+    metric = next(iter(histories.values()))["metric"] if histories else "metric"
+    losses = [r["train_loss"] for h in histories.values() for r in h["steps"]]
+    wide = bool(losses) and min(losses) > 0 and max(losses) / min(losses) > 20  # log scale only when it helps
+    axes[0].set(title="training loss" + (" (log scale)" if wide else ""), xlabel="optimizer step",
+                yscale="log" if wide else "linear")
+    axes[1].set(title="learning rate", xlabel="optimizer step")
+    axes[2].set(title=f"validation {metric} (per epoch)", xlabel="optimizer step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if 1 < len(histories) <= 12:
+        axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_per_criterion(panels: list[tuple[str, dict[str, dict]]], path: Path) -> Path:
+    """Grouped bars, one panel per (title, {series: {criterion: value}})."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        names = [c for c in data.SYMPTOMS if any(c in s for s in series.values())]
+        lowest = 1.0
+        for i, ((label, values), marker) in enumerate(zip(series.items(), "osD^v")):
+            y = np.array([values.get(c, np.nan) for c in names], dtype=float)
+            ax.plot(np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15, y, marker, ms=7, label=label)
+            for x, v in zip(np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15, y):
+                ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(0, 7 if i else -12), ha="center",
+                            fontsize=6)
+            lowest = min(lowest, np.nanmin(y)) if np.isfinite(y).any() else lowest
+        ax.set_xticks(np.arange(len(names)), [c.lower().replace("_", "\n") for c in names], fontsize=7)
+        y_low = math.floor(max(0.0, lowest - 0.05) * 10) / 10  # a dot plot needs no zero baseline: zoom to the data
+        pad = (1 - y_low) * 0.08
+        ax.set(ylim=(y_low - pad, 1 + pad), title=title + (f" (axis from {y_low:.1f})" if y_low else ""))
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_hpo(study, out_dir: Path) -> list[Path]:
+    """hpo_history.png (value per trial, best so far) and hpo_importances.png (fANOVA, seeded)."""
+    import optuna
+
+    plt, out_dir = _pyplot(), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    pruned = [t for t in study.trials if t.state.name == "PRUNED" and t.intermediate_values]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter([t.number for t in done], [t.value for t in done], label="complete", zorder=3)
+    ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+               marker="x", color="grey", label="pruned (last reported)")
+    if done:
+        best = (np.maximum if study.direction.name == "MAXIMIZE" else np.minimum).accumulate([t.value for t in done])
+        ax.step([t.number for t in done], best, where="post", color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel=study.user_attrs.get("metric", "objective"), title=f"study {study.study_name}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths = [_save(fig, out_dir / "hpo_history.png")]
+    fig, ax, reason = *plt.subplots(figsize=(7, 4)), "no parameter varied"
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (ValueError, RuntimeError) as e:  # fewer than two complete trials, or nothing varied
+        importances, reason = {}, str(e).split("\n")[0][:80]
+    if importances:
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel="fANOVA importance (share of the objective's variance)", title="parameter importances")
+    else:
+        ax.text(0.5, 0.5, f"no importances: {reason}", ha="center", wrap=True)
+        ax.set_axis_off()
+    paths.append(_save(fig, out_dir / "hpo_importances.png"))
+    return paths
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+def run_artifacts(run_dir: Path, classify: bool) -> dict:
+    """One finished run read back: scalar test metrics, test rows (with `pred` at the threshold chosen
+    on validation), its training history and MLflow run id."""
+    read = lambda name: [json.loads(line) for line in (run_dir / name).read_text().splitlines()]  # noqa: E731
+    metrics = {k: v for k, v in json.loads((run_dir / "metrics.json").read_text())["test"].items()
+               if isinstance(v, float)}
+    rows = read("predictions.jsonl")
+    if classify:
+        val = read("val_predictions.jsonl")
+        threshold = choose_threshold([r["label"] for r in val], [r["prob"] for r in val])
+        metrics.update(with_threshold([r["label"] for r in rows], [r["prob"] for r in rows], threshold))
+        rows = [{**r, "pred": int(r["prob"] >= threshold)} for r in rows]
+    state = run_dir / "checkpoints" / "last" / "trainer_state.json"
+    return {"metrics": metrics, "rows": rows, "history": json.loads((run_dir / "history.json").read_text()),
+            "mlflow_run_id": json.loads(state.read_text()).get("run_id") if state.exists() else None}
+
+
+def run_plots(rows: list[dict], out_dir: Path, title: str, threshold: float, bow_rows=None) -> list[Path]:
+    """Confusion matrix (at the val-chosen threshold) and PR/ROC curves of classification rows."""
+    labels, probs = [r["label"] for r in rows], [r["prob"] for r in rows]
+    cm = classification_metrics(labels, [r["pred"] for r in rows])["confusion_matrix"]
+    curves = [("model", labels, probs, {"lw": 1.5})]
+    if bow_rows:
+        curves.append(("bag-of-words LR", [r["label"] for r in bow_rows], [r["prob"] for r in bow_rows],
+                       {"lw": 2, "ls": "--", "color": "black"}))
+    return [plot_confusion(cm, out_dir / "confusion.png", f"{title}\n(threshold {threshold:.2f}, chosen on validation)"),
+            plot_pr_roc(curves, out_dir / "pr_roc.png", title)]
+
+
+def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: str) -> dict:
+    out_dir, task = Path(cfg.output_dir), TASKS[cfg.task]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = data.load_corpus(cfg.data_dir, demo_posts=cfg.demo_posts, demo_seed=cfg.demo_seed,
+                              include_special_case=cfg.include_special_case, fuzzy_threshold=cfg.fuzzy_threshold)
+    folds = [data.load_splits(cfg.splits_file, corpus)] if k == 1 and cfg.splits_file else \
+        fold_splits(corpus, k, cfg.seed, cfg.val_ratio, cfg.test_ratio)
+    parent = Tracker(dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.task}-cv{k}x{len(seeds)}"), True)
+    parent.log_params({"report.cv_folds": k, "report.seeds": " ".join(map(str, seeds))})
+    runs, baselines = [], []
+    for fold, split in enumerate(folds):
+        (out_dir / "splits").mkdir(exist_ok=True)
+        (out_dir / "splits" / f"fold{fold}.json").write_text(json.dumps(split))
+        baselines.append(fold_baselines(corpus, split, cfg))
+        for seed in seeds:
+            name = f"fold{fold}-seed{seed}"
+            run_cfg = dataclasses.replace(cfg, seed=seed, splits_file=str(out_dir / "splits" / f"fold{fold}.json"),
+                                          output_dir=str(out_dir / name), run_name=f"{cfg.task}-{name}", resume=False)
+            run_cfg._parent_run_id = parent.run_id  # train.train nests its MLflow run under ours
+            log.info("=== %s: %d train / %d val / %d test posts", name, *(len(split[s]) for s in ("train", "val", "test")))
+            train.train(run_cfg)
+            run = {"fold": fold, "seed": seed, "output_dir": run_cfg.output_dir,
+                   **run_artifacts(out_dir / name, task.classify)}
+            pngs = [plot_training({name: run["history"]}, out_dir / name / "training.png")]
+            if task.classify:
+                pngs += run_plots(run["rows"], out_dir / name, f"{cfg.task} {name}: test fold",
+                                  run["metrics"]["val_threshold"], baselines[-1]["rows"]["bag-of-words LR"])
+            if parent.enabled and run["mlflow_run_id"]:
+                for p in pngs:
+                    parent.client.log_artifact(run["mlflow_run_id"], str(p), "plots")
+            runs.append(run)
+
+    # summaries over runs (model) and folds (baselines)
+    summary = {"model": summarize_runs([r["metrics"] for r in runs], n_boot)}
+    for name in baselines[0]["metrics"]:
+        summary[name] = summarize_runs([b["metrics"][name] for b in baselines], n_boot)
+    # per criterion: each seed's test rows pooled over the folds (every post scored once), then the mean over seeds
+    by_seed = [[row for r in runs if r["seed"] == s for row in r["rows"]] for s in seeds]
+    per_criterion = {"model": mean_tables([criterion_table(rows, task.classify, task.spans) for rows in by_seed])}
+    for name in baselines[0]["rows"]:
+        pooled = [row for b in baselines for row in b["rows"][name]]
+        per_criterion[name] = criterion_table(pooled, "pred" in pooled[0], "pred_text" in pooled[0], task.classify)
+    result = {"command": command, "task": cfg.task, "cv_folds": k, "seeds": seeds,
+              "folds": [{s: len(f[s]) for s in ("train", "val", "test")} for f in folds],
+              "runs": [{k_: r[k_] for k_ in ("fold", "seed", "output_dir", "metrics")} for r in runs],
+              "summary": summary, "per_criterion": per_criterion}
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+
+    pngs = [plot_training({f"fold{r['fold']}-seed{r['seed']}": r["history"] for r in runs}, out_dir / "training.png")]
+    panels = []
+    if task.classify:
+        all_rows = [row for r in runs for row in r["rows"]]
+        cm = np.sum([classification_metrics([x["label"] for x in r["rows"]], [x["pred"] for x in r["rows"]])
+                     ["confusion_matrix"] for r in runs], axis=0)
+        pngs.append(plot_confusion(cm, out_dir / "confusion.png", f"{cfg.task}: test folds, summed over {len(runs)} runs"
+                                   "\n(threshold chosen on validation per run)"))
+        bow = [row for b in baselines for row in b["rows"]["bag-of-words LR"]]
+        curves = [(f"fold{r['fold']}-seed{r['seed']}", [x["label"] for x in r["rows"]], [x["prob"] for x in r["rows"]],
+                   {"lw": 1, "alpha": 0.8}) for r in runs]
+        curves.append(("bag-of-words LR (all folds)", [x["label"] for x in bow], [x["prob"] for x in bow],
+                       {"lw": 2, "ls": "--", "color": "black"}))
+        pngs.append(plot_pr_roc(curves, out_dir / "pr_roc.png", f"{cfg.task}: test folds ({len(all_rows):,} rows)"))
+        panels.append(("F1 per criterion (mean over seeds)",
+                       {n: {c: v["f1"] for c, v in per_criterion[n].items()} for n in ("model", "bag-of-words LR")}))
+    if task.spans:
+        panels.append(("span F1 per criterion (mean over seeds)", {n: {c: v["span_f1"] for c, v in per_criterion[n].items()
+                                                     if v.get("span_f1") is not None}
+                                                 for n in ("model", "first sentence")}))
+    pngs.append(plot_per_criterion(panels, out_dir / "per_criterion.png"))
+    (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
+    if parent.enabled:
+        parent.log_metrics({f"{m}_{s}": v for m, d in summary["model"].items() for s, v in d.items()
+                            if s in ("mean", "std", "ci_low", "ci_high") and v is not None}, step=0)
+        for p in [out_dir / "summary.json", out_dir / "summary.md", *pngs]:
+            parent.log_artifact(p)
+        parent.end()
+    log.info("wrote %s and %s", out_dir / "summary.md", out_dir / "summary.json")
+    return result
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _cell(d: dict | None, ci: bool = False) -> str:
+    if not d or d["mean"] is None:
+        return "–"
+    text = f"{d['mean']:.3f} ± {d['std']:.3f}"
+    return f"{text} | [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if ci else text
+
+
+def summary_markdown(result: dict, pngs: list[str]) -> str:
+    summary, k, seeds = result["summary"], result["cv_folds"], result["seeds"]
+    baselines = [n for n in summary if n != "model"]
+    design = f"{k}-fold cross-validation (grouped by post, stratified)" if k > 1 else "one train/val/test split"
+    lines = [f"# {result['task']}: {design} x {len(seeds)} seed(s)", "", f"`{result['command']}`", "",
+             f"{len(result['runs'])} runs (seeds {', '.join(map(str, seeds))}); posts per fold (train / val / test): "
+             + ", ".join(f"{f['train']} / {f['val']} / {f['test']}" for f in result["folds"]) + ".", "",
+             "Test metrics of each run's best checkpoint: mean ± standard deviation over the runs and a percentile "
+             "bootstrap 95% interval of the mean." + (" Classification metrics at threshold 0.5 unless "
+             "`_at_val_threshold` (chosen per run for the best macro F1 on its validation posts)."
+             if "val_threshold" in summary["model"] else "") + " Baselines on the same test folds: mean ± std over "
+             "the folds.", "", "| metric | model | 95% CI | " + " | ".join(baselines) + " |",
+             "|---|---|---|" + "---|" * len(baselines)]
+    for metric, d in summary["model"].items():
+        lines.append(f"| {metric} | {_cell(d, ci=True)} | " + " | ".join(_cell(summary[b].get(metric)) for b in baselines)
+                     + " |")
+    lines += ["", "## Per criterion", "",
+              "Model: each seed's test predictions pooled over the folds (every post scored once per seed)"
+              + (", classified at each run's validation-chosen threshold" if "val_threshold" in summary["model"] else "")
+              + "; the mean over seeds (± std over seeds). n = examples, support = positive examples, pairs = "
+              "(criterion, post) pairs whose spans are scored.", ""]
+    pc = result["per_criterion"]
+    model = pc["model"]
+    cls, spans = "f1" in model["all"], "span_f1" in model["all"]
+    head, rule = ["criterion", "n"], ["---", "---:"]
+    if cls:
+        head += ["support", "precision", "recall", "F1", "bag-of-words LR F1"]
+        rule += ["---:"] * 5
+    if spans:
+        head += ["pairs", "exact match", "span F1", "first-sentence span F1"]
+        rule += ["---:"] * 4
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for c, m in model.items():
+        cells = [c, f"{m['n']:.0f}"]
+        if cls:
+            bow = pc["bag-of-words LR"].get(c, {})
+            cells += [f"{m['support']:.0f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}",
+                      f"{m['f1']:.3f} ± {m['f1_std']:.3f}", f"{bow['f1']:.3f}" if bow else "–"]
+        if spans:
+            first = pc["first sentence"].get(c, {})
+            cells += [f"{m['pairs']:.0f}", f"{m.get('exact_match', float('nan')):.3f}",
+                      f"{m.get('span_f1', float('nan')):.3f} ± {m.get('span_f1_std', float('nan')):.3f}",
+                      f"{first['span_f1']:.3f}" if first.get("span_f1") is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Runs", "", "| run | " + " | ".join(list(summary["model"])[:6]) + " |",
+              "|---|" + "---:|" * len(list(summary["model"])[:6])]
+    for r in result["runs"]:
+        lines.append(f"| fold{r['fold']}-seed{r['seed']} | " + " | ".join(
+            f"{r['metrics'].get(m, float('nan')):.3f}" for m in list(summary["model"])[:6]) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- command line
+
+def hpo_plots(args, cfg: Config) -> list[Path]:
+    import optuna
+
+    storage = args.storage
+    if storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = optuna.storages.JournalStorage(JournalFileBackend(storage[len("journal:"):]))
+    try:
+        study = optuna.load_study(study_name=args.hpo_study, storage=storage)
+    except KeyError:
+        raise UserError(f"--hpo_study: no study '{args.hpo_study}' in {args.storage}") from None
+    out = Path(cfg.output_dir) if cfg.output_dir != Config.output_dir else Path("outputs/hpo") / args.hpo_study
+    paths = plot_hpo(study, out)
+    log.info("wrote %s", ", ".join(map(str, paths)))
+    return paths
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, args = parse_config(argv, prog="report.py", extra=add_report_flags)
+    setup_logging(True)
+    if args.hpo_study:
+        return hpo_plots(args, cfg)
+    if args.cv_folds < 1:
+        raise UserError(f"--cv_folds: must be >= 1, got {args.cv_folds}")
+    if args.n_bootstrap < 100:
+        raise UserError(f"--n_bootstrap: must be >= 100, got {args.n_bootstrap}")
+    seeds = list(dict.fromkeys(args.seeds or [cfg.seed]))
+    if cfg.output_dir == Config.output_dir:
+        cfg = dataclasses.replace(cfg, output_dir=f"outputs/report/{cfg.task}-cv{args.cv_folds}")
+    return cross_validate(cfg, args.cv_folds, seeds, args.n_bootstrap, "python report.py " + " ".join(argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,182 @@
+"""report.py: bootstrap intervals, thresholds, grouped stratified folds, baselines, and a tiny CV run end to end."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import data
+import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--task", "criteria", "--demo_posts", "60", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads", "1",
+        "--tiny_vocab", "300", "--max_length", "64", "--doc_stride", "16", "--batch_size", "16", "--max_steps", "2", "--epochs", "1",
+        "--log_every", "1", "--threads", "1"]
+
+
+# --------------------------------------------------------------------------- statistics
+
+def test_bootstrap_ci_hand_computed():
+    assert report.bootstrap_ci([0.7] * 5) == (0.7, 0.7)  # no spread, no width
+    # [0, 1]: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5% points are 0 and 1
+    assert report.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    # [0, 0, 0, 1]: the mean is k/4 with k ~ Binomial(4, 1/4); P(k = 0) = 0.32 > 2.5%, P(k >= 3) = 5.1%, P(k = 4) = 0.4%
+    assert report.bootstrap_ci([0.0, 0.0, 0.0, 1.0]) == (0.0, 0.75)
+    assert report.bootstrap_ci([1.0, 2.0, 4.0], seed=3) == report.bootstrap_ci([1.0, 2.0, 4.0], seed=3)  # seeded
+
+
+def test_bootstrap_ci_matches_normal_theory_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(10, 2, 25), rng.normal(10, 2, 400)
+    lo, hi = report.bootstrap_ci(large)
+    half = 1.96 * large.std(ddof=1) / np.sqrt(len(large))
+    assert lo < large.mean() < hi
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert np.subtract(*report.bootstrap_ci(small)[::-1]) > 3 * (hi - lo)  # sqrt(400/25) = 4x wider, give or take
+
+
+def test_summarize_skips_missing_values():
+    s = report.summarize([0.8, None, 0.9, float("nan"), 1.0])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)  # sample std (ddof 1)
+    assert s["ci_low"] <= 0.9 <= s["ci_high"]
+    assert report.summarize([0.5])["std"] == 0.0 and report.summarize([])["mean"] is None
+    runs = report.summarize_runs([{"f1": 0.5, "n": 10, "cm": [[1]]}, {"f1": 0.7, "auroc": 0.9}])
+    assert list(runs) == ["f1", "auroc"] and runs["auroc"]["n"] == 1  # floats only: counts and matrices are not metrics
+
+
+def test_choose_threshold_best_macro_f1_on_validation():
+    # separable: every cut between 0.3 and 0.6 is perfect; the threshold is the midpoint
+    assert report.choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9]) == pytest.approx(0.45)
+    # cut >= 0.8: macro F1 (2/3 + 4/5) / 2 = 0.733; cut >= 0.35: (4/5 + 2/3) / 2 = 0.733, a tie: the higher one wins
+    assert report.choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.6)
+    assert report.choose_threshold([1, 1], [0.2, 0.9]) == 0.5  # one class only: nothing to choose on
+
+
+def test_criterion_table_hand_computed():
+    rows = [{"criterion": "FATIGUE", "label": 1, "pred": 1}, {"criterion": "FATIGUE", "label": 1, "pred": 0},
+            {"criterion": "FATIGUE", "label": 0, "pred": 1}, {"criterion": "ANHEDONIA", "label": 0, "pred": 0}]
+    table = report.criterion_table(rows, classify=True, spans=False)
+    assert list(table) == ["ANHEDONIA", "FATIGUE", "all"]  # DSM-5 order, then the pooled row
+    assert table["FATIGUE"] == {"n": 3, "support": 2, "precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert table["ANHEDONIA"]["f1"] == 0.0 and table["all"]["support"] == 2
+    spans = [{"criterion": "FATIGUE", "label": 1, "pred_text": "I am tired.", "gold_texts": ["i am tired"]},
+             {"criterion": "FATIGUE", "label": 1, "pred_text": "so tired", "gold_texts": ["I am tired", "no energy"]}]
+    t = report.criterion_table(spans, classify=False, spans=True)["FATIGUE"]
+    assert t["pairs"] == 2 and t["exact_match"] == 0.5 and t["span_f1"] == pytest.approx((1 + 0.4) / 2)
+    merged = report.mean_tables([{"all": {"n": 4, "f1": 0.5}}, {"all": {"n": 4, "f1": 0.7}}])["all"]
+    assert merged["f1"] == pytest.approx(0.6) and merged["f1_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+# --------------------------------------------------------------------------- folds
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.load_corpus(None, demo_posts=300, demo_seed=1)
+
+
+def test_folds_group_by_post_and_keep_strata(corpus):
+    k, ids = 5, set(corpus.posts)
+    folds = report.fold_splits(corpus, k, seed=7, val_ratio=0.1)
+    tests = [set(f["test"]) for f in folds]
+    assert sum(map(len, tests)) == len(ids) == len(set().union(*tests))  # every post in exactly one test fold
+    strata = dict(zip(sorted(ids), data.post_strata(corpus, sorted(ids))))
+    total = Counter(strata.values())
+    assert len(total) >= 5  # the demo has real strata to keep
+    for f in folds:
+        parts = [set(f[s]) for s in ("train", "val", "test")]
+        assert set().union(*parts) == ids and sum(map(len, parts)) == len(ids)  # no post in two parts of a fold
+        assert len(f["val"]) == 30
+        # tolerance: each stratum's count in a test fold is its total / k, rounded either way (at most 1 post off)
+        held = Counter(strata[p] for p in f["test"])
+        assert all(abs(held[s] - n / k) < 1 for s, n in total.items()), (held, total)
+        # the validation slice keeps the strata of the posts it is cut from, within 1 post per stratum
+        rest = sorted(f["train"] + f["val"])
+        rest_strata = dict(zip(rest, data.post_strata(corpus, rest)))
+        in_val, in_rest = Counter(rest_strata[p] for p in f["val"]), Counter(rest_strata.values())
+        assert all(abs(in_val[s] - n * 30 / len(rest)) <= 1 for s, n in in_rest.items()), (in_val, in_rest)
+    # the annotation rows follow their post: no row of a test post is trained on
+    train_rows = {r["sentence_id"] for r in corpus.rows if r["post_id"] in set(folds[0]["train"])}
+    assert not train_rows & {r["sentence_id"] for r in corpus.rows if r["post_id"] in tests[0]}
+    assert report.fold_splits(corpus, k, seed=7, val_ratio=0.1) == folds  # deterministic
+    assert report.fold_splits(corpus, 1, seed=7) == [data.split_posts(corpus, 7)]
+
+
+# --------------------------------------------------------------------------- baselines
+
+def test_baselines_hand_made_case():
+    sentences = [("I cannot sleep at all.", 1), ("I never sleep well.", 1), ("Cannot sleep again tonight.", 1),
+                 ("I sleep fine now.", 0), ("I cannot sleep.", 1), ("I sleep fine.", 0), ("Never sleep well.", 1),
+                 ("Sleep is fine.", 0)]
+    posts = [{"post_id": f"p{i}", "text": t} for i, (t, _) in enumerate(sentences)]
+    anns = [{"post_id": f"p{i}", "sentence_id": f"p{i}_0", "sentence_text": t, "DSM5_symptom": "SLEEP_ISSUES",
+             "status": str(y)} for i, (t, y) in enumerate(sentences)]
+    corpus = data.build_corpus(posts, anns)
+    split = {"train": ["p0", "p1", "p2", "p3"], "val": ["p6", "p7"], "test": ["p4", "p5"]}
+    cfg = report.parse_config(["--task", "criteria"])[0]
+    out = report.fold_baselines(corpus, split, cfg)["metrics"]
+    majority = out["majority class"]  # 3 of 4 training rows are positive: "1" for every test row
+    assert majority["confusion_matrix"] == [[0, 1], [0, 1]]
+    assert (majority["accuracy"], majority["precision"], majority["recall"], majority["auroc"]) == (0.5, 0.5, 1.0, 0.5)
+    assert majority["f1"] == pytest.approx(2 / 3) and majority["f1_macro"] == pytest.approx(1 / 3)
+    bow = out["bag-of-words LR"]  # "cannot" and "never" against "fine"
+    assert bow["confusion_matrix"] == [[1, 0], [0, 1]] and bow["f1_macro"] == 1.0 and bow["f1_at_val_threshold"] == 1.0
+    assert report.bow_tokens({"text": "Sleep fine", "criterion": "SLEEP_ISSUES"}) == [
+        "sleep", "fine", "sleep fine", "SLEEP_ISSUES|sleep", "SLEEP_ISSUES|fine", "SLEEP_ISSUES|sleep fine",
+        "SLEEP_ISSUES"]
+    assert report.first_sentence("I am tired. So tired!\nBye") == "I am tired."
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
+    out = tmp_path / "cv"
+    code, err = cli(report.main, TINY + ["--cv_folds", "2", "--seeds", "1", "--output_dir", out,
+                                         "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 0, err
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# criteria: 2-fold cross-validation (grouped by post, stratified) x 1 seed(s)")
+    assert "| metric | model | 95% CI | majority class | bag-of-words LR |" in md
+    assert sum(line.startswith("| f1_macro | ") for line in md.splitlines()) == 1
+    assert "| f1_macro_at_val_threshold |" in md
+    assert "| FATIGUE |" in md and "| all |" in md and "| fold1-seed1 |" in md
+    result = report.json.loads((out / "summary.json").read_text())
+    assert [(r["fold"], r["seed"]) for r in result["runs"]] == [(0, 1), (1, 1)]
+    f1 = [r["metrics"]["f1_macro"] for r in result["runs"]]
+    assert result["summary"]["model"]["f1_macro"]["mean"] == pytest.approx(np.mean(f1))
+    assert result["summary"]["majority class"]["auroc"]["mean"] == 0.5
+    test_posts = [set(report.json.loads((out / "splits" / f"fold{k}.json").read_text())["test"]) for k in (0, 1)]
+    assert not test_posts[0] & test_posts[1]
+    pngs = [out / f for f in ("training.png", "confusion.png", "pr_roc.png", "per_criterion.png")] + \
+           [out / "fold0-seed1" / f for f in ("training.png", "confusion.png", "pr_roc.png")]
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_MAGIC, png
+        assert f"]({png.name})" in md or png.parent != out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("redsm5").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["criteria-fold0-seed1", "criteria-fold1-seed1"]
+    assert parent.data.metrics["f1_macro_mean"] == pytest.approx(np.mean(f1))
+    assert {"summary.md", "summary.json", "pr_roc.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"plots/confusion.png", "plots/training.png"} <= {
+        a.path for a in client.list_artifacts(children[0].info.run_id, "plots")}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--cv_folds", "0"], "--cv_folds: must be >= 1"),
+    (["--cv_folds", "40", "--demo_posts", "40"], "--cv_folds: must be 1 or between 2 and 20"),
+    (["--seeds", "one"], "--seeds: invalid int value: 'one'"),
+    (["--n_bootstrap", "5"], "--n_bootstrap: must be >= 100"),
+    (["--cv_fold", "3"], "did you mean --cv_folds?"),
+])
+def test_bad_flags_are_one_line_errors(cli, tmp_path, argv, needle):
+    code, err = cli(report.main, argv + ["--mlflow", "false", "--output_dir", tmp_path])
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: ") and needle in lines[-1] and "Traceback" not in err, err
+
+
+def test_hpo_study_missing_is_a_user_error(cli, tmp_path):
+    code, err = cli(report.main, ["--hpo_study", "nope", "--storage", f"sqlite:///{tmp_path}/optuna.db"])
+    assert code == 2 and err.strip().splitlines()[-1] == \
+        f"error: --hpo_study: no study 'nope' in sqlite:///{tmp_path}/optuna.db", err
