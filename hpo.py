@@ -26,7 +26,7 @@ there: a dead worker's trial stays RUNNING).
 Outputs in outputs/hpo/<study>/ (or --output_dir): trial_<n>/ (a train.py run; its checkpoints/last
 is deleted, and all checkpoints of pruned or failed trials), best_config.yaml (a config
 `train.py --config` takes as is, reproducing the best trial), trials_history.json, hpo_history.png and
-hpo_importances.png (report.plot_hpo). With MLflow on:
+hpo_importances.png (plots.plot_hpo). With MLflow on:
 one parent run per study and a nested run per trial.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ import yaml
 
 import train
 from models import TASKS
-from report import plot_hpo
+from plots import plot_hpo
 from utils import Config, Tracker, UserError, coerce, read_yaml, make_config, parse_config, run_main, setup_logging
 
 log = logging.getLogger("redsm5")

@@ -14,7 +14,7 @@ mean, standard deviation and a percentile-bootstrap 95% interval of the mean ove
 share training posts, so the interval is a lower bound on the real uncertainty), the majority class,
 a bag-of-words logistic regression and (span tasks) the first sentence of the post on the same folds,
 and a per-criterion table; and PNGs of the confusion matrix, PR and ROC curves, training curves and
-per-criterion scores (also in each run's folder, and logged to MLflow).
+per-criterion scores (drawn by plots.py; also in each run's folder, and logged to MLflow).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import data
 import train
 from evaluate import classification_metrics, span_metrics, span_scores
 from models import TASKS
+from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training
 from utils import Config, Tracker, UserError, parse_config, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
@@ -204,154 +205,6 @@ def with_threshold(labels, probs, threshold: float) -> dict:
             "precision_at_val_threshold": m["precision"], "recall_at_val_threshold": m["recall"]}
 
 
-# --------------------------------------------------------------------------- plots (matplotlib, Agg)
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
-def plot_confusion(cm, path: Path, title: str) -> Path:
-    plt, cm = _pyplot(), np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(4.6, 4.0))
-    ax.imshow(cm / cm.sum(1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
-    for (i, j), v in np.ndenumerate(cm):
-        share = v / max(cm[i].sum(), 1)
-        ax.text(j, i, f"{v:,}\n{share:.1%} of row", ha="center", va="center", color="white" if share > 0.5 else "black")
-    ax.set_xticks([0, 1], ["predicted 0", "predicted 1"])
-    ax.set_yticks([0, 1], ["true 0", "true 1"])
-    ax.set_title(title, fontsize=9)
-    return _save(fig, path)
-
-
-def plot_pr_roc(curves: list[tuple], path: Path, title: str) -> Path:
-    """curves: (name, labels, probs, line style kwargs); PR on the left, ROC on the right."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-
-    plt = _pyplot()
-    fig, (ax_pr, ax_roc) = plt.subplots(1, 2, figsize=(11, 4.6))
-    low_precision, high_fpr = 1.0, 0.0  # how far the curves stray from the perfect corner: the zoom
-    for name, labels, probs, style in curves:
-        if len(set(labels)) < 2:
-            continue
-        precision, recall, _ = precision_recall_curve(labels, probs)
-        ax_pr.plot(recall, precision, label=f"{name} (AP {average_precision_score(labels, probs):.3f})", **style)
-        fpr, tpr, _ = roc_curve(labels, probs)
-        ax_roc.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(labels, probs):.3f})", **style)
-        middle = (recall >= 0.05) & (recall <= 0.98)  # every PR curve ends at (1, prevalence): not informative
-        low_precision = min(low_precision, precision[middle].min() if middle.any() else 0.0)
-        high_fpr = max(high_fpr, fpr[np.argmax(tpr >= 0.99)])
-    prevalence = float(np.mean(curves[0][1]))
-    ax_pr.axhline(prevalence, color="grey", ls=":", lw=1, label=f"majority class / chance ({prevalence:.2f})")
-    ax_roc.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="majority class / chance (AUC 0.5)")
-    # near-perfect curves all hug the corner: zoom in (and say so) so that they can be told apart
-    y_low = 0.0 if low_precision < 0.75 else math.floor((low_precision - 0.02) * 50) / 50
-    x_high = 1.0 if high_fpr > 0.4 else max(0.05, math.ceil(high_fpr * 1.5 * 20) / 20)
-    ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(y_low, 1.005),
-              title="precision-recall" + (f" (zoomed: precision >= {y_low:.2f})" if y_low else ""))
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", ylim=(0 if x_high == 1 else 0.8, 1.005),
-               xlim=(-0.002, x_high), title="ROC" + (f" (zoomed: FPR <= {x_high:.2f}, TPR >= 0.8)" if x_high < 1 else ""))
-    for ax in (ax_pr, ax_roc):
-        ax.legend(fontsize=7, loc="lower left" if ax is ax_pr else "lower right")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
-
-
-def plot_training(histories: dict[str, dict], path: Path) -> Path:
-    """Loss and learning rate per logged step, validation metric per epoch; one line per run."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, h in histories.items():
-        steps = [r["step"] for r in h["steps"]]
-        line, = axes[0].plot(steps, [r["train_loss"] for r in h["steps"]], lw=1, label=name)
-        axes[1].plot(steps, [r["lr"] for r in h["steps"]], lw=1, color=line.get_color())
-        axes[2].plot([v["step"] for v in h["val"]], [v[h["metric"]] for v in h["val"]], marker="o", lw=1,
-                     color=line.get_color())
-    metric = next(iter(histories.values()))["metric"] if histories else "metric"
-    losses = [r["train_loss"] for h in histories.values() for r in h["steps"]]
-    wide = bool(losses) and min(losses) > 0 and max(losses) / min(losses) > 20  # log scale only when it helps
-    axes[0].set(title="training loss" + (" (log scale)" if wide else ""), xlabel="optimizer step",
-                yscale="log" if wide else "linear")
-    axes[1].set(title="learning rate", xlabel="optimizer step")
-    axes[2].set(title=f"validation {metric} (per epoch)", xlabel="optimizer step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    if 1 < len(histories) <= 12:
-        axes[0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_per_criterion(panels: list[tuple[str, dict[str, dict]]], path: Path) -> Path:
-    """Grouped bars, one panel per (title, {series: {criterion: value}})."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.4), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels):
-        names = [c for c in data.SYMPTOMS if any(c in s for s in series.values())]
-        lowest = 1.0
-        for i, ((label, values), marker) in enumerate(zip(series.items(), "osD^v")):
-            y = np.array([values.get(c, np.nan) for c in names], dtype=float)
-            ax.plot(np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15, y, marker, ms=7, label=label)
-            for x, v in zip(np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15, y):
-                ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(0, 7 if i else -12), ha="center",
-                            fontsize=6)
-            lowest = min(lowest, np.nanmin(y)) if np.isfinite(y).any() else lowest
-        ax.set_xticks(np.arange(len(names)), [c.lower().replace("_", "\n") for c in names], fontsize=7)
-        y_low = math.floor(max(0.0, lowest - 0.05) * 10) / 10  # a dot plot needs no zero baseline: zoom to the data
-        pad = (1 - y_low) * 0.08
-        ax.set(ylim=(y_low - pad, 1 + pad), title=title + (f" (axis from {y_low:.1f})" if y_low else ""))
-        ax.legend(fontsize=7, loc="lower left")
-        ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_hpo(study, out_dir: Path) -> list[Path]:
-    """hpo_history.png (value per trial, best so far) and hpo_importances.png (fANOVA, seeded)."""
-    import optuna
-
-    plt, out_dir = _pyplot(), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    pruned = [t for t in study.trials if t.state.name == "PRUNED" and t.intermediate_values]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter([t.number for t in done], [t.value for t in done], label="complete", zorder=3)
-    ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
-               marker="x", color="grey", label="pruned (last reported)")
-    if done:
-        best = (np.maximum if study.direction.name == "MAXIMIZE" else np.minimum).accumulate([t.value for t in done])
-        ax.step([t.number for t in done], best, where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial", ylabel=study.user_attrs.get("metric", "objective"), title=f"study {study.study_name}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    paths = [_save(fig, out_dir / "hpo_history.png")]
-    fig, ax, reason = *plt.subplots(figsize=(7, 4)), "no parameter varied"
-    try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    except (ValueError, RuntimeError) as e:  # fewer than two complete trials, or nothing varied
-        importances, reason = {}, str(e).split("\n")[0][:80]
-    if importances:
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names])
-        ax.set(xlabel="fANOVA importance (share of the objective's variance)", title="parameter importances")
-    else:
-        ax.text(0.5, 0.5, f"no importances: {reason}", ha="center", wrap=True)
-        ax.set_axis_off()
-    paths.append(_save(fig, out_dir / "hpo_importances.png"))
-    return paths
-
-
 # --------------------------------------------------------------------------- cross-validation
 
 def run_artifacts(run_dir: Path, classify: bool) -> dict:
@@ -371,21 +224,14 @@ def run_artifacts(run_dir: Path, classify: bool) -> dict:
             "mlflow_run_id": json.loads(state.read_text()).get("run_id") if state.exists() else None}
 
 
-def run_plots(rows: list[dict], out_dir: Path, title: str, threshold: float, bow_rows=None) -> list[Path]:
-    """Confusion matrix (at the val-chosen threshold) and PR/ROC curves of classification rows."""
-    labels, probs = [r["label"] for r in rows], [r["prob"] for r in rows]
-    cm = classification_metrics(labels, [r["pred"] for r in rows])["confusion_matrix"]
-    curves = [("model", labels, probs, {"lw": 1.5})]
-    if bow_rows:
-        curves.append(("bag-of-words LR", [r["label"] for r in bow_rows], [r["prob"] for r in bow_rows],
-                       {"lw": 2, "ls": "--", "color": "black"}))
-    return [plot_confusion(cm, out_dir / "confusion.png", f"{title}\n(threshold {threshold:.2f}, chosen on validation)"),
-            plot_pr_roc(curves, out_dir / "pr_roc.png", title)]
+def _curve(name: str, rows: list[dict], **style) -> tuple:
+    return name, [r["label"] for r in rows], [r["prob"] for r in rows], style
 
 
 def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: str) -> dict:
+    """Train every fold x seed, then summarise (summary.json, summary.md, PNGs) into cfg.output_dir."""
     out_dir, task = Path(cfg.output_dir), TASKS[cfg.task]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "splits").mkdir(parents=True, exist_ok=True)
     corpus = data.load_corpus(cfg.data_dir, demo_posts=cfg.demo_posts, demo_seed=cfg.demo_seed,
                               include_special_case=cfg.include_special_case, fuzzy_threshold=cfg.fuzzy_threshold)
     folds = [data.load_splits(cfg.splits_file, corpus)] if k == 1 and cfg.splits_file else \
@@ -393,29 +239,54 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
     parent = Tracker(dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.task}-cv{k}x{len(seeds)}"), True)
     parent.log_params({"report.cv_folds": k, "report.seeds": " ".join(map(str, seeds))})
     runs, baselines = [], []
-    for fold, split in enumerate(folds):
-        (out_dir / "splits").mkdir(exist_ok=True)
-        (out_dir / "splits" / f"fold{fold}.json").write_text(json.dumps(split))
-        baselines.append(fold_baselines(corpus, split, cfg))
-        for seed in seeds:
-            name = f"fold{fold}-seed{seed}"
-            run_cfg = dataclasses.replace(cfg, seed=seed, splits_file=str(out_dir / "splits" / f"fold{fold}.json"),
-                                          output_dir=str(out_dir / name), run_name=f"{cfg.task}-{name}", resume=False)
-            run_cfg._parent_run_id = parent.run_id  # train.train nests its MLflow run under ours
-            log.info("=== %s: %d train / %d val / %d test posts", name, *(len(split[s]) for s in ("train", "val", "test")))
-            train.train(run_cfg)
-            run = {"fold": fold, "seed": seed, "output_dir": run_cfg.output_dir,
-                   **run_artifacts(out_dir / name, task.classify)}
-            pngs = [plot_training({name: run["history"]}, out_dir / name / "training.png")]
-            if task.classify:
-                pngs += run_plots(run["rows"], out_dir / name, f"{cfg.task} {name}: test fold",
-                                  run["metrics"]["val_threshold"], baselines[-1]["rows"]["bag-of-words LR"])
-            if parent.enabled and run["mlflow_run_id"]:
-                for p in pngs:
-                    parent.client.log_artifact(run["mlflow_run_id"], str(p), "plots")
-            runs.append(run)
+    try:
+        for fold, split in enumerate(folds):
+            (out_dir / "splits" / f"fold{fold}.json").write_text(json.dumps(split))
+            baselines.append(fold_baselines(corpus, split, cfg))
+            for seed in seeds:
+                name = f"fold{fold}-seed{seed}"
+                run_cfg = dataclasses.replace(cfg, seed=seed, splits_file=str(out_dir / "splits" / f"fold{fold}.json"),
+                                              output_dir=str(out_dir / name), run_name=f"{cfg.task}-{name}", resume=False)
+                run_cfg._parent_run_id = parent.run_id  # train.train nests its MLflow run under ours
+                log.info("=== %s: %d train / %d val / %d test posts", name, *map(len, split.values()))
+                train.train(run_cfg)
+                run = {"fold": fold, "seed": seed, "output_dir": run_cfg.output_dir,
+                       **run_artifacts(out_dir / name, task.classify)}
+                pngs = [plot_training({name: run["history"]}, out_dir / name / "training.png")]
+                if task.classify:
+                    threshold = run["metrics"]["val_threshold"]
+                    pngs += [plot_confusion(classification_metrics([r["label"] for r in run["rows"]], [r["pred"] for r
+                                                                   in run["rows"]])["confusion_matrix"],
+                                            out_dir / name / "confusion.png", f"{cfg.task} {name}: test fold\n"
+                                            f"(threshold {threshold:.2f}, chosen on validation)"),
+                             plot_pr_roc([_curve("model", run["rows"], lw=1.5),
+                                          _curve("bag-of-words LR", baselines[-1]["rows"]["bag-of-words LR"], lw=2,
+                                                 ls="--", color="black")],
+                                         out_dir / name / "pr_roc.png", f"{cfg.task} {name}: test fold")]
+                if parent.enabled and run["mlflow_run_id"]:
+                    for png in pngs:
+                        parent.client.log_artifact(run["mlflow_run_id"], str(png), "plots")
+                runs.append(run)
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    result = summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command)
+    pngs = summary_plots(result, runs, baselines, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
+    if parent.enabled:
+        parent.log_metrics({f"{m}_{s}": v for m, d in result["summary"]["model"].items() for s, v in d.items()
+                            if s in ("mean", "std", "ci_low", "ci_high") and v is not None}, step=0)
+        for path in [out_dir / "summary.json", out_dir / "summary.md", *pngs]:
+            parent.log_artifact(path)
+        parent.end()
+    log.info("wrote %s and %s", out_dir / "summary.md", out_dir / "summary.json")
+    return result
 
-    # summaries over runs (model) and folds (baselines)
+
+def summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command) -> dict:
+    """What summary.json holds: the model over runs, baselines over folds, the per-criterion tables."""
+    task = TASKS[cfg.task]
     summary = {"model": summarize_runs([r["metrics"] for r in runs], n_boot)}
     for name in baselines[0]["metrics"]:
         summary[name] = summarize_runs([b["metrics"][name] for b in baselines], n_boot)
@@ -425,42 +296,32 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
     for name in baselines[0]["rows"]:
         pooled = [row for b in baselines for row in b["rows"][name]]
         per_criterion[name] = criterion_table(pooled, "pred" in pooled[0], "pred_text" in pooled[0], task.classify)
-    result = {"command": command, "task": cfg.task, "cv_folds": k, "seeds": seeds,
-              "folds": [{s: len(f[s]) for s in ("train", "val", "test")} for f in folds],
-              "runs": [{k_: r[k_] for k_ in ("fold", "seed", "output_dir", "metrics")} for r in runs],
-              "summary": summary, "per_criterion": per_criterion}
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    return {"command": command, "task": cfg.task, "cv_folds": k, "seeds": seeds,
+            "folds": [{s: len(f[s]) for s in ("train", "val", "test")} for f in folds],
+            "runs": [{key: r[key] for key in ("fold", "seed", "output_dir", "metrics")} for r in runs],
+            "summary": summary, "per_criterion": per_criterion}
 
+
+def summary_plots(result: dict, runs: list[dict], baselines: list[dict], out_dir: Path) -> list[Path]:
+    task, pc = result["task"], result["per_criterion"]
     pngs = [plot_training({f"fold{r['fold']}-seed{r['seed']}": r["history"] for r in runs}, out_dir / "training.png")]
     panels = []
-    if task.classify:
-        all_rows = [row for r in runs for row in r["rows"]]
+    if TASKS[task].classify:
         cm = np.sum([classification_metrics([x["label"] for x in r["rows"]], [x["pred"] for x in r["rows"]])
                      ["confusion_matrix"] for r in runs], axis=0)
-        pngs.append(plot_confusion(cm, out_dir / "confusion.png", f"{cfg.task}: test folds, summed over {len(runs)} runs"
+        pngs.append(plot_confusion(cm, out_dir / "confusion.png", f"{task}: test folds, summed over {len(runs)} runs"
                                    "\n(threshold chosen on validation per run)"))
+        curves = [_curve(f"fold{r['fold']}-seed{r['seed']}", r["rows"], lw=1, alpha=0.8) for r in runs]
         bow = [row for b in baselines for row in b["rows"]["bag-of-words LR"]]
-        curves = [(f"fold{r['fold']}-seed{r['seed']}", [x["label"] for x in r["rows"]], [x["prob"] for x in r["rows"]],
-                   {"lw": 1, "alpha": 0.8}) for r in runs]
-        curves.append(("bag-of-words LR (all folds)", [x["label"] for x in bow], [x["prob"] for x in bow],
-                       {"lw": 2, "ls": "--", "color": "black"}))
-        pngs.append(plot_pr_roc(curves, out_dir / "pr_roc.png", f"{cfg.task}: test folds ({len(all_rows):,} rows)"))
+        curves.append(_curve("bag-of-words LR (all folds)", bow, lw=2, ls="--", color="black"))
+        pngs.append(plot_pr_roc(curves, out_dir / "pr_roc.png", f"{task}: test folds ({int(cm.sum()):,} rows)"))
         panels.append(("F1 per criterion (mean over seeds)",
-                       {n: {c: v["f1"] for c, v in per_criterion[n].items()} for n in ("model", "bag-of-words LR")}))
-    if task.spans:
-        panels.append(("span F1 per criterion (mean over seeds)", {n: {c: v["span_f1"] for c, v in per_criterion[n].items()
-                                                     if v.get("span_f1") is not None}
-                                                 for n in ("model", "first sentence")}))
-    pngs.append(plot_per_criterion(panels, out_dir / "per_criterion.png"))
-    (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
-    if parent.enabled:
-        parent.log_metrics({f"{m}_{s}": v for m, d in summary["model"].items() for s, v in d.items()
-                            if s in ("mean", "std", "ci_low", "ci_high") and v is not None}, step=0)
-        for p in [out_dir / "summary.json", out_dir / "summary.md", *pngs]:
-            parent.log_artifact(p)
-        parent.end()
-    log.info("wrote %s and %s", out_dir / "summary.md", out_dir / "summary.json")
-    return result
+                       {n: {c: v["f1"] for c, v in pc[n].items()} for n in ("model", "bag-of-words LR")}))
+    if TASKS[task].spans:
+        panels.append(("span F1 per criterion (mean over seeds)",
+                       {n: {c: v["span_f1"] for c, v in pc[n].items() if v.get("span_f1") is not None}
+                        for n in ("model", "first sentence")}))
+    return pngs + [plot_per_criterion(panels, out_dir / "per_criterion.png")]
 
 
 # --------------------------------------------------------------------------- markdown
