@@ -108,19 +108,20 @@ def plot_per_criterion(panels: list[tuple[str, dict[str, dict]]], path: Path) ->
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.4), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels):
         names = [c for c in data.SYMPTOMS if any(c in s for s in series.values())]
-        lowest = 1.0
-        for i, ((label, values), marker) in enumerate(zip(series.items(), "osD^v")):
-            y = np.array([values.get(c, np.nan) for c in names], dtype=float)
-            ax.plot(np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15, y, marker, ms=7, label=label)
-            for x, v in zip(np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15, y):
-                ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(0, 7 if i else -12), ha="center",
-                            fontsize=6)
-            lowest = min(lowest, np.nanmin(y)) if np.isfinite(y).any() else lowest
+        ys = np.array([[values.get(c, np.nan) for c in names] for values in series.values()], dtype=float)
+        top = np.nanmax(ys, axis=0)
+        for i, (label, y, marker) in enumerate(zip(series, ys, "osD^v")):
+            x = np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15
+            ax.plot(x, y, marker, ms=7, label=label)
+            for xi, v, t in zip(x, y, top):  # the higher value labelled above, the other below: no overlap
+                ax.annotate(f"{v:.3f}", (xi, v), textcoords="offset points", xytext=(0, 7 if v >= t else -12),
+                            ha="center", fontsize=6)
+        lowest = np.nanmin(ys) if np.isfinite(ys).any() else 1.0
         ax.set_xticks(np.arange(len(names)), [c.lower().replace("_", "\n") for c in names], fontsize=7)
         y_low = math.floor(max(0.0, lowest - 0.05) * 10) / 10  # a dot plot needs no zero baseline: zoom to the data
         pad = (1 - y_low) * 0.08
         ax.set(ylim=(y_low - pad, 1 + pad), title=title + (f" (axis from {y_low:.1f})" if y_low else ""))
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
