@@ -109,12 +109,12 @@ def plot_per_criterion(panels: list[tuple[str, dict[str, dict]]], path: Path) ->
     for ax, (title, series) in zip(axes[0], panels):
         names = [c for c in data.SYMPTOMS if any(c in s for s in series.values())]
         ys = np.array([[values.get(c, np.nan) for c in names] for values in series.values()], dtype=float)
-        top = np.nanmax(ys, axis=0)
+        first_best = np.nanargmax(ys, axis=0)
         for i, (label, y, marker) in enumerate(zip(series, ys, "osD^v")):
             x = np.arange(len(names)) + (i - (len(series) - 1) / 2) * 0.15
             ax.plot(x, y, marker, ms=7, label=label)
-            for xi, v, t in zip(x, y, top):  # the higher value labelled above, the other below: no overlap
-                ax.annotate(f"{v:.3f}", (xi, v), textcoords="offset points", xytext=(0, 7 if v >= t else -12),
+            for xi, v, best in zip(x, y, first_best):  # the best value labelled above, the others below: no overlap
+                ax.annotate(f"{v:.3f}", (xi, v), textcoords="offset points", xytext=(0, 7 if best == i else -12),
                             ha="center", fontsize=6)
         lowest = np.nanmin(ys) if np.isfinite(ys).any() else 1.0
         ax.set_xticks(np.arange(len(names)), [c.lower().replace("_", "\n") for c in names], fontsize=7)
