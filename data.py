@@ -394,7 +394,8 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
     for i, ids in enumerate(enc["input_ids"]):
         example_idx = enc["overflow_to_sample_mapping"][i] if windows else i
         ex = examples[example_idx]
-        f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "example_idx": example_idx, "label": ex["label"]}
+        f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "example_idx": example_idx, "label": ex["label"],
+             "criterion_id": SYMPTOMS.index(ex["criterion"])}
         if "token_type_ids" in enc:
             f["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
         if windows:
@@ -427,6 +428,8 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
              "labels": torch.tensor([f["label"] for f in features]),
              "feature_idx": torch.tensor([f["idx"] for f in features])}
+    if "criterion_id" in features[0]:
+        batch["criterion_ids"] = torch.tensor([f["criterion_id"] for f in features])
     if "token_type_ids" in features[0]:
         batch["token_type_ids"] = torch.zeros_like(input_ids)
         for i, f in enumerate(features):

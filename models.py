@@ -6,6 +6,7 @@ which heads it trains, and the metric that early stopping and HPO watch.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -78,8 +79,17 @@ def train_tiny_tokenizer(texts, vocab_size: int):
 
 
 def tiny_encoder_config(cfg: Config, vocab_size: int):
-    from transformers import BertConfig
+    from transformers import BertConfig, ModernBertConfig
 
+    if cfg.tiny_arch == "modernbert":
+        return ModernBertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
+                                num_attention_heads=cfg.tiny_heads, intermediate_size=2 * cfg.tiny_hidden,
+                                max_position_embeddings=max(512, cfg.max_length), local_attention=64,
+                                # local and global layers alternate, the last one global: [CLS] then reads the whole window
+                                layer_types=["sliding_attention" if (cfg.tiny_layers - i) % 2 == 0 else "full_attention"
+                                             for i in range(cfg.tiny_layers)],
+                                pad_token_id=0, cls_token_id=2, sep_token_id=3,
+                                bos_token_id=2, eos_token_id=3)
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
                       num_attention_heads=cfg.tiny_heads, intermediate_size=4 * cfg.tiny_hidden,
                       max_position_embeddings=max(512, cfg.max_length))
@@ -117,27 +127,47 @@ def build_encoder(cfg: Config, vocab_size: int):
 # --------------------------------------------------------------------------- model
 
 class TaskModel(nn.Module):
-    """Encoder(s) with a classification head on [CLS] and/or a start/end head on every token."""
+    """Encoder(s) with a classification head on [CLS] and/or a start/end head on every token.
 
-    def __init__(self, task: Task, encoder, second_encoder=None, dropout: float = 0.1):
+    With `criterion_heads` each head has one set of outputs per criterion and a pair reads those
+    of its own criterion: the encoder then only has to say which symptom a sentence shows, not
+    also match it against the criterion text (which a small encoder trained from scratch fails to learn).
+    """
+
+    def __init__(self, task: Task, encoder, second_encoder=None, dropout: float = 0.1, criterion_heads: bool = True,
+                 pooling: str = "max"):
         super().__init__()
+        self.pooling = pooling
         self.task, self.encoder, self.span_encoder = task, encoder, second_encoder
-        hidden = encoder.config.hidden_size
+        hidden, self.n_heads = encoder.config.hidden_size, len(data.SYMPTOMS) if criterion_heads else 1
+        self.token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
         self.dropout = nn.Dropout(dropout)
-        self.cls_head = nn.Linear(hidden, 2) if task.classify else None
-        self.span_head = nn.Linear(hidden, 2) if task.spans else None
+        self.cls_head = nn.Linear(hidden, 2 * self.n_heads) if task.classify else None
+        self.span_head = nn.Linear(hidden, 2 * self.n_heads) if task.spans else None
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
+    def _own(self, logits, criterion_ids):
+        """(..., n_heads * 2) -> (..., 2): the outputs of each pair's criterion."""
+        if self.n_heads == 1:
+            return logits
+        logits = logits.unflatten(-1, (self.n_heads, 2))
+        rows = torch.arange(len(criterion_ids), device=logits.device)
+        return logits[rows, criterion_ids] if logits.dim() == 3 else logits[rows, :, criterion_ids]
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, **_):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
+        if token_type_ids is not None and self.token_types:
             inputs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**inputs).last_hidden_state
         out = {}
         if self.cls_head is not None:
-            out["cls_logits"] = self.cls_head(self.dropout(hidden[:, 0]))
+            if self.pooling == "max":
+                pooled = hidden.masked_fill(attention_mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).amax(1)
+            else:
+                pooled = hidden[:, 0]
+            out["cls_logits"] = self._own(self.cls_head(self.dropout(pooled)), criterion_ids)
         if self.span_head is not None:
             span_hidden = self.span_encoder(**inputs).last_hidden_state if self.span_encoder is not None else hidden
-            logits = self.span_head(self.dropout(span_hidden)).float()
+            logits = self._own(self.span_head(self.dropout(span_hidden)), criterion_ids).float()
             logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)  # never point at padding
             out["start_logits"], out["end_logits"] = logits.unbind(-1)
         return out
@@ -161,7 +191,7 @@ def build_model(cfg: Config, tokenizer) -> TaskModel:
     task = TASKS[cfg.task]
     encoder = build_encoder(cfg, len(tokenizer))
     second = build_encoder(cfg, len(tokenizer)) if cfg.task == "joint" and not cfg.shared_encoder else None
-    model = TaskModel(task, encoder, second, cfg.dropout)
+    model = TaskModel(task, encoder, second, cfg.dropout, cfg.criterion_heads, cfg.pooling)
     if cfg.gradient_checkpointing:
         for enc in (encoder, second):
             if enc is not None:
@@ -205,7 +235,7 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
         return drop_pooler(AutoModel.from_config(enc_cfg, trust_remote_code=cfg.trust_remote_code))
 
     second = encoder() if cfg.task == "joint" and not cfg.shared_encoder else None
-    model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout)
+    model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout, cfg.criterion_heads, cfg.pooling)
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match a '{cfg.task}' model "

@@ -45,12 +45,15 @@ class Config:
     splits_file: str | None = None  # reuse the post split of an earlier run (its splits.json)
     # --- model
     model: str = "tiny"  # "tiny" (built offline) or any from_pretrained name / local dir
+    tiny_arch: typing.Literal["modernbert", "bert"] = "modernbert"  # tiny encoder: ModernBERT (rotary positions, local+global attention) or BERT (learned absolute positions)
     tiny_hidden: int = 128  # width of the tiny encoder
     tiny_layers: int = 2  # depth of the tiny encoder
     tiny_heads: int = 2  # attention heads of the tiny encoder
     tiny_vocab: int = 8000  # WordPiece vocabulary trained on the training texts
     dropout: float = 0.1  # dropout of the task heads
     shared_encoder: bool = True  # joint: one encoder for both heads (False = two encoders)
+    pooling: typing.Literal["max", "cls"] = "max"  # what the classification head reads: max over the tokens (a post shows a symptom if any sentence does) or [CLS]
+    criterion_heads: bool = True  # heads with one output per criterion, picked by the pair's criterion (False = one head for all)
     max_length: int = 256  # tokens per (criterion, text) window
     doc_stride: int = 64  # overlap between consecutive windows of a long post
     max_answer_tokens: int = 96  # longest span the decoder may return
@@ -58,12 +61,12 @@ class Config:
     gradient_checkpointing: bool = False  # trade compute for memory
     trust_remote_code: bool = False  # only for hub models that need it
     # --- optimisation
-    epochs: int = 3
+    epochs: int = 4
     max_steps: int = -1  # > 0 caps the number of optimizer steps
     batch_size: int = 32  # per process
     eval_batch_size: int = 64  # per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # the tiny model is trained from scratch; use ~2e-5 for pretrained encoders
+    lr: float = 2e-3  # the tiny model is trained from scratch; use ~2e-5 for pretrained encoders
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

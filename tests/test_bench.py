@@ -33,7 +33,8 @@ def test_training_flops_match_torch_flop_counter():
                      intermediate_size=128, max_position_embeddings=64)
     model = TaskModel(TASKS["criteria"], BertModel(enc, add_pooling_layer=False))
     rows, width = 4, 48
-    batch = {"input_ids": torch.randint(5, 100, (rows, width)), "attention_mask": torch.ones(rows, width, dtype=torch.long)}
+    batch = {"input_ids": torch.randint(5, 100, (rows, width)), "attention_mask": torch.ones(rows, width, dtype=torch.long),
+             "criterion_ids": torch.tensor([0, 3, 3, 8])}
     with FlopCounterMode(display=False) as counter:
         out = model(**batch)
         torch.nn.functional.cross_entropy(out["cls_logits"], torch.zeros(rows, dtype=torch.long)).backward()

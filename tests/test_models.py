@@ -1,0 +1,67 @@
+"""Task heads: each (criterion, text) pair reads the outputs of its own criterion."""
+import pytest
+import torch
+
+import data
+from models import TASKS, TaskModel, build_encoder, tiny_encoder_config
+from utils import make_config
+
+
+class Identity(torch.nn.Module):
+    """An 'encoder' whose hidden states are its input embeddings: the heads' arithmetic is then visible."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.config = type("C", (), {"hidden_size": hidden})()
+        self.emb = torch.nn.Embedding(50, hidden)
+
+    def forward(self, input_ids, attention_mask):
+        return type("O", (), {"last_hidden_state": self.emb(input_ids)})()
+
+
+@pytest.mark.parametrize("task,pooling", [("criteria", "cls"), ("criteria", "max"), ("evidence", "max"), ("joint", "max")])
+def test_criterion_heads_pick_the_outputs_of_each_pairs_criterion(task, pooling):
+    torch.manual_seed(0)
+    model = TaskModel(TASKS[task], Identity(8), dropout=0.0, criterion_heads=True, pooling=pooling).eval()
+    ids = torch.randint(0, 50, (4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    criteria = torch.tensor([0, 8, 3, 3])
+    out = model(ids, mask, token_type_ids=torch.zeros_like(ids), criterion_ids=criteria)
+    hidden = model.encoder.emb(ids)
+    for row, c in enumerate(criteria.tolist()):
+        if model.cls_head is not None:
+            w, b = model.cls_head.weight[2 * c: 2 * c + 2], model.cls_head.bias[2 * c: 2 * c + 2]
+            n_real = int(mask[row].sum())  # max pooling must not see the padding
+            pooled = hidden[row, 0] if pooling == "cls" else hidden[row, :n_real].max(0).values
+            torch.testing.assert_close(out["cls_logits"][row], pooled @ w.T + b)
+        if model.span_head is not None:
+            w, b = model.span_head.weight[2 * c: 2 * c + 2], model.span_head.bias[2 * c: 2 * c + 2]
+            expected = (hidden[row] @ w.T + b).masked_fill(mask[row, :, None] == 0, -1e4)
+            torch.testing.assert_close(out["start_logits"][row], expected[:, 0])
+            torch.testing.assert_close(out["end_logits"][row], expected[:, 1])
+
+
+def test_one_head_for_all_criteria_ignores_the_criterion_id():
+    model = TaskModel(TASKS["joint"], Identity(8), dropout=0.0, criterion_heads=False).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    a = model(ids, torch.ones_like(ids), criterion_ids=torch.tensor([0, 1]))
+    b = model(ids, torch.ones_like(ids), criterion_ids=torch.tensor([7, 2]))
+    assert model.cls_head.out_features == 2 and model.span_head.out_features == 2
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_tiny_encoders_run_on_tokenizer_batches(arch, tiny_tokenizer):
+    """Both tiny families take the collated batch as is (ModernBERT has no token types: they are not passed)."""
+    cfg = make_config(task="joint", tiny_arch=arch, tiny_hidden=16, tiny_layers=2, tiny_heads=2, max_length=64, doc_stride=16)
+    assert tiny_encoder_config(cfg, len(tiny_tokenizer)).model_type == arch
+    model = TaskModel(TASKS["joint"], build_encoder(cfg, len(tiny_tokenizer))).eval()
+    ex = [{"post_id": "p", "criterion": c, "text": "I can’t sleep at night anymore. " * 12, "label": 1, "spans": [(0, 31)]}
+          for c in ("SLEEP_ISSUES", "FATIGUE")]
+    feats = data.featurize(tiny_tokenizer, ex, max_length=64, doc_stride=16, windows=True)
+    batch = data.collate(feats, tiny_tokenizer.pad_token_id)
+    assert batch["criterion_ids"].tolist()[0] == data.SYMPTOMS.index("SLEEP_ISSUES")
+    out = model(**batch)
+    assert out["cls_logits"].shape == (len(feats), 2) and out["start_logits"].shape == batch["input_ids"].shape
