@@ -79,7 +79,7 @@ class BatchRecorder:
 
 def n_params_of(model) -> int:
     """Weights that multiply every token: the encoder's matrices less the embedding tables (lookups) and
-    the unused pooler. The task heads add under 1% (the span query runs on [CLS] only)."""
+    the unused pooler. The task heads add under 1%."""
     encoders = [m for m in (model.encoder, model.span_encoder) if m is not None]
     return sum(p.numel() for e in encoders for n, p in e.named_parameters()
                if p.ndim > 1 and "embeddings" not in n and "pooler" not in n)

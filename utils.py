@@ -92,7 +92,7 @@ class Config:
     deterministic: bool = False  # torch.use_deterministic_algorithms: exact repeats, slower
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels (GPU only)
     num_workers: int = 0  # DataLoader workers; features are pre-tokenised, so 0 is fastest on CPU
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: int = 0  # torch CPU threads per process; 0 = the machine's cores shared among its processes
     output_dir: str = "outputs/run"
     log_every: int = 10  # steps between progress/MLflow loss points
     # --- tracking
@@ -253,7 +253,14 @@ def make_accelerator(cfg: Config | None = None):
     if cfg is not None:
         kwargs.update(gradient_accumulation_steps=cfg.grad_accum,
                       mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if cfg is not None and accelerator.device.type == "cpu":
+        # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1: one core of many. By default share
+        # the cores among this machine's processes instead, never more threads than cores.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(cfg.threads or max(1, cores // local))
+    return accelerator
 
 
 def dataloader_kwargs(cfg: Config, use_cuda: bool) -> dict:

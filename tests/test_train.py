@@ -135,3 +135,23 @@ def test_nonfinite_loss_skipped_when_asked_and_states_kept(tmp_path, monkeypatch
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000006", "step-0000008"]
     state = json.loads((ckpts / "last/trainer_state.json").read_text())
     assert state["global_step"] == 8
+
+
+@pytest.mark.parametrize("threads,local,expected", [(0, None, "cores"), (0, "2", "half"), (3, "2", 3)])
+def test_cpu_threads_share_the_cores_among_local_processes(monkeypatch, threads, local, expected):
+    """`accelerate launch` sets OMP_NUM_THREADS=1; by default each process gets its share of the cores instead."""
+    import torch
+
+    from utils import make_accelerator
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    if local:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    before = torch.get_num_threads()
+    try:
+        make_accelerator(make_config(threads=threads))
+        want = {"cores": cores, "half": max(1, cores // 2)}.get(expected, expected)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
