@@ -203,9 +203,10 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, start_positions=None,
-                    end_positions=None):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, labels=None,
+                    start_positions=None, end_positions=None):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                             criterion_ids=criterion_ids)
             targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
             return {"loss": compute_loss(out, targets, cfg), **out}
 
@@ -224,7 +225,8 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
         for f in feats:
             n, width = len(f["input_ids"]), cfg.max_length if padded else len(f["input_ids"])
             row = {"input_ids": f["input_ids"].tolist() + [tokenizer.pad_token_id] * (width - n),
-                   "attention_mask": [1] * n + [0] * (width - n), "labels": f["label"]}
+                   "attention_mask": [1] * n + [0] * (width - n), "labels": f["label"],
+                   "criterion_ids": f["criterion_id"]}
             if "token_type_ids" in f:
                 row["token_type_ids"] = f["token_type_ids"].tolist() + [0] * (width - n)
             if "start" in f:
