@@ -23,9 +23,10 @@ def run(tmp_path, name, **overrides):
     return cfg, train.train(cfg)
 
 
-@pytest.mark.parametrize("task", ["criteria", "evidence", "joint"])
-def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task):
-    cfg, results = run(tmp_path, task, task=task, epochs=1, max_steps=6)
+@pytest.mark.parametrize("task,options", [("criteria", {}), ("evidence", {}), ("joint", {}),
+                                          ("joint", {"shared_encoder": False, "tiny_arch": "bert", "pooling": "cls"})])
+def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task, options):
+    cfg, results = run(tmp_path, task, task=task, epochs=1, max_steps=6, **options)
     out = Path(cfg.output_dir)
     for f in ("config.yaml", "splits.json", "metrics.json", "predictions.jsonl", "checkpoints/best/model.safetensors",
               "checkpoints/last/COMPLETE"):
