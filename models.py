@@ -48,12 +48,15 @@ TASKS = {
 
 # --------------------------------------------------------------------------- tokenizer and encoder
 
+TINY_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # the tiny tokenizer's first ids, in this order
+
+
 def train_tiny_tokenizer(texts, vocab_size: int):
     """WordPiece tokenizer trained on the training texts: the offline stand-in for a hub tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    specials = TINY_SPECIALS
     texts = list(texts)
     trainee = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     trainee.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -82,14 +85,15 @@ def tiny_encoder_config(cfg: Config, vocab_size: int):
     from transformers import BertConfig, ModernBertConfig
 
     if cfg.tiny_arch == "modernbert":
+        cls, sep = TINY_SPECIALS.index("[CLS]"), TINY_SPECIALS.index("[SEP]")
         return ModernBertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
                                 num_attention_heads=cfg.tiny_heads, intermediate_size=2 * cfg.tiny_hidden,
                                 max_position_embeddings=max(512, cfg.max_length), local_attention=64,
                                 # local and global layers alternate, the last one global: [CLS] then reads the whole window
                                 layer_types=["sliding_attention" if (cfg.tiny_layers - i) % 2 == 0 else "full_attention"
                                              for i in range(cfg.tiny_layers)],
-                                pad_token_id=0, cls_token_id=2, sep_token_id=3,
-                                bos_token_id=2, eos_token_id=3)
+                                pad_token_id=TINY_SPECIALS.index("[PAD]"), cls_token_id=cls, sep_token_id=sep,
+                                bos_token_id=cls, eos_token_id=sep)
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
                       num_attention_heads=cfg.tiny_heads, intermediate_size=4 * cfg.tiny_hidden,
                       max_position_embeddings=max(512, cfg.max_length))
@@ -127,7 +131,7 @@ def build_encoder(cfg: Config, vocab_size: int):
 # --------------------------------------------------------------------------- model
 
 class TaskModel(nn.Module):
-    """Encoder(s) with a classification head on [CLS] and/or a start/end head on every token.
+    """Encoder(s) with a classification head (max over the tokens, or [CLS]) and/or a start/end head on every token.
 
     With `criterion_heads` each head has one set of outputs per criterion and a pair reads those
     of its own criterion: the encoder then only has to say which symptom a sentence shows, not
