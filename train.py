@@ -170,14 +170,14 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
     metric_name = task.main_metric if cfg.early_stopping_metric == "auto" else cfg.early_stopping_metric
     sign = 1 if cfg.early_stopping_mode == "max" else -1
     state = {"epoch": 0, "batches_done": 0, "global_step": 0, "best": None, "bad_epochs": 0,
-             "null_threshold": None, "run_id": None, "history": [], "skipped_steps": 0}
+             "null_threshold": None, "run_id": None, "history": [], "curve": [], "skipped_steps": 0}
     if resume_from:
         try:
             accelerator.load_state(str(resume_from))
         except RuntimeError as e:  # weights of another task or model size
             raise UserError(f"{resume_from}: cannot resume with --task {cfg.task} --model {cfg.model}: "
                             f"{' '.join(str(e).split())[:300]}") from None
-        state = json.loads((resume_from / "trainer_state.json").read_text())
+        state = {"curve": [], **json.loads((resume_from / "trainer_state.json").read_text())}
         scheduler.load_state_dict(state.pop("scheduler"))
         log.info("resumed from %s at epoch %d, batch %d, step %d", resume_from, state["epoch"],
                  state["batches_done"], state["global_step"])
@@ -272,7 +272,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                                     "keep --max_grad_norm on, or check the data")
                 for (s, _, step_lr), step_loss in zip(pending, losses):
                     tracker.log_metrics({"train_loss": float(step_loss), "lr": step_lr}, step=s)
-                    state.setdefault("curve", []).append([s, float(step_loss), step_lr])  # for history.json
+                    state["curve"].append([s, float(step_loss), step_lr])  # for history.json
                 pending = []
                 progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}") if progress else None
             progress.update(1) if progress else None
@@ -320,7 +320,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps({"val": results["val"], "test": results["test"]}, indent=2))
         (out_dir / "run_stats.json").write_text(json.dumps({**results["train"], "system": system_info()}, indent=2))
         history = {"metric": metric_name, "val": state["history"],  # training curves, also without MLflow
-                   "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.get("curve", [])]}
+                   "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state["curve"]]}
         (out_dir / "history.json").write_text(json.dumps(history))
         for name in ("val", "test"):
             if results[name]:
