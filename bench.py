@@ -3,6 +3,7 @@
     python bench.py --output bench.json          # 3 workloads x 3 settings + MiniLM MFU + train.py start-up
     python bench.py --threads 1 --repeats 2      # steadier on a machine shared with other jobs
     python bench.py --workloads evidence --steps 50 --n_posts 5000 --settings ours trainer_best
+    python bench.py --device cuda --mixed_precision bf16 --steps 200   # on a GPU: bf16 autocast, both loops
 
 Workloads: criteria (sentence unit), criteria (post unit, windows), evidence (windows). Each setting
 trains --steps timed optimizer steps after --warmup untimed ones, then evaluates --eval_examples
@@ -14,9 +15,10 @@ prepare_data), model config and initial weights, AdamW and schedule, batch sizes
   trainer_padded  Trainer, inputs padded to max_length at tokenisation (run_glue's classic default)
 Each run is a fresh process: its peak RSS and time to first step are its own. Speed-ups compare real
 (non-pad) tokens/s, as the timed steps of two samplers hold different batches. MFU = FLOPs of the
-real tokens per second / a dense fp32 matmul peak measured here; HFU counts the padding too; a
-profile of our step says where the rest goes. CPU time hardly moves when other processes share the
-cores: with --threads 1, tokens per CPU-second are what an idle machine would give.
+real tokens per second / a dense matmul peak measured here (fp32; on a GPU in the precision of the
+run); HFU counts the padding too; a profile of our step (CPU) says where the rest goes. CPU time
+hardly moves when other processes share the cores: with --threads 1, tokens per CPU-second are what an
+idle machine would give. On a GPU the clock waits for the device only at the edges of the timed span.
 """
 from __future__ import annotations
 
@@ -37,31 +39,46 @@ WORKLOADS = {"criteria_sentence": {"task": "criteria", "unit": "sentence"},
              "criteria_post": {"task": "criteria", "unit": "post"},
              "evidence": {"task": "evidence"}}
 SETTINGS = ["ours", "trainer_best", "trainer_padded"]
-SIZES = {"tiny": {}, "minilm": {"tiny_hidden": 384, "tiny_layers": 6, "tiny_heads": 12}}  # MiniLM-L6-H384's shape
+SIZES = {"tiny": {}, "minilm": {"tiny_hidden": 384, "tiny_layers": 6, "tiny_heads": 12},  # MiniLM-L6-H384's shape
+         "base": {"tiny_hidden": 768, "tiny_layers": 12, "tiny_heads": 12}}  # bert-base's shape
 
 
 # --------------------------------------------------------------------------- measuring
 
-def matmul_peak(threads: int, sizes=(1024, 2048), repeats: int = 10) -> float:
-    """Best dense fp32 matmul GFLOP/s with `threads` threads: the denominator of MFU."""
+def matmul_peak(threads: int, device: str = "cpu", precision: str = "no", repeats: int = 10) -> float:
+    """Best dense matmul GFLOP/s: fp32 with `threads` threads on the CPU, the run's precision on a GPU.
+    The denominator of MFU."""
     torch.set_num_threads(threads)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    for n in (1024, 2048) if device == "cpu" else (4096, 8192):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         torch.mm(a, b)
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = clock(sync=True)[0]
             torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+            best = max(best, 2 * n**3 / (clock(sync=True)[0] - t) / 1e9)
     return best
 
 
-def clock() -> np.ndarray:
-    return np.array([time.perf_counter(), time.process_time()])  # wall, CPU (all threads of this process)
+def clock(sync: bool = False) -> np.ndarray:
+    """(wall, CPU time of all this process's threads); `sync` first waits for queued GPU work."""
+    if sync and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def edges(job: dict) -> set[int]:
+    """Indices of the optimizer steps whose end is read: only there does the clock wait for the GPU."""
+    return {job["warmup"] - 1, job["warmup"] + job["steps"] - 1}
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_gpu_mib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
 
 
 class BatchRecorder:
@@ -135,9 +152,12 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     from models import compute_loss
     from train import make_optimizer
 
-    accelerator = Accelerator()
-    pad, total, n_profiled = tokenizer.pad_token_id, job["warmup"] + job["steps"], 3
-    train_loader = data.make_loader(train_feats, cfg.batch_size, True, pad, cfg.seed)
+    from utils import dataloader_kwargs
+
+    accelerator = Accelerator(cpu=job["device"] == "cpu", mixed_precision=job["mixed_precision"])
+    pad, total, n_profiled, sync_at = tokenizer.pad_token_id, job["warmup"] + job["steps"], 3, edges(job)
+    dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
+    train_loader = data.make_loader(train_feats, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
     train_loader.collate_fn = recorder = BatchRecorder(train_loader.collate_fn)
     model, optimizer, train_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
@@ -165,19 +185,19 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     stream, step_ends, losses = batches(), [], []
     for step in range(total):
         train_step(next(stream))
-        step_ends.append(clock())
+        step_ends.append(clock(sync=step in sync_at))
         if step == 0:
             first_step = time.time() - t_process
 
-    warm_loader = data.make_loader(eval_feats[: 2 * cfg.eval_batch_size], cfg.eval_batch_size, False, pad)
+    warm_loader = data.make_loader(eval_feats[: 2 * cfg.eval_batch_size], cfg.eval_batch_size, False, pad, **dl_kwargs)
     model_outputs(model, accelerator.prepare(warm_loader), accelerator, cfg)
-    eval_loader = data.make_loader(eval_feats, cfg.eval_batch_size, False, pad)
+    eval_loader = data.make_loader(eval_feats, cfg.eval_batch_size, False, pad, **dl_kwargs)
     eval_loader.collate_fn = eval_recorder = BatchRecorder(eval_loader.collate_fn)
-    t = clock()
+    t = clock(sync=True)
     model_outputs(model, accelerator.prepare(eval_loader), accelerator, cfg)
     out = {"step_ends": step_ends, "train_shapes": recorder.shapes, "first_step_s": first_step,
-           "eval_seconds": clock() - t, "eval_shapes": eval_recorder.shapes, "peak_rss_mib": peak_rss_mib()}
-    if job["profile"]:  # a few more training steps under the profiler: where the time goes
+           "eval_seconds": clock(sync=True) - t, "eval_shapes": eval_recorder.shapes}
+    if job["profile"] and accelerator.device.type == "cpu":  # a few more training steps under the profiler: where the time goes
         model.train()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
@@ -215,7 +235,7 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
             self.ends, self.first_step = [], None
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(clock())
+            self.ends.append(clock(sync=len(self.ends) in sync_at))
             self.first_step = self.first_step or time.time() - t_process
 
     padded = job["setting"] == "trainer_padded"
@@ -234,7 +254,7 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
             out.append(row)
         return out
 
-    total = job["warmup"] + job["steps"]
+    total, sync_at, precision = job["warmup"] + job["steps"], edges(job), job["mixed_precision"]
     new_api = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__  # transformers >= 5
     sampling = ({"train_sampling_strategy": "random" if padded else "group_by_length"} if new_api
                 else {"group_by_length": not padded})
@@ -243,7 +263,8 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
         per_device_eval_batch_size=cfg.eval_batch_size, max_steps=total, learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
         lr_scheduler_type="linear", warmup_steps=round(cfg.warmup_ratio * total), max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, report_to="none",
+        seed=cfg.seed, use_cpu=job["device"] == "cpu", bf16=precision == "bf16", fp16=precision == "fp16",
+        dataloader_num_workers=0, remove_unused_columns=False, report_to="none",
         save_strategy="no", logging_steps=cfg.log_every, disable_tqdm=True,
         label_names=["start_positions", "end_positions"] if "start" in train_feats[0] else ["labels"], **sampling)
     collate = default_data_collator if padded else DataCollatorWithPadding(tokenizer)
@@ -254,10 +275,10 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
     eval_rows = rows(eval_feats)
     trainer.predict(eval_rows[: 2 * cfg.eval_batch_size])  # warm-up
     trainer.data_collator = eval_recorder = BatchRecorder(collate)
-    t = clock()
+    t = clock(sync=True)
     trainer.predict(eval_rows)
     return {"step_ends": timer.ends, "train_shapes": recorder.shapes, "first_step_s": timer.first_step,
-            "eval_seconds": clock() - t, "eval_shapes": eval_recorder.shapes, "peak_rss_mib": peak_rss_mib()}
+            "eval_seconds": clock(sync=True) - t, "eval_shapes": eval_recorder.shapes}
 
 
 def run_job(job: dict) -> dict:
@@ -269,11 +290,13 @@ def run_job(job: dict) -> dict:
     logging.disable(logging.WARNING)
     import train
     from models import build_model
-    from utils import make_config, set_seed
+    from utils import make_config, set_seed, use_cudnn_attention
 
     cfg = make_config(**WORKLOADS[job["workload"]], **SIZES[job["size"]], demo_posts=job["n_posts"], seed=job["seed"],
                       batch_size=job["batch_size"], eval_batch_size=job["eval_batch_size"],
                       max_length=job["max_length"], mlflow=False)
+    if job["device"] == "cuda":  # the same attention kernels for every setting
+        use_cudnn_attention(job["cudnn_attention"])
     _, tokenizer, features, _ = train.prepare_data(cfg)
     train_feats = features["train"][1]
     eval_feats = train_feats[: job["eval_examples"]]  # their "idx" is their position: valid as is
@@ -286,7 +309,7 @@ def run_job(job: dict) -> dict:
     out = {**{k: job[k] for k in ("workload", "setting", "size")}, "non_embedding_params": shape[0],
            "train": batch_stats(r["train_shapes"][w : w + n], r["step_ends"][w + n - 1] - r["step_ends"][w - 1], shape),
            "eval": batch_stats(r["eval_shapes"], r["eval_seconds"], shape, train=False),
-           "time_to_first_step_s": r["first_step_s"], "peak_rss_mib": r["peak_rss_mib"]}
+           "time_to_first_step_s": r["first_step_s"], "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_gpu_mib()}
     if "breakdown" in r:
         out["train"]["breakdown"] = r["breakdown"]
     return out
@@ -312,7 +335,8 @@ def best_of(runs: list[dict]) -> dict:
 def time_train_py(args) -> dict:
     """Wall time from `python train.py` to its first optimizer step, and that process's peak RSS."""
     cmd = [sys.executable, "train.py", "--max_steps", "5", "--mlflow", "false", "--demo_posts", str(args.n_posts),
-           "--threads", str(args.threads), "--output_dir", tempfile.mkdtemp(prefix="bench_train_py_")]
+           "--threads", str(args.threads), "--mixed_precision", args.mixed_precision,
+           "--output_dir", tempfile.mkdtemp(prefix="bench_train_py_")]
     t, first = time.perf_counter(), None
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -329,7 +353,8 @@ def report_line(r: dict) -> str:
     tr, ev = r["train"], r["eval"]
     return (f"{r['workload']:<18} {r['setting']:<15} {tr['samples_per_s']:>15.1f} {tr['real_tokens_per_s']:>8.0f} "
             f"{tr['padding_fraction']:>5.2f} {ev['samples_per_s']:>14.1f} {ev['real_tokens_per_s']:>8.0f} "
-            f"{ev['padding_fraction']:>5.2f} {r['time_to_first_step_s']:>7.1f}s {r['peak_rss_mib']:>5.0f} MiB")
+            f"{ev['padding_fraction']:>5.2f} {r['time_to_first_step_s']:>7.1f}s {r['peak_rss_mib']:>5.0f} MiB"
+            + (f" (GPU {r['peak_gpu_mib']:.0f} MiB)" if r.get("peak_gpu_mib") else ""))
 
 
 def describe(breakdown: dict, peak: float) -> str:
@@ -352,6 +377,12 @@ def main():
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every setting")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when there is one")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast of every setting (accelerate's for ours, Trainer's bf16/fp16 flags)")
+    p.add_argument("--size", choices=list(SIZES), default="tiny", help="encoder shape of the compared runs")
+    p.add_argument("--cudnn_attention", action="store_true", help="GPU: let SDPA use cuDNN's attention (train.py's "
+                   "--cudnn_attention); every setting gets the same kernels")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per setting, the fastest kept")
     p.add_argument("--minilm_steps", type=int, default=10, help="our loop with a 6-layer, 384-wide encoder; 0: skip")
     p.add_argument("--no_train_py", action="store_true", help="skip timing `python train.py` to its first step")
@@ -362,9 +393,13 @@ def main():
         print(json.dumps(run_job(json.loads(args.job))))
         return
 
-    peak = matmul_peak(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu" and args.mixed_precision != "no":
+        p.error("--mixed_precision: bf16/fp16 autocast is for --device cuda (this CPU has no bf16 instructions)")
+    peak = matmul_peak(args.threads, args.device, args.mixed_precision)
     base = {k: getattr(args, k) for k in ("steps", "warmup", "eval_examples", "n_posts", "batch_size",
-                                         "eval_batch_size", "max_length", "seed", "threads")}
+                                         "eval_batch_size", "max_length", "seed", "threads", "device", "mixed_precision", "cudnn_attention")}
     print(f"{'workload':<18} {'setting':<15} {'train samples/s':>15} {'tokens/s':>8} {'pad':>5} "
           f"{'eval samples/s':>14} {'tokens/s':>8} {'pad':>5} {'1st step':>8} {'peak RSS':>9}")
     results, speedups = [], {"speedup_vs_trainer_best": {}, "speedup_vs_trainer_padded": {}}
@@ -372,7 +407,7 @@ def main():
         runs = {s: [] for s in args.settings}
         for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits every setting
             for setting in args.settings:
-                job = {**base, "workload": workload, "setting": setting, "size": "tiny", "profile": setting == "ours"}
+                job = {**base, "workload": workload, "setting": setting, "size": args.size, "profile": setting == "ours"}
                 runs[setting].append(spawn(job))
         best = {s: best_of(rs) for s, rs in runs.items()}
         for r in best.values():
@@ -390,9 +425,10 @@ def main():
         workload = "criteria_sentence" if "criteria_sentence" in args.workloads else args.workloads[0]
         results.append(spawn({**base, "workload": workload, "setting": "ours", "size": "minilm", "profile": True,
                               "steps": args.minilm_steps, "warmup": 2}))
-    peak = max(peak, matmul_peak(args.threads))  # measured again at the end: the larger is nearer the truth
-    print(f"\nFLOP utilisation against a dense fp32 matmul peak of {peak:.1f} GFLOP/s measured here "
-          f"({args.threads} threads); MFU counts real tokens, HFU the padding too")
+    peak = max(peak, matmul_peak(args.threads, args.device, args.mixed_precision))  # again: the larger is nearer the truth
+    where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"\nFLOP utilisation against a dense {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'} "
+          f"matmul peak of {peak:.1f} GFLOP/s measured here ({where}); MFU counts real tokens, HFU the padding too")
     for r in results:
         for part in ("train", "eval"):
             r[part]["mfu"] = r[part]["model_gflop_per_s"] / peak
@@ -406,7 +442,8 @@ def main():
         print(f"\n{train_py['command']}\n  first optimizer step {train_py['seconds_to_first_step']:.1f} s after "
               f"exec, peak RSS {train_py['peak_rss_mib']:.0f} MiB")
     if args.output:
-        machine = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        machine = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": args.device,
+                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                    "matmul_peak_gflops": peak, "load_average_1_5_15_min": os.getloadavg()}
         with open(args.output, "w") as fh:
             json.dump({**speedups, "machine": machine, "args": vars(args), "train_py": train_py, "runs": results},

@@ -414,7 +414,27 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
                 f["end"] = min(t for t in ctx if offsets[t, 1] >= e)
             f["label"] = int(bool(inside)) if ex["spans"] else ex["label"]
         features.append(f)
+    if windows:
+        check_windows_cover_texts(tokenizer, examples, features)
     return features
+
+
+def check_windows_cover_texts(tokenizer, examples: list[dict], features: list[dict]) -> None:
+    """Every text must reach its last token in some window. tokenizers 0.23.1 and 0.23.2 return at most
+    two overflowing windows a text: the rest of a long post would silently never be read."""
+    texts = sorted({e["text"] for e in examples})
+    ends = {t: (o[-1][1] if o else 0) for t, o in zip(texts, tokenizer(
+        texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])}
+    reached = defaultdict(int)
+    for f in features:
+        reached[f["example_idx"]] = max(reached[f["example_idx"]], int(f["offsets"][:, 1].max()))
+    for i, ex in enumerate(examples):
+        if reached[i] < ends[ex["text"]]:
+            import tokenizers
+
+            raise UserError(f"post {ex['post_id']}: its windows stop at character {reached[i]} of "
+                            f"{ends[ex['text']]} (tokenizers {tokenizers.__version__} returns too few overflowing "
+                            "windows; pip install -U 'tokenizers>=0.23.3')")
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

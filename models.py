@@ -205,12 +205,14 @@ def build_model(cfg: Config, tokenizer) -> TaskModel:
 
 # --------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra: dict | None = None) -> None:
-    """save_pretrained-style folder: model.safetensors, encoder config(s), tokenizer, run config, extra."""
+def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra: dict | None = None,
+                    state_dict: dict | None = None) -> None:
+    """save_pretrained-style folder: model.safetensors, encoder config(s), tokenizer, run config, extra.
+    `state_dict`: the full weights when the model is sharded (accelerator.get_state_dict, FSDP)."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     save_file(state, str(path / "model.safetensors"), metadata={"task": cfg.task, "format": "pt"})
     model.encoder.config.to_json_file(str(path / "encoder_config.json"))
     tokenizer.save_pretrained(str(path / "tokenizer"))

@@ -203,12 +203,13 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
         if state["best"] is None or sign * (value - state["best"]) > cfg.min_delta:
             finite = threshold is not None and math.isfinite(threshold)  # JSON has no infinity
             state.update(best=value, bad_epochs=0, null_threshold=threshold if finite else None)
+            weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
             if is_main:
                 tmp = best_dir.with_name("best.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp,
                                 {"null_threshold": state["null_threshold"], "epoch": epoch, "step": state["global_step"],
-                                 metric_name: value, "val_metrics": metrics})
+                                 metric_name: value, "val_metrics": metrics}, state_dict=weights)
                 (tmp / "splits.json").write_text(json.dumps(splits))
                 old = best_dir.with_name("best.old")
                 if best_dir.exists():
@@ -297,7 +298,13 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
     from safetensors.torch import load_file
 
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).load_state_dict(load_file(str(best_dir / "model.safetensors")))
+    best_weights = load_file(str(best_dir / "model.safetensors"))
+    if accelerator.is_fsdp2:  # sharded parameters: each process takes its shard of the full weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, best_weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        accelerator.unwrap_model(model).load_state_dict(best_weights)
     results = {"val": None, "test": None}
     for name in ("val", "test"):
         ex, feats = features[name]

@@ -91,6 +91,7 @@ class Config:
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms: exact repeats, slower
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels (GPU only)
+    cudnn_attention: bool = False  # cuDNN's fused attention (GPU): it plans anew for every new batch shape
     num_workers: int = 0  # DataLoader workers; features are pre-tokenised, so 0 is fastest on CPU
     threads: int = 0  # torch CPU threads per process; 0 = the machine's cores shared among its processes
     output_dir: str = "outputs/run"
@@ -254,6 +255,8 @@ def make_accelerator(cfg: Config | None = None):
         kwargs.update(gradient_accumulation_steps=cfg.grad_accum,
                       mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
     accelerator = Accelerator(**kwargs)
+    if accelerator.device.type == "cuda":
+        use_cudnn_attention(cfg.cudnn_attention if cfg is not None else False)
     if cfg is not None and accelerator.device.type == "cpu":
         # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1: one core of many. By default share
         # the cores among this machine's processes instead, never more threads than cores.
@@ -261,6 +264,13 @@ def make_accelerator(cfg: Config | None = None):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(cfg.threads or max(1, cores // local))
     return accelerator
+
+
+def use_cudnn_attention(enabled: bool) -> None:
+    """PyTorch's SDPA may pick cuDNN's fused attention for bf16/fp16 with a mask. cuDNN builds a plan
+    for every new input shape, and length-grouped batches bring a new shape most steps: off, SDPA
+    takes the memory-efficient kernel, which needs no plan (README: GPU figures)."""
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def dataloader_kwargs(cfg: Config, use_cuda: bool) -> dict:

@@ -314,3 +314,18 @@ def test_featurize_max_length_too_small_is_a_user_error(tiny_tokenizer):
     (fit,) = data.featurize(tiny_tokenizer, ex, max_length=n + 3 + 1, doc_stride=0, windows=False)
     assert len(fit["input_ids"]) == n + 4
     assert len(data.featurize(tiny_tokenizer, ex, max_length=n + 3 + 9, doc_stride=8, windows=True)) > 1
+
+
+def test_windows_cover_every_text_or_fail_loudly(tiny_tokenizer):
+    text = " ".join(f"On day {i} we walked to the old store and bought {i} green apples." for i in range(40))
+    ex = [{"post_id": "p_long", "criterion": "FATIGUE", "text": text, "label": 0, "spans": []},
+          {"post_id": "p_short", "criterion": "FATIGUE", "text": "Hi.", "label": 0, "spans": []}]
+    feats = data.featurize(tiny_tokenizer, ex, max_length=64, doc_stride=16, windows=True)
+    long_windows = [f for f in feats if f["example_idx"] == 0]
+    assert len(long_windows) > 2  # the last window reaches the text's last character ('.')
+    assert max(int(f["offsets"][:, 1].max()) for f in long_windows) == len(text)
+    # What tokenizers 0.23.1-0.23.2 return: only the first two windows of a long text.
+    kept = {id(f) for f in long_windows[:2]}
+    torn = [f for f in feats if f["example_idx"] == 1 or id(f) in kept]
+    with pytest.raises(UserError, match=r"post p_long: its windows stop at character \d+ of %d" % len(text)):
+        data.check_windows_cover_texts(tiny_tokenizer, ex, torn)

@@ -91,13 +91,13 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
     real_save = train.save_checkpoint
     calls = {"n": 0}
 
-    def killed_on_second_save(model, tokenizer, cfg, path, extra):
+    def killed_on_second_save(model, tokenizer, cfg, path, extra, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # half a checkpoint on disk, then the process dies
             path.mkdir(parents=True, exist_ok=True)
             (path / "model.safetensors").write_bytes(b"torn")
             raise KeyboardInterrupt("killed during save")
-        return real_save(model, tokenizer, cfg, path, extra)
+        return real_save(model, tokenizer, cfg, path, extra, **kwargs)
 
     monkeypatch.setattr(train, "save_checkpoint", killed_on_second_save)
     with pytest.raises(KeyboardInterrupt):  # min_delta < 0: every epoch counts as a new best
