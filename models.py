@@ -185,8 +185,8 @@ def compute_loss(out: dict, batch: dict, cfg: Config, class_weights: torch.Tenso
         losses.append(w * F.cross_entropy(out["cls_logits"].float(), batch["labels"], weight=class_weights))
     if "start_logits" in out:
         w = cfg.loss_weight_evidence if "cls_logits" in out else 1.0
-        span = (F.cross_entropy(out["start_logits"], batch["start_positions"])
-                + F.cross_entropy(out["end_logits"], batch["end_positions"])) / 2
+        span = (F.cross_entropy(out["start_logits"].float(), batch["start_positions"])  # fp32 also where a
+                + F.cross_entropy(out["end_logits"].float(), batch["end_positions"])) / 2  # wrapper cast outputs (FSDP)
         losses.append(w * span)
     return sum(losses)
 
