@@ -105,13 +105,13 @@ def window_candidates(start_logits, end_logits, context_mask, max_answer_tokens:
     neg = torch.finfo(start_logits.dtype).min / 4
     start = start_logits.masked_fill(~context_mask, neg)
     end = end_logits.masked_fill(~context_mask, neg)
-    length = start.shape[1]
-    pos = torch.arange(length, device=start.device)
-    gap = pos[None, :] - pos[:, None]  # end - start
-    allowed = (gap >= 0) & (gap < max_answer_tokens)
-    scores = (start[:, :, None] + end[:, None, :]).masked_fill(~allowed, neg)
-    top = scores.flatten(1).topk(min(n_best, length * length), dim=1)
-    return {"cand_start": top.indices // length, "cand_end": top.indices % length, "cand_score": top.values,
+    length, band = start.shape[1], min(max_answer_tokens, start.shape[1])
+    # Only the band end - start in [0, band): ends[:, i, k] = end[:, i + k], past the window = neg.
+    ends = torch.cat([end, end.new_full((len(end), band - 1), neg)], 1).unfold(1, band, 1)
+    scores = start[:, :, None] + ends  # (windows, start, gap)
+    top = scores.flatten(1).topk(min(n_best, length * band), dim=1)
+    cand_start = top.indices // band
+    return {"cand_start": cand_start, "cand_end": cand_start + top.indices % band, "cand_score": top.values,
             "null_score": start_logits[:, 0] + end_logits[:, 0],
             "has_context": context_mask.any(1)}
 

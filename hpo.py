@@ -239,8 +239,8 @@ def write_outputs(study, study_dir: Path, metric: str) -> dict:
 
 
 def close_trial_run(tracker: Tracker, trial) -> None:
-    """Tag the trial's nested MLflow run, and end it if train.py could not (pruned, failed, or a dead
-    worker's trial that this one retries): train.py ends its run only when training ends."""
+    """Tag the trial's nested MLflow run and give it the trial's fate: train.py ends a run that raised as
+    FAILED, also when the raise was a prune (KILLED here), and a dead worker's run is still RUNNING."""
     retried = trial.system_attrs.get("failed_trial")
     exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     for number, state in [(trial.number, trial.state.name)] + ([(retried, "FAIL")] if retried is not None else []):
@@ -248,7 +248,7 @@ def close_trial_run(tracker: Tracker, trial) -> None:
                                                         f"and attributes.run_name = 'trial_{number}'"):
             tracker.client.set_tag(run.info.run_id, "optuna.trial", str(number))
             tracker.client.set_tag(run.info.run_id, "optuna.state", state)
-            if run.info.status == "RUNNING":
+            if run.info.status != "FINISHED":
                 tracker.client.set_terminated(run.info.run_id, "KILLED" if state == "PRUNED" else "FAILED")
 
 

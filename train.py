@@ -119,9 +119,19 @@ def load_last(path: Path) -> Path:
 def train(cfg: Config, accelerator=None, report=None) -> dict:
     """Train, validate each epoch, keep the best checkpoint, test it. Returns {"val": .., "test": ..}.
 
-    `report(epoch, val_metrics)` is called after every validation (HPO uses it to prune).
+    `report(epoch, val_metrics)` is called after every validation (HPO uses it to prune). A run that
+    raises is ended in MLflow as KILLED (Ctrl-C) or FAILED, not left RUNNING.
     """
+    opened = []  # the run's Tracker, once there is one
+    try:
+        return _train(cfg, accelerator, report, opened)
+    except BaseException as e:
+        for tracker in opened:
+            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
+
+def _train(cfg: Config, accelerator, report, opened: list) -> dict:
     t_start = time.perf_counter()
     if accelerator is None:
         accelerator = make_accelerator(cfg)
@@ -183,6 +193,7 @@ def train(cfg: Config, accelerator=None, report=None) -> dict:
                  state["batches_done"], state["global_step"])
     tracker = Tracker(cfg, is_main, run_id=state["run_id"], parent_run_id=getattr(cfg, "_parent_run_id", None))
     state["run_id"] = tracker.run_id
+    opened.append(tracker)
     if is_main and not resume_from:
         tracker.log_params({f"system.{k}": v for k, v in system_info().items()})
         tracker.log_dict(data_report, "data_report.json")

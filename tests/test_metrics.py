@@ -138,6 +138,19 @@ def test_window_candidates_constraints():
     assert all(s == e for s, e in zip(narrow["cand_start"][0].tolist(), narrow["cand_end"][0].tolist()))
 
 
+def test_window_candidates_equal_a_search_of_every_pair():
+    gen = torch.Generator().manual_seed(0)
+    start, end = torch.randn(6, 40, generator=gen), torch.randn(6, 40, generator=gen)
+    context = torch.zeros(6, 40, dtype=torch.bool)
+    context[:, 5:], context[2, 30:] = True, False  # a question, a shorter window
+    c = evaluate.window_candidates(start, end, context, max_answer_tokens=7, n_best=5)
+    for w in range(6):
+        text = context[w].nonzero().flatten().tolist()
+        pairs = sorted(((float(start[w, i] + end[w, j]), i, j) for i in text for j in text if 0 <= j - i < 7), reverse=True)
+        assert list(zip(c["cand_start"][w].tolist(), c["cand_end"][w].tolist())) == [(i, j) for _, i, j in pairs[:5]]
+        assert np.allclose(c["cand_score"][w].numpy(), [s for s, _, _ in pairs[:5]])
+
+
 def test_window_candidates_without_text_tokens_are_invalid():
     start, end = torch.zeros(2, 5), torch.zeros(2, 5)
     context = torch.tensor([[False] * 5, [False, True, True, False, False]])

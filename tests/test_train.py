@@ -127,6 +127,25 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
         run(tmp_path, "nan", epochs=1, max_steps=6)
 
 
+def test_a_run_that_raises_ends_failed_or_killed_in_mlflow(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(train, "compute_loss", _nan_at_call(3))
+    with pytest.raises(UserError, match="loss became nan"):
+        run(tmp_path, "nan", epochs=1, max_steps=6, mlflow=True, tracking_uri=uri, run_name="nan")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "compute_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "ctrl-c", epochs=1, max_steps=6, mlflow=True, tracking_uri=uri, run_name="ctrl-c")
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(make_config().experiment).experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {"nan": "FAILED", "ctrl-c": "KILLED"}
+
+
 def test_nonfinite_loss_skipped_when_asked_and_states_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "compute_loss", _nan_at_call(3))
     cfg, results = run(tmp_path, "skip", epochs=1, max_steps=8, skip_nonfinite=True, save_every=2, keep_checkpoints=3)
