@@ -399,19 +399,18 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
         if "token_type_ids" in enc:
             f["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
         if windows:
-            seq = enc.sequence_ids(i)
-            ctx = [t for t, s in enumerate(seq) if s == 1]
-            offsets = np.full((len(ids), 2), -1, dtype=np.int32)  # -1: not a text token
-            for t in ctx:
-                offsets[t] = enc["offset_mapping"][i][t]
+            text = np.array(enc.sequence_ids(i), dtype=float) == 1  # None (special tokens) -> nan
+            ctx = np.flatnonzero(text)
+            offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
+            offsets[~text] = -1  # -1: not a text token
             f["offsets"] = offsets
             f["start"] = f["end"] = 0
             lo, hi = offsets[ctx[0], 0], offsets[ctx[-1], 1]
             inside = [(s, e) for s, e in ex["spans"] if lo <= s and e <= hi]
             if inside:
                 s, e = inside[0]
-                f["start"] = max(t for t in ctx if offsets[t, 0] <= s)
-                f["end"] = min(t for t in ctx if offsets[t, 1] >= e)
+                f["start"] = int(ctx[offsets[ctx, 0] <= s].max())  # the text token holding the span's first char
+                f["end"] = int(ctx[offsets[ctx, 1] >= e].min())  # ... and its last
             f["label"] = int(bool(inside)) if ex["spans"] else ex["label"]
         features.append(f)
     if windows:
