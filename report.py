@@ -4,6 +4,7 @@
     python report.py --task criteria --cv_folds 1 --seeds 1 2 3     # refit on one train/val/test split, 3 seeds
     python report.py --task evidence --cv_folds 3 --epochs 2        # any train.py flag sets the base config
     python report.py --hpo_study criteria-coarse                    # plots of an Optuna study (hpo.py makes them too)
+    python report.py --task joint --cv_folds 5 --resume true        # after a crash: finished runs are read back
 
 Folds are by post and stratified by the post's symptom profile (`data.kfold_splits`): fold k is the
 test set, a stratified slice of the other folds (val_ratio of all posts) the validation set, the rest
@@ -33,7 +34,7 @@ import train
 from evaluate import classification_metrics, span_metrics, span_scores
 from models import TASKS
 from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training
-from utils import Config, Tracker, UserError, parse_config, run_main, setup_logging
+from utils import Config, Tracker, UserError, load_yaml_config, parse_config, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
 DEFAULT_STORAGE = "sqlite:///outputs/hpo/optuna.db"  # hpo.py's
@@ -228,6 +229,26 @@ def _curve(name: str, rows: list[dict], **style) -> tuple:
     return name, [r["label"] for r in rows], [r["prob"] for r in rows], style
 
 
+def train_or_reuse(run_cfg: Config, resume: bool) -> str:
+    """Train one fold x seed. With --resume, a run that finished with this same config is read back
+    as it is and one that stopped midway goes on from its last training state; a run of another
+    config in that folder is an error, not silently mixed in."""
+    run_dir = Path(run_cfg.output_dir)
+    if resume and (run_dir / "config.yaml").exists():
+        saved, now = load_yaml_config(run_dir / "config.yaml"), dataclasses.asdict(run_cfg)
+        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k != "resume" and saved.get(k) != now[k]]
+        if changed:
+            raise UserError(f"{run_dir}: trained with other settings ({', '.join(changed[:3])}): "
+                            "give another --output_dir, or drop --resume")
+        if all((run_dir / f).exists() for f in ("history.json", "metrics.json", "predictions.jsonl")):
+            return "finished before, read back"  # history.json is written last
+        if (run_dir / "checkpoints" / "last" / "COMPLETE").exists():
+            train.train(dataclasses.replace(run_cfg, resume=True))
+            return "resumed from its last state"
+    train.train(run_cfg)
+    return "trained"
+
+
 def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: str) -> dict:
     """Train every fold x seed, then summarise (summary.json, summary.md, PNGs) into cfg.output_dir."""
     out_dir, task = Path(cfg.output_dir), TASKS[cfg.task]
@@ -249,7 +270,7 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
                                               output_dir=str(out_dir / name), run_name=f"{cfg.task}-{name}", resume=False)
                 run_cfg._parent_run_id = parent.run_id  # train.train nests its MLflow run under ours
                 log.info("=== %s: %d train / %d val / %d test posts", name, *map(len, split.values()))
-                train.train(run_cfg)
+                log.info("%s: %s", name, train_or_reuse(run_cfg, cfg.resume))
                 run = {"fold": fold, "seed": seed, "output_dir": run_cfg.output_dir,
                        **run_artifacts(out_dir / name, task.classify)}
                 pngs = [plot_training({name: run["history"]}, out_dir / name / "training.png")]

@@ -163,6 +163,25 @@ def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
         a.path for a in client.list_artifacts(children[0].info.run_id, "plots")}
 
 
+def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, monkeypatch):
+    out = tmp_path / "cv"
+    argv = TINY + ["--cv_folds", "2", "--seeds", "1", "--output_dir", out, "--mlflow", "false"]
+    code, err = cli(report.main, argv)
+    assert code == 0, err
+    first = report.json.loads((out / "summary.json").read_text())
+    for f in ("history.json", "metrics.json"):  # fold 1 died after its last training state was saved
+        (out / "fold1-seed1" / f).unlink()
+    calls, real_train = [], report.train.train
+    monkeypatch.setattr(report.train, "train", lambda cfg: calls.append((cfg.output_dir, cfg.resume)) or real_train(cfg))
+    code, err = cli(report.main, argv + ["--resume", "true"])
+    assert code == 0, err
+    assert calls == [(str(out / "fold1-seed1"), True)]  # fold 0 read back, fold 1 resumed
+    again = report.json.loads((out / "summary.json").read_text())
+    assert again["runs"] == first["runs"] and again["summary"] == first["summary"]
+    code, err = cli(report.main, argv + ["--resume", "true", "--lr", "0.01"])
+    assert code == 2 and "fold0-seed1: trained with other settings (lr 0.002 -> 0.01)" in err.splitlines()[-1], err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--cv_folds", "0"], "--cv_folds: must be >= 1"),
     (["--cv_folds", "40", "--demo_posts", "40"], "--cv_folds: must be 1 or between 2 and 20"),
