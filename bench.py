@@ -197,7 +197,7 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     model_outputs(model, accelerator.prepare(eval_loader), accelerator, cfg)
     out = {"step_ends": step_ends, "train_shapes": recorder.shapes, "first_step_s": first_step,
            "eval_seconds": clock(sync=True) - t, "eval_shapes": eval_recorder.shapes}
-    if job["profile"] and accelerator.device.type == "cpu":  # a few more training steps under the profiler: where the time goes
+    if job["profile"] and accelerator.device.type == "cpu":  # a few more steps under the profiler: where the time goes
         model.train()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
@@ -398,8 +398,9 @@ def main():
     if args.device == "cpu" and args.mixed_precision != "no":
         p.error("--mixed_precision: bf16/fp16 autocast is for --device cuda (this CPU has no bf16 instructions)")
     peak = matmul_peak(args.threads, args.device, args.mixed_precision)
-    base = {k: getattr(args, k) for k in ("steps", "warmup", "eval_examples", "n_posts", "batch_size",
-                                         "eval_batch_size", "max_length", "seed", "threads", "device", "mixed_precision", "cudnn_attention")}
+    shared = ("steps", "warmup", "eval_examples", "n_posts", "batch_size", "eval_batch_size", "max_length", "seed",
+              "threads", "device", "mixed_precision", "cudnn_attention")
+    base = {k: getattr(args, k) for k in shared}
     print(f"{'workload':<18} {'setting':<15} {'train samples/s':>15} {'tokens/s':>8} {'pad':>5} "
           f"{'eval samples/s':>14} {'tokens/s':>8} {'pad':>5} {'1st step':>8} {'peak RSS':>9}")
     results, speedups = [], {"speedup_vs_trainer_best": {}, "speedup_vs_trainer_padded": {}}
@@ -407,7 +408,8 @@ def main():
         runs = {s: [] for s in args.settings}
         for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits every setting
             for setting in args.settings:
-                job = {**base, "workload": workload, "setting": setting, "size": args.size, "profile": setting == "ours"}
+                job = {**base, "workload": workload, "setting": setting, "size": args.size,
+                       "profile": setting == "ours"}
                 runs[setting].append(spawn(job))
         best = {s: best_of(rs) for s, rs in runs.items()}
         for r in best.values():
@@ -425,7 +427,7 @@ def main():
         workload = "criteria_sentence" if "criteria_sentence" in args.workloads else args.workloads[0]
         results.append(spawn({**base, "workload": workload, "setting": "ours", "size": "minilm", "profile": True,
                               "steps": args.minilm_steps, "warmup": 2}))
-    peak = max(peak, matmul_peak(args.threads, args.device, args.mixed_precision))  # again: the larger is nearer the truth
+    peak = max(peak, matmul_peak(args.threads, args.device, args.mixed_precision))  # the larger is nearer the truth
     where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"\nFLOP utilisation against a dense {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'} "
           f"matmul peak of {peak:.1f} GFLOP/s measured here ({where}); MFU counts real tokens, HFU the padding too")
@@ -442,7 +444,8 @@ def main():
         print(f"\n{train_py['command']}\n  first optimizer step {train_py['seconds_to_first_step']:.1f} s after "
               f"exec, peak RSS {train_py['peak_rss_mib']:.0f} MiB")
     if args.output:
-        machine = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": args.device,
+        machine = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                   "device": args.device,
                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                    "matmul_peak_gflops": peak, "load_average_1_5_15_min": os.getloadavg()}
         with open(args.output, "w") as fh:

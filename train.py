@@ -310,7 +310,7 @@ def _train(cfg: Config, accelerator, report, opened: list) -> dict:
 
     accelerator.wait_for_everyone()
     best_weights = load_file(str(best_dir / "model.safetensors"))
-    if accelerator.is_fsdp2:  # sharded parameters: each process takes its shard of the full weights
+    if getattr(accelerator, "is_fsdp2", False):  # sharded: each process takes its shard of the full weights
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, best_weights, options=StateDictOptions(full_state_dict=True))
