@@ -45,3 +45,29 @@ def test_training_flops_match_torch_flop_counter(arch):
     if arch == "modernbert":  # torch's counter has no formula for SDPA with ModernBERT's sliding-window mask
         expected -= 3 * 4 * 2 * 32 * rows * width**2
     assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
+
+
+def test_bench_end_to_end_writes_ratios(tmp_path):
+    """Two settings, two timed steps each: the JSON holds the ratios the README quotes, from these runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, out = Path(bench.__file__).parent, tmp_path / "bench.json"
+    args = ["--workloads", "evidence", "--settings", "ours", "trainer_best", "--steps", "2", "--warmup", "1",
+            "--eval_examples", "16", "--n_posts", "40", "--batch_size", "8", "--eval_batch_size", "8",
+            "--max_length", "96", "--threads", "1", "--minilm_steps", "0", "--no_train_py"]
+    proc = subprocess.run([sys.executable, "bench.py", *args, "--output", str(out)], cwd=root, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    ours, trainer = (next(r for r in result["runs"] if r["setting"] == s) for s in ("ours", "trainer_best"))
+    ratio = result["speedup_vs_trainer_best"]["evidence"]
+    assert ratio["train"] == pytest.approx(ours["train"]["real_tokens_per_s"] / trainer["train"]["real_tokens_per_s"])
+    assert ratio["eval"] == pytest.approx(ours["eval"]["real_tokens_per_s"] / trainer["eval"]["real_tokens_per_s"])
+    assert ours["train"]["batches"] == trainer["train"]["batches"] == 2 and result["machine"]["device"] == "cpu"
+    assert result["speedup_vs_trainer_padded"] == {}  # no padded run, no ratio
+    refused = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--mixed_precision", "bf16"], cwd=root,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--mixed_precision: bf16/fp16 autocast is for --device cuda" in refused.stderr
