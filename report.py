@@ -11,8 +11,9 @@ test set, a stratified slice of the other folds (val_ratio of all posts) the val
 trains. Folds depend on --seed only, so --seeds vary the training (initialisation, batch order), not
 the data. Each fold x seed is one `train.train` in output_dir/fold{k}-seed{s}/ and an MLflow run nested
 under one parent run. output_dir then holds summary.json and summary.md: for every test metric the
-mean, standard deviation and a percentile-bootstrap 95% interval of the mean over the runs (the runs
-share training posts, so the interval is a lower bound on the real uncertainty), the majority class,
+mean, standard deviation, a percentile-bootstrap 95% interval of the mean over the runs (it treats
+them as independent, a lower bound) and, with k >= 2 folds, the corrected resampled t interval that
+allows for the training posts the runs share (Nadeau & Bengio 2003), the majority class,
 a bag-of-words logistic regression and (span tasks) the first sentence of the post on the same folds,
 and a per-criterion table; and PNGs of the confusion matrix, PR and ROC curves, training curves and
 per-criterion scores (drawn by plots.py; also in each run's folder, and logged to MLflow).
@@ -61,20 +62,39 @@ def bootstrap_ci(values, level: float = 0.95, n_boot: int = 10000, seed: int = 0
     return float(low), float(high)
 
 
-def summarize(values, n_boot: int = 10000) -> dict:
-    """mean, sample standard deviation and bootstrap 95% interval of the finite values."""
+def corrected_t_ci(values, test_train_ratio: float, level: float = 0.95) -> tuple[float, float]:
+    """Corrected resampled t interval of the mean of cross-validation scores (Nadeau & Bengio 2003;
+    Bouckaert & Frank 2004 for repeated folds): the runs' training sets overlap, so their scores are
+    correlated, and the variance of the mean is (1/n + n_test/n_train) s^2, not s^2/n."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * math.sqrt(
+        (1 / len(values) + test_train_ratio) * values.var(ddof=1))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def summarize(values, n_boot: int = 10000, test_train_ratio: float | None = None) -> dict:
+    """mean, sample standard deviation and bootstrap 95% interval of the finite values; with
+    `test_train_ratio` (cross-validation) also the corrected t interval."""
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if not len(v):
         return {"mean": None, "std": None, "ci_low": None, "ci_high": None, "n": 0}
     low, high = bootstrap_ci(v, n_boot=n_boot)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "ci_low": low, "ci_high": high, "n": len(v)}
+    out = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+           "ci_low": low, "ci_high": high, "n": len(v)}
+    if test_train_ratio is not None:
+        low, high = corrected_t_ci(v, test_train_ratio)
+        out.update(ci_corrected_low=low if len(v) > 1 else None, ci_corrected_high=high if len(v) > 1 else None)
+    return out
 
 
-def summarize_runs(metrics: list[dict], n_boot: int = 10000) -> dict[str, dict]:
+def summarize_runs(metrics: list[dict], n_boot: int = 10000, test_train_ratio: float | None = None) -> dict[str, dict]:
     """summarize() of every float metric (in first-seen order) over a list of metric dicts."""
     names = list(dict.fromkeys(k for m in metrics for k, v in m.items() if isinstance(v, float)))
-    return {k: summarize([m.get(k) for m in metrics], n_boot) for k in names}
+    return {k: summarize([m.get(k) for m in metrics], n_boot, test_train_ratio) for k in names}
 
 
 def choose_threshold(labels, probs) -> float:
@@ -297,7 +317,8 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
     (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
     if parent.enabled:
         parent.log_metrics({f"{m}_{s}": v for m, d in result["summary"]["model"].items() for s, v in d.items()
-                            if s in ("mean", "std", "ci_low", "ci_high") and v is not None}, step=0)
+                            if s in ("mean", "std", "ci_low", "ci_high", "ci_corrected_low", "ci_corrected_high")
+                            and v is not None}, step=0)
         for path in [out_dir / "summary.json", out_dir / "summary.md", *pngs]:
             parent.log_artifact(path)
         parent.end()
@@ -308,7 +329,9 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
 def summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command) -> dict:
     """What summary.json holds: the model over runs, baselines over folds, the per-criterion tables."""
     task = TASKS[cfg.task]
-    summary = {"model": summarize_runs([r["metrics"] for r in runs], n_boot)}
+    # k folds: training sets overlap, so the corrected t interval too (test / train posts, mean over folds)
+    ratio = float(np.mean([len(f["test"]) / len(f["train"]) for f in folds])) if k > 1 else None
+    summary = {"model": summarize_runs([r["metrics"] for r in runs], n_boot, ratio)}
     for name in baselines[0]["metrics"]:
         summary[name] = summarize_runs([b["metrics"][name] for b in baselines], n_boot)
     # per criterion: each seed's test rows pooled over the folds (every post scored once), then the mean over seeds
@@ -347,29 +370,38 @@ def summary_plots(result: dict, runs: list[dict], baselines: list[dict], out_dir
 
 # --------------------------------------------------------------------------- markdown
 
-def _cell(d: dict | None, ci: bool = False) -> str:
+def _cell(d: dict | None, ci: bool = False, corrected: bool = False) -> str:
     if not d or d["mean"] is None:
         return "–"
     text = f"{d['mean']:.3f} ± {d['std']:.3f}"
-    return f"{text} | [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if ci else text
+    if ci:
+        text += f" | [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+    if corrected:
+        low, high = d.get("ci_corrected_low"), d.get("ci_corrected_high")
+        text += f" | [{low:.3f}, {high:.3f}]" if low is not None else " | –"
+    return text
 
 
 def summary_markdown(result: dict, pngs: list[str]) -> str:
     summary, k, seeds = result["summary"], result["cv_folds"], result["seeds"]
     baselines = [n for n in summary if n != "model"]
     design = f"{k}-fold cross-validation (grouped by post, stratified)" if k > 1 else "one train/val/test split"
+    corrected = k > 1
     lines = [f"# {result['task']}: {design} x {len(seeds)} seed(s)", "", f"`{result['command']}`", "",
              f"{len(result['runs'])} runs (seeds {', '.join(map(str, seeds))}); posts per fold (train / val / test): "
              + ", ".join(f"{f['train']} / {f['val']} / {f['test']}" for f in result["folds"]) + ".", "",
              "Test metrics of each run's best checkpoint: mean ± standard deviation over the runs and a percentile "
-             "bootstrap 95% interval of the mean." + (" Classification metrics at threshold 0.5 unless "
+             "bootstrap 95% interval of the mean" + (", which treats the runs as independent; they share training "
+             "posts, so the corrected resampled t interval (Nadeau & Bengio 2003, variance (1/n + n_test/n_train) s², "
+             "t with n - 1 degrees of freedom) is the one to quote." if corrected else ".")
+             + (" Classification metrics at threshold 0.5 unless "
              "`_at_val_threshold` (chosen per run for the best macro F1 on its validation posts)."
              if "val_threshold" in summary["model"] else "") + " Baselines on the same test folds: mean ± std over "
-             "the folds.", "", "| metric | model | 95% CI | " + " | ".join(baselines) + " |",
-             "|---|---|---|" + "---|" * len(baselines)]
+             "the folds.", "", "| metric | model | 95% CI | " + ("corrected 95% CI | " if corrected else "")
+             + " | ".join(baselines) + " |", "|---|---|---|" + "---|" * (len(baselines) + corrected)]
     for metric, d in summary["model"].items():
-        lines.append(f"| {metric} | {_cell(d, ci=True)} | " + " | ".join(_cell(summary[b].get(metric)) for b in baselines)
-                     + " |")
+        lines.append(f"| {metric} | {_cell(d, ci=True, corrected=corrected)} | "
+                     + " | ".join(_cell(summary[b].get(metric)) for b in baselines) + " |")
     lines += ["", "## Per criterion", "",
               "Model: each seed's test predictions pooled over the folds (every post scored once per seed)"
               + (", classified at each run's validation-chosen threshold" if "val_threshold" in summary["model"] else "")

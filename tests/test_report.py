@@ -34,6 +34,17 @@ def test_bootstrap_ci_matches_normal_theory_and_narrows_with_n():
     assert np.subtract(*report.bootstrap_ci(small)[::-1]) > 3 * (hi - lo)  # sqrt(400/25) = 4x wider, give or take
 
 
+def test_corrected_t_interval_hand_computed():
+    # mean 0.9, s = 0.1, n = 3, n_test/n_train = 0.5: half width t(2, 0.975) * sqrt((1/3 + 0.5) * 0.01)
+    low, high = report.corrected_t_ci([0.8, 0.9, 1.0], 0.5)
+    assert (low, high) == pytest.approx((0.9 - 4.302653 * 0.0912871, 0.9 + 4.302653 * 0.0912871), abs=1e-6)
+    no_overlap = report.corrected_t_ci([0.8, 0.9, 1.0], 0.0)  # independent runs: the plain t interval
+    assert no_overlap == pytest.approx((0.9 - 4.302653 * 0.1 / 3**0.5, 0.9 + 4.302653 * 0.1 / 3**0.5), abs=1e-6)
+    d = report.summarize([0.8, 0.9, 1.0], n_boot=2000, test_train_ratio=0.5)
+    assert d["ci_corrected_low"] == pytest.approx(low) and d["ci_corrected_low"] < d["ci_low"]  # wider than the bootstrap
+    assert "ci_corrected_low" not in report.summarize([0.8, 0.9], n_boot=2000)  # one split: no correction
+
+
 def test_summarize_skips_missing_values():
     s = report.summarize([0.8, None, 0.9, float("nan"), 1.0])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)  # sample std (ddof 1)
@@ -134,7 +145,7 @@ def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
     assert code == 0, err
     md = (out / "summary.md").read_text()
     assert md.startswith("# criteria: 2-fold cross-validation (grouped by post, stratified) x 1 seed(s)")
-    assert "| metric | model | 95% CI | majority class | bag-of-words LR |" in md
+    assert "| metric | model | 95% CI | corrected 95% CI | majority class | bag-of-words LR |" in md
     assert sum(line.startswith("| f1_macro | ") for line in md.splitlines()) == 1
     assert "| f1_macro_at_val_threshold |" in md
     assert "| FATIGUE |" in md and "| all |" in md and "| fold1-seed1 |" in md
