@@ -393,7 +393,8 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
              "Test metrics of each run's best checkpoint: mean ± standard deviation over the runs and a percentile "
              "bootstrap 95% interval of the mean" + (", which treats the runs as independent; they share training "
              "posts, so the corrected resampled t interval (Nadeau & Bengio 2003, variance (1/n + n_test/n_train) s², "
-             "t with n - 1 degrees of freedom) is the one to quote." if corrected else ".")
+             "t with n - 1 degrees of freedom; unbounded, so it may pass 1 near the ceiling) is the one to quote."
+             if corrected else ".")
              + (" Classification metrics at threshold 0.5 unless "
              "`_at_val_threshold` (chosen per run for the best macro F1 on its validation posts)."
              if "val_threshold" in summary["model"] else "") + " Baselines on the same test folds: mean ± std over "
