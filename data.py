@@ -422,8 +422,8 @@ def check_windows_cover_texts(tokenizer, examples: list[dict], features: list[di
     """Every text must reach its last token in some window. tokenizers 0.23.1 and 0.23.2 return at most
     two overflowing windows a text: the rest of a long post would silently never be read."""
     texts = sorted({e["text"] for e in examples})
-    ends = {t: (o[-1][1] if o else 0) for t, o in zip(texts, tokenizer(
-        texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])}
+    ends = {t: (o[-1][1] if o else 0) for t, o in zip(texts, tokenizer(  # verbose: no "longer than 512" warning
+        texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"])}
     reached = defaultdict(int)
     for f in features:
         reached[f["example_idx"]] = max(reached[f["example_idx"]], int(f["offsets"][:, 1].max()))
