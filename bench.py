@@ -69,8 +69,9 @@ def clock(sync: bool = False) -> np.ndarray:
 
 
 def edges(job: dict) -> set[int]:
-    """Indices of the optimizer steps whose end is read: only there does the clock wait for the GPU."""
-    return {job["warmup"] - 1, job["warmup"] + job["steps"] - 1}
+    """Indices of the optimizer steps whose end is read (the first: time to first step; the edges of the
+    timed span): only there does the clock wait for the GPU."""
+    return {0, job["warmup"] - 1, job["warmup"] + job["steps"] - 1}
 
 
 def peak_rss_mib() -> float:
