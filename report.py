@@ -62,7 +62,7 @@ def bootstrap_ci(values, level: float = 0.95, n_boot: int = 10000, seed: int = 0
     return float(low), float(high)
 
 
-def corrected_t_ci(values, test_train_ratio: float, level: float = 0.95) -> tuple[float, float]:
+def corrected_t_ci(values, test_train_ratio: float, level: float = 0.95) -> tuple[float | None, float | None]:
     """Corrected resampled t interval of the mean of cross-validation scores (Nadeau & Bengio 2003;
     Bouckaert & Frank 2004 for repeated folds): the runs' training sets overlap, so their scores are
     correlated, and the variance of the mean is (1/n + n_test/n_train) s^2, not s^2/n."""
@@ -70,7 +70,7 @@ def corrected_t_ci(values, test_train_ratio: float, level: float = 0.95) -> tupl
 
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
-        return float("nan"), float("nan")
+        return None, None  # no spread to scale
     half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * math.sqrt(
         (1 / len(values) + test_train_ratio) * values.var(ddof=1))
     return float(values.mean() - half), float(values.mean() + half)
@@ -86,8 +86,7 @@ def summarize(values, n_boot: int = 10000, test_train_ratio: float | None = None
     out = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
            "ci_low": low, "ci_high": high, "n": len(v)}
     if test_train_ratio is not None:
-        low, high = corrected_t_ci(v, test_train_ratio)
-        out.update(ci_corrected_low=low if len(v) > 1 else None, ci_corrected_high=high if len(v) > 1 else None)
+        out["ci_corrected_low"], out["ci_corrected_high"] = corrected_t_ci(v, test_train_ratio)
     return out
 
 
