@@ -239,8 +239,8 @@ def write_outputs(study, study_dir: Path, metric: str) -> dict:
 
 
 def close_trial_run(tracker: Tracker, trial) -> None:
-    """Tag the trial's nested MLflow run and give it the trial's fate: train.py ends a run that raised as
-    FAILED, also when the raise was a prune (KILLED here), and a dead worker's run is still RUNNING."""
+    """Tag the trial's nested MLflow run and set its end status from the trial's state. train.py ends any
+    run that raised as FAILED, a pruned one included (KILLED here); a dead worker's run is still RUNNING."""
     retried = trial.system_attrs.get("failed_trial")
     exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     for number, state in [(trial.number, trial.state.name)] + ([(retried, "FAIL")] if retried is not None else []):
