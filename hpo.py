@@ -32,10 +32,10 @@ one parent run per study and a nested run per trial.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import warnings
@@ -46,9 +46,19 @@ import torch
 import yaml
 
 import train
-from models import TASKS
 from plots import plot_hpo
-from utils import Config, Tracker, UserError, coerce, read_yaml, make_config, parse_config, run_main, setup_logging
+from utils import (
+    Config,
+    Tracker,
+    UserError,
+    coerce,
+    make_config,
+    parse_config,
+    read_yaml,
+    run_main,
+    setup_logging,
+    write_text_atomic,
+)
 
 log = logging.getLogger("redsm5")
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
@@ -161,28 +171,34 @@ def trial_config(base: Config, params: dict, output_dir: Path, run_name: str | N
 def step_budget(cfg: Config) -> tuple[int, int]:
     """(optimizer steps per epoch, steps in all) as train.train counts them in one process."""
     _, _, features, _ = train.prepare_data(cfg)  # cached: the trial is using it
-    per_epoch = math.ceil(math.ceil(len(features["train"][1]) / cfg.batch_size) / cfg.grad_accum)
-    return per_epoch, per_epoch * cfg.epochs if cfg.max_steps <= 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
+    return train.step_budget(cfg, math.ceil(len(features["train"][1]) / cfg.batch_size))
+
+
+class PruneAtValidation:
+    """train.train's `on_validation` of one trial: reports the watched metric to Optuna after each
+    epoch, prunes there, and keeps the optimizer steps trained up to that validation."""
+
+    def __init__(self, trial, cfg: Config, metric: str):
+        self.trial, self.cfg, self.metric, self.steps_done = trial, cfg, metric, 0
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        per_epoch, total = step_budget(self.cfg)
+        self.steps_done = min((epoch + 1) * per_epoch, total)
+        self.trial.report(metrics[self.metric], epoch)
+        # After the last validation training is over: pruning then would only throw its result away.
+        if self.steps_done < total and self.trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: {self.metric} {metrics[self.metric]:.4f}")
 
 
 def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, parent_run_id: str | None) -> float:
-    t0, cfg, steps_done = time.perf_counter(), None, 0
-
-    def report(epoch: int, metrics: dict) -> None:
-        nonlocal steps_done
-        per_epoch, total = step_budget(cfg)
-        steps_done = min((epoch + 1) * per_epoch, total)
-        trial.report(metrics[metric], epoch)
-        # After the last validation training is over: pruning then would only throw its result away.
-        if steps_done < total and trial.should_prune():
-            raise optuna.TrialPruned(f"epoch {epoch}: {metric} {metrics[metric]:.4f}")
-
+    t0, pruning = time.perf_counter(), None
     try:
         name = f"trial_{trial.number}"
         cfg = trial_config(base, sample_params(trial, space), study_dir / name, run_name=name)
         trial.set_user_attr("config", dataclasses.asdict(cfg))  # exactly what ran, whatever later workers' flags
-        cfg._parent_run_id = parent_run_id  # train.train nests its MLflow run under the study's
-        results = train.train(cfg, report=report)
+        pruning = PruneAtValidation(trial, cfg, metric)
+        # parent_run_id: train.train nests its MLflow run under the study's
+        results = train.train(cfg, on_validation=pruning, parent_run_id=parent_run_id)
         trial.set_user_attr("train_steps", results["train"]["steps"])
         if not math.isfinite(results["val"][metric]):
             raise ValueError(f"val {metric} is {results['val'][metric]}")
@@ -190,8 +206,8 @@ def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, pa
     except (Exception, KeyboardInterrupt) as e:
         if not isinstance(e, optuna.TrialPruned):
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
-        if steps_done:  # up to the last validation; a trial that failed before it: unknown
-            trial.set_user_attr("train_steps", steps_done)
+        if pruning and pruning.steps_done:  # up to the last validation; a trial that failed before it: unknown
+            trial.set_user_attr("train_steps", pruning.steps_done)
         raise
     finally:
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
@@ -200,13 +216,6 @@ def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, pa
 
 
 # --------------------------------------------------------------------------- outputs
-
-def write_atomic(path: Path, text: str) -> None:
-    """Several workers rewrite the same files: a reader never sees half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def trial_record(t) -> dict:
     reason = t.user_attrs.get("fail_reason") or ("no heartbeat: its worker died" if t.state.name == "FAIL" else None)
@@ -220,7 +229,8 @@ def trial_record(t) -> dict:
 
 
 def write_outputs(study, study_dir: Path, metric: str) -> dict:
-    """trials_history.json and best_config.yaml from the storage: every worker's trials."""
+    """trials_history.json and best_config.yaml from the storage: every worker's trials. Several workers
+    rewrite the same files: each is written atomically, so a reader never sees half of one."""
     trials = [trial_record(t) for t in study.trials]
     counts = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     best = best_trials(study, 1)
@@ -229,12 +239,12 @@ def write_outputs(study, study_dir: Path, metric: str) -> dict:
                "best_trial": best[0].number if best else None, "best_value": best[0].value if best else None,
                "search_space": study.user_attrs.get("search_space"), "trials": trials}
     study_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(study_dir / "trials_history.json", json.dumps(summary, indent=2))
+    write_text_atomic(study_dir / "trials_history.json", json.dumps(summary, indent=2))
     if best:
         config = {**best[0].user_attrs["config"], "output_dir": str(study_dir / "best"), "run_name": None}
         header = (f"# Best trial {best[0].number} of study {study.study_name}: val {metric} = {best[0].value:.6f}\n"
                   f"# Reproduce: python train.py --config {study_dir / 'best_config.yaml'}\n")
-        write_atomic(study_dir / "best_config.yaml", header + yaml.safe_dump(config, sort_keys=False))
+        write_text_atomic(study_dir / "best_config.yaml", header + yaml.safe_dump(config, sort_keys=False))
     return summary
 
 
@@ -341,13 +351,9 @@ def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None]:
     return narrow_space(space, [t.params for t in top]), top[0].params
 
 
-def main(argv=None):
-    cfg, args = parse_config(argv, prog="hpo.py", extra=add_hpo_flags)
-    setup_logging(True)
-    metric = TASKS[cfg.task].main_metric if cfg.early_stopping_metric == "auto" else cfg.early_stopping_metric
+def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
+    """(study, search space): the study in --storage, set up by the first worker that opens it."""
     direction = "maximize" if cfg.early_stopping_mode == "max" else "minimize"
-    name = args.study_name or f"{cfg.task}-{args.stage}"
-    study_dir = Path(cfg.output_dir) if cfg.output_dir != Config.output_dir else Path("outputs/hpo") / name
     storage = make_storage(args.storage)
     study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True,
                                 pruner=make_pruner(args.pruner, cfg))
@@ -361,19 +367,24 @@ def main(argv=None):
             study.set_user_attr(key, value)
         if first:
             study.enqueue_trial(first, skip_if_exists=True)  # the fine stage starts from the coarse optimum
-    space = study.user_attrs["search_space"]
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if study.user_attrs["base_config"].get(k) != v}
     if changed:
         log.warning("base config differs from the one study '%s' was created with: %s", name, changed)
     study.sampler = TrialSeededTPE(cfg.seed, n_startup_trials=min(10, max(4, args.n_trials // 3)))
+    return study, study.user_attrs["search_space"]
 
+
+def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> Tracker:
+    """The study's MLflow run, one for all workers: the trials' runs nest under it. Not a `with` block:
+    a worker that ends while another still runs trials leaves it open."""
+    name = study.study_name
     parent_cfg = dataclasses.replace(cfg, run_name=f"hpo-{name}", output_dir=str(study_dir))
-    tracker = Tracker(parent_cfg, False)
-    if cfg.mlflow:
-        from mlflow.exceptions import MlflowException
+    if not cfg.mlflow:
+        return Tracker(parent_cfg, False)
+    from mlflow.exceptions import MlflowException
 
-        tracker = retry_at_start(lambda: Tracker(parent_cfg, True, run_id=study.user_attrs.get("mlflow_parent_run_id")),
-                                 "MLflow tracking store", (MlflowException,))
+    tracker = retry_at_start(lambda: Tracker(parent_cfg, True, run_id=study.user_attrs.get("mlflow_parent_run_id")),
+                             "MLflow tracking store", (MlflowException,))
     if tracker.enabled and "mlflow_parent_run_id" not in study.user_attrs:
         study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
         winner = study.user_attrs["mlflow_parent_run_id"]
@@ -382,40 +393,52 @@ def main(argv=None):
             tracker = Tracker(parent_cfg, True, run_id=winner)
         tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": args.storage.split("@")[-1],
                             "hpo.pruner": args.pruner, "hpo.metric": metric, "hpo.n_trials": args.n_trials})
-        tracker.log_dict(space, "search_space.json")
+        tracker.log_dict(study.user_attrs["search_space"], "search_space.json")
+    return tracker
 
-    def after_trial(study, trial):
-        summary = write_outputs(study, study_dir, metric)
-        # Trials are never resumed (a dead one is rerun): only a complete trial's best checkpoint is worth its disk.
-        checkpoints = study_dir / f"trial_{trial.number}" / "checkpoints"
-        shutil.rmtree(checkpoints / "last" if trial.state.name == "COMPLETE" else checkpoints, ignore_errors=True)
-        if tracker.enabled:
-            close_trial_run(tracker, trial)
-            best = summary["best_value"]
-            tracker.log_metrics({"best_value": float("nan") if best is None else best,
-                                 "train_steps": summary["train_steps"],
-                                 **{f"n_{k.lower()}": v for k, v in summary["counts"].items()}},
-                                step=trial.number, flush=True)
 
+def after_trial(study, trial, study_dir: Path, metric: str, tracker: Tracker) -> None:
+    """Optuna callback of every finished trial: the outputs rewritten, its checkpoints pruned, MLflow updated."""
+    summary = write_outputs(study, study_dir, metric)
+    # Trials are never resumed (a dead one is rerun): only a complete trial's best checkpoint is worth its disk.
+    checkpoints = study_dir / f"trial_{trial.number}" / "checkpoints"
+    shutil.rmtree(checkpoints / "last" if trial.state.name == "COMPLETE" else checkpoints, ignore_errors=True)
+    if tracker.enabled:
+        close_trial_run(tracker, trial)
+        best = summary["best_value"]
+        tracker.log_metrics({"best_value": float("nan") if best is None else best,
+                             "train_steps": summary["train_steps"],
+                             **{f"n_{k.lower()}": v for k, v in summary["counts"].items()}},
+                            step=trial.number, flush=True)
+
+
+def run_trials(study, args, cfg: Config, space: dict, metric: str, study_dir: Path, tracker: Tracker) -> str:
+    """Run trials until the study has --n_trials finished ones; the parent run's end status."""
     finished = sum(t.state.name in FINISHED for t in study.trials)
-    log.info("study %s: %d of %d trials finished; storage %s", name, finished, args.n_trials,
+    log.info("study %s: %d of %d trials finished; storage %s", study.study_name, finished, args.n_trials,
              args.storage.split("@")[-1])  # no password in the log
-    status = "FINISHED"
+    if finished >= args.n_trials:
+        return "FINISHED"
+    # Every worker stops once the study, not the worker, has n_trials finished trials.
+    states = [optuna.trial.TrialState[s] for s in FINISHED]
+    stop_at_total = optuna.study.MaxTrialsCallback(args.n_trials, states)
+    record = functools.partial(after_trial, study_dir=study_dir, metric=metric, tracker=tracker)
     try:
-        if finished < args.n_trials:
-            # Every worker stops once the study, not the worker, has n_trials finished trials.
-            states = [optuna.trial.TrialState[s] for s in FINISHED]
-            stop_at_total = optuna.study.MaxTrialsCallback(args.n_trials, states)
-            study.optimize(lambda t: objective(t, cfg, space, metric, study_dir, tracker.run_id),
-                           n_trials=args.n_trials - finished, timeout=args.timeout, catch=(Exception,),
-                           callbacks=[after_trial, stop_at_total], gc_after_trial=True)
+        study.optimize(lambda t: objective(t, cfg, space, metric, study_dir, tracker.run_id),
+                       n_trials=args.n_trials - finished, timeout=args.timeout, catch=(Exception,),
+                       callbacks=[record, stop_at_total], gc_after_trial=True)
     except KeyboardInterrupt:
-        status = "KILLED"
         log.warning("interrupted: run the same command again to continue the study")
+        return "KILLED"
+    return "FINISHED"
+
+
+def finish_study(study, study_dir: Path, metric: str, tracker: Tracker, status: str) -> dict:
+    """The final outputs and plots, logged to the parent run, which ends unless another worker is running."""
     summary = write_outputs(study, study_dir, metric)
     c = summary["counts"]
-    log.info("study %s: %d complete, %d pruned, %d failed, %d training steps in all", name, c["COMPLETE"], c["PRUNED"],
-             c["FAIL"], summary["train_steps"])
+    log.info("study %s: %d complete, %d pruned, %d failed, %d training steps in all", study.study_name,
+             c["COMPLETE"], c["PRUNED"], c["FAIL"], summary["train_steps"])
     if summary["best_trial"] is not None:
         log.info("best trial %d: val %s %.6f -> %s", summary["best_trial"], metric, summary["best_value"],
                  study_dir / "best_config.yaml")
@@ -425,6 +448,18 @@ def main(argv=None):
             tracker.log_artifact(study_dir / f)
         if c["RUNNING"] == 0 or status == "KILLED":  # another worker still running keeps the parent open
             tracker.end(status)
+    return summary
+
+
+def main(argv=None):
+    cfg, args = parse_config(argv, prog="hpo.py", extra=add_hpo_flags)
+    setup_logging(True)
+    metric, name = train.main_metric(cfg), args.study_name or f"{cfg.task}-{args.stage}"
+    study_dir = Path(cfg.output_dir) if cfg.output_dir != Config.output_dir else Path("outputs/hpo") / name
+    study, space = open_study(args, cfg, name, metric)
+    tracker = open_parent_run(args, cfg, study, study_dir, metric)
+    status = run_trials(study, args, cfg, space, metric, study_dir, tracker)
+    summary = finish_study(study, study_dir, metric, tracker, status)
     if status == "KILLED":
         raise SystemExit(130)
     return summary
