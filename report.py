@@ -21,6 +21,7 @@ per-criterion scores (drawn by plots.py; also in each run's folder, and logged t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -33,12 +34,12 @@ import numpy as np
 import data
 import train
 from evaluate import classification_metrics, span_metrics, span_scores
+from hpo import DEFAULT_STORAGE, make_storage
 from models import TASKS
 from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training
 from utils import Config, Tracker, UserError, load_yaml_config, parse_config, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
-DEFAULT_STORAGE = "sqlite:///outputs/hpo/optuna.db"  # hpo.py's
 
 
 def add_report_flags(parser) -> None:
@@ -173,7 +174,7 @@ def bow_tokens(example: dict) -> list[str]:
     """Words and word pairs of the text, each also crossed with the criterion, so that a linear model
     can weigh 'sleep' differently for SLEEP_ISSUES than for FATIGUE."""
     words = re.findall(r"[\w']+", example["text"].lower())
-    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
     return grams + [f"{example['criterion']}|{g}" for g in grams] + [example["criterion"]]
 
 
@@ -227,31 +228,34 @@ def with_threshold(labels, probs, threshold: float) -> dict:
 
 # --------------------------------------------------------------------------- cross-validation
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def run_artifacts(run_dir: Path, classify: bool) -> dict:
     """One finished run read back: scalar test metrics, test rows (with `pred` at the threshold chosen
     on validation), its training history and MLflow run id."""
-    read = lambda name: [json.loads(line) for line in (run_dir / name).read_text().splitlines()]  # noqa: E731
     metrics = {k: v for k, v in json.loads((run_dir / "metrics.json").read_text())["test"].items()
                if isinstance(v, float)}
-    rows = read("predictions.jsonl")
+    rows = read_jsonl(run_dir / "predictions.jsonl")
     if classify:
-        val = read("val_predictions.jsonl")
+        val = read_jsonl(run_dir / "val_predictions.jsonl")
         threshold = choose_threshold([r["label"] for r in val], [r["prob"] for r in val])
         metrics.update(with_threshold([r["label"] for r in rows], [r["prob"] for r in rows], threshold))
         rows = [{**r, "pred": int(r["prob"] >= threshold)} for r in rows]
-    state = run_dir / "checkpoints" / "last" / "trainer_state.json"
+    run_stats = json.loads((run_dir / "run_stats.json").read_text())
     return {"metrics": metrics, "rows": rows, "history": json.loads((run_dir / "history.json").read_text()),
-            "mlflow_run_id": json.loads(state.read_text()).get("run_id") if state.exists() else None}
+            "mlflow_run_id": run_stats.get("mlflow_run_id")}
 
 
 def _curve(name: str, rows: list[dict], **style) -> tuple:
     return name, [r["label"] for r in rows], [r["prob"] for r in rows], style
 
 
-def train_or_reuse(run_cfg: Config, resume: bool) -> str:
+def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = None) -> str:
     """Train one fold x seed. With --resume, a run that finished with this same config is read back
     as it is and one that stopped midway goes on from its last training state; a run of another
-    config in that folder is an error, not silently mixed in."""
+    config in that folder is an error, not silently mixed in. `parent_run_id`: the MLflow run it nests under."""
     run_dir = Path(run_cfg.output_dir)
     if resume and (run_dir / "config.yaml").exists():
         saved, now = load_yaml_config(run_dir / "config.yaml"), dataclasses.asdict(run_cfg)
@@ -262,67 +266,77 @@ def train_or_reuse(run_cfg: Config, resume: bool) -> str:
         if all((run_dir / f).exists() for f in ("history.json", "metrics.json", "predictions.jsonl")):
             return "finished before, read back"  # history.json is written last
         if (run_dir / "checkpoints" / "last" / "COMPLETE").exists():
-            train.train(dataclasses.replace(run_cfg, resume=True))
+            train.train(dataclasses.replace(run_cfg, resume=True), parent_run_id=parent_run_id)
             return "resumed from its last state"
-    train.train(run_cfg)
+    train.train(run_cfg, parent_run_id=parent_run_id)
     return "trained"
 
 
 def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: str) -> dict:
     """Train every fold x seed, then summarise (summary.json, summary.md, PNGs) into cfg.output_dir."""
-    out_dir, task = Path(cfg.output_dir), TASKS[cfg.task]
+    out_dir = Path(cfg.output_dir)
     (out_dir / "splits").mkdir(parents=True, exist_ok=True)
-    corpus = data.load_corpus(cfg.data_dir, demo_posts=cfg.demo_posts, demo_seed=cfg.demo_seed,
-                              include_special_case=cfg.include_special_case, fuzzy_threshold=cfg.fuzzy_threshold)
+    corpus = data.load_corpus_from_config(cfg)
     folds = [data.load_splits(cfg.splits_file, corpus)] if k == 1 and cfg.splits_file else \
         fold_splits(corpus, k, cfg.seed, cfg.val_ratio, cfg.test_ratio)
-    parent = Tracker(dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.task}-cv{k}x{len(seeds)}"), True)
-    parent.log_params({"report.cv_folds": k, "report.seeds": " ".join(map(str, seeds))})
-    runs, baselines = [], []
-    try:
-        for fold, split in enumerate(folds):
-            (out_dir / "splits" / f"fold{fold}.json").write_text(json.dumps(split))
-            baselines.append(fold_baselines(corpus, split, cfg))
-            for seed in seeds:
-                name = f"fold{fold}-seed{seed}"
-                run_cfg = dataclasses.replace(cfg, seed=seed, splits_file=str(out_dir / "splits" / f"fold{fold}.json"),
-                                              output_dir=str(out_dir / name), run_name=f"{cfg.task}-{name}", resume=False)
-                run_cfg._parent_run_id = parent.run_id  # train.train nests its MLflow run under ours
-                log.info("=== %s: %d train / %d val / %d test posts", name, *map(len, split.values()))
-                log.info("%s: %s", name, train_or_reuse(run_cfg, cfg.resume))
-                run = {"fold": fold, "seed": seed, "output_dir": run_cfg.output_dir,
-                       **run_artifacts(out_dir / name, task.classify)}
-                pngs = [plot_training({name: run["history"]}, out_dir / name / "training.png")]
-                if task.classify:
-                    threshold = run["metrics"]["val_threshold"]
-                    pngs += [plot_confusion(classification_metrics([r["label"] for r in run["rows"]], [r["pred"] for r
-                                                                   in run["rows"]])["confusion_matrix"],
-                                            out_dir / name / "confusion.png", f"{cfg.task} {name}: test fold\n"
-                                            f"(threshold {threshold:.2f}, chosen on validation)"),
-                             plot_pr_roc([_curve("model", run["rows"], lw=1.5),
-                                          _curve("bag-of-words LR", baselines[-1]["rows"]["bag-of-words LR"], lw=2,
-                                                 ls="--", color="black")],
-                                         out_dir / name / "pr_roc.png", f"{cfg.task} {name}: test fold")]
-                if parent.enabled and run["mlflow_run_id"]:
-                    for png in pngs:
-                        parent.client.log_artifact(run["mlflow_run_id"], str(png), "plots")
-                runs.append(run)
-    except BaseException:
-        parent.end("FAILED")
-        raise
-    result = summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command)
-    pngs = summary_plots(result, runs, baselines, out_dir)
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
-    if parent.enabled:
-        parent.log_metrics({f"{m}_{s}": v for m, d in result["summary"]["model"].items() for s, v in d.items()
-                            if s in ("mean", "std", "ci_low", "ci_high", "ci_corrected_low", "ci_corrected_high")
-                            and v is not None}, step=0)
-        for path in [out_dir / "summary.json", out_dir / "summary.md", *pngs]:
-            parent.log_artifact(path)
-        parent.end()
+    parent_cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.task}-cv{k}x{len(seeds)}")
+    with Tracker(parent_cfg, True) as parent:  # a run that raises ends the parent FAILED (KILLED on Ctrl-C)
+        parent.log_params({"report.cv_folds": k, "report.seeds": " ".join(map(str, seeds))})
+        runs, baselines = train_folds(cfg, corpus, folds, seeds, parent)
+        result = summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command)
+        pngs = summary_plots(result, runs, baselines, out_dir)
+        (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
+        if parent.enabled:
+            parent.log_metrics({f"{m}_{s}": v for m, d in result["summary"]["model"].items() for s, v in d.items()
+                                if s in ("mean", "std", "ci_low", "ci_high", "ci_corrected_low", "ci_corrected_high")
+                                and v is not None}, step=0)
+            for path in [out_dir / "summary.json", out_dir / "summary.md", *pngs]:
+                parent.log_artifact(path)
     log.info("wrote %s and %s", out_dir / "summary.md", out_dir / "summary.json")
     return result
+
+
+def train_folds(cfg: Config, corpus: data.Corpus, folds: list[dict], seeds: list[int],
+                parent: Tracker) -> tuple[list[dict], list[dict]]:
+    """(runs, baselines): every fold x seed trained (or read back) in output_dir/fold{k}-seed{s}/ with its
+    plots, the MLflow runs nested under `parent`; the baselines of every fold."""
+    out_dir, task = Path(cfg.output_dir), TASKS[cfg.task]
+    runs, baselines = [], []
+    for fold, split in enumerate(folds):
+        (out_dir / "splits" / f"fold{fold}.json").write_text(json.dumps(split))
+        baselines.append(fold_baselines(corpus, split, cfg))
+        for seed in seeds:
+            name = f"fold{fold}-seed{seed}"
+            run_cfg = dataclasses.replace(cfg, seed=seed, splits_file=str(out_dir / "splits" / f"fold{fold}.json"),
+                                          output_dir=str(out_dir / name), run_name=f"{cfg.task}-{name}", resume=False)
+            log.info("=== %s: %d train / %d val / %d test posts", name, *map(len, split.values()))
+            log.info("%s: %s", name, train_or_reuse(run_cfg, cfg.resume, parent.run_id))
+            run = {"fold": fold, "seed": seed, "output_dir": run_cfg.output_dir,
+                   **run_artifacts(out_dir / name, task.classify)}
+            pngs = run_plots(cfg.task, name, run, baselines[-1], out_dir / name)
+            if parent.enabled and run["mlflow_run_id"]:
+                for png in pngs:
+                    parent.client.log_artifact(run["mlflow_run_id"], str(png), "plots")
+            runs.append(run)
+    return runs, baselines
+
+
+def run_plots(task: str, name: str, run: dict, fold_baseline: dict, run_dir: Path) -> list[Path]:
+    """One run's PNGs in its folder: training curves; classifying, the confusion matrix at the validation
+    threshold and PR/ROC curves beside the fold's bag-of-words baseline."""
+    pngs = [plot_training({name: run["history"]}, run_dir / "training.png")]
+    if TASKS[task].classify:
+        threshold = run["metrics"]["val_threshold"]
+        confusion = classification_metrics([r["label"] for r in run["rows"]],
+                                           [r["pred"] for r in run["rows"]])["confusion_matrix"]
+        pngs += [plot_confusion(confusion, run_dir / "confusion.png", f"{task} {name}: test fold\n"
+                                f"(threshold {threshold:.2f}, chosen on validation)"),
+                 plot_pr_roc([_curve("model", run["rows"], lw=1.5),
+                              _curve("bag-of-words LR", fold_baseline["rows"]["bag-of-words LR"], lw=2, ls="--",
+                                     color="black")],
+                             run_dir / "pr_roc.png", f"{task} {name}: test fold")]
+    return pngs
 
 
 def summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command) -> dict:
@@ -444,13 +458,8 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
 def hpo_plots(args, cfg: Config) -> list[Path]:
     import optuna
 
-    storage = args.storage
-    if storage.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = optuna.storages.JournalStorage(JournalFileBackend(storage[len("journal:"):]))
     try:
-        study = optuna.load_study(study_name=args.hpo_study, storage=storage)
+        study = optuna.load_study(study_name=args.hpo_study, storage=make_storage(args.storage))
     except KeyError:
         raise UserError(f"--hpo_study: no study '{args.hpo_study}' in {args.storage}") from None
     out = Path(cfg.output_dir) if cfg.output_dir != Config.output_dir else Path("outputs/hpo") / args.hpo_study

@@ -59,7 +59,7 @@ def test_bench_end_to_end_writes_ratios(tmp_path):
             "--eval_examples", "16", "--n_posts", "40", "--batch_size", "8", "--eval_batch_size", "8",
             "--max_length", "96", "--threads", "1", "--minilm_steps", "0", "--no_train_py"]
     proc = subprocess.run([sys.executable, "bench.py", *args, "--output", str(out)], cwd=root, capture_output=True,
-                          text=True)
+                          text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     ours, trainer = (next(r for r in result["runs"] if r["setting"] == s) for s in ("ours", "trainer_best"))
@@ -69,5 +69,5 @@ def test_bench_end_to_end_writes_ratios(tmp_path):
     assert ours["train"]["batches"] == trainer["train"]["batches"] == 2 and result["machine"]["device"] == "cpu"
     assert result["speedup_vs_trainer_padded"] == {}  # no padded run, no ratio
     refused = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--mixed_precision", "bf16"], cwd=root,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
     assert refused.returncode == 2 and "--mixed_precision: bf16/fp16 autocast is for --device cuda" in refused.stderr

@@ -254,7 +254,7 @@ def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path):
 
 
 def test_existing_study_of_another_task_is_refused(coarse_study):
-    tmp, storage, space = coarse_study
+    _, storage, space = coarse_study
     with pytest.raises(UserError, match="exists for task criteria"):
         hpo.main(TINY[2:] + ["--task", "evidence", "--study_name", "criteria-coarse", "--storage", storage,
                              "--space", str(space), "--n_trials", "1"])

@@ -183,7 +183,12 @@ def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, m
     for f in ("history.json", "metrics.json"):  # fold 1 died after its last training state was saved
         (out / "fold1-seed1" / f).unlink()
     calls, real_train = [], report.train.train
-    monkeypatch.setattr(report.train, "train", lambda cfg: calls.append((cfg.output_dir, cfg.resume)) or real_train(cfg))
+
+    def train_and_record(cfg, **kwargs):
+        calls.append((cfg.output_dir, cfg.resume))
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(report.train, "train", train_and_record)
     code, err = cli(report.main, argv + ["--resume", "true"])
     assert code == 0, err
     assert calls == [(str(out / "fold1-seed1"), True)]  # fold 0 read back, fold 1 resumed
