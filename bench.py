@@ -143,52 +143,61 @@ def step_breakdown(prof, wall: float, hardware_flops: float) -> dict:
 
 # --------------------------------------------------------------------------- one (workload, setting) per process
 
-def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
-    """The inner loop of train.py with timestamps, then evaluate.model_outputs."""
+PROFILED_STEPS = 3  # our steps run again under the profiler (CPU), after the timed ones
+
+
+def endless(loader):
+    """The loader's batches epoch after epoch."""
+    for epoch in range(10**9):
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+class OurLoop:
+    """train.py's training step (train.train_step, then the scheduler as train.train steps it) on batches
+    drawn epoch after epoch; the losses read on the host once per log_every steps, as train.py logs them."""
+
+    def __init__(self, model, optimizer, scheduler, train_loader, accelerator, cfg):
+        self.model, self.optimizer, self.scheduler, self.accelerator, self.cfg = (model, optimizer, scheduler,
+                                                                                  accelerator, cfg)
+        self.batches, self.losses = endless(train_loader), []
+
+    def step(self) -> None:
+        from train import train_step
+
+        loss = train_step(self.model, next(self.batches), self.optimizer, self.accelerator, self.cfg)
+        if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        if loss is not None:
+            self.losses.append(loss)
+            if len(self.losses) % self.cfg.log_every == 0:
+                torch.stack(self.losses[-self.cfg.log_every:]).cpu()  # train.py's one host sync per log_every steps
+
+
+def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
+    """(our loop, the recorder of its training batches, loader keywords): accelerate set up as train.py does."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
     import data
-    from evaluate import model_outputs
-    from models import compute_loss
     from train import make_optimizer
-
     from utils import dataloader_kwargs
 
     accelerator = Accelerator(cpu=job["device"] == "cpu", mixed_precision=job["mixed_precision"])
-    pad, total, n_profiled, sync_at = tokenizer.pad_token_id, job["warmup"] + job["steps"], 3, edges(job)
+    total = job["warmup"] + job["steps"]
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
-    train_loader = data.make_loader(train_feats, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
+    train_loader = data.make_loader(train_feats, cfg.batch_size, True, tokenizer.pad_token_id, cfg.seed, **dl_kwargs)
     train_loader.collate_fn = recorder = BatchRecorder(train_loader.collate_fn)
     model, optimizer, train_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
-                              num_training_steps=total + n_profiled)
+                              num_training_steps=total + PROFILED_STEPS)
+    return OurLoop(model, optimizer, scheduler, train_loader, accelerator, cfg), recorder, dl_kwargs
 
-    def batches():  # epoch after epoch
-        for epoch in range(10**9):
-            train_loader.set_epoch(epoch)
-            yield from train_loader
 
-    def train_step(batch):
-        with accelerator.accumulate(model):
-            loss = compute_loss(model(**batch), batch, cfg)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        losses.append(loss.detach())
-        if len(losses) % cfg.log_every == 0:
-            torch.stack(losses[-cfg.log_every:]).cpu()  # train.py's one host sync per log_every steps
-
-    model.train()
-    stream, step_ends, losses = batches(), [], []
-    for step in range(total):
-        train_step(next(stream))
-        step_ends.append(clock(sync=step in sync_at))
-        if step == 0:
-            first_step = time.time() - t_process
+def time_our_eval(model, eval_feats, accelerator, cfg, pad: int, dl_kwargs: dict) -> tuple[np.ndarray, list]:
+    """(wall and CPU seconds, batch shapes) of evaluate.model_outputs over eval_feats, after a warm-up."""
+    import data
+    from evaluate import model_outputs
 
     warm_loader = data.make_loader(eval_feats[: 2 * cfg.eval_batch_size], cfg.eval_batch_size, False, pad, **dl_kwargs)
     model_outputs(model, accelerator.prepare(warm_loader), accelerator, cfg)
@@ -196,40 +205,65 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     eval_loader.collate_fn = eval_recorder = BatchRecorder(eval_loader.collate_fn)
     t = clock(sync=True)
     model_outputs(model, accelerator.prepare(eval_loader), accelerator, cfg)
+    return clock(sync=True) - t, eval_recorder.shapes
+
+
+def profile_our_steps(loop: OurLoop, recorder: BatchRecorder, first: int) -> dict:
+    """step_breakdown of PROFILED_STEPS more of our steps under the CPU profiler: where the time goes.
+    `first`: the index of their first batch (the recorder may hold a batch the loader fetched ahead)."""
+    loop.model.train()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(PROFILED_STEPS):
+            loop.step()
+        wall = time.perf_counter() - t
+    unwrapped = loop.accelerator.unwrap_model(loop.model)
+    hardware_flops = flops(recorder.shapes[first : first + PROFILED_STEPS], n_params_of(unwrapped),
+                           unwrapped.encoder.config.num_hidden_layers, unwrapped.encoder.config.hidden_size,
+                           padded=True)
+    return step_breakdown(prof, wall, hardware_flops)
+
+
+def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
+    """train.py's loop with timestamps, then evaluate.model_outputs."""
+    loop, recorder, dl_kwargs = prepare_ours(job, cfg, model, tokenizer, train_feats)
+    total, sync_at, step_ends = job["warmup"] + job["steps"], edges(job), []
+    loop.model.train()
+    for step in range(total):
+        loop.step()
+        step_ends.append(clock(sync=step in sync_at))
+        if step == 0:
+            first_step = time.time() - t_process
+    eval_seconds, eval_shapes = time_our_eval(loop.model, eval_feats, loop.accelerator, cfg, tokenizer.pad_token_id,
+                                              dl_kwargs)
     out = {"step_ends": step_ends, "train_shapes": recorder.shapes, "first_step_s": first_step,
-           "eval_seconds": clock(sync=True) - t, "eval_shapes": eval_recorder.shapes}
-    if job["profile"] and accelerator.device.type == "cpu":  # a few more steps under the profiler: where the time goes
-        model.train()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            t = time.perf_counter()
-            for _ in range(n_profiled):
-                train_step(next(stream))
-            wall = time.perf_counter() - t
-        unwrapped = accelerator.unwrap_model(model)
-        hardware_flops = flops(recorder.shapes[total : total + n_profiled], n_params_of(unwrapped),
-                               unwrapped.encoder.config.num_hidden_layers, unwrapped.encoder.config.hidden_size,
-                               padded=True)
-        out["breakdown"] = step_breakdown(prof, wall, hardware_flops)
+           "eval_seconds": eval_seconds, "eval_shapes": eval_shapes}
+    if job["profile"] and loop.accelerator.device.type == "cpu":  # a few more steps under the profiler
+        out["breakdown"] = profile_our_steps(loop, recorder, first=total)
     return out
 
 
-def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
-    """transformers.Trainer around the same TaskModel, with the same optimizer settings, schedule and features."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+class LossModel(torch.nn.Module):
+    """Trainer takes the loss from the model's output: the TaskModel with compute_loss on top."""
 
-    from models import compute_loss
+    def __init__(self, model, cfg):
+        from models import compute_loss
 
-    class LossModel(torch.nn.Module):  # Trainer takes the loss from the model's output
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
+        super().__init__()
+        self.model, self.cfg, self.compute_loss = model, cfg, compute_loss
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, labels=None,
-                    start_positions=None, end_positions=None):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                             criterion_ids=criterion_ids)
-            targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
-            return {"loss": compute_loss(out, targets, cfg), **out}
+    def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, labels=None,
+                start_positions=None, end_positions=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                         criterion_ids=criterion_ids)
+        targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
+        return {"loss": self.compute_loss(out, targets, self.cfg), **out}
+
+
+def step_timer(sync_at: set[int], t_process: float):
+    """A TrainerCallback that keeps the clock at each optimizer step's end (waiting for the GPU at
+    `sync_at`) and the time from process start to the first."""
+    from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -237,29 +271,37 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(clock(sync=len(self.ends) in sync_at))
-            self.first_step = self.first_step or time.time() - t_process
+            if self.first_step is None:
+                self.first_step = time.time() - t_process
 
-    padded = job["setting"] == "trainer_padded"
+    return StepTimes()
 
-    def rows(feats):  # what a tokenised `datasets` column would hold
-        out = []
-        for f in feats:
-            n, width = len(f["input_ids"]), cfg.max_length if padded else len(f["input_ids"])
-            row = {"input_ids": f["input_ids"].tolist() + [tokenizer.pad_token_id] * (width - n),
-                   "attention_mask": [1] * n + [0] * (width - n), "labels": f["label"],
-                   "criterion_ids": f["criterion_id"]}
-            if "token_type_ids" in f:
-                row["token_type_ids"] = f["token_type_ids"].tolist() + [0] * (width - n)
-            if "start" in f:
-                row.update(start_positions=f["start"], end_positions=f["end"])
-            out.append(row)
-        return out
 
-    total, sync_at, precision = job["warmup"] + job["steps"], edges(job), job["mixed_precision"]
+def trainer_rows(feats, pad_id: int, width: int | None) -> list[dict]:
+    """What a tokenised `datasets` column would hold; padded to `width` (None: each row's own length)."""
+    out = []
+    for f in feats:
+        n = len(f["input_ids"])
+        pad = (width or n) - n
+        row = {"input_ids": f["input_ids"].tolist() + [pad_id] * pad, "attention_mask": [1] * n + [0] * pad,
+               "labels": f["label"], "criterion_ids": f["criterion_id"]}
+        if "token_type_ids" in f:
+            row["token_type_ids"] = f["token_type_ids"].tolist() + [0] * pad
+        if "start" in f:
+            row.update(start_positions=f["start"], end_positions=f["end"])
+        out.append(row)
+    return out
+
+
+def trainer_args(job, cfg, padded: bool, spans: bool):
+    """TrainingArguments with our optimizer settings, schedule, batch sizes, seed and precision."""
+    from transformers import TrainingArguments
+
+    total, precision = job["warmup"] + job["steps"], job["mixed_precision"]
     new_api = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__  # transformers >= 5
     sampling = ({"train_sampling_strategy": "random" if padded else "group_by_length"} if new_api
                 else {"group_by_length": not padded})
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench_trainer_"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size, max_steps=total, learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
@@ -267,13 +309,23 @@ def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) 
         seed=cfg.seed, use_cpu=job["device"] == "cpu", bf16=precision == "bf16", fp16=precision == "fp16",
         dataloader_num_workers=0, remove_unused_columns=False, report_to="none",
         save_strategy="no", logging_steps=cfg.log_every, disable_tqdm=True,
-        label_names=["start_positions", "end_positions"] if "start" in train_feats[0] else ["labels"], **sampling)
+        label_names=["start_positions", "end_positions"] if spans else ["labels"], **sampling)
+
+
+def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
+    """transformers.Trainer around the same TaskModel, with the same optimizer settings, schedule and features."""
+    from transformers import DataCollatorWithPadding, Trainer, default_data_collator
+
+    padded = job["setting"] == "trainer_padded"
+    width = cfg.max_length if padded else None
+    args = trainer_args(job, cfg, padded, spans="start" in train_feats[0])
     collate = default_data_collator if padded else DataCollatorWithPadding(tokenizer)
-    recorder, timer = BatchRecorder(collate), StepTimes()
-    trainer = Trainer(model=LossModel(model), args=args, train_dataset=rows(train_feats), data_collator=recorder,
+    recorder, timer = BatchRecorder(collate), step_timer(edges(job), t_process)
+    trainer = Trainer(model=LossModel(model, cfg), args=args,
+                      train_dataset=trainer_rows(train_feats, tokenizer.pad_token_id, width), data_collator=recorder,
                       callbacks=[timer])
     trainer.train()
-    eval_rows = rows(eval_feats)
+    eval_rows = trainer_rows(eval_feats, tokenizer.pad_token_id, width)
     trainer.predict(eval_rows[: 2 * cfg.eval_batch_size])  # warm-up
     trainer.data_collator = eval_recorder = BatchRecorder(collate)
     t = clock(sync=True)
@@ -320,7 +372,7 @@ def run_job(job: dict) -> dict:
 
 def spawn(job: dict) -> dict:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"bench job {job['workload']}/{job['setting']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -365,7 +417,7 @@ def describe(breakdown: dict, peak: float) -> str:
             f"Python/autograd/data {share['python_and_framework']:.0%}")
 
 
-def main():
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
@@ -389,6 +441,66 @@ def main():
     p.add_argument("--no_train_py", action="store_true", help="skip timing `python train.py` to its first step")
     p.add_argument("--output", help="write every figure to this JSON file")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one (workload, setting) in this process
+    return p
+
+
+def speedup(ours: dict, other: dict) -> dict:
+    """Our real tokens/s over another setting's, by wall and by CPU time, training and evaluation."""
+    return {f"{part}{suffix}": ours[part][key] / other[part][key] for part in ("train", "eval")
+            for suffix, key in (("", "real_tokens_per_s"), ("_cpu_time", "real_tokens_per_cpu_s"))}
+
+
+def compare_settings(args, base: dict) -> tuple[list[dict], dict]:
+    """(the best run of every workload x setting, our speed-ups over the Trainer settings), printed as they come."""
+    results, speedups = [], {"speedup_vs_trainer_best": {}, "speedup_vs_trainer_padded": {}}
+    for workload in args.workloads:
+        runs = {s: [] for s in args.settings}
+        for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits every setting
+            for setting in args.settings:
+                job = {**base, "workload": workload, "setting": setting, "size": args.size,
+                       "profile": setting == "ours"}
+                runs[setting].append(spawn(job))
+        best = {s: best_of(rs) for s, rs in runs.items()}
+        for r in best.values():
+            results.append(r)
+            print(report_line(r), flush=True)
+        for name in ("trainer_best", "trainer_padded"):
+            if "ours" in best and name in best:
+                ratio = speedup(best["ours"], best[name])
+                speedups[f"speedup_vs_{name}"][workload] = ratio
+                print(f"  ours vs {name}: training {ratio['train']:.2f}x (by CPU time {ratio['train_cpu_time']:.2f}x), "
+                      f"evaluation {ratio['eval']:.2f}x (by CPU time {ratio['eval_cpu_time']:.2f}x)", flush=True)
+    return results, speedups
+
+
+def add_utilisation(results: list[dict], peak: float, args) -> None:
+    """MFU and HFU of every run against the measured matmul peak, added to its train and eval figures and printed."""
+    where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"\nFLOP utilisation against a dense {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'} "
+          f"matmul peak of {peak:.1f} GFLOP/s measured here ({where}); MFU counts real tokens, HFU the padding too")
+    for r in results:
+        for part in ("train", "eval"):
+            r[part]["mfu"] = r[part]["model_gflop_per_s"] / peak
+            r[part]["hfu"] = r[part]["hardware_gflop_per_s"] / peak
+        print(f"  {r['workload']:<18} {r['setting']:<15} {r['size']:<7} training MFU {r['train']['mfu']:.3f} "
+              f"(HFU {r['train']['hfu']:.3f}), evaluation MFU {r['eval']['mfu']:.3f}")
+        if "breakdown" in r["train"]:
+            print(f"    step: {describe(r['train']['breakdown'], peak)}")
+
+
+def write_json(path: str, args, peak: float, speedups: dict, train_py: dict | None, results: list[dict]) -> None:
+    machine = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "device": args.device,
+               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+               "matmul_peak_gflops": peak, "load_average_1_5_15_min": os.getloadavg()}
+    with open(path, "w") as fh:
+        json.dump({**speedups, "machine": machine, "args": vars(args), "train_py": train_py, "runs": results},
+                  fh, indent=2)
+    print(f"wrote {path}")
+
+
+def main():
+    p = make_parser()
     args = p.parse_args()
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
@@ -404,55 +516,19 @@ def main():
     base = {k: getattr(args, k) for k in shared}
     print(f"{'workload':<18} {'setting':<15} {'train samples/s':>15} {'tokens/s':>8} {'pad':>5} "
           f"{'eval samples/s':>14} {'tokens/s':>8} {'pad':>5} {'1st step':>8} {'peak RSS':>9}")
-    results, speedups = [], {"speedup_vs_trainer_best": {}, "speedup_vs_trainer_padded": {}}
-    for workload in args.workloads:
-        runs = {s: [] for s in args.settings}
-        for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits every setting
-            for setting in args.settings:
-                job = {**base, "workload": workload, "setting": setting, "size": args.size,
-                       "profile": setting == "ours"}
-                runs[setting].append(spawn(job))
-        best = {s: best_of(rs) for s, rs in runs.items()}
-        for r in best.values():
-            results.append(r)
-            print(report_line(r), flush=True)
-        for name in ("trainer_best", "trainer_padded"):
-            if "ours" in best and name in best:
-                ratio = {f"{part}{suffix}": best["ours"][part][key] / best[name][part][key]
-                         for part in ("train", "eval")
-                         for suffix, key in (("", "real_tokens_per_s"), ("_cpu_time", "real_tokens_per_cpu_s"))}
-                speedups[f"speedup_vs_{name}"][workload] = ratio
-                print(f"  ours vs {name}: training {ratio['train']:.2f}x (by CPU time {ratio['train_cpu_time']:.2f}x), "
-                      f"evaluation {ratio['eval']:.2f}x (by CPU time {ratio['eval_cpu_time']:.2f}x)", flush=True)
+    results, speedups = compare_settings(args, base)
     if args.minilm_steps and "ours" in args.settings:
         workload = "criteria_sentence" if "criteria_sentence" in args.workloads else args.workloads[0]
         results.append(spawn({**base, "workload": workload, "setting": "ours", "size": "minilm", "profile": True,
                               "steps": args.minilm_steps, "warmup": 2}))
     peak = max(peak, matmul_peak(args.threads, args.device, args.mixed_precision))  # the larger is nearer the truth
-    where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name()
-    print(f"\nFLOP utilisation against a dense {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'} "
-          f"matmul peak of {peak:.1f} GFLOP/s measured here ({where}); MFU counts real tokens, HFU the padding too")
-    for r in results:
-        for part in ("train", "eval"):
-            r[part]["mfu"] = r[part]["model_gflop_per_s"] / peak
-            r[part]["hfu"] = r[part]["hardware_gflop_per_s"] / peak
-        print(f"  {r['workload']:<18} {r['setting']:<15} {r['size']:<7} training MFU {r['train']['mfu']:.3f} "
-              f"(HFU {r['train']['hfu']:.3f}), evaluation MFU {r['eval']['mfu']:.3f}")
-        if "breakdown" in r["train"]:
-            print(f"    step: {describe(r['train']['breakdown'], peak)}")
+    add_utilisation(results, peak, args)
     train_py = None if args.no_train_py else time_train_py(args)
     if train_py:
         print(f"\n{train_py['command']}\n  first optimizer step {train_py['seconds_to_first_step']:.1f} s after "
               f"exec, peak RSS {train_py['peak_rss_mib']:.0f} MiB")
     if args.output:
-        machine = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "device": args.device,
-                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                   "matmul_peak_gflops": peak, "load_average_1_5_15_min": os.getloadavg()}
-        with open(args.output, "w") as fh:
-            json.dump({**speedups, "machine": machine, "args": vars(args), "train_py": train_py, "runs": results},
-                      fh, indent=2)
-        print(f"wrote {args.output}")
+        write_json(args.output, args, peak, speedups, train_py, results)
 
 
 if __name__ == "__main__":
