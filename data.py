@@ -108,6 +108,13 @@ class Corpus:
         return out
 
 
+def load_corpus_from_config(cfg, data_dir=...) -> Corpus:
+    """The corpus a config names (its data_dir, or the demo corpus it describes); `data_dir` overrides."""
+    return load_corpus(cfg.data_dir if data_dir is ... else data_dir, demo_posts=cfg.demo_posts,
+                       demo_seed=cfg.demo_seed, include_special_case=cfg.include_special_case,
+                       fuzzy_threshold=cfg.fuzzy_threshold)
+
+
 def load_corpus(data_dir=None, *, demo_posts=1000, demo_seed=0, include_special_case=False,
                 fuzzy_threshold=0.3) -> Corpus:
     """Load and validate a ReDSM5 folder (or generate the demo corpus); log one report."""

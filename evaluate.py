@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import data
-from models import TASKS, load_checkpoint
+from models import TASKS, load_checkpoint, resolve_checkpoint
 from utils import UserError, _Parser, dataloader_kwargs, make_accelerator, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
@@ -239,7 +239,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
-    model, tokenizer, cfg, extra = load_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, tokenizer, cfg, extra = load_checkpoint(checkpoint)
     if args.batch_size:
         cfg.eval_batch_size = args.batch_size
     task = TASKS[cfg.task]
@@ -250,10 +251,9 @@ def main(argv=None):
             log.info("wrote %d predictions to %s", len(predictions), args.output or "predictions.jsonl")
         return
     data_dir = args.data_dir if args.data_dir is not None else cfg.data_dir
-    corpus = data.load_corpus(data_dir, demo_posts=cfg.demo_posts, demo_seed=cfg.demo_seed,
-                              include_special_case=cfg.include_special_case, fuzzy_threshold=cfg.fuzzy_threshold)
+    corpus = data.load_corpus_from_config(cfg, data_dir)
     log.info("\n%s", data.format_report(corpus.report))
-    splits = data.load_splits(Path(args.checkpoint) / "splits.json", corpus)
+    splits = data.load_splits(checkpoint / "splits.json", corpus)
     examples = task.examples(corpus, splits[args.split], cfg)
     if not examples:
         raise UserError(f"split '{args.split}' has no examples for task {cfg.task}")

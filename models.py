@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 
 import data
-from utils import Config, UserError, load_yaml_config, make_config
+from utils import Config, UserError, find_complete_dir, load_yaml_config, make_config
 
 log = logging.getLogger("redsm5")
 
@@ -220,12 +220,22 @@ def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra:
     (path / "checkpoint.json").write_text(json.dumps({"task": cfg.task, **(extra or {})}, indent=2))
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The folder to load: `path`, or its complete `.old` copy when a save was killed between its renames."""
+    path = Path(path)
+    found = find_complete_dir(path)
+    if found is not None and found != path:
+        log.warning("%s: not there or not complete (a save was interrupted); loading its complete copy %s",
+                    path, found)
+    return found or path  # checkpoints written before the COMPLETE marker load as they are
+
+
 def load_checkpoint(path: str | Path, expect_task: str | None = None):
     """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     needed = ["model.safetensors", "encoder_config.json", "config.yaml", "checkpoint.json", "tokenizer"]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -177,8 +178,12 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=No
     """Config from defaults < --config YAML < --field flags. `extra(parser)` adds script-only flags."""
     parser = _Parser(prog=prog, allow_abbrev=False, description=__doc__)
     parser.add_argument("--config", help="YAML file of config fields")
+    hints = typing.get_type_hints(Config)
     for name, f in config_fields().items():
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=f"default: {f.default}")
+        # a bare boolean flag means true, as users expect of store_true flags: `--resume` = `--resume true`
+        bare = {"nargs": "?", "const": "true"} if hints[name] is bool else {}
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
+                            help=f"default: {f.default}", **bare)
     if extra:
         extra(parser)
     args = parser.parse_args(argv)
@@ -300,6 +305,53 @@ def run_main(main, argv=None) -> None:
         sys.exit(2)
 
 
+# --- folders that must never be torn: written whole under a temp name, then swapped in
+
+COMPLETE = "COMPLETE"  # marker file, written last into a folder before it is swapped in
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def recover_dir(dst: Path) -> None:
+    """After a kill inside replace_dir: put the complete copy back at dst and remove the leftovers."""
+    old = dst.with_name(dst.name + ".old")
+    if not dst.exists() and is_complete(old):  # killed between the two renames
+        old.rename(dst)
+    if old.exists():  # killed inside the removal of the old copy
+        shutil.rmtree(old)
+
+
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Swap the fully written folder tmp in at dst. A kill at any instant leaves a complete copy at dst or
+    at dst.old (find_complete_dir finds it; the next replace_dir cleans up)."""
+    (tmp / COMPLETE).touch()
+    recover_dir(dst)
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_complete_dir(dst: Path) -> Path | None:
+    """Read-only: dst if complete, else dst.old if complete (a kill between the renames), else None."""
+    dst = Path(dst)
+    for path in (dst, dst.with_name(dst.name + ".old")):
+        if is_complete(path):
+            return path
+    return None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """One file, never half written: a temp file beside it, then os.replace. The temp name holds the PID:
+    several HPO workers rewrite the same files at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 # --- MLflow (imported lazily: `import mlflow` costs seconds)
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -321,7 +373,7 @@ class Tracker:
     """
 
     def __init__(self, cfg: Config, enabled: bool, run_id: str | None = None, nested: bool = False, parent_run_id=None):
-        self.enabled, self.buffer, self.run_id = enabled and cfg.mlflow, [], None
+        self.enabled, self.buffer, self.run_id, self.ended = enabled and cfg.mlflow, [], None, False
         if not self.enabled:
             return
         import mlflow
@@ -383,6 +435,19 @@ class Tracker:
             self.client.log_text(self.run_id, json.dumps(d, indent=2, default=str), name)
 
     def end(self, status: str = "FINISHED"):
-        if self.enabled:
+        """End the run once; later calls do nothing."""
+        if self.enabled and not self.ended:
+            self.ended = True
             self.flush()
             self.client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        """A run left by an exception ends KILLED (Ctrl-C, kill) or FAILED, not RUNNING for ever."""
+        if exc_type is None:
+            self.end()
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False

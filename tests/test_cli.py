@@ -12,12 +12,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import ROOT, write_corpus, write_quirky
 
 import data
 import evaluate
 import models
 import train
-from conftest import ROOT, write_corpus, write_quirky
 from utils import UserError, make_config
 
 
@@ -152,7 +152,41 @@ def test_resume_a_run_of_another_task(cli, tmp_path):
     assert code == 0, err
     code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "2", "--epochs", "1",
                                  "--resume", "true", "--task", "evidence"])
-    assert_one_line_error(code, err, str(out / "checkpoints" / "last"), "--task evidence", "span_head")
+    assert_one_line_error(code, err, str(out / "config.yaml"), "task 'criteria' -> 'evidence'")
+
+
+@pytest.mark.parametrize("change, needle", [(["--seed", "7"], "seed 42 -> 7"), (["--data_dir", "OTHER"], "data_dir None")])
+def test_resume_refuses_settings_that_change_the_data_and_allows_more_epochs(cli, tmp_path, change, needle):
+    """A resume with another seed would redraw the split (16 of 20 new test posts had been trained on)."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    other.mkdir()  # refused before any data is read
+    code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "1", "--epochs", "1"])
+    assert code == 0, err
+    splits = (out / "splits.json").read_text()
+    change = [str(other) if a == "OTHER" else a for a in change]
+    code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "2", "--epochs", "1", "--resume", *change])
+    assert_one_line_error(code, err, str(out / "config.yaml"), needle, "another --output_dir")
+    assert (out / "splits.json").read_text() == splits  # refused before anything was rewritten
+    code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "3", "--epochs", "2", "--resume"])
+    assert code == 0, err
+    assert json.loads((out / "run_stats.json").read_text())["steps"] == 3
+
+
+def test_a_second_run_on_a_busy_output_dir_names_the_holder(cli, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; from pathlib import Path; "
+                               "p = Path(sys.argv[1]); p.mkdir(); f = open(p / '.lock', 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "1"])
+        assert_one_line_error(code, err, str(out), f"another run is using it (pid {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait()
+    code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "1", "--epochs", "1"])
+    assert code == 0, err  # the kernel released the dead holder's lock
 
 
 # --------------------------------------------------------------------------- checkpoints (evaluate.py)
@@ -273,3 +307,14 @@ def test_script_bad_input_exits_2_without_traceback(tmp_path):
     assert proc.stderr.splitlines() == [
         "error: --task: invalid value 'foo' for 'task' (choose from criteria, evidence, joint)"]
     assert not (tmp_path / "outputs").exists()  # nothing written on a bad command line
+
+
+def test_boolean_flags_also_take_the_bare_form():
+    from utils import parse_config
+
+    assert parse_config(["--resume"])[0].resume is True
+    assert parse_config(["--resume", "false"])[0].resume is False
+    cfg = parse_config(["--mlflow", "--deterministic", "--epochs", "2"])[0]
+    assert (cfg.mlflow, cfg.deterministic, cfg.epochs) == (True, True, 2)
+    with pytest.raises(UserError, match="--epochs"):  # a non-boolean flag still needs its value
+        parse_config(["--epochs"])

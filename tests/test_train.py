@@ -175,3 +175,50 @@ def test_cpu_threads_share_the_cores_among_local_processes(monkeypatch, threads,
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("folder", ["best", "last"])
+@pytest.mark.parametrize("window", ["between the renames", "inside the removal of the old copy"])
+def test_kill_inside_a_folder_swap_resumes_to_the_same_metrics(tmp_path, monkeypatch, folder, window):
+    """A kill at either instant of replace_dir of checkpoints/best or /last, at the second epoch's save: the
+    complete copy is found (evaluate.py loads best, --resume loads last) and the resumed run equals an
+    uninterrupted one."""
+    import shutil
+
+    common = dict(epochs=3, patience=0, min_delta=-1.0, deterministic=True)  # min_delta < 0: every epoch a new best
+    _, full = run(tmp_path, "full", **common)
+    real_rename, real_rmtree, seen = Path.rename, shutil.rmtree, {"n": 0}
+
+    def rename(self, target):
+        result = real_rename(self, target)
+        if window == "between the renames" and self.name == folder and Path(target).name == f"{folder}.old":
+            seen["n"] += 1
+            if seen["n"] == 1:  # the second save: the first one had no old copy to move away
+                raise KeyboardInterrupt("killed between the renames")
+        return result
+
+    def rmtree(path, *args, **kwargs):
+        if window != "between the renames" and Path(path).name == f"{folder}.old" and Path(path).exists():
+            seen["n"] += 1
+            if seen["n"] == 1:  # half of the old copy removed, then the process dies
+                victim = next(p for p in sorted(Path(path).rglob("*")) if p.is_file())
+                victim.unlink()
+                raise KeyboardInterrupt("killed inside rmtree")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "killed", **common)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert seen["n"] == 1
+    best = tmp_path / "killed/checkpoints/best"
+    recorded = load_checkpoint(best)[3]  # from best.old when the kill fell between best's renames
+    evaluate.main(["--checkpoint", str(best), "--split", "val", "--output", str(tmp_path / "val.json")])
+    assert json.loads((tmp_path / "val.json").read_text())["val"] == recorded["val_metrics"]
+    _, resumed = run(tmp_path, "killed", resume=True, **common)
+    for split in ("val", "test"):
+        assert resumed[split] == full[split]
+    checkpoints = sorted(p.name for p in (tmp_path / "killed/checkpoints").iterdir())
+    assert checkpoints == ["best", "last"]  # the leftovers are cleaned up by the next save
