@@ -150,7 +150,9 @@ def read_yaml(path: str | Path, what: str = "config"):
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text (UTF-8) {what} file") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
@@ -195,18 +197,43 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=No
 
 
 def make_config(**overrides) -> Config:
+    """A Config from field values, type-checked, then checked as a whole: every range and consistency rule is here."""
     cfg = Config(**{k: coerce(k, v, "config") for k, v in overrides.items()})
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    floats = [f.name for f in dataclasses.fields(Config) if isinstance(getattr(cfg, f.name), float)]
+    for name in floats:  # nan passes every comparison below, so it is refused first
+        if not np.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name}: must be a finite number, got {getattr(cfg, name)}")
     for name in ("val_ratio", "test_ratio", "warmup_ratio", "dropout", "fuzzy_threshold"):
         if not 0 <= getattr(cfg, name) < 1:
             raise UserError(f"--{name}: must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "n_best", "max_answer_tokens"):
+    if cfg.val_ratio + cfg.test_ratio >= 1:
+        raise UserError(f"--val_ratio + --test_ratio: must leave posts to train on, got "
+                        f"{cfg.val_ratio} + {cfg.test_ratio} >= 1")
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "n_best", "max_answer_tokens", "epochs",
+                 "log_every", "keep_checkpoints", "tiny_hidden", "tiny_layers", "tiny_heads", "tiny_vocab",
+                 "demo_posts"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name}: must be >= 1, got {getattr(cfg, name)}")
+    for name in ("doc_stride", "threads", "num_workers", "save_every", "patience"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.doc_stride >= cfg.max_length // 2:
         raise UserError(f"--doc_stride: must be below max_length/2 ({cfg.max_length // 2}), got {cfg.doc_stride}")
+    if cfg.tiny_hidden % cfg.tiny_heads:
+        raise UserError(f"--tiny_heads: must divide --tiny_hidden {cfg.tiny_hidden}, got {cfg.tiny_heads}")
     if cfg.lr <= 0:
         raise UserError(f"--lr: must be > 0, got {cfg.lr}")
-    return cfg
+    if not cfg.output_dir.strip():
+        raise UserError("--output_dir: must not be empty (it would write into the working directory)")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise UserError(f"--output_dir {cfg.output_dir}: is a file, not a folder")
+    if cfg.model != "tiny" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
+        raise UserError(f"--model {cfg.model}: a folder without config.json (not a save_pretrained model folder)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

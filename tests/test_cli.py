@@ -54,10 +54,31 @@ QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--ti
     (["--batch_size", "0"], ["--batch_size", ">= 1"]),
     (["--max_length", "64", "--doc_stride", "40"], ["--doc_stride", "max_length/2"]),
     (["--epochs"], ["--epochs", "expected one argument"]),
+    (["--epochs", "0"], ["--epochs", "must be >= 1, got 0"]),
+    (["--log_every", "0"], ["--log_every", "must be >= 1"]),
+    (["--lr", "nan"], ["--lr", "must be a finite number, got nan"]),
+    (["--task", "evidence", "--doc_stride", "-1"], ["--doc_stride", "must be >= 0, got -1"]),
+    (["--threads", "-1"], ["--threads", "must be >= 0"]),
+    (["--tiny_heads", "3"], ["--tiny_heads", "must divide --tiny_hidden 128, got 3"]),
+    (["--tiny_hidden", "0"], ["--tiny_hidden", "must be >= 1"]),
+    (["--tiny_layers", "0"], ["--tiny_layers", "must be >= 1"]),
+    (["--val_ratio", "0.5", "--test_ratio", "0.5"], ["--val_ratio + --test_ratio", "0.5 + 0.5 >= 1"]),
+    (["--output_dir", ""], ["--output_dir", "must not be empty"]),
 ])
 def test_bad_flags(cli, argv, needles):
     code, err = cli(train.main, argv)
     assert_one_line_error(code, err, *needles, only_line=True)
+
+
+def test_bad_paths_in_flags(cli, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01task: joint\x00")
+    for argv, needles in [(["--output_dir", tmp_path / "a_file"], ["--output_dir", "a_file", "is a file"]),
+                          (["--model", tmp_path / "empty_model"], ["--model", "empty_model", "without config.json"]),
+                          (["--config", tmp_path / "binary.yaml"], ["binary.yaml", "not a text (UTF-8) config file"])]:
+        code, err = cli(train.main, argv)
+        assert_one_line_error(code, err, *needles, only_line=True)
 
 
 @pytest.mark.parametrize("content, needles", [
