@@ -67,16 +67,29 @@ def read_csv(path: Path, required: list[str]) -> tuple[list[dict], int]:
         bad = 1
     if not text.strip():
         raise UserError(f"{path}: file is empty (expected a header with columns {', '.join(required)})")
+    # Strict parsing, and a row with more fields than the header is an error, not a guess: an unquoted comma
+    # (`p1,I cannot sleep, I wake at 3am`) would otherwise cut the text, and an unclosed quote would swallow
+    # the rows after it into one post. Either one means the file is not what it claims, and a drop of the
+    # row would hide that: real ReDSM5 texts are quoted, so the fix is on the file's side.
+    reader, start = csv.reader(io.StringIO(text, newline=""), strict=True), 1
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        header = [h.strip() for h in (reader.fieldnames or [])]
+        header = [h.strip() for h in next(reader, [])]
         missing = [c for c in required if c not in header]
         if missing:
             raise UserError(f"{path}: missing column '{missing[0]}' (found: {', '.join(header)})")
-        reader.fieldnames = header
-        rows = [{k: (v if v is not None else "") for k, v in r.items() if k is not None} for r in reader]
+        rows, start = [], reader.line_num + 1
+        for fields in reader:
+            if not fields:  # a blank line, as csv.DictReader skips it
+                start = reader.line_num + 1
+                continue
+            if len(fields) > len(header):
+                raise UserError(f"{path}: line {start}: {len(fields)} fields where the header has {len(header)} "
+                                "(an unquoted comma in a text? quote the field)")
+            rows.append(dict(zip(header, fields + [""] * (len(header) - len(fields)))))
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise UserError(f"{path}: malformed CSV ({e})") from None
+        raise UserError(f"{path}: malformed CSV at line {start} ({e}; "
+                        "an unclosed quote?)") from None
     if bad:
         bad = sum("\ufffd" in "".join(r.values()) for r in rows)
     return rows, bad

@@ -339,3 +339,18 @@ def test_boolean_flags_also_take_the_bare_form():
     assert (cfg.mlflow, cfg.deterministic, cfg.epochs) == (True, True, 2)
     with pytest.raises(UserError, match="--epochs"):  # a non-boolean flag still needs its value
         parse_config(["--epochs"])
+
+
+@pytest.mark.parametrize("posts, needles", [
+    ("post_id,text\np1,I cannot sleep, I wake at 3am, every night.\np2,fine\n",
+     ["posts.csv", "line 2", "4 fields where the header has 2", "quote the field"]),
+    ('post_id,text\np1,"I cannot sleep\np2,I feel fine\np3,ok\n', ["posts.csv", "malformed CSV at line 2", "unclosed quote"]),
+    ('post_id,text\np1,"I cannot sleep\np2,"I feel fine"\n', ["posts.csv", "malformed CSV at line 2"]),
+])
+def test_csv_rows_are_never_cut_or_merged_silently(cli, tmp_path, posts, needles):
+    """An unquoted comma would cut p1's text; an unclosed quote would swallow p2 into p1."""
+    folder = tmp_path / "d"
+    write_corpus(folder, [["p0", "I sleep well."]], [["p0", "p0_0", "I sleep well.", "SLEEP_ISSUES", "0"]])
+    (folder / "posts.csv").write_text(posts)
+    code, err = run_train_on(cli, tmp_path, folder)
+    assert_one_line_error(code, err, *needles)
