@@ -143,21 +143,48 @@ def load_corpus(data_dir=None, *, demo_posts=1000, demo_seed=0, include_special_
                         fuzzy_threshold=fuzzy_threshold, undecodable_rows=bad_bytes)
 
 
-def build_corpus(post_rows, ann_rows, *, source="", include_special_case=False, fuzzy_threshold=0.3,
-                 undecodable_rows=0) -> Corpus:
-    """Validate raw rows into a Corpus. Every dropped row is counted under a reason."""
-    dropped, posts = Counter(), {}
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))  # zero-width and soft-hyphen
+
+
+def visible(text: str) -> bool:
+    """Whether a text has anything to read: zero-width characters alone give a tokenizer no token."""
+    return bool(text.translate(_INVISIBLE).strip())
+
+
+def valid_posts(post_rows: list[dict], dropped: Counter) -> dict[str, str]:
+    """post_id -> text; the first copy of a duplicated id wins, every other row dropped is counted."""
+    posts = {}
     for r in post_rows:
         pid, text = r.get("post_id", "").strip(), r.get("text", "")
         if not pid:
             dropped["post: missing post_id"] += 1
         elif pid in posts:
             dropped["post: duplicate post_id"] += 1
-        elif not text.strip():
+        elif not visible(text):
             dropped["post: empty text"] += 1
         else:
             posts[pid] = text
-    symptoms = set(SYMPTOMS) | ({SPECIAL_CASE} if include_special_case else set())
+    return posts
+
+
+def annotation_problem(r: dict, label: str, status, posts: dict, symptoms: set) -> str | None:
+    """Why an annotation row is dropped, or None to keep it."""
+    if label == SPECIAL_CASE and SPECIAL_CASE not in symptoms:
+        return "annotation: SPECIAL_CASE (ignored by default)"
+    if label not in symptoms:
+        return f"annotation: unknown symptom label {label!r}"
+    if status is None:
+        return f"annotation: status not 0/1 ({r['status']!r})"
+    if r["post_id"].strip() not in posts:
+        return "annotation: post missing or empty"
+    if not r["sentence_text"].strip():
+        return "annotation: empty sentence_text"
+    return None
+
+
+def valid_annotations(ann_rows: list[dict], posts: dict, symptoms: set, dropped: Counter) -> tuple[list, int, int]:
+    """(kept rows, labels fixed, conflicting duplicates). A duplicate (post, sentence, symptom) is counted;
+    when its copies disagree, evidence wins."""
     kept: dict[tuple, dict] = {}
     fixed_labels = conflicts = 0
     for r in ann_rows:
@@ -165,35 +192,44 @@ def build_corpus(post_rows, ann_rows, *, source="", include_special_case=False, 
         if label in LABEL_FIXES:
             label, fixed_labels = LABEL_FIXES[label], fixed_labels + 1
         status = {"1": 1, "0": 0, "1.0": 1, "0.0": 0}.get(str(r["status"]).strip())
-        if label == SPECIAL_CASE and not include_special_case:
-            dropped["annotation: SPECIAL_CASE (ignored by default)"] += 1
-        elif label not in symptoms:
-            dropped[f"annotation: unknown symptom label {label!r}"] += 1
-        elif status is None:
-            dropped[f"annotation: status not 0/1 ({r['status']!r})"] += 1
-        elif pid not in posts:
-            dropped["annotation: post missing or empty"] += 1
-        elif not r["sentence_text"].strip():
-            dropped["annotation: empty sentence_text"] += 1
-        else:
-            key = (pid, r["sentence_id"].strip(), label)
-            if key in kept:
-                dropped["annotation: duplicate (post, sentence, symptom)"] += 1
-                if kept[key]["status"] != status:  # annotators disagree: evidence wins, and is counted
-                    conflicts += 1
-                    kept[key]["status"] = 1
-                continue
-            kept[key] = {"post_id": pid, "sentence_id": key[1], "sentence_text": r["sentence_text"],
-                         "symptom": label, "status": status}
-    rows = list(kept.values())
-    alignment = Counter()
-    cache = {}
+        problem = annotation_problem(r, label, status, posts, symptoms)
+        if problem:
+            dropped[problem] += 1
+            continue
+        # a blank sentence_id must not make every such sentence of the post one duplicate: key it by its text
+        sentence_key = r["sentence_id"].strip() or "text:" + " ".join(r["sentence_text"].split())
+        key = (pid, sentence_key, label)
+        if key in kept:
+            dropped["annotation: duplicate (post, sentence, symptom)"] += 1
+            if kept[key]["status"] != status:
+                conflicts += 1
+                kept[key]["status"] = 1
+            continue
+        kept[key] = {"post_id": pid, "sentence_id": r["sentence_id"].strip(), "sentence_text": r["sentence_text"],
+                     "symptom": label, "status": status}
+    return list(kept.values()), fixed_labels, conflicts
+
+
+def align_rows(rows: list[dict], posts: dict, fuzzy_threshold: float) -> Counter:
+    """Set each row's start/end/align in its post; the count per alignment method."""
+    alignment, cache = Counter(), {}
     for r in rows:
         ck = (r["post_id"], r["sentence_text"])
         if ck not in cache:
             cache[ck] = align_sentence(r["sentence_text"], posts[r["post_id"]], fuzzy_threshold)
         r["start"], r["end"], r["align"] = cache[ck]
         alignment[r["align"]] += 1
+    return alignment
+
+
+def build_corpus(post_rows, ann_rows, *, source="", include_special_case=False, fuzzy_threshold=0.3,
+                 undecodable_rows=0) -> Corpus:
+    """Validate raw rows into a Corpus. Every dropped row is counted under a reason."""
+    dropped = Counter()
+    posts = valid_posts(post_rows, dropped)
+    symptoms = set(SYMPTOMS) | ({SPECIAL_CASE} if include_special_case else set())
+    rows, fixed_labels, conflicts = valid_annotations(ann_rows, posts, symptoms, dropped)
+    alignment = align_rows(rows, posts, fuzzy_threshold)
     annotated = {r["post_id"] for r in rows}
     report = {
         "source": source,

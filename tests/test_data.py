@@ -329,3 +329,17 @@ def test_windows_cover_every_text_or_fail_loudly(tiny_tokenizer):
     torn = [f for f in feats if f["example_idx"] == 1 or id(f) in kept]
     with pytest.raises(UserError, match=r"post p_long: its windows stop at character \d+ of %d" % len(text)):
         data.check_windows_cover_texts(tiny_tokenizer, ex, torn)
+
+
+def test_invisible_text_is_empty_and_blank_sentence_ids_are_not_duplicates(tmp_path):
+    """A post of zero-width spaces gives a tokenizer no token (it crashed featurize): it is an empty text.
+    Annotations without a sentence_id are told apart by their text, not merged as one duplicate."""
+    posts = [["p1", "\u200b\u200b \u200b"], ["p2", "I cannot sleep. I feel slow. I eat little."]]
+    annotations = [["p2", "", "I cannot sleep.", "SLEEP_ISSUES", "1"], ["p2", "", "I feel slow.", "SLEEP_ISSUES", "0"],
+                   ["p2", " ", "I eat little.", "SLEEP_ISSUES", "0"], ["p2", "", "I cannot  sleep.", "SLEEP_ISSUES", "0"]]
+    corpus = data.load_corpus(write_corpus(tmp_path / "d", posts, annotations))
+    assert list(corpus.posts) == ["p2"]
+    assert corpus.report["dropped"] == {"post: empty text": 1, "annotation: duplicate (post, sentence, symptom)": 1}
+    assert corpus.report["conflicting_duplicates_resolved_to_1"] == 1  # "I cannot  sleep." is the same sentence
+    assert sorted(r["sentence_text"] for r in corpus.rows) == ["I cannot sleep.", "I eat little.",
+                                                                       "I feel slow."]
