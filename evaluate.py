@@ -31,8 +31,13 @@ log = logging.getLogger("redsm5")
 
 def classification_metrics(labels, probs, criteria=None, threshold: float = 0.5) -> dict:
     """Binary metrics for the positive class (status 1 / has evidence); values are fractions."""
-    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
     preds = (probs >= threshold).astype(int)
@@ -129,7 +134,8 @@ def decode_pairs(features: list[dict], outputs: dict, n_examples: int, texts: li
         b = best[f["example_idx"]]
         b["null_score"] = min(b["null_score"], float(outputs["null_score"][row]))
         for k in np.flatnonzero(valid[row]):
-            s, e, score = outputs["cand_start"][row, k], outputs["cand_end"][row, k], float(outputs["cand_score"][row, k])
+            s, e = outputs["cand_start"][row, k], outputs["cand_end"][row, k]
+            score = float(outputs["cand_score"][row, k])
             if score > b["span_score"]:
                 b.update(span_score=score, start=int(f["offsets"][s, 0]), end=int(f["offsets"][e, 1]))
             break  # candidates are sorted: the first valid one is the window's best

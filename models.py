@@ -38,8 +38,10 @@ def _criteria_examples(corpus, post_ids, cfg):
 
 
 TASKS = {
-    "criteria": Task(_criteria_examples, lambda cfg: cfg.unit == "post", classify=True, spans=False, main_metric="f1_macro"),
-    "evidence": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids, require_evidence=not cfg.include_negatives),
+    "criteria": Task(_criteria_examples, lambda cfg: cfg.unit == "post", classify=True, spans=False,
+                     main_metric="f1_macro"),
+    "evidence": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids,
+                                                               require_evidence=not cfg.include_negatives),
                      lambda cfg: True, classify=False, spans=True, main_metric="span_f1"),
     "joint": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids),
                   lambda cfg: True, classify=True, spans=True, main_metric="combined"),
@@ -89,7 +91,8 @@ def tiny_encoder_config(cfg: Config, vocab_size: int):
         return ModernBertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
                                 num_attention_heads=cfg.tiny_heads, intermediate_size=2 * cfg.tiny_hidden,
                                 max_position_embeddings=max(512, cfg.max_length), local_attention=64,
-                                # local and global layers alternate, the last one global: [CLS] then reads the whole window
+                                # local and global layers alternate, the last one global:
+                                # [CLS] then reads the whole window
                                 layer_types=["sliding_attention" if (cfg.tiny_layers - i) % 2 == 0 else "full_attention"
                                              for i in range(cfg.tiny_layers)],
                                 pad_token_id=TINY_SPECIALS.index("[PAD]"), cls_token_id=cls, sep_token_id=sep,

@@ -70,7 +70,8 @@ def plot_pr_roc(curves: list[tuple], path: Path, title: str) -> Path:
     ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(y_low, 1.005),
               title="precision-recall" + (f" (zoomed: precision >= {y_low:.2f})" if y_low else ""))
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", ylim=(0 if x_high == 1 else 0.8, 1.005),
-               xlim=(-0.002, x_high), title="ROC" + (f" (zoomed: FPR <= {x_high:.2f}, TPR >= 0.8)" if x_high < 1 else ""))
+               xlim=(-0.002, x_high),
+               title="ROC" + (f" (zoomed: FPR <= {x_high:.2f}, TPR >= 0.8)" if x_high < 1 else ""))
     for ax in (ax_pr, ax_roc):
         ax.legend(fontsize=7, loc="lower left" if ax is ax_pr else "lower right")
         ax.grid(alpha=0.3)

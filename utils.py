@@ -16,7 +16,7 @@ import random
 import shutil
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +46,17 @@ class Config:
     splits_file: str | None = None  # reuse the post split of an earlier run (its splits.json)
     # --- model
     model: str = "tiny"  # "tiny" (built offline) or any from_pretrained name / local dir
-    tiny_arch: typing.Literal["modernbert", "bert"] = "modernbert"  # tiny encoder: ModernBERT (rotary positions, local+global attention) or BERT (learned absolute positions)
+    # tiny encoder: ModernBERT (rotary positions, local+global attention) or BERT (learned absolute positions)
+    tiny_arch: typing.Literal["modernbert", "bert"] = "modernbert"
     tiny_hidden: int = 128  # width of the tiny encoder
     tiny_layers: int = 2  # depth of the tiny encoder
     tiny_heads: int = 2  # attention heads of the tiny encoder
     tiny_vocab: int = 8000  # WordPiece vocabulary trained on the training texts
     dropout: float = 0.1  # dropout of the task heads
     shared_encoder: bool = True  # joint: one encoder for both heads (False = two encoders)
-    pooling: typing.Literal["max", "cls"] = "max"  # what the classification head reads: max over the tokens (a post shows a symptom if any sentence does) or [CLS]
-    criterion_heads: bool = True  # heads with one output per criterion, picked by the pair's criterion (False = one head for all)
+    # what the classification head reads: max over the tokens (a post shows a symptom if any sentence does) or [CLS]
+    pooling: typing.Literal["max", "cls"] = "max"
+    criterion_heads: bool = True  # one head output per criterion, picked by the pair's criterion (False = one for all)
     max_length: int = 256  # tokens per (criterion, text) window
     doc_stride: int = 64  # overlap between consecutive windows of a long post
     max_answer_tokens: int = 96  # longest span the decoder may return
@@ -176,7 +178,8 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=None) -> tuple[Config, argparse.Namespace]:
+def parse_config(argv: list[str] | None = None, prog: str = "train.py",
+                 extra=None) -> tuple[Config, argparse.Namespace]:
     """Config from defaults < --config YAML < --field flags. `extra(parser)` adds script-only flags."""
     parser = _Parser(prog=prog, allow_abbrev=False, description=__doc__)
     parser.add_argument("--config", help="YAML file of config fields")
@@ -399,7 +402,7 @@ class Tracker:
     than the tiny model's training step.
     """
 
-    def __init__(self, cfg: Config, enabled: bool, run_id: str | None = None, nested: bool = False, parent_run_id=None):
+    def __init__(self, cfg: Config, enabled: bool, run_id: str | None = None, parent_run_id=None):
         self.enabled, self.buffer, self.run_id, self.ended = enabled and cfg.mlflow, [], None, False
         if not self.enabled:
             return

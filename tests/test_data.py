@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import P_DUP, P_LATIN, P_MAIN, P_NL, write_corpus, write_quirky
 
 import data
-from conftest import P_DUP, P_LATIN, P_MAIN, P_NL, write_corpus, write_quirky
 from utils import UserError
 
 QUIRKY_DROPPED = {
