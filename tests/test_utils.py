@@ -1,0 +1,90 @@
+"""utils' atomic folder swap: a kill at any instant of replace_dir leaves one complete copy, found and cleaned up."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from utils import COMPLETE, find_complete_dir, recover_dir, replace_dir, write_text_atomic
+
+
+def make_folder(path: Path, contents: str, complete: bool = True) -> Path:
+    path.mkdir()
+    (path / "weights.txt").write_text(contents)
+    if complete:
+        (path / COMPLETE).touch()
+    return path
+
+
+def assert_only_dst_with(dst: Path, contents: str):
+    assert sorted(p.name for p in dst.parent.iterdir()) == [dst.name]
+    assert (dst / "weights.txt").read_text() == contents
+    assert find_complete_dir(dst) == dst
+
+
+@pytest.mark.parametrize("states", [
+    {"dst": True, "old": False},  # dst complete, a partial old left by a kill inside rmtree(old)
+    {"old": True},  # killed between the two renames: no dst, old complete
+    {"old": True, "tmp": True},  # ... and the new tmp, also complete, never renamed in
+])
+def test_each_on_disk_state_of_a_kill_keeps_a_complete_copy(tmp_path, states):
+    dst, old, tmp = tmp_path / "best", tmp_path / "best.old", tmp_path / "best.tmp"
+    if "dst" in states:
+        make_folder(dst, "v1")
+    if "old" in states:
+        make_folder(old, "v1" if states["old"] else "v0-partial", complete=states["old"])
+    if "tmp" in states:
+        make_folder(tmp, "v2-abandoned")
+        shutil.rmtree(tmp)  # the caller rewrites its tmp from scratch before the next swap
+    found = find_complete_dir(dst)
+    assert found is not None and (found / "weights.txt").read_text() == "v1"
+    make_folder(tmp, "v2", complete=False)
+    replace_dir(tmp, dst)
+    assert_only_dst_with(dst, "v2")
+
+
+@pytest.mark.parametrize("fails, at_call", [("rename", 1), ("rename", 2), ("rmtree", 1)])
+def test_a_kill_at_each_step_of_replace_dir_keeps_a_complete_copy(tmp_path, monkeypatch, fails, at_call):
+    dst, tmp = tmp_path / "best", tmp_path / "best.tmp"
+    make_folder(tmp, "v1", complete=False)
+    replace_dir(tmp, dst)
+    make_folder(tmp, "v2", complete=False)
+    calls, real = [0], {"rename": Path.rename, "rmtree": shutil.rmtree}[fails]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise KeyboardInterrupt  # the kill
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        if fails == "rename":
+            m.setattr(Path, "rename", dying)
+        else:
+            m.setattr(shutil, "rmtree", dying)
+        with pytest.raises(KeyboardInterrupt):
+            replace_dir(tmp, dst)
+    found = find_complete_dir(dst)
+    expected = "v2" if (fails, at_call) == ("rmtree", 1) else "v1"  # v2 is in once the second rename is done
+    assert found is not None and (found / "weights.txt").read_text() == expected
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    make_folder(tmp, "v3", complete=False)
+    replace_dir(tmp, dst)
+    assert_only_dst_with(dst, "v3")
+
+
+def test_recover_dir_on_a_clean_folder_changes_nothing(tmp_path):
+    dst = make_folder(tmp_path / "best", "v1")
+    recover_dir(dst)
+    assert_only_dst_with(dst, "v1")
+    assert find_complete_dir(tmp_path / "missing") is None
+
+
+def test_write_text_atomic_replaces_the_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
