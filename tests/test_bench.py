@@ -35,7 +35,8 @@ def test_training_flops_match_torch_flop_counter(arch):
     cfg = make_config(tiny_arch=arch, tiny_hidden=32, tiny_layers=2, tiny_heads=2, max_length=64, doc_stride=16)
     model = TaskModel(TASKS["criteria"], build_encoder(cfg, 100))
     rows, width = 4, 48
-    batch = {"input_ids": torch.randint(5, 100, (rows, width)), "attention_mask": torch.ones(rows, width, dtype=torch.long),
+    batch = {"input_ids": torch.randint(5, 100, (rows, width)),
+             "attention_mask": torch.ones(rows, width, dtype=torch.long),
              "criterion_ids": torch.tensor([0, 3, 3, 8])}
     with FlopCounterMode(display=False) as counter:
         out = model(**batch)

@@ -176,7 +176,8 @@ def test_resume_a_run_of_another_task(cli, tmp_path):
     assert_one_line_error(code, err, str(out / "config.yaml"), "task 'criteria' -> 'evidence'")
 
 
-@pytest.mark.parametrize("change, needle", [(["--seed", "7"], "seed 42 -> 7"), (["--data_dir", "OTHER"], "data_dir None")])
+@pytest.mark.parametrize("change, needle", [(["--seed", "7"], "seed 42 -> 7"),
+                                           (["--data_dir", "OTHER"], "data_dir None")])
 def test_resume_refuses_settings_that_change_the_data_and_allows_more_epochs(cli, tmp_path, change, needle):
     """A resume with another seed would redraw the split (16 of 20 new test posts had been trained on)."""
     out, other = tmp_path / "out", tmp_path / "other"
@@ -198,7 +199,8 @@ def test_a_second_run_on_a_busy_output_dir_names_the_holder(cli, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; from pathlib import Path; "
                                "p = Path(sys.argv[1]); p.mkdir(); f = open(p / '.lock', 'a+'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); "
-                               "print('locked', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+                               "print('locked', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, err = cli(train.main, ["--output_dir", out, *QUICK, "--max_steps", "1"])
@@ -344,7 +346,8 @@ def test_boolean_flags_also_take_the_bare_form():
 @pytest.mark.parametrize("posts, needles", [
     ("post_id,text\np1,I cannot sleep, I wake at 3am, every night.\np2,fine\n",
      ["posts.csv", "line 2", "4 fields where the header has 2", "quote the field"]),
-    ('post_id,text\np1,"I cannot sleep\np2,I feel fine\np3,ok\n', ["posts.csv", "malformed CSV at line 2", "unclosed quote"]),
+    ('post_id,text\np1,"I cannot sleep\np2,I feel fine\np3,ok\n',
+     ["posts.csv", "malformed CSV at line 2", "unclosed quote"]),
     ('post_id,text\np1,"I cannot sleep\np2,"I feel fine"\n', ["posts.csv", "malformed CSV at line 2"]),
 ])
 def test_csv_rows_are_never_cut_or_merged_silently(cli, tmp_path, posts, needles):

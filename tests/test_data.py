@@ -336,7 +336,8 @@ def test_invisible_text_is_empty_and_blank_sentence_ids_are_not_duplicates(tmp_p
     Annotations without a sentence_id are told apart by their text, not merged as one duplicate."""
     posts = [["p1", "\u200b\u200b \u200b"], ["p2", "I cannot sleep. I feel slow. I eat little."]]
     annotations = [["p2", "", "I cannot sleep.", "SLEEP_ISSUES", "1"], ["p2", "", "I feel slow.", "SLEEP_ISSUES", "0"],
-                   ["p2", " ", "I eat little.", "SLEEP_ISSUES", "0"], ["p2", "", "I cannot  sleep.", "SLEEP_ISSUES", "0"]]
+                   ["p2", " ", "I eat little.", "SLEEP_ISSUES", "0"],
+                   ["p2", "", "I cannot  sleep.", "SLEEP_ISSUES", "0"]]
     corpus = data.load_corpus(write_corpus(tmp_path / "d", posts, annotations))
     assert list(corpus.posts) == ["p2"]
     assert corpus.report["dropped"] == {"post: empty text": 1, "annotation: duplicate (post, sentence, symptom)": 1}

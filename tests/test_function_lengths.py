@@ -26,7 +26,8 @@ def test_no_function_is_over_60_lines():
 
 def test_the_counter_counts_def_to_last_line(tmp_path):
     (tmp_path / "tests").mkdir()
-    (tmp_path / "m.py").write_text("def f():\n    x = 1\n\n    return x\n\n\nclass C:\n    def g(self):\n        pass\n")
+    (tmp_path / "m.py").write_text("def f():\n    x = 1\n\n    return x\n\n\n"
+                                   "class C:\n    def g(self):\n        pass\n")
     assert function_lengths(tmp_path) == [(4, "m.py:1 f"), (2, "m.py:8 g")]
 
 

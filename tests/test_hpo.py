@@ -279,6 +279,7 @@ def test_study_plots_history_and_importances(coarse_study, cli):
     tmp, storage, _ = coarse_study
     for name in ("hpo_history.png", "hpo_importances.png"):  # hpo.py drew them at the end of the study
         assert (tmp / "coarse" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, err = cli(report.main, ["--hpo_study", "criteria-coarse", "--storage", storage, "--output_dir", tmp / "plots"])
+    code, err = cli(report.main, ["--hpo_study", "criteria-coarse", "--storage", storage,
+                                  "--output_dir", tmp / "plots"])
     assert code == 0, err
     assert sorted(p.name for p in (tmp / "plots").iterdir()) == ["hpo_history.png", "hpo_importances.png"]

@@ -146,7 +146,8 @@ def test_window_candidates_equal_a_search_of_every_pair():
     c = evaluate.window_candidates(start, end, context, max_answer_tokens=7, n_best=5)
     for w in range(6):
         text = context[w].nonzero().flatten().tolist()
-        pairs = sorted(((float(start[w, i] + end[w, j]), i, j) for i in text for j in text if 0 <= j - i < 7), reverse=True)
+        pairs = sorted(((float(start[w, i] + end[w, j]), i, j) for i in text for j in text if 0 <= j - i < 7),
+                       reverse=True)
         assert list(zip(c["cand_start"][w].tolist(), c["cand_end"][w].tolist())) == [(i, j) for _, i, j in pairs[:5]]
         assert np.allclose(c["cand_score"][w].numpy(), [s for s, _, _ in pairs[:5]])
 

@@ -19,7 +19,8 @@ class Identity(torch.nn.Module):
         return type("O", (), {"last_hidden_state": self.emb(input_ids)})()
 
 
-@pytest.mark.parametrize("task,pooling", [("criteria", "cls"), ("criteria", "max"), ("evidence", "max"), ("joint", "max")])
+@pytest.mark.parametrize("task,pooling", [("criteria", "cls"), ("criteria", "max"), ("evidence", "max"),
+                                          ("joint", "max")])
 def test_criterion_heads_pick_the_outputs_of_each_pairs_criterion(task, pooling):
     torch.manual_seed(0)
     model = TaskModel(TASKS[task], Identity(8), dropout=0.0, criterion_heads=True, pooling=pooling).eval()
@@ -55,10 +56,12 @@ def test_one_head_for_all_criteria_ignores_the_criterion_id():
 @pytest.mark.parametrize("arch", ["bert", "modernbert"])
 def test_tiny_encoders_run_on_tokenizer_batches(arch, tiny_tokenizer):
     """Both tiny families take the collated batch as is (ModernBERT has no token types: they are not passed)."""
-    cfg = make_config(task="joint", tiny_arch=arch, tiny_hidden=16, tiny_layers=2, tiny_heads=2, max_length=64, doc_stride=16)
+    cfg = make_config(task="joint", tiny_arch=arch, tiny_hidden=16, tiny_layers=2, tiny_heads=2, max_length=64,
+                      doc_stride=16)
     assert tiny_encoder_config(cfg, len(tiny_tokenizer)).model_type == arch
     model = TaskModel(TASKS["joint"], build_encoder(cfg, len(tiny_tokenizer))).eval()
-    ex = [{"post_id": "p", "criterion": c, "text": "I can’t sleep at night anymore. " * 12, "label": 1, "spans": [(0, 31)]}
+    ex = [{"post_id": "p", "criterion": c, "text": "I can’t sleep at night anymore. " * 12, "label": 1,
+           "spans": [(0, 31)]}
           for c in ("SLEEP_ISSUES", "FATIGUE")]
     feats = data.featurize(tiny_tokenizer, ex, max_length=64, doc_stride=16, windows=True)
     batch = data.collate(feats, tiny_tokenizer.pad_token_id)

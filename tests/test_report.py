@@ -9,8 +9,8 @@ import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--task", "criteria", "--demo_posts", "60", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads", "1",
-        "--tiny_vocab", "300", "--max_length", "64", "--doc_stride", "16", "--batch_size", "16", "--max_steps", "2", "--epochs", "1",
-        "--log_every", "1", "--threads", "1"]
+        "--tiny_vocab", "300", "--max_length", "64", "--doc_stride", "16", "--batch_size", "16", "--max_steps", "2",
+        "--epochs", "1", "--log_every", "1", "--threads", "1"]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -41,7 +41,8 @@ def test_corrected_t_interval_hand_computed():
     no_overlap = report.corrected_t_ci([0.8, 0.9, 1.0], 0.0)  # independent runs: the plain t interval
     assert no_overlap == pytest.approx((0.9 - 4.302653 * 0.1 / 3**0.5, 0.9 + 4.302653 * 0.1 / 3**0.5), abs=1e-6)
     d = report.summarize([0.8, 0.9, 1.0], n_boot=2000, test_train_ratio=0.5)
-    assert d["ci_corrected_low"] == pytest.approx(low) and d["ci_corrected_low"] < d["ci_low"]  # wider than the bootstrap
+    # wider than the bootstrap
+    assert d["ci_corrected_low"] == pytest.approx(low) and d["ci_corrected_low"] < d["ci_low"]
     assert "ci_corrected_low" not in report.summarize([0.8, 0.9], n_boot=2000)  # one split: no correction
 
 
