@@ -11,8 +11,12 @@ runs a model over a loader and returns metrics and predictions -> the command li
 from __future__ import annotations
 
 import collections
+import csv
+import io
 import json
 import logging
+import math
+import os
 import re
 import string
 from pathlib import Path
@@ -226,10 +230,47 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def json_safe(obj):
+    """`obj` with every non-finite float (NaN, inf) replaced by None, recursively, and numpy scalars and
+    arrays made plain: json.dumps(json_safe(x), allow_nan=False) is then strict JSON (NaN is not JSON)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON: NaN and inf are written as null."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=float, **kwargs)
+
+
 def write_jsonl(rows, path):
     with open(path, "w") as fh:
         for r in rows:
-            fh.write(json.dumps(r, default=float) + "\n")
+            fh.write(dumps(r) + "\n")
+
+
+def check_writable(path: str | Path, flag: str = "--output") -> Path:
+    """Refuse an output path that cannot be written before any work is done: its folder must exist and be
+    writable, and the path must not be a folder."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory (give a file name)")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable")
+    return path
 
 
 # --------------------------------------------------------------------------- command line
@@ -243,18 +284,24 @@ def main(argv=None):
     parser.add_argument("--output", help="where to write the metrics JSON (or the predictions JSONL)")
     parser.add_argument("--batch_size", type=int, help="evaluation batch size (default: the run's)")
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size: must be >= 1, got {args.batch_size}")
+    output = args.output or ("predictions.jsonl" if args.predict else None)
+    if output is not None:
+        check_writable(output)  # before the model is loaded and run, not after
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
+    posts = read_posts(Path(args.predict)) if args.predict else None  # a bad file fails before the model loads
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, tokenizer, cfg, extra = load_checkpoint(checkpoint)
-    if args.batch_size:
+    if args.batch_size is not None:
         cfg.eval_batch_size = args.batch_size
     task = TASKS[cfg.task]
     if args.predict:
-        predictions = predict_posts(model, tokenizer, cfg, extra, args.predict, accelerator)
+        predictions = predict_posts(model, tokenizer, cfg, extra, posts, accelerator)
         if accelerator.is_main_process:
-            write_jsonl(predictions, args.output or "predictions.jsonl")
-            log.info("wrote %d predictions to %s", len(predictions), args.output or "predictions.jsonl")
+            write_jsonl(predictions, output)
+            log.info("wrote %d predictions to %s", len(predictions), output)
         return
     data_dir = args.data_dir if args.data_dir is not None else cfg.data_dir
     corpus = data.load_corpus_from_config(cfg, data_dir)
@@ -274,19 +321,52 @@ def main(argv=None):
         log.info("%s on %s (%d examples, %d processes):\n%s", cfg.task, args.split, len(examples),
                  accelerator.num_processes, format_metrics(metrics))
         if args.output:
-            Path(args.output).write_text(json.dumps({args.split: metrics}, indent=2))
+            Path(args.output).write_text(dumps({args.split: metrics}, indent=2))
+
+
+def record_lines(path: Path) -> list[int]:
+    """The line on which each record (blank lines skipped) of a CSV that data.read_csv accepted starts, header first."""
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    reader, lines, start = csv.reader(io.StringIO(text, newline="")), [], 1
+    for fields in reader:
+        if fields:
+            lines.append(start)
+        start = reader.line_num + 1
+    return lines
+
+
+def read_posts(path: Path) -> dict[str, str]:
+    """post_id -> text of a --predict CSV. No rows, or a post_id twice (its predictions could not be told
+    apart), is an error naming the file; rows without post_id or text are skipped with a warning."""
+    rows, _ = data.read_csv(path, data.POST_COLUMNS)
+    if not rows:
+        raise UserError(f"{path}: no posts (a header and no rows)")
+    posts, first_row = {}, {}
+    for i, r in enumerate(rows):
+        pid = r["post_id"].strip()
+        if not pid:
+            continue
+        if pid in first_row:
+            lines = record_lines(path)[1:]
+            raise UserError(f"{path}: post_id '{pid}' on line {lines[first_row[pid]]} and again on line {lines[i]} "
+                            "(predictions are keyed by post_id: give each post its own)")
+        first_row[pid] = i
+        if r["text"].strip():
+            posts[pid] = r["text"]
+    if not posts:
+        raise UserError(f"{path}: no row has both a post_id and a text")
+    if len(posts) < len(rows):
+        log.warning("%s: %d rows without post_id or text skipped", path, len(rows) - len(posts))
+    return posts
 
 
 def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[dict]:
     """Per post and criterion: probability (criteria, joint) and evidence span (evidence, joint).
 
     A sentence-unit criteria model scores each sentence of the post; the post's probability is
-    its most positive sentence, which is also returned as the evidence.
+    its most positive sentence, which is also returned as the evidence. `posts_csv`: a CSV path or read_posts' dict.
     """
-    rows, _ = data.read_csv(Path(posts_csv), data.POST_COLUMNS)
-    posts = {r["post_id"].strip(): r["text"] for r in rows if r["post_id"].strip() and r["text"].strip()}
-    if len(posts) < len(rows):
-        log.warning("%s: %d rows without post_id or text skipped", posts_csv, len(rows) - len(posts))
+    posts = posts_csv if isinstance(posts_csv, dict) else read_posts(Path(posts_csv))
     sentence_unit = cfg.task == "criteria" and cfg.unit == "sentence"
     examples = []
     for pid, text in posts.items():

@@ -233,8 +233,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found or path  # checkpoints written before the COMPLETE marker load as they are
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def read_json_file(path: Path, what: str = "JSON file") -> dict:
+    """A JSON object from `path`; a damaged file (not UTF-8, not JSON, not an object) is a UserError naming it."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a valid {what} ({_first_line(e)}): the checkpoint is damaged") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or _first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a valid {what} (expected a JSON object, got {type(value).__name__})")
+    return value
+
+
 def load_checkpoint(path: str | Path, expect_task: str | None = None):
-    """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved."""
+    """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved.
+    A damaged file (truncated weights, corrupt JSON, a broken tokenizer) is a UserError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -244,18 +263,41 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
     if missing:
         raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
     cfg = make_config(**load_yaml_config(path / "config.yaml"))  # errors name the file
-    extra = json.loads((path / "checkpoint.json").read_text())
+    extra = read_json_file(path / "checkpoint.json", "checkpoint.json")
     if expect_task and cfg.task != expect_task:
         raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-    enc_cfg = AutoConfig.from_pretrained(str(path / "encoder_config.json"))
+    tok_dir = path / "tokenizer"
+    for f in sorted(tok_dir.glob("*.json")):  # a corrupt file named here, not as a bare JSON error
+        read_json_file(f, "tokenizer file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:  # tokenizers raises plain Exceptions; any failure here means a broken folder
+        raise UserError(f"{tok_dir}: cannot load the tokenizer ({_first_line(e)}): the checkpoint is damaged") \
+            from None
+    read_json_file(path / "encoder_config.json", "encoder config")
+    try:
+        enc_cfg = AutoConfig.from_pretrained(str(path / "encoder_config.json"))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path / 'encoder_config.json'}: not a valid encoder config ({_first_line(e)})") from None
 
     def encoder():
         return drop_pooler(AutoModel.from_config(enc_cfg, trust_remote_code=cfg.trust_remote_code))
 
-    second = encoder() if cfg.task == "joint" and not cfg.shared_encoder else None
-    model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout, cfg.criterion_heads, cfg.pooling)
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    try:
+        second = encoder() if cfg.task == "joint" and not cfg.shared_encoder else None
+        model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout, cfg.criterion_heads, cfg.pooling)
+    except (ValueError, KeyError, TypeError) as e:  # e.g. hidden size not a multiple of the heads
+        raise UserError(f"{path / 'encoder_config.json'}: cannot build its encoder ({_first_line(e)})") from None
+    weights = path / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights}: cannot read the weights ({_first_line(e)}): truncated or not a safetensors "
+                        "file") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise UserError(f"{weights}: weights do not match a '{cfg.task}' model ({_first_line(e)[:150]})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match a '{cfg.task}' model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

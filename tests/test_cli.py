@@ -357,3 +357,93 @@ def test_csv_rows_are_never_cut_or_merged_silently(cli, tmp_path, posts, needles
     (folder / "posts.csv").write_text(posts)
     code, err = run_train_on(cli, tmp_path, folder)
     assert_one_line_error(code, err, *needles)
+
+
+# --------------------------------------------------------------------------- evaluate.py: damaged checkpoints, outputs
+
+def truncate(path, n=100):
+    path.write_bytes(path.read_bytes()[:n])
+
+
+@pytest.mark.parametrize("damage, file, needles", [
+    (lambda p: truncate(p / "model.safetensors"), "model.safetensors", ["cannot read the weights", "truncated"]),
+    (lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors", ["cannot read the weights"]),
+    (lambda p: (p / "checkpoint.json").write_text("{oops"), "checkpoint.json", ["not a valid checkpoint.json"]),
+    (lambda p: (p / "checkpoint.json").write_text("[1, 2]"), "checkpoint.json", ["expected a JSON object, got list"]),
+    (lambda p: (p / "encoder_config.json").write_text('{"hidden'), "encoder_config.json",
+     ["not a valid encoder config"]),
+    (lambda p: (p / "encoder_config.json").write_text("{}"), "encoder_config.json", ["`model_type`"]),
+    (lambda p: truncate(p / "tokenizer" / "tokenizer.json"), "tokenizer/tokenizer.json",
+     ["not a valid tokenizer file"]),
+    (lambda p: (p / "tokenizer" / "tokenizer.json").write_bytes(b"\xff\xfe\x00"), "tokenizer/tokenizer.json",
+     ["not a valid tokenizer file", "utf-8"]),
+    (lambda p: (p / "tokenizer" / "tokenizer.json").write_text("{}"), "tokenizer", ["cannot load the tokenizer"]),
+    (lambda p: (p / "tokenizer" / "tokenizer_config.json").write_text("{oops"), "tokenizer/tokenizer_config.json",
+     ["not a valid tokenizer file"]),
+], ids=["weights_truncated", "weights_empty", "checkpoint_json_corrupt", "checkpoint_json_list",
+        "encoder_config_corrupt", "encoder_config_no_model_type", "tokenizer_json_truncated", "tokenizer_json_binary",
+        "tokenizer_json_empty_object", "tokenizer_config_corrupt"])
+def test_damaged_checkpoint_files(cli, checkpoint, tmp_path, damage, file, needles):
+    path = copy_checkpoint(checkpoint, tmp_path / "best")
+    damage(path)
+    code, err = cli(evaluate.main, ["--checkpoint", path])
+    assert_one_line_error(code, err, str(path / file), *needles)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_evaluate_batch_size_must_be_positive(cli, value):
+    code, err = cli(evaluate.main, ["--checkpoint", "x", "--batch_size", value])
+    assert_one_line_error(code, err, "--batch_size", f"must be >= 1, got {value}")
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("nonexistent/dir/x.jsonl", ["does not exist"]),
+    ("nonexistent/x.json", ["does not exist"]),
+    ("a_dir", ["is a directory"]),
+])
+@pytest.mark.parametrize("predict", [True, False], ids=["predict", "metrics"])
+def test_evaluate_output_not_writable_is_refused_before_loading(cli, tmp_path, name, needles, predict):
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "new.csv").write_text("post_id,text\np1,hello\n")
+    output = tmp_path / name
+    # the checkpoint does not exist: the output is checked before anything is loaded or run
+    argv = ["--checkpoint", tmp_path / "none", "--output", output] + (["--predict", tmp_path / "new.csv"] * predict)
+    code, err = cli(evaluate.main, argv)
+    assert_one_line_error(code, err, f"--output {output}", *needles)
+
+
+@pytest.mark.parametrize("content, needles", [
+    ("post_id,text\n", ["no posts (a header and no rows)"]),
+    ("post_id,text\n\n\n", ["no posts (a header and no rows)"]),
+    ("post_id,text\np1,\n,hello\n", ["no row has both a post_id and a text"]),
+    ("post_id,text\np1,hello\np2,world\np1,again\n", ["post_id 'p1' on line 2 and again on line 4"]),
+    ('post_id,text\np1,"two\nlines"\n\np2,x\n p1 ,again\n', ["post_id 'p1' on line 2 and again on line 6"]),
+], ids=["header_only", "header_and_blank_lines", "no_usable_row", "duplicate_post_id", "duplicate_after_multiline"])
+def test_predict_file_content_problems(cli, checkpoint, tmp_path, content, needles):
+    posts = tmp_path / "new.csv"
+    posts.write_text(content)
+    code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", posts,
+                                    "--output", tmp_path / "p.jsonl"])
+    assert_one_line_error(code, err, str(posts), *needles)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_writes_strict_json_lines(cli, checkpoint, tmp_path):
+    posts = tmp_path / "new.csv"
+    posts.write_text("post_id,text\np1,I can't sleep at night.\np2,\n")
+    code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", posts, "--output", tmp_path / "p.jsonl"])
+    assert code == 0, err
+    assert "1 rows without post_id or text skipped" in err
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+            for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == len(data.SYMPTOMS) and {r["post_id"] for r in rows} == {"p1"}
+
+
+def test_json_safe_writes_nan_as_null():
+    import numpy as np
+
+    assert evaluate.json_safe({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
+    assert evaluate.json_safe({"c": (np.float32(0.5), np.int64(3), np.float64("-inf"), np.array([np.nan, 2.0]))}) \
+        == {"c": [0.5, 3, None, [None, 2.0]]}
+    assert evaluate.json_safe({"d": True, "e": "x", "f": None, "g": 2}) == {"d": True, "e": "x", "f": None, "g": 2}
+    assert evaluate.dumps({"auroc": float("nan")}) == '{"auroc": null}'
