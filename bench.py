@@ -346,7 +346,8 @@ def run_job(job: dict) -> dict:
     from utils import Config, make_config, set_seed, use_cudnn_attention
 
     cfg = make_config(**WORKLOADS[job["workload"]], **SIZES[job["size"]], demo_posts=job["n_posts"], seed=job["seed"],
-                      batch_size=job["batch_size"], eval_batch_size=job["eval_batch_size"], max_length=job["max_length"],
+                      batch_size=job["batch_size"], eval_batch_size=job["eval_batch_size"],
+                      max_length=job["max_length"],
                       doc_stride=min(Config.doc_stride, job["max_length"] // 4), mlflow=False)
     if job["device"] == "cuda":  # the same attention kernels for every setting
         use_cudnn_attention(job["cudnn_attention"])

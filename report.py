@@ -44,7 +44,8 @@ log = logging.getLogger("redsm5")
 
 def add_report_flags(parser) -> None:
     group = parser.add_argument_group("report.py")
-    group.add_argument("--cv_folds", type=int, default=5, help="folds grouped by post; 1 = the one train/val/test split")
+    group.add_argument("--cv_folds", type=int, default=5,
+                       help="folds grouped by post; 1 = the one train/val/test split")
     group.add_argument("--seeds", type=int, nargs="+", help="training seeds of every fold (default: --seed)")
     group.add_argument("--n_bootstrap", type=int, default=10000, help="bootstrap resamples of the interval")
     group.add_argument("--hpo_study", help="only plot this Optuna study: history and parameter importances")
@@ -163,7 +164,8 @@ def fold_splits(corpus: data.Corpus, k: int, seed: int, val_ratio: float = 0.1,
     folds = []
     for rest, test in data.kfold_splits(corpus, k, seed):
         try:
-            fit, val = train_test_split(rest, test_size=n_val, random_state=seed, stratify=data.post_strata(corpus, rest))
+            fit, val = train_test_split(rest, test_size=n_val, random_state=seed,
+                                        stratify=data.post_strata(corpus, rest))
         except ValueError:  # too few posts per stratum (tiny corpora): an unstratified slice
             fit, val = train_test_split(rest, test_size=n_val, random_state=seed)
         folds.append({"train": sorted(fit), "val": sorted(val), "test": sorted(test)})
@@ -210,13 +212,15 @@ def fold_baselines(corpus: data.Corpus, split: dict, cfg: Config) -> dict:
         metrics = classification_metrics(labels, test_p, criteria)
         metrics.update(with_threshold(labels, test_p, threshold))
         out["metrics"]["bag-of-words LR"] = metrics
-        out["rows"]["bag-of-words LR"] = [{**e, "prob": p, "pred": int(p >= threshold)} for e, p in zip(test_ex, test_p)]
+        out["rows"]["bag-of-words LR"] = [{**e, "prob": p, "pred": int(p >= threshold)}
+                                          for e, p in zip(test_ex, test_p)]
     if task.spans:
         golds = [[e["text"][s:t] for s, t in e["spans"]] for e in test_ex]
         scored = [i for i, g in enumerate(golds) if g or not task.classify]
         preds = [first_sentence(e["text"]) for e in test_ex]
         out["metrics"]["first sentence"] = span_metrics([preds[i] for i in scored], [golds[i] for i in scored])
-        out["rows"]["first sentence"] = [{**e, "pred_text": p, "gold_texts": g} for e, p, g in zip(test_ex, preds, golds)]
+        out["rows"]["first sentence"] = [{**e, "pred_text": p, "gold_texts": g}
+                                         for e, p, g in zip(test_ex, preds, golds)]
     return out
 
 
@@ -416,9 +420,11 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
     for metric, d in summary["model"].items():
         lines.append(f"| {metric} | {_cell(d, ci=True, corrected=corrected)} | "
                      + " | ".join(_cell(summary[b].get(metric)) for b in baselines) + " |")
+    thresholded = "val_threshold" in summary["model"]
+    at_threshold = ", classified at each run's validation-chosen threshold" if thresholded else ""
     lines += ["", "## Per criterion", "",
               "Model: each seed's test predictions pooled over the folds (every post scored once per seed)"
-              + (", classified at each run's validation-chosen threshold" if "val_threshold" in summary["model"] else "")
+              + at_threshold
               + "; the mean over seeds (± std over seeds). n = examples, support = positive examples, pairs = "
               "(criterion, post) pairs whose spans are scored.", ""]
     pc = result["per_criterion"]

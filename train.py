@@ -86,7 +86,8 @@ def prepare_data(cfg: Config, output_dir: Path | None = None) -> PreparedData:
     task = TASKS[cfg.task]
     examples = {name: task.examples(corpus, ids, cfg) for name, ids in splits.items()}
     if task.spans:
-        log.info("evidence spans usable after alignment (all splits): %s", data.span_usability(corpus, list(corpus.posts)))
+        log.info("evidence spans usable after alignment (all splits): %s",
+                 data.span_usability(corpus, list(corpus.posts)))
     for name in ("train", "val"):
         if not examples[name]:
             raise UserError(f"the {name} split has no examples for task '{cfg.task}' (too little data?)")
