@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import namedtuple
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 
 import data
-from evaluate import evaluate, format_metrics, write_jsonl
+from evaluate import dumps, evaluate, format_metrics, write_jsonl
 from models import TASKS, build_model, build_tokenizer, compute_loss, save_checkpoint
 from utils import (
     Config,
@@ -44,6 +42,7 @@ from utils import (
     find_complete_dir,
     load_yaml_config,
     make_accelerator,
+    output_dir_lock,
     parse_config,
     replace_dir,
     run_main,
@@ -362,7 +361,7 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, m
                   tracker: Tracker) -> None:
     """metrics.json, run_stats.json, history.json; the test metrics and files to MLflow. Main process only."""
     # metrics.json holds only what the model scored, so reruns can be compared bit for bit; timings go beside it.
-    (out_dir / "metrics.json").write_text(json.dumps({"val": results["val"], "test": results["test"]}, indent=2))
+    (out_dir / "metrics.json").write_text(dumps({"val": results["val"], "test": results["test"]}, indent=2))
     (out_dir / "run_stats.json").write_text(json.dumps({**results["train"], "system": system_info()}, indent=2))
     history = {"metric": metric_name, "val": state.history,  # training curves, also without MLflow
                "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.curve]}
@@ -395,36 +394,6 @@ def setup_process(cfg: Config, accelerator):
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed, cfg.deterministic, cfg.cudnn_benchmark)
     return accelerator
-
-
-@contextlib.contextmanager
-def output_dir_lock(out_dir: Path, is_main: bool):
-    """One run per output_dir: a second run (or a resume while the first one's workers still train) meets this
-    flock and stops naming the holder's PID. The kernel releases the lock of a process that died."""
-    if not is_main:  # the main process holds it for all of a run's processes
-        yield
-        return
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / ".lock", "a+")
-    except OSError as e:
-        raise UserError(f"--output_dir {out_dir}: cannot write there ({e.strerror})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise UserError(f"--output_dir {out_dir}: another run is using it (pid {holder}); wait for it, stop it, "
-                        "or give another --output_dir") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
 
 
 # Fields a resumed run may change: they decide how long and how verbosely it trains, not what it trains on.

@@ -7,7 +7,9 @@ imports nothing else of ours, so every other file can use it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -333,6 +335,11 @@ def run_main(main, argv=None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the environment, not our code: a read-only folder, a full disk
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 # --- folders that must never be torn: written whole under a temp name, then swapped in
@@ -382,6 +389,36 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def output_dir_lock(out_dir: Path, is_main: bool):
+    """One run per output_dir: a second run (or a resume while the first one's workers still train) meets this
+    flock and stops naming the holder's PID. The kernel releases the lock of a process that died."""
+    if not is_main:  # the main process holds it for all of a run's processes
+        yield
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"--output_dir {out_dir}: cannot write there ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UserError(f"--output_dir {out_dir}: another run is using it (pid {holder}); wait for it, stop it, "
+                        "or give another --output_dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
 # --- MLflow (imported lazily: `import mlflow` costs seconds)
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -411,7 +448,13 @@ class Tracker:
 
         uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
+        try:
+            self.client = MlflowClient(uri)
+            self.client.search_experiments(max_results=1)  # a bad URI or unreachable store fails here, not mid-run
+        except Exception as e:  # mlflow raises its own exception types, several per store kind
+            reason = str(e).strip().splitlines()[0][:200]
+            raise UserError(f"--tracking_uri {uri}: cannot open the MLflow store ({reason}); "
+                            "or run with --mlflow false") from None
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)

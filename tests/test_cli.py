@@ -447,3 +447,10 @@ def test_json_safe_writes_nan_as_null():
         == {"c": [0.5, 3, None, [None, 2.0]]}
     assert evaluate.json_safe({"d": True, "e": "x", "f": None, "g": 2}) == {"d": True, "e": "x", "f": None, "g": 2}
     assert evaluate.dumps({"auroc": float("nan")}) == '{"auroc": null}'
+
+
+def test_a_bogus_tracking_uri_is_one_line_before_training(cli, tmp_path):
+    assert QUICK[:2] == ["--mlflow", "false"]
+    code, err = cli(train.main, ["--output_dir", tmp_path / "out", *QUICK[2:], "--tracking_uri", "foo://bar",
+                                 "--max_steps", "1"])
+    assert_one_line_error(code, err, "--tracking_uri foo://bar", "cannot open the MLflow store", "--mlflow false")
