@@ -219,6 +219,20 @@ def evaluate(model, loader, features, examples, cfg, accelerator, null_threshold
     return metrics, predictions, null_threshold
 
 
+def metric_names(cfg) -> list[str]:
+    """The numbers `evaluate` reports on a split for cfg's task: what --early_stopping_metric can watch.
+    Read off the metric functions themselves (on two made-up examples), so the list cannot drift from them."""
+    task, metrics = TASKS[cfg.task], {}
+    if task.classify:
+        metrics.update(classification_metrics([0, 1], [0.2, 0.8]))
+    if task.spans:
+        nulls = not task.classify and cfg.include_negatives  # evidence with negatives: also the null-answer scores
+        metrics.update(span_metrics(["a", ""], [["a"], []] if nulls else [["a"], ["b"]]))
+    if task.classify and task.spans:
+        metrics["combined"] = 0.0
+    return [k for k, v in metrics.items() if isinstance(v, float)]
+
+
 def format_metrics(metrics: dict) -> str:
     keys = [k for k, v in metrics.items() if isinstance(v, float)]
     lines = [f"  {k:<24} {metrics[k]:.4f}" for k in keys]

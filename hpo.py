@@ -16,12 +16,14 @@ recorded as failed with its reason and the study goes on.
 adds only the missing trials (several workers can end a trial or two past it: each finishes the
 trial it is running). The study lives in --storage (default sqlite:///outputs/hpo/optuna.db). A
 trial whose worker died is marked failed once its heartbeat is 30 s old (by the next trial any
-worker starts) and is run once more with the same parameters. Workers started N times on one
+worker starts) and is run once more with the same parameters; a worker started on the same host
+does that at once for the RUNNING trials of processes of this host that are gone (any storage,
+journal included), and those failed trials do not count toward --n_trials. Workers started N times on one
 storage share the study (trial n samples with seed + n, so no two draw alike). SQLite is fine
 for a few workers on one machine; for many workers or machines use PostgreSQL
 (--storage postgresql://user:password@host/db, needs psycopg2) or, without a database server, a
 journal file on a shared filesystem (--storage journal:outputs/hpo/journal.log; no heartbeat
-there: a dead worker's trial stays RUNNING).
+there: a dead worker's trial on another host stays RUNNING).
 
 Outputs in outputs/hpo/<study>/ (or --output_dir): trial_<n>/ (a train.py run; its checkpoints/last
 is deleted, and all checkpoints of pruned or failed trials), best_config.yaml (a config
@@ -36,7 +38,10 @@ import functools
 import json
 import logging
 import math
+import os
+import re
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +51,7 @@ import torch
 import yaml
 
 import train
+from evaluate import metric_names
 from plots import plot_hpo
 from utils import (
     Config,
@@ -71,7 +77,7 @@ DEFAULT_PRUNER = "median"
 FIXED_FIELDS = {"task", "data_dir", "demo_posts", "demo_seed", "unit", "include_negatives", "val_ratio", "test_ratio",
                 "splits_file", "seed", "early_stopping_metric", "early_stopping_mode", "resume", "output_dir",
                 "mlflow", "tracking_uri", "experiment", "run_name"}
-FINISHED = ("COMPLETE", "PRUNED", "FAIL")  # trial states that count toward --n_trials
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")  # trial states that count toward --n_trials (but see counts_toward_n_trials)
 HEARTBEAT_S, GRACE_S = 10, 30
 
 
@@ -86,6 +92,21 @@ def add_hpo_flags(parser) -> None:
     group.add_argument("--top_k", type=int, default=5, help="fine stage: best coarse trials the space is narrowed to")
     group.add_argument("--pruner", choices=PRUNERS, default=DEFAULT_PRUNER)
     group.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
+
+
+def check_args(args, cfg: Config) -> None:
+    """The hpo.py flags and the watched metric, checked before any study is opened or trial run."""
+    if args.n_trials < 1:
+        raise UserError(f"--n_trials: must be >= 1, got {args.n_trials} (the number of trials the study should have)")
+    if args.top_k < 1:
+        raise UserError(f"--top_k: must be >= 1, got {args.top_k}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UserError(f"--timeout: must be a number of seconds > 0, got {args.timeout}")
+    if cfg.early_stopping_metric != "auto":  # every trial would fail at its first validation
+        valid = metric_names(cfg)
+        if cfg.early_stopping_metric not in valid:
+            raise UserError(f"--early_stopping_metric: '{cfg.early_stopping_metric}' is not a {cfg.task} metric "
+                            f"(choose from auto, {', '.join(valid)})")
 
 
 # --------------------------------------------------------------------------- search spaces
@@ -190,8 +211,18 @@ class PruneAtValidation:
             raise optuna.TrialPruned(f"epoch {epoch}: {self.metric} {metrics[self.metric]:.4f}")
 
 
-def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, parent_run_id: str | None) -> float:
+def is_fatal(e: BaseException) -> bool:
+    """A failure of the base config, not of the trial's sampled values: every trial would fail alike."""
+    return isinstance(e, UserError) and str(e).startswith("--early_stopping_metric")
+
+
+def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, parent_run_id: str | None,
+              fatal: list | None = None) -> float:
+    """One trial. A fatal error (is_fatal) is also put in `fatal`: run_trials then stops the study and raises it."""
     t0, pruning = time.perf_counter(), None
+    # Who runs it: a trial left RUNNING by a dead process of this host is recovered at the next start
+    trial.set_user_attr("worker_host", socket.gethostname())
+    trial.set_user_attr("worker_pid", os.getpid())
     try:
         name = f"trial_{trial.number}"
         cfg = trial_config(base, sample_params(trial, space), study_dir / name, run_name=name)
@@ -206,6 +237,8 @@ def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, pa
     except (Exception, KeyboardInterrupt) as e:
         if not isinstance(e, optuna.TrialPruned):
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
+        if fatal is not None and is_fatal(e):
+            fatal.append(e)
         if pruning and pruning.steps_done:  # up to the last validation; a trial that failed before it: unknown
             trial.set_user_attr("train_steps", pruning.steps_done)
         raise
@@ -264,7 +297,26 @@ def close_trial_run(tracker: Tracker, trial) -> None:
 
 # --------------------------------------------------------------------------- the study
 
+def redact(url: str) -> str:
+    """The storage URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
 def make_storage(url: str):
+    """The Optuna storage of --storage; a URL that cannot be opened is a UserError naming --storage."""
+    import sqlalchemy.exc
+
+    try:
+        return _make_storage(url)
+    except (ImportError, OSError, ValueError, sqlalchemy.exc.SQLAlchemyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, ImportError):
+            msg += " (PostgreSQL needs psycopg2, MySQL pymysql)"
+        raise UserError(f"--storage {redact(url)}: cannot open it ({redact(msg)[:300]}; expected sqlite:///PATH, "
+                        "postgresql://user:password@host/db, mysql://..., or journal:PATH)") from None
+
+
+def _make_storage(url: str):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -322,7 +374,8 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         return self.tpe.sample_independent(study, trial, name, distribution)
 
     def after_trial(self, study, trial, state, values):
-        self.tpe.after_trial(study, trial, state, values)
+        if self.tpe is not None:  # None: a trial told from outside optimize (recover_dead_trials)
+            self.tpe.after_trial(study, trial, state, values)
 
 
 def make_pruner(name: str, cfg: Config):
@@ -391,7 +444,7 @@ def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> T
         if winner != tracker.run_id:  # a worker started at the same moment made one too: keep the last written
             tracker.client.delete_run(tracker.run_id)
             tracker = Tracker(parent_cfg, True, run_id=winner)
-        tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": args.storage.split("@")[-1],
+        tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": redact(args.storage),
                             "hpo.pruner": args.pruner, "hpo.metric": metric, "hpo.n_trials": args.n_trials})
         tracker.log_dict(study.user_attrs["search_space"], "search_space.json")
     return tracker
@@ -412,24 +465,85 @@ def after_trial(study, trial, study_dir: Path, metric: str, tracker: Tracker) ->
                             step=trial.number, flush=True)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover_dead_trials(study) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker was a process of this host that no longer exists, and queue
+    each once more with the same parameters; returns their numbers. The heartbeat finds such a trial only
+    after GRACE_S (and a journal storage has none): a command rerun at once would otherwise leave it RUNNING
+    for good. A recovered trial does not count toward --n_trials (its retry does)."""
+    host, recovered = socket.gethostname(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    for t in study.get_trials(deepcopy=True, states=(optuna.trial.TrialState.RUNNING,)):
+        pid = t.user_attrs.get("worker_pid")
+        if t.user_attrs.get("worker_host") != host or not isinstance(pid, int) or pid_alive(pid):
+            continue
+        try:  # a finished trial takes no attributes: they first
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
+                                               f"worker died: process {pid} on {host} is gone (found at a restart)")
+            study._storage.set_trial_user_attr(t._trial_id, "dead_worker", True)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # another worker started at the same moment got there first
+            continue
+        retry(study, t)  # t: the trial as it was (no dead_worker attr to copy); a retry of a retry is not retried
+        log.warning("trial %d: its worker (pid %d on %s) is gone: marked failed and queued again", t.number, pid, host)
+        recovered.append(t.number)
+    return recovered
+
+
+def counts_toward_n_trials(t) -> bool:
+    return t.state.name in FINISHED and not t.user_attrs.get("dead_worker")
+
+
+def n_finished(study) -> int:
+    return sum(counts_toward_n_trials(t) for t in study.get_trials(deepcopy=False))
+
+
+def stop_at(n_trials: int):
+    """Optuna callback: every worker stops once the study, not the worker, has n_trials finished trials."""
+    def callback(study, trial):
+        if n_finished(study) >= n_trials:
+            study.stop()
+    return callback
+
+
+def stop_on_fatal(fatal: list):
+    def callback(study, trial):
+        if fatal:
+            study.stop()
+    return callback
+
+
 def run_trials(study, args, cfg: Config, space: dict, metric: str, study_dir: Path, tracker: Tracker) -> str:
-    """Run trials until the study has --n_trials finished ones; the parent run's end status."""
-    finished = sum(t.state.name in FINISHED for t in study.trials)
+    """Run trials until the study has --n_trials finished ones; the parent run's end status. A fatal error
+    of a trial (is_fatal: the base config's, every trial would fail alike) stops the study and is raised."""
+    recover_dead_trials(study)
+    finished = n_finished(study)
     log.info("study %s: %d of %d trials finished; storage %s", study.study_name, finished, args.n_trials,
-             args.storage.split("@")[-1])  # no password in the log
+             redact(args.storage))  # no password in the log
     if finished >= args.n_trials:
         return "FINISHED"
-    # Every worker stops once the study, not the worker, has n_trials finished trials.
-    states = [optuna.trial.TrialState[s] for s in FINISHED]
-    stop_at_total = optuna.study.MaxTrialsCallback(args.n_trials, states)
     record = functools.partial(after_trial, study_dir=study_dir, metric=metric, tracker=tracker)
+    fatal = []
     try:
-        study.optimize(lambda t: objective(t, cfg, space, metric, study_dir, tracker.run_id),
+        study.optimize(lambda t: objective(t, cfg, space, metric, study_dir, tracker.run_id, fatal),
                        n_trials=args.n_trials - finished, timeout=args.timeout, catch=(Exception,),
-                       callbacks=[record, stop_at_total], gc_after_trial=True)
+                       callbacks=[record, stop_at(args.n_trials), stop_on_fatal(fatal)], gc_after_trial=True)
     except KeyboardInterrupt:
         log.warning("interrupted: run the same command again to continue the study")
         return "KILLED"
+    if fatal:
+        raise fatal[0]
     return "FINISHED"
 
 
@@ -453,12 +567,17 @@ def finish_study(study, study_dir: Path, metric: str, tracker: Tracker, status: 
 
 def main(argv=None):
     cfg, args = parse_config(argv, prog="hpo.py", extra=add_hpo_flags)
+    check_args(args, cfg)
     setup_logging(True)
     metric, name = train.main_metric(cfg), args.study_name or f"{cfg.task}-{args.stage}"
     study_dir = Path(cfg.output_dir) if cfg.output_dir != Config.output_dir else Path("outputs/hpo") / name
     study, space = open_study(args, cfg, name, metric)
     tracker = open_parent_run(args, cfg, study, study_dir, metric)
-    status = run_trials(study, args, cfg, space, metric, study_dir, tracker)
+    try:
+        status = run_trials(study, args, cfg, space, metric, study_dir, tracker)
+    except UserError:  # a fatal trial error: the outputs and the parent run closed, then the one-line error
+        finish_study(study, study_dir, metric, tracker, "FAILED")
+        raise
     summary = finish_study(study, study_dir, metric, tracker, status)
     if status == "KILLED":
         raise SystemExit(130)

@@ -1,6 +1,7 @@
 """hpo.py: search spaces, the fine-stage narrowing, failed and dead trials, resume, and the best-config round trip."""
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -283,3 +284,101 @@ def test_study_plots_history_and_importances(coarse_study, cli):
                                   "--output_dir", tmp / "plots"])
     assert code == 0, err
     assert sorted(p.name for p in (tmp / "plots").iterdir()) == ["hpo_history.png", "hpo_importances.png"]
+
+
+# --------------------------------------------------------------------------- bad flags and dead workers
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--storage", "foo://bar"], ["--storage foo://bar", "cannot open it"]),
+    (["--storage", "not a url"], ["--storage not a url", "cannot open it"]),
+    (["--storage", "postgresql://me:secret@localhost/db"], ["--storage postgresql://me:***@localhost/db"]),
+    (["--n_trials", "-3"], ["--n_trials", "must be >= 1, got -3"]),
+    (["--n_trials", "0"], ["--n_trials", "must be >= 1, got 0"]),
+    (["--top_k", "0"], ["--top_k", "must be >= 1"]),
+    (["--timeout", "-5"], ["--timeout", "> 0"]),
+    (["--early_stopping_metric", "f1_macroo"], ["--early_stopping_metric", "'f1_macroo' is not a criteria metric",
+                                                "f1_macro", "auroc"]),
+    (["--task", "evidence", "--early_stopping_metric", "f1_macro"], ["'f1_macro' is not a evidence metric",
+                                                                     "span_f1"]),
+])
+def test_bad_hpo_flags(cli, tmp_path, argv, needles):
+    from test_cli import assert_one_line_error
+
+    argv = ["--storage", f"sqlite:///{tmp_path}/o.db", "--output_dir", str(tmp_path / "study"), *TINY, *argv]
+    code, err = cli(hpo.main, argv)
+    assert_one_line_error(code, err, *needles)
+    assert "secret" not in err
+    assert not (tmp_path / "study").exists()  # refused before any trial
+
+
+def test_metric_names_hold_every_main_metric():
+    import models
+
+    for task in models.TASKS:
+        assert models.TASKS[task].main_metric in hpo.metric_names(Config(task=task))
+    assert "no_answer_accuracy" in hpo.metric_names(Config(task="evidence", include_negatives=True))
+    assert "no_answer_accuracy" not in hpo.metric_names(Config(task="evidence"))
+
+
+def test_a_metric_every_trial_fails_on_stops_the_study(cli, tmp_path, monkeypatch):
+    """Past the up-front check (here switched off), the first trial's error ends the study with exit 2."""
+    from test_cli import assert_one_line_error
+
+    monkeypatch.setattr(hpo, "check_args", lambda args, cfg: None)
+    code, err = cli(hpo.main, TINY + ["--n_trials", "3", "--early_stopping_metric", "f1_macroo", "--storage",
+                                      f"sqlite:///{tmp_path}/o.db", "--output_dir", str(tmp_path / "study")])
+    assert_one_line_error(code, err, "--early_stopping_metric", "'f1_macroo' is not a criteria metric", "f1_macro")
+    assert [t["state"] for t in history(tmp_path / "study")["trials"]] == ["FAIL"]  # not three
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+@pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
+def test_recover_dead_trials_fails_and_requeues_a_dead_local_worker(tmp_path, storage_kind):
+    import socket
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/o.db" if storage_kind == "sqlite" else f"journal:{tmp_path}/journal.log"
+    study = optuna.create_study(storage=hpo.make_storage(url), study_name="s")
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    dead, alive, elsewhere = (study.ask(dist) for _ in range(3))
+    for trial, host, pid in [(dead, socket.gethostname(), dead_pid()), (alive, socket.gethostname(), os.getpid()),
+                             (elsewhere, "another-host", dead_pid())]:
+        trial.set_user_attr("worker_host", host)
+        trial.set_user_attr("worker_pid", pid)
+    assert hpo.recover_dead_trials(study) == [dead.number]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]
+    assert trials[3].params == trials[0].params and trials[3].system_attrs["failed_trial"] == dead.number
+    assert "process" in trials[0].user_attrs["fail_reason"] and "gone" in trials[0].user_attrs["fail_reason"]
+    assert not hpo.counts_toward_n_trials(trials[0]) and hpo.n_finished(study) == 0
+    assert hpo.recover_dead_trials(study) == []  # done once
+    assert hpo.trial_record(trials[3])["retry_of"] == dead.number
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_rerun_at_once_after_a_kill_reruns_the_dead_trial(coarse_study):
+    """A worker killed mid-trial and the command rerun within the heartbeat's grace period."""
+    import socket
+
+    import optuna
+
+    tmp, _, space = coarse_study
+    storage = f"sqlite:///{tmp}/dead.db"
+    args = TINY + ["--storage", storage, "--space", str(space), "--output_dir", str(tmp / "dead")]
+    hpo.main(args + ["--n_trials", "1"])
+    study = optuna.load_study(study_name="criteria-coarse", storage=hpo.make_storage(storage))
+    dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    dead.set_user_attr("worker_host", socket.gethostname())
+    dead.set_user_attr("worker_pid", dead_pid())
+    summary = hpo.main(args + ["--n_trials", "2"])  # no sleep: its heartbeat is fresh
+    trials = summary["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2]["retry_of"] == 1 and trials[2]["params"]["lr"] == trials[1]["params"]["lr"]
+    assert summary["counts"]["RUNNING"] == 0  # the dead trial is not one of the two
