@@ -90,6 +90,9 @@ def prepare_data(cfg: Config, output_dir: Path | None = None) -> PreparedData:
     for name in ("train", "val"):
         if not examples[name]:
             raise UserError(f"the {name} split has no examples for task '{cfg.task}' (too little data?)")
+    if task.classify and not any(e["label"] for e in examples["train"]):
+        log.warning("the train split has no positive example for task '%s' (no evidence annotation kept?): "
+                    "the model can only learn 'no'", cfg.task)
     if resuming:
         from transformers import AutoTokenizer
 

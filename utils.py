@@ -333,7 +333,9 @@ def run_main(main, argv=None) -> None:
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # a line from a binary or UTF-16 file must not put NULs and control bytes on the terminal
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # the environment, not our code: a read-only folder, a full disk
         if e.filename is None:

@@ -454,3 +454,13 @@ def test_a_bogus_tracking_uri_is_one_line_before_training(cli, tmp_path):
     code, err = cli(train.main, ["--output_dir", tmp_path / "out", *QUICK[2:], "--tracking_uri", "foo://bar",
                                  "--max_steps", "1"])
     assert_one_line_error(code, err, "--tracking_uri foo://bar", "cannot open the MLflow store", "--mlflow false")
+
+
+def test_error_lines_never_print_control_bytes(cli, tmp_path):
+    """A UTF-16 or binary file quoted in an error must not put NULs on the terminal."""
+    def main(argv):
+        raise UserError("bad row 'p\x001\x07' in x.csv")
+
+    code, err = cli(main, [])
+    assert_one_line_error(code, err, "bad row 'p\\x001\\x07' in x.csv")
+    assert "\x00" not in err
