@@ -374,6 +374,12 @@ def load_splits(path: str | Path, corpus: Corpus) -> dict[str, list[str]]:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(splits, dict) or not all(isinstance(splits.get(k), list) for k in ("train", "val", "test")):
         raise UserError(f"{path}: expected lists 'train', 'val' and 'test' of post ids")
+    for name in ("train", "val", "test"):
+        bad = next((pid for pid in splits[name] if not isinstance(pid, str)), None)
+        if bad is not None:
+            raise UserError(f"{path}: '{name}' holds {bad!r}, not a post id (expected a list of strings)")
+        if not splits[name]:
+            raise UserError(f"{path}: '{name}' is empty (every split needs posts)")
     seen = {}
     for name in ("train", "val", "test"):
         for pid in splits[name]:

@@ -218,6 +218,12 @@ def test_load_splits(tmp_path, quirky_dir):
     path.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         data.load_splits(path, corpus)
+    path.write_text(json.dumps({"train": ["p_main"], "val": ["p_dup"], "test": []}))  # was an IndexError
+    with pytest.raises(UserError, match="splits.json: 'test' is empty"):
+        data.load_splits(path, corpus)
+    path.write_text(json.dumps({"train": ["p_main"], "val": [["p_dup"]], "test": ["p_nl"]}))  # was a TypeError
+    with pytest.raises(UserError, match=r"splits.json: 'val' holds \['p_dup'\], not a post id"):
+        data.load_splits(path, corpus)
 
 
 # --------------------------------------------------------------------------- demo corpus
