@@ -461,6 +461,9 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
         if windows:
             text = np.array(enc.sequence_ids(i), dtype=float) == 1  # None (special tokens) -> nan
             ctx = np.flatnonzero(text)
+            if not len(ctx):  # a tokenizer that maps the whole text to nothing (only characters it drops)
+                raise UserError(f"post {ex['post_id']}: the tokenizer gives its text no token; remove the post "
+                                "or use another --model")
             offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
             offsets[~text] = -1  # -1: not a text token
             f["offsets"] = offsets

@@ -350,3 +350,10 @@ def test_invisible_text_is_empty_and_blank_sentence_ids_are_not_duplicates(tmp_p
     assert corpus.report["conflicting_duplicates_resolved_to_1"] == 1  # "I cannot  sleep." is the same sentence
     assert sorted(r["sentence_text"] for r in corpus.rows) == ["I cannot sleep.", "I eat little.",
                                                                        "I feel slow."]
+
+
+def test_a_text_the_tokenizer_reads_as_nothing_is_a_user_error(tiny_tokenizer):
+    """It was an IndexError in featurize (a window with no text token)."""
+    ex = [{"post_id": "p9", "criterion": "SLEEP_ISSUES", "text": "\u200b", "label": 0, "spans": []}]
+    with pytest.raises(UserError, match="post p9: the tokenizer gives its text no token"):
+        data.featurize(tiny_tokenizer, ex, 96, 16, windows=True)
