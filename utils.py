@@ -324,7 +324,8 @@ def setup_logging(is_main: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    for noisy in ("alembic", "mlflow", "urllib3", "httpx"):
+    # accelerate logs every file of every save_state at INFO ("Sampler state for dataloader 1 saved in ...")
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
