@@ -256,7 +256,11 @@ class LossModel(torch.nn.Module):
                 start_positions=None, end_positions=None):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                          criterion_ids=criterion_ids)
-        targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
+        targets = {"labels": labels}
+        if start_positions is not None:  # one gold position a window, as a Trainer dataset column holds it
+            width = input_ids.shape[1]
+            targets["start_targets"] = torch.nn.functional.one_hot(start_positions, width).bool()
+            targets["end_targets"] = torch.nn.functional.one_hot(end_positions, width).bool()
         return {"loss": self.compute_loss(out, targets, self.cfg), **out}
 
 

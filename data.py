@@ -430,12 +430,35 @@ def span_usability(corpus: Corpus, post_ids) -> dict:
 
 # --------------------------------------------------------------------------- features
 
+def _text_offsets(enc, i: int, text_seq: int, post_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(char offsets of window i's tokens, -1 where not a text token; indices of its text tokens)."""
+    text = np.array(enc.sequence_ids(i), dtype=float) == text_seq  # None (special tokens) -> nan
+    ctx = np.flatnonzero(text)
+    if not len(ctx):  # a tokenizer that maps the whole text to nothing (only characters it drops)
+        raise UserError(f"post {post_id}: the tokenizer gives its text no token; remove the post or use another "
+                        "--model")
+    offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
+    offsets[~text] = -1  # -1: not a text token
+    return offsets, ctx
+
+
+def gold_tokens(offsets: np.ndarray, ctx: np.ndarray, spans) -> tuple[list[int], list[int]]:
+    """(start tokens, end tokens) of the gold char spans wholly inside the window; [0], [0] (the null position)
+    when none is. Every gold span is a target: a pair's evidence is often several sentences."""
+    lo, hi = offsets[ctx[0], 0], offsets[ctx[-1], 1]
+    inside = [(s, e) for s, e in spans if lo <= s and e <= hi]
+    if not inside:
+        return [0], [0]
+    return ([int(ctx[offsets[ctx, 0] <= s].max()) for s, _ in inside],  # the text token holding the span's first char
+            [int(ctx[offsets[ctx, 1] >= e].min()) for _, e in inside])  # ... and its last
+
+
 def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int, windows: bool) -> list[dict]:
-    """Tokenise (criterion description, text) pairs into model inputs.
+    """Tokenise (criterion description, text) pairs into model inputs (`--encoding pair`).
 
     With `windows`, a long text becomes overlapping windows (`doc_stride` tokens of overlap;
-    only the text is truncated), each with char offsets of its text tokens, the span target
-    (first gold span wholly inside the window, else the null position 0) and a window label
+    only the text is truncated), each with char offsets of its text tokens, the span targets
+    (all gold spans wholly inside the window, else the null position 0) and a window label
     (1 if the pair is positive and the window holds evidence, or the pair has no usable span).
     """
     # Checked here: the tokenizer itself raises a bare Exception (no room) or panics (stride >= room).
@@ -459,29 +482,50 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
         if "token_type_ids" in enc:
             f["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
         if windows:
-            text = np.array(enc.sequence_ids(i), dtype=float) == 1  # None (special tokens) -> nan
-            ctx = np.flatnonzero(text)
-            if not len(ctx):  # a tokenizer that maps the whole text to nothing (only characters it drops)
-                raise UserError(f"post {ex['post_id']}: the tokenizer gives its text no token; remove the post "
-                                "or use another --model")
-            offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
-            offsets[~text] = -1  # -1: not a text token
-            f["offsets"] = offsets
-            f["start"] = f["end"] = 0
-            lo, hi = offsets[ctx[0], 0], offsets[ctx[-1], 1]
-            inside = [(s, e) for s, e in ex["spans"] if lo <= s and e <= hi]
-            if inside:
-                s, e = inside[0]
-                f["start"] = int(ctx[offsets[ctx, 0] <= s].max())  # the text token holding the span's first char
-                f["end"] = int(ctx[offsets[ctx, 1] >= e].min())  # ... and its last
-            f["label"] = int(bool(inside)) if ex["spans"] else ex["label"]
+            f["offsets"], ctx = _text_offsets(enc, i, 1, ex["post_id"])
+            f["starts"], f["ends"] = gold_tokens(f["offsets"], ctx, ex["spans"])
+            f["start"], f["end"] = f["starts"][0], f["ends"][0]  # the first gold span (transformers' Trainer rows)
+            f["label"] = int(f["start"] > 0) if ex["spans"] else ex["label"]
         features.append(f)
     if windows:
         check_windows_cover_texts(tokenizer, examples, features)
     return features
 
 
-def check_windows_cover_texts(tokenizer, examples: list[dict], features: list[dict]) -> None:
+def featurize_posts(tokenizer, examples: list[dict], max_length: int, doc_stride: int) -> list[dict]:
+    """`--encoding post`: each post's text alone, in overlapping windows; one feature per window carries the
+    inputs once and the targets of all nine criteria (-1 / label -100 where the pair is not an example).
+
+    The encoder then reads a post once instead of nine times; the per-criterion heads tell the criteria apart.
+    """
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if room <= doc_stride:
+        raise UserError(f"--max_length {max_length}: leaves {room} text tokens a window, not more than "
+                        f"--doc_stride {doc_stride}")
+    by_post: dict[str, dict[int, int]] = {}  # post_id -> {criterion index: example index}
+    for i, ex in enumerate(examples):
+        by_post.setdefault(ex["post_id"], {})[SYMPTOMS.index(ex["criterion"])] = i
+    posts = [{"post_id": pid, "text": examples[next(iter(pairs.values()))]["text"]} for pid, pairs in by_post.items()]
+    enc = tokenizer([p["text"] for p in posts], truncation=True, max_length=max_length, stride=doc_stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=False)
+    features, n = [], len(SYMPTOMS)
+    for i, ids in enumerate(enc["input_ids"]):
+        post_idx = enc["overflow_to_sample_mapping"][i]
+        offsets, ctx = _text_offsets(enc, i, 0, posts[post_idx]["post_id"])
+        f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "post_idx": post_idx, "offsets": offsets,
+             "example_idxs": np.full(n, -1, dtype=np.int64), "label": np.full(n, -100, dtype=np.int64),
+             "starts": [[0]] * n, "ends": [[0]] * n}
+        for c, e in by_post[posts[post_idx]["post_id"]].items():
+            ex = examples[e]
+            f["example_idxs"][c] = e
+            f["starts"][c], f["ends"][c] = gold_tokens(offsets, ctx, ex["spans"])
+            f["label"][c] = int(f["starts"][c][0] > 0) if ex["spans"] else ex["label"]
+        features.append(f)
+    check_windows_cover_texts(tokenizer, posts, features, key="post_idx")
+    return features
+
+
+def check_windows_cover_texts(tokenizer, examples: list[dict], features: list[dict], key: str = "example_idx") -> None:
     """Every text must reach its last token in some window. tokenizers 0.23.1 and 0.23.2 return at most
     two overflowing windows a text: the rest of a long post would silently never be read."""
     texts = sorted({e["text"] for e in examples})
@@ -489,7 +533,7 @@ def check_windows_cover_texts(tokenizer, examples: list[dict], features: list[di
         texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"])}
     reached = defaultdict(int)
     for f in features:
-        reached[f["example_idx"]] = max(reached[f["example_idx"]], int(f["offsets"][:, 1].max()))
+        reached[f[key]] = max(reached[f[key]], int(f["offsets"][:, 1].max()))
     for i, ex in enumerate(examples):
         if reached[i] < ends[ex["text"]]:
             import tokenizers
@@ -508,7 +552,7 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(f["input_ids"])] = torch.from_numpy(f["input_ids"])
         attention_mask[i, : len(f["input_ids"])] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "labels": torch.tensor([f["label"] for f in features]),
+             "labels": torch.from_numpy(np.stack([np.asarray(f["label"], dtype=np.int64) for f in features])),
              "feature_idx": torch.tensor([f["idx"] for f in features])}
     if "criterion_id" in features[0]:
         batch["criterion_ids"] = torch.tensor([f["criterion_id"] for f in features])
@@ -520,9 +564,15 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["context_mask"] = torch.zeros_like(input_ids, dtype=torch.bool)
         for i, f in enumerate(features):
             batch["context_mask"][i, : len(f["offsets"])] = torch.from_numpy(f["offsets"][:, 0] >= 0)
-    if "start" in features[0]:
-        batch["start_positions"] = torch.tensor([f["start"] for f in features])
-        batch["end_positions"] = torch.tensor([f["end"] for f in features])
+    if "starts" in features[0]:  # multi-hot gold positions: (batch, width), or (batch, criteria, width) per post
+        for name in ("starts", "ends"):
+            targets = torch.zeros((len(features), *np.shape(features[0]["label"]), width), dtype=torch.bool)
+            for i, f in enumerate(features):
+                for c, positions in enumerate(f[name] if "example_idxs" in f else [f[name]]):
+                    targets[i].view(-1, width)[c, positions] = True
+            batch[f"{name[:-1]}_targets"] = targets
+    if "example_idxs" in features[0]:  # post encoding: which (window, criterion) pairs are examples
+        batch["pair_mask"] = torch.from_numpy(np.stack([f["example_idxs"] for f in features]) >= 0)
     return batch
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import data
-from models import TASKS, load_checkpoint, resolve_checkpoint
+from models import TASKS, featurize, load_checkpoint, post_encoding, resolve_checkpoint
 from utils import UserError, _Parser, dataloader_kwargs, make_accelerator, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
@@ -162,61 +162,203 @@ def tune_null_threshold(decoded: list[dict], golds: list[list[str]]) -> float:
     return best_t
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- model outputs
 
 @torch.inference_mode()
 def model_outputs(model, loader, accelerator, cfg) -> dict[str, np.ndarray]:
-    """Per-window outputs, gathered from every process exactly once (gather_for_metrics)."""
+    """Per-window outputs, gathered from every process exactly once (gather_for_metrics). Under `--encoding post`
+    a row is a window and its arrays have a criteria axis after the row (see `pair_rows`)."""
     model.eval()
     parts = collections.defaultdict(list)
     for batch in loader:
         out = model(**batch)
         res = {"feature_idx": batch["feature_idx"]}
         if "cls_logits" in out:
-            res["prob"] = out["cls_logits"].float().softmax(-1)[:, 1]
+            res["prob"] = out["cls_logits"].float().softmax(-1)[..., 1]
         if "start_logits" in out:
-            res.update(window_candidates(out["start_logits"].float(), out["end_logits"].float(),
-                                         batch["context_mask"], cfg.max_answer_tokens, cfg.n_best))
+            start, end = out["start_logits"].float(), out["end_logits"].float()
+            mask = batch["context_mask"].unsqueeze(1).expand_as(start) if start.dim() == 3 else batch["context_mask"]
+            found = window_candidates(start.flatten(0, -2), end.flatten(0, -2), mask.flatten(0, -2),
+                                      cfg.max_answer_tokens, cfg.n_best)
+            res.update({k: v.unflatten(0, start.shape[:-1]) for k, v in found.items()})
+            room = cfg.max_length - start.shape[-1]  # the whole logits too, for sentence scores: one width
+            res["start_logits"] = torch.nn.functional.pad(start, (0, room), value=-1e4)
+            res["end_logits"] = torch.nn.functional.pad(end, (0, room), value=-1e4)
         for k, v in accelerator.gather_for_metrics(res).items():
             parts[k].append(v.cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
 
-def evaluate(model, loader, features, examples, cfg, accelerator, null_threshold=None):
-    """(metrics, predictions, null_threshold) of `model` on one split; the threshold is tuned when None."""
-    task = TASKS[cfg.task]
+def pair_rows(outputs: dict, features: list[dict]) -> tuple[dict, list[dict]]:
+    """`--encoding post`: window rows with a criteria axis -> one row per (window, criterion) example, with
+    features shaped like pair encoding's (example_idx, offsets): decoding and metrics are then the same code."""
+    n, windows = len(data.SYMPTOMS), outputs["feature_idx"]
+    example_idx = np.stack([features[w]["example_idxs"] for w in windows]).ravel()
+    keep = example_idx >= 0
+    rows = {k: v.reshape(len(windows) * n, *v.shape[2:])[keep] for k, v in outputs.items() if k != "feature_idx"}
+    rows["feature_idx"] = np.arange(int(keep.sum()))
+    pair_features = [{"example_idx": int(e), "offsets": features[w]["offsets"]}
+                     for w, e in zip(np.repeat(windows, n)[keep], example_idx[keep])]
+    return rows, pair_features
+
+
+# --------------------------------------------------------------------------- evidence as a set of sentences
+
+def sentences_of_spans(text: str, spans) -> set[int]:
+    """Indices of the post's sentences (data.sentence_spans) that the char spans cover: a sentence counts when
+    more than half of it, or of the span, lies in the overlap."""
+    out = set()
+    for k, (a, b) in enumerate(data.sentence_spans(text)):
+        for s, e in spans:
+            overlap = min(b, e) - max(a, s)
+            if overlap > 0 and (2 * overlap > b - a or 2 * overlap > e - s):
+                out.add(k)
+    return out
+
+
+def sentence_scores(features: list[dict], outputs: dict, texts: list[str]) -> list[np.ndarray]:
+    """Per pair, a score for every sentence of its post: the best start + end logits of a span inside the
+    sentence (end >= start), less the window's null score; the max over the pair's windows. -inf for a
+    sentence no window reads. What a start/end head says about each sentence, for the set decoding and ranking."""
+    sentences = {t: np.array(data.sentence_spans(t), dtype=np.int64).reshape(-1, 2) for t in set(texts)}
+    scores = [np.full(len(sentences[t]), -np.inf) for t in texts]
+    for row, fidx in enumerate(outputs["feature_idx"]):
+        f = features[fidx]
+        offsets, sent = f["offsets"], sentences[texts[f["example_idx"]]]
+        start, end = outputs["start_logits"][row, : len(offsets)], outputs["end_logits"][row, : len(offsets)]
+        tokens = np.flatnonzero(offsets[:, 0] >= 0)
+        of = (np.searchsorted(sent[:, 0], offsets[tokens, 0], side="right") - 1).clip(0)
+        best = scores[f["example_idx"]]
+        for k in np.unique(of):
+            toks = tokens[of == k]
+            score = (np.maximum.accumulate(start[toks]) + end[toks]).max() - (start[0] + end[0])
+            best[k] = max(best[k], score)
+    return scores
+
+
+def tune_sentence_threshold(scores: list[np.ndarray], gold_sets: list[set]) -> float:
+    """The score above which a sentence is predicted evidence, maximising micro sentence F1 (on validation)."""
+    flat = np.concatenate([s for s in scores] + [np.empty(0)])
+    gold = np.concatenate([np.isin(np.arange(len(s)), list(g)) for s, g in zip(scores, gold_sets)] + [np.empty(0)])
+    order = np.argsort(-flat, kind="stable")
+    flat, gold = flat[order], gold[order]
+    if not len(flat) or not np.isfinite(flat[0]):
+        return 0.0
+    tp = np.cumsum(gold)
+    f1 = 2 * tp / (np.arange(1, len(flat) + 1) + gold.sum())
+    k = int(np.argmax(np.where(np.isfinite(flat), f1, -1)))
+    nxt = flat[k + 1] if k + 1 < len(flat) and np.isfinite(flat[k + 1]) else flat[k] - 1.0
+    return float((flat[k] + nxt) / 2)
+
+
+def decode_sets(scores: list[np.ndarray], threshold: float, at_least_one: bool) -> list[set[int]]:
+    """The sentences scoring above `threshold`; with `at_least_one` (pairs known to have evidence) the best
+    sentence when none does."""
+    out = []
+    for s in scores:
+        chosen = set(np.flatnonzero(s > threshold).tolist())
+        if not chosen and at_least_one and len(s) and np.isfinite(s.max()):
+            chosen = {int(np.argmax(s))}
+        out.append(chosen)
+    return out
+
+
+def sentence_set_metrics(gold_sets: list[set], pred_sets: list[set]) -> dict:
+    """Micro precision/recall/F1 over (pair, sentence) decisions, and exact match of each pair's whole set."""
+    tp = sum(len(g & p) for g, p in zip(gold_sets, pred_sets))
+    n_pred, n_gold = sum(map(len, pred_sets)), sum(map(len, gold_sets))
+    precision, recall = tp / n_pred if n_pred else 0.0, tp / n_gold if n_gold else 0.0
+    return {"sentence_precision": precision, "sentence_recall": recall,
+            "sentence_f1": 2 * tp / (n_pred + n_gold) if n_pred + n_gold else 1.0,
+            "set_exact_match": float(np.mean([g == p for g, p in zip(gold_sets, pred_sets)])) if gold_sets else 0.0}
+
+
+def ranking_metrics(gold_sets: list[set], scores: list[np.ndarray]) -> dict:
+    """Per pair with gold evidence, its post's sentences ranked by score: average precision (sklearn) and
+    R-precision (the share of gold among the top R, R = the number of gold sentences); means over pairs."""
+    from sklearn.metrics import average_precision_score
+
+    ap, rp = [], []
+    for g, s in zip(gold_sets, scores):
+        if not g or not len(s):
+            continue
+        truth, s = np.isin(np.arange(len(s)), list(g)), np.nan_to_num(s, neginf=-1e30)
+        ap.append(average_precision_score(truth, s) if len(s) > 1 else float(truth[0]))
+        rp.append(truth[np.argsort(-s, kind="stable")[: len(g)]].mean())
+    return {"sentence_map": float(np.mean(ap)) if ap else 0.0, "r_precision": float(np.mean(rp)) if rp else 0.0}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def score_classification(examples, features, out, predictions) -> dict:
+    """Binary metrics of the pairs: a pair is as positive as its most positive window."""
+    prob = np.zeros(len(examples))
+    np.maximum.at(prob, [features[i]["example_idx"] for i in out["feature_idx"]], out["prob"])
+    for p, pr in zip(predictions, prob):
+        p.update(prob=float(pr), pred=int(pr >= 0.5))
+    return classification_metrics([e["label"] for e in examples], prob, [e["criterion"] for e in examples])
+
+
+def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, predictions) -> dict:
+    """SQuAD-style metrics of the best span of each pair, and the sentence-set metrics of the set decoding
+    (with those of the best span's sentences beside them, as single_span_*). joint scores its pairs with gold
+    evidence; evidence with negatives decides null answers by the tuned null threshold."""
+    texts = [e["text"] for e in examples]
+    decoded = decode_pairs(features, out, len(examples), texts)
+    golds = [[t[s:e] for s, e in ex["spans"]] for ex, t in zip(examples, texts)]
+    joint, nulls = TASKS[cfg.task].classify, not TASKS[cfg.task].classify and cfg.include_negatives
+    scored = [i for i, g in enumerate(golds) if g] if joint else list(range(len(examples)))
+    if not joint:
+        if tune:
+            tuned = tune_null_threshold(decoded, golds) if nulls else math.inf
+            thresholds["null_threshold"] = tuned if math.isfinite(tuned) else None  # None: never null (JSON)
+        limit = math.inf if thresholds.get("null_threshold") is None else thresholds["null_threshold"]
+        for d in decoded:
+            if d["null_score"] - d["span_score"] > limit:
+                d["text"], d["start"], d["end"] = "", -1, -1
+    metrics = span_metrics([decoded[i]["text"] for i in scored], [golds[i] for i in scored])
+    if not joint:
+        metrics["null_threshold"] = thresholds["null_threshold"]
+    scores = sentence_scores(features, out, texts)
+    gold_sets = [sentences_of_spans(t, ex["spans"]) for ex, t in zip(examples, texts)]
+    if tune:
+        thresholds["sentence_threshold"] = tune_sentence_threshold([scores[i] for i in scored],
+                                                                   [gold_sets[i] for i in scored])
+    pred_sets = decode_sets(scores, thresholds.get("sentence_threshold", 0.0), at_least_one=not nulls)
+    single = [sentences_of_spans(t, [(d["start"], d["end"])] if d["start"] >= 0 else [])
+              for d, t in zip(decoded, texts)]
+    gold_scored = [gold_sets[i] for i in scored]
+    metrics.update(sentence_set_metrics(gold_scored, [pred_sets[i] for i in scored]))
+    metrics.update(ranking_metrics(gold_scored, [scores[i] for i in scored]))
+    metrics.update({f"single_span_{k}": v for k, v in sentence_set_metrics(gold_scored, [single[i] for i in scored])
+                    .items() if k in ("sentence_f1", "set_exact_match")})
+    metrics["sentence_threshold"] = thresholds["sentence_threshold"]
+    for p, d, g, chosen, t in zip(predictions, decoded, golds, pred_sets, texts):
+        sentences = [data.sentence_spans(t)[k] for k in sorted(chosen)]
+        p.update(pred_text=d["text"], pred_start=d["start"], pred_end=d["end"], span_score=d["span_score"],
+                 null_score=d["null_score"], gold_texts=g, pred_sentences=[list(s) for s in sentences],
+                 pred_sentence_texts=[t[a:b] for a, b in sentences])
+    return metrics
+
+
+def evaluate(model, loader, features, examples, cfg, accelerator, thresholds: dict | None = None):
+    """(metrics, predictions, thresholds) of `model` on one split. `thresholds` (null answer, evidence
+    sentences), as tuned on validation, are applied; None tunes them on this split."""
+    task, tune = TASKS[cfg.task], thresholds is None
+    thresholds = dict(thresholds or {})
     out = model_outputs(model, loader, accelerator, cfg)
+    if post_encoding(cfg):
+        out, features = pair_rows(out, features)
     predictions = [{"post_id": e["post_id"], "criterion": e["criterion"], "label": e["label"],
                     **({"sentence_id": e["sentence_id"]} if "sentence_id" in e else {})} for e in examples]
     metrics = {}
     if task.classify:
-        prob = np.zeros(len(examples))  # a pair is as positive as its most positive window
-        np.maximum.at(prob, [features[i]["example_idx"] for i in out["feature_idx"]], out["prob"])
-        metrics.update(classification_metrics([e["label"] for e in examples], prob, [e["criterion"] for e in examples]))
-        for p, pr in zip(predictions, prob):
-            p.update(prob=float(pr), pred=int(pr >= 0.5))
+        metrics.update(score_classification(examples, features, out, predictions))
     if task.spans:
-        texts = [e["text"] for e in examples]
-        decoded = decode_pairs(features, out, len(examples), texts)
-        golds = [[e["text"][s:t] for s, t in e["spans"]] for e in examples]
-        if task.classify:  # joint: the span head is scored on the pairs that have gold evidence
-            scored = [i for i, g in enumerate(golds) if g]
-        else:
-            scored = list(range(len(examples)))
-            if null_threshold is None:
-                null_threshold = tune_null_threshold(decoded, golds) if cfg.include_negatives else float("inf")
-            for d in decoded:
-                if d["null_score"] - d["span_score"] > null_threshold:
-                    d["text"], d["start"], d["end"] = "", -1, -1
-        metrics.update(span_metrics([decoded[i]["text"] for i in scored], [golds[i] for i in scored]))
-        if not task.classify:
-            metrics["null_threshold"] = null_threshold if np.isfinite(null_threshold) else None
-        for p, d, g in zip(predictions, decoded, golds):
-            p.update(pred_text=d["text"], pred_start=d["start"], pred_end=d["end"], span_score=d["span_score"],
-                     null_score=d["null_score"], gold_texts=g)
+        metrics.update(score_spans(examples, features, out, cfg, thresholds, tune, predictions))
     if task.classify and task.spans:
         metrics["combined"] = (metrics["f1_macro"] + metrics["span_f1"]) / 2
-    return metrics, predictions, null_threshold
+    return metrics, predictions, thresholds
 
 
 def metric_names(cfg) -> list[str]:
@@ -228,6 +370,8 @@ def metric_names(cfg) -> list[str]:
     if task.spans:
         nulls = not task.classify and cfg.include_negatives  # evidence with negatives: also the null-answer scores
         metrics.update(span_metrics(["a", ""], [["a"], []] if nulls else [["a"], ["b"]]))
+        metrics.update(sentence_set_metrics([{0}], [{0}]), **ranking_metrics([{0}], [np.zeros(2)]),
+                       single_span_sentence_f1=0.0, single_span_set_exact_match=0.0, sentence_threshold=0.0)
     if task.classify and task.spans:
         metrics["combined"] = 0.0
     return [k for k, v in metrics.items() if isinstance(v, float)]
@@ -324,18 +468,21 @@ def main(argv=None):
     examples = task.examples(corpus, splits[args.split], cfg)
     if not examples:
         raise UserError(f"split '{args.split}' has no examples for task {cfg.task}")
-    features = data.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, task.windows(cfg))
+    features = featurize(cfg, tokenizer, examples)
     loader = data.make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id,
                               **dataloader_kwargs(cfg, accelerator.device.type == "cuda"))
     model, loader = accelerator.prepare(model, loader)
-    threshold = extra.get("null_threshold")
-    metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator,
-                                       float("inf") if threshold is None else threshold)
+    metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     if accelerator.is_main_process:
         log.info("%s on %s (%d examples, %d processes):\n%s", cfg.task, args.split, len(examples),
                  accelerator.num_processes, format_metrics(metrics))
         if args.output:
             Path(args.output).write_text(dumps({args.split: metrics}, indent=2))
+
+
+def saved_thresholds(extra: dict) -> dict:
+    """The thresholds tuned on validation, from a checkpoint's checkpoint.json."""
+    return dict(extra.get("thresholds") or {})
 
 
 def record_lines(path: Path) -> list[int]:
@@ -390,12 +537,10 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
                               "char_span": (s, e)} for s, e in data.sentence_spans(text)]
             else:
                 examples.append({"post_id": pid, "criterion": symptom, "text": text, "label": 0, "spans": []})
-    features = data.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, TASKS[cfg.task].windows(cfg))
+    features = featurize(cfg, tokenizer, examples)
     loader = data.make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id)
     model, loader = accelerator.prepare(model, loader)
-    threshold = extra.get("null_threshold")
-    _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator,
-                           float("inf") if threshold is None else threshold)
+    _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     out = {}
     for ex, p in zip(examples, preds):
         key = (ex["post_id"], ex["criterion"])

@@ -48,6 +48,18 @@ TASKS = {
 }
 
 
+def post_encoding(cfg: Config) -> bool:
+    """`--encoding post` applies to the post-level examples; criteria of single sentences always reads pairs."""
+    return cfg.encoding == "post" and not (cfg.task == "criteria" and cfg.unit == "sentence")
+
+
+def featurize(cfg: Config, tokenizer, examples: list[dict]) -> list[dict]:
+    """Model inputs of `examples` as cfg's task and encoding read them (data.featurize / data.featurize_posts)."""
+    if post_encoding(cfg):
+        return data.featurize_posts(tokenizer, examples, cfg.max_length, cfg.doc_stride)
+    return data.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, TASKS[cfg.task].windows(cfg))
+
+
 # --------------------------------------------------------------------------- tokenizer and encoder
 
 TINY_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # the tiny tokenizer's first ids, in this order
@@ -153,14 +165,19 @@ class TaskModel(nn.Module):
         self.span_head = nn.Linear(hidden, 2 * self.n_heads) if task.spans else None
 
     def _own(self, logits, criterion_ids):
-        """(..., n_heads * 2) -> (..., 2): the outputs of each pair's criterion."""
+        """(..., n_heads * 2) -> the outputs of each pair's criterion, (..., 2); with no criterion_ids
+        (`--encoding post`: one window, every criterion) all of them, (batch, [width,] n_heads, 2)."""
         if self.n_heads == 1:
             return logits
         logits = logits.unflatten(-1, (self.n_heads, 2))
+        if criterion_ids is None:
+            return logits
         rows = torch.arange(len(criterion_ids), device=logits.device)
         return logits[rows, criterion_ids] if logits.dim() == 3 else logits[rows, :, criterion_ids]
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, **_):
+        """cls_logits (batch, [criteria,] 2); start/end_logits (batch, [criteria,] width): the criteria
+        dimension only under `--encoding post` (no criterion_ids in the batch)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.token_types:
             inputs["token_type_ids"] = token_type_ids
@@ -175,21 +192,38 @@ class TaskModel(nn.Module):
         if self.span_head is not None:
             span_hidden = self.span_encoder(**inputs).last_hidden_state if self.span_encoder is not None else hidden
             logits = self._own(self.span_head(self.dropout(span_hidden)), criterion_ids).float()
-            logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)  # never point at padding
+            if logits.dim() == 4:  # (batch, width, criteria, 2) -> (batch, criteria, width, 2)
+                logits = logits.transpose(1, 2)
+            pad = attention_mask.view(len(attention_mask), *[1] * (logits.dim() - 3), -1, 1) == 0
+            logits = logits.masked_fill(pad, -1e4)  # never point at padding
             out["start_logits"], out["end_logits"] = logits.unbind(-1)
         return out
 
 
+def span_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """-log of the probability mass on the gold positions (several when a window holds several evidence
+    sentences; with one it is plain cross-entropy). `mask` picks the rows that count."""
+    logits = logits.float()  # fp32 also where a wrapper cast outputs (FSDP)
+    loss = logits.logsumexp(-1) - logits.masked_fill(~targets, float("-inf")).logsumexp(-1)
+    if mask is None:
+        return loss.mean()
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
 def compute_loss(out: dict, batch: dict, cfg: Config, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """criteria: CE on the status; evidence: mean CE of start and end; joint: w_c * CE + w_e * span CE."""
+    """criteria: CE on the status; evidence: mean span loss of start and end; joint: w_c * CE + w_e * span loss.
+    Under `--encoding post` every criterion of a window counts (labels -100 and pair_mask drop the non-pairs)."""
     losses = []
     if "cls_logits" in out:
         w = cfg.loss_weight_criteria if "start_logits" in out else 1.0
-        losses.append(w * F.cross_entropy(out["cls_logits"].float(), batch["labels"], weight=class_weights))
+        logits = out["cls_logits"].float()
+        losses.append(w * F.cross_entropy(logits.reshape(-1, 2), batch["labels"].reshape(-1), weight=class_weights,
+                                          ignore_index=-100))
     if "start_logits" in out:
         w = cfg.loss_weight_evidence if "cls_logits" in out else 1.0
-        span = (F.cross_entropy(out["start_logits"].float(), batch["start_positions"])  # fp32 also where a
-                + F.cross_entropy(out["end_logits"].float(), batch["end_positions"])) / 2  # wrapper cast outputs (FSDP)
+        mask = batch.get("pair_mask")
+        span = (span_loss(out["start_logits"], batch["start_targets"], mask)
+                + span_loss(out["end_logits"], batch["end_targets"], mask)) / 2
         losses.append(w * span)
     return sum(losses)
 

@@ -33,7 +33,7 @@ import torch
 
 import data
 from evaluate import dumps, evaluate, format_metrics, write_jsonl
-from models import TASKS, build_model, build_tokenizer, compute_loss, save_checkpoint
+from models import TASKS, build_model, build_tokenizer, compute_loss, featurize, save_checkpoint
 from utils import (
     Config,
     Tracker,
@@ -60,7 +60,8 @@ log = logging.getLogger("redsm5")
 # from these names, so a field added here can never be forgotten in the key.
 DataKey = namedtuple("DataKey", ["task", "data_dir", "demo_posts", "demo_seed", "unit", "include_negatives",
                                  "include_special_case", "fuzzy_threshold", "val_ratio", "test_ratio", "splits_file",
-                                 "seed", "model", "trust_remote_code", "tiny_vocab", "max_length", "doc_stride"])
+                                 "seed", "model", "trust_remote_code", "tiny_vocab", "max_length", "doc_stride",
+                                 "encoding"])
 PreparedData = namedtuple("PreparedData", ["splits", "tokenizer", "features", "report"])  # features: {split: (ex, f)}
 _DATA_CACHE: dict[DataKey, PreparedData] = {}  # reused by every HPO trial in this process
 
@@ -100,9 +101,7 @@ def prepare_data(cfg: Config, output_dir: Path | None = None) -> PreparedData:
     else:
         train_texts = {corpus.posts[p] for p in splits["train"]} | {e["text"] for e in examples["train"]}
         tokenizer = build_tokenizer(cfg, sorted(train_texts))
-    windows = task.windows(cfg)
-    features = {name: (ex, data.featurize(tokenizer, ex, cfg.max_length, cfg.doc_stride, windows))
-                for name, ex in examples.items()}
+    features = {name: (ex, featurize(cfg, tokenizer, ex)) for name, ex in examples.items()}
     _DATA_CACHE.clear()  # one setting at a time: features of big corpora are large
     _DATA_CACHE[key] = PreparedData(splits, tokenizer, features, corpus.report)
     return _DATA_CACHE[key]
@@ -145,7 +144,8 @@ def make_class_weights(cfg: Config, train_feats: list[dict], device) -> torch.Te
     """Inverse class frequencies of the training inputs, when asked (classification tasks only)."""
     if not (cfg.class_weights and TASKS[cfg.task].classify):
         return None
-    counts = np.bincount([f["label"] for f in train_feats], minlength=2).clip(min=1)
+    labels = np.concatenate([np.ravel(f["label"]) for f in train_feats])
+    counts = np.bincount(labels[labels >= 0], minlength=2).clip(min=1)  # -100: not a pair (--encoding post)
     return torch.tensor(counts.sum() / (2 * counts), dtype=torch.float, device=device)
 
 
@@ -177,7 +177,7 @@ class LoopState:
     global_step: int = 0  # optimizer steps
     best: float | None = None  # best validation value of the main metric
     bad_epochs: int = 0  # validations without improvement, for --patience
-    null_threshold: float | None = None  # evidence null-answer threshold of the best checkpoint
+    thresholds: dict = field(default_factory=dict)  # tuned on validation for the best checkpoint (evaluate)
     run_id: str | None = None  # the MLflow run a resume continues
     history: list = field(default_factory=list)  # validation metric per epoch
     curve: list = field(default_factory=list)  # [step, train loss, lr] per optimizer step, for history.json
@@ -317,14 +317,14 @@ def train_epoch(model, train_loader, optimizer, scheduler, accelerator, cfg: Con
             return
 
 
-def validate(model, loader, split_data: tuple, cfg: Config, accelerator, metric_name: str) -> tuple[dict, float]:
-    """(validation metrics, tuned null threshold); only computes. The metric to watch must be among them."""
+def validate(model, loader, split_data: tuple, cfg: Config, accelerator, metric_name: str) -> tuple[dict, dict]:
+    """(validation metrics, thresholds tuned on them); only computes. The metric to watch must be among them."""
     examples, feats = split_data
-    metrics, _, threshold = evaluate(model, loader, feats, examples, cfg, accelerator)
+    metrics, _, thresholds = evaluate(model, loader, feats, examples, cfg, accelerator)
     if metric_name not in metrics:
         raise UserError(f"--early_stopping_metric: '{metric_name}' is not a {cfg.task} metric "
                         f"(choose from {', '.join(k for k, v in metrics.items() if isinstance(v, float))})")
-    return metrics, threshold
+    return metrics, thresholds
 
 
 def improves(best: float | None, value: float, cfg: Config) -> bool:
@@ -342,7 +342,7 @@ def record_validation(state: LoopState, epoch: int, metric_name: str, metrics: d
 
 # --------------------------------------------------------------------------- test and outputs
 
-def test_best(model, prepared: PreparedData, cfg: Config, accelerator, null_threshold, out_dir: Path) -> dict:
+def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict, out_dir: Path) -> dict:
     """Metrics of the best checkpoint on val and test; predictions written as JSONL."""
     results = {"val": None, "test": None}
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
@@ -352,8 +352,7 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, null_thre
             continue
         loader = accelerator.prepare(data.make_loader(feats, cfg.eval_batch_size, False,
                                                       prepared.tokenizer.pad_token_id, **dl_kwargs))
-        threshold = float("inf") if null_threshold is None else null_threshold
-        metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, threshold)
+        metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds)
         results[name] = metrics
         if accelerator.is_main_process:  # validation predictions too: report.py chooses its decision threshold on them
             write_jsonl(predictions, out_dir / ("predictions.jsonl" if name == "test" else "val_predictions.jsonl"))
@@ -455,13 +454,12 @@ def build_training(cfg: Config, accelerator, prepared: PreparedData) -> Training
                     total_steps, make_class_weights(cfg, train_feats, accelerator.device))
 
 
-def update_best(state: LoopState, value: float, threshold, cfg: Config) -> bool:
+def update_best(state: LoopState, value: float, thresholds: dict, cfg: Config) -> bool:
     """Early-stopping bookkeeping; True when `value` is a new best."""
     if not improves(state.best, value, cfg):
         state.bad_epochs += 1
         return False
-    finite = threshold is not None and math.isfinite(threshold)  # JSON has no infinity
-    state.best, state.bad_epochs, state.null_threshold = value, 0, threshold if finite else None
+    state.best, state.bad_epochs, state.thresholds = value, 0, thresholds
     return True
 
 
@@ -502,13 +500,13 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
             budget_spent = state.global_step >= t.total_steps
             if not (budget_spent and state.batches_done < len(t.train_loader)):  # the epoch ran to its end
                 state.epoch, state.batches_done = epoch + 1, 0
-            metrics, threshold = validate(t.model, t.val_loader, prepared.features["val"], cfg, accelerator,
+            metrics, thresholds = validate(t.model, t.val_loader, prepared.features["val"], cfg, accelerator,
                                           metric_name)
             record_validation(state, epoch, metric_name, metrics, tracker)
             if on_validation:
                 on_validation(epoch, metrics)
-            if update_best(state, metrics[metric_name], threshold, cfg):
-                info = {"null_threshold": state.null_threshold, "epoch": epoch, "step": state.global_step,
+            if update_best(state, metrics[metric_name], thresholds, cfg):
+                info = {"thresholds": state.thresholds, "epoch": epoch, "step": state.global_step,
                         metric_name: state.best, "val_metrics": metrics}
                 save_best(accelerator, t.model, prepared.tokenizer, cfg, best_dir, info, prepared.splits)
             accelerator.wait_for_everyone()
@@ -520,7 +518,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         train_s = time.perf_counter() - t_train
 
         load_best(accelerator, t.model, best_dir)
-        results = test_best(t.model, prepared, cfg, accelerator, state.null_threshold, out_dir)
+        results = test_best(t.model, prepared, cfg, accelerator, state.thresholds, out_dir)
         results["train"] = run_stats(state, steplog, train_s, accelerator.num_processes, tracker.run_id)
         if accelerator.is_main_process:
             write_outputs(out_dir, cfg, results, state, metric_name, tracker)

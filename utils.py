@@ -59,6 +59,9 @@ class Config:
     # what the classification head reads: max over the tokens (a post shows a symptom if any sentence does) or [CLS]
     pooling: typing.Literal["max", "cls"] = "max"
     criterion_heads: bool = True  # one head output per criterion, picked by the pair's criterion (False = one for all)
+    # post-level tasks: "pair" reads (criterion text, post) once per criterion; "post" reads each post window once
+    # and takes all nine criteria's outputs from it (the per-criterion heads tell them apart)
+    encoding: typing.Literal["pair", "post"] = "pair"
     max_length: int = 256  # tokens per (criterion, text) window
     doc_stride: int = 64  # overlap between consecutive windows of a long post
     max_answer_tokens: int = 96  # longest span the decoder may return
@@ -233,6 +236,9 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--tiny_heads: must divide --tiny_hidden {cfg.tiny_hidden}, got {cfg.tiny_heads}")
     if cfg.lr <= 0:
         raise UserError(f"--lr: must be > 0, got {cfg.lr}")
+    if cfg.encoding == "post" and not cfg.criterion_heads:
+        raise UserError("--encoding post: needs --criterion_heads true (a window is read once for all nine criteria, "
+                        "and only the per-criterion head outputs tell them apart)")
     if not cfg.output_dir.strip():
         raise UserError("--output_dir: must not be empty (it would write into the working directory)")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
