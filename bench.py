@@ -1,11 +1,14 @@
 """Throughput benchmark: our training loop and evaluation against transformers.Trainer, on the same work.
 
-    python bench.py --output bench.json          # 3 workloads x 3 settings + MiniLM MFU + train.py start-up
+    python bench.py --output bench.json          # 5 workloads x their settings + MiniLM MFU + train.py start-up
+    python bench.py --workloads joint_pair joint_post --no_train_py --minilm_steps 0   # post vs pair encoding
     python bench.py --threads 1 --repeats 2      # steadier on a machine shared with other jobs
     python bench.py --workloads evidence --steps 50 --n_posts 5000 --settings ours trainer_best
     python bench.py --device cuda --mixed_precision bf16 --steps 200   # on a GPU: bf16 autocast, both loops
 
-Workloads: criteria (sentence unit), criteria (post unit, windows), evidence (windows). Each setting
+Workloads: criteria (sentence unit), criteria (post unit, windows), evidence (windows), joint with pair
+encoding and with post encoding (ours only: a Trainer row holds one criterion), compared in (post,
+criterion) decisions per second: rows per second x the decisions a row carries. Each setting
 trains --steps timed optimizer steps after --warmup untimed ones, then evaluates --eval_examples
 inputs (taken from the training split: throughput only), with the same features (train.py's
 prepare_data), model config and initial weights, AdamW and schedule, batch sizes, seed and threads:
@@ -37,7 +40,10 @@ import torch
 
 WORKLOADS = {"criteria_sentence": {"task": "criteria", "unit": "sentence"},
              "criteria_post": {"task": "criteria", "unit": "post"},
-             "evidence": {"task": "evidence"}}
+             "evidence": {"task": "evidence"},
+             # joint, every post x 9 criteria: (criterion text, post) read per pair, or each post window read once
+             "joint_pair": {"task": "joint", "encoding": "pair"},
+             "joint_post": {"task": "joint", "encoding": "post"}}
 SETTINGS = ["ours", "trainer_best", "trainer_padded"]
 SIZES = {"tiny": {}, "minilm": {"tiny_hidden": 384, "tiny_layers": 6, "tiny_heads": 12},  # MiniLM-L6-H384's shape
          "base": {"tiny_hidden": 768, "tiny_layers": 12, "tiny_heads": 12}}  # bert-base's shape
@@ -353,10 +359,11 @@ def run_job(job: dict) -> dict:
                       batch_size=job["batch_size"], eval_batch_size=job["eval_batch_size"],
                       max_length=job["max_length"],
                       doc_stride=min(Config.doc_stride, job["max_length"] // 4), mlflow=False)
-    if job["device"] == "cuda":  # the same attention kernels for every setting
+    if job["device"] == "cuda":  # the same attention kernels and fp32 matmul precision for every setting
         use_cudnn_attention(job["cudnn_attention"])
+        torch.set_float32_matmul_precision("high" if job["tf32"] else "highest")
     _, tokenizer, features, _ = train.prepare_data(cfg)
-    train_feats = features["train"][1]
+    train_examples, train_feats = features["train"]
     eval_feats = train_feats[: job["eval_examples"]]  # their "idx" is their position: valid as is
     set_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
@@ -367,7 +374,11 @@ def run_job(job: dict) -> dict:
     out = {**{k: job[k] for k in ("workload", "setting", "size")}, "non_embedding_params": shape[0],
            "train": batch_stats(r["train_shapes"][w : w + n], r["step_ends"][w + n - 1] - r["step_ends"][w - 1], shape),
            "eval": batch_stats(r["eval_shapes"], r["eval_seconds"], shape, train=False),
-           "time_to_first_step_s": r["first_step_s"], "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_gpu_mib()}
+           "time_to_first_step_s": r["first_step_s"], "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_gpu_mib(),
+           # (post, criterion) decisions an input row carries on average: 1 / windows per pair, or 9 / windows per post
+           "decisions_per_row": len(train_examples) / len(train_feats)}
+    for part in ("train", "eval"):
+        out[part]["decisions_per_s"] = out[part]["samples_per_s"] * out["decisions_per_row"]
     if "breakdown" in r:
         out["train"]["breakdown"] = r["breakdown"]
     return out
@@ -412,6 +423,7 @@ def report_line(r: dict) -> str:
     return (f"{r['workload']:<18} {r['setting']:<15} {tr['samples_per_s']:>15.1f} {tr['real_tokens_per_s']:>8.0f} "
             f"{tr['padding_fraction']:>5.2f} {ev['samples_per_s']:>14.1f} {ev['real_tokens_per_s']:>8.0f} "
             f"{ev['padding_fraction']:>5.2f} {r['time_to_first_step_s']:>7.1f}s {r['peak_rss_mib']:>5.0f} MiB"
+            f" {tr['decisions_per_s']:>11.1f} {ev['decisions_per_s']:>10.1f}"
             + (f" (GPU {r['peak_gpu_mib']:.0f} MiB)" if r.get("peak_gpu_mib") else ""))
 
 
@@ -441,6 +453,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=list(SIZES), default="tiny", help="encoder shape of the compared runs")
     p.add_argument("--cudnn_attention", action="store_true", help="GPU: let SDPA use cuDNN's attention (train.py's "
                    "--cudnn_attention); every setting gets the same kernels")
+    p.add_argument("--tf32", type=int, choices=[0, 1], default=1, help="GPU: TF32 matmuls in fp32 (train.py's --tf32)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per setting, the fastest kept")
     p.add_argument("--minilm_steps", type=int, default=10, help="our loop with a 6-layer, 384-wide encoder; 0: skip")
     p.add_argument("--no_train_py", action="store_true", help="skip timing `python train.py` to its first step")
@@ -459,9 +472,10 @@ def compare_settings(args, base: dict) -> tuple[list[dict], dict]:
     """(the best run of every workload x setting, our speed-ups over the Trainer settings), printed as they come."""
     results, speedups = [], {"speedup_vs_trainer_best": {}, "speedup_vs_trainer_padded": {}}
     for workload in args.workloads:
-        runs = {s: [] for s in args.settings}
+        settings = ["ours"] if WORKLOADS[workload].get("encoding") == "post" else args.settings
+        runs = {s: [] for s in settings}  # Trainer rows hold one criterion each: pair encoding only
         for _ in range(args.repeats):  # interleaved: a busy spell on a shared machine hits every setting
-            for setting in args.settings:
+            for setting in settings:
                 job = {**base, "workload": workload, "setting": setting, "size": args.size,
                        "profile": setting == "ours"}
                 runs[setting].append(spawn(job))
@@ -475,7 +489,23 @@ def compare_settings(args, base: dict) -> tuple[list[dict], dict]:
                 speedups[f"speedup_vs_{name}"][workload] = ratio
                 print(f"  ours vs {name}: training {ratio['train']:.2f}x (by CPU time {ratio['train_cpu_time']:.2f}x), "
                       f"evaluation {ratio['eval']:.2f}x (by CPU time {ratio['eval_cpu_time']:.2f}x)", flush=True)
+    speedups["joint_decisions"] = joint_decisions(results)
     return results, speedups
+
+
+def joint_decisions(results: list[dict]) -> dict:
+    """Post encoding's (post, criterion) decisions per second over pair encoding's (ours, and Trainer on pairs)."""
+    by = {(r["workload"], r["setting"]): r for r in results}
+    post = by.get(("joint_post", "ours"))
+    out = {}
+    for setting in SETTINGS:
+        pair = by.get(("joint_pair", setting))
+        if post and pair:
+            ratio = {part: post[part]["decisions_per_s"] / pair[part]["decisions_per_s"] for part in ("train", "eval")}
+            out[f"post_vs_pair_{setting}"] = ratio
+            print(f"  joint: post encoding (ours) vs pair encoding ({setting}): {ratio['train']:.2f}x decisions/s in "
+                  f"training, {ratio['eval']:.2f}x in evaluation", flush=True)
+    return out
 
 
 def add_utilisation(results: list[dict], peak: float, args) -> None:
@@ -517,10 +547,11 @@ def main():
         p.error("--mixed_precision: bf16/fp16 autocast is for --device cuda (this CPU has no bf16 instructions)")
     peak = matmul_peak(args.threads, args.device, args.mixed_precision)
     shared = ("steps", "warmup", "eval_examples", "n_posts", "batch_size", "eval_batch_size", "max_length", "seed",
-              "threads", "device", "mixed_precision", "cudnn_attention")
+              "threads", "device", "mixed_precision", "cudnn_attention", "tf32")
     base = {k: getattr(args, k) for k in shared}
     print(f"{'workload':<18} {'setting':<15} {'train samples/s':>15} {'tokens/s':>8} {'pad':>5} "
-          f"{'eval samples/s':>14} {'tokens/s':>8} {'pad':>5} {'1st step':>8} {'peak RSS':>9}")
+          f"{'eval samples/s':>14} {'tokens/s':>8} {'pad':>5} {'1st step':>8} {'peak RSS':>9} "
+          f"{'decisions/s':>11} {'(eval)':>10}")
     results, speedups = compare_settings(args, base)
     if args.minilm_steps and "ours" in args.settings:
         workload = "criteria_sentence" if "criteria_sentence" in args.workloads else args.workloads[0]

@@ -453,6 +453,14 @@ def gold_tokens(offsets: np.ndarray, ctx: np.ndarray, spans) -> tuple[list[int],
             [int(ctx[offsets[ctx, 1] >= e].min()) for _, e in inside])  # ... and its last
 
 
+def tag_tokens(offsets: np.ndarray, spans) -> list[int]:
+    """The text tokens lying inside a gold span (token tagging's targets), in this window."""
+    inside = np.zeros(len(offsets), dtype=bool)
+    for s, e in spans:
+        inside |= (offsets[:, 0] >= s) & (offsets[:, 1] <= e) & (offsets[:, 0] >= 0)
+    return np.flatnonzero(inside).tolist()
+
+
 def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int, windows: bool) -> list[dict]:
     """Tokenise (criterion description, text) pairs into model inputs (`--encoding pair`).
 
@@ -484,6 +492,7 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
         if windows:
             f["offsets"], ctx = _text_offsets(enc, i, 1, ex["post_id"])
             f["starts"], f["ends"] = gold_tokens(f["offsets"], ctx, ex["spans"])
+            f["tags"] = tag_tokens(f["offsets"], ex["spans"])
             f["start"], f["end"] = f["starts"][0], f["ends"][0]  # the first gold span (transformers' Trainer rows)
             f["label"] = int(f["start"] > 0) if ex["spans"] else ex["label"]
         features.append(f)
@@ -514,11 +523,12 @@ def featurize_posts(tokenizer, examples: list[dict], max_length: int, doc_stride
         offsets, ctx = _text_offsets(enc, i, 0, posts[post_idx]["post_id"])
         f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "post_idx": post_idx, "offsets": offsets,
              "example_idxs": np.full(n, -1, dtype=np.int64), "label": np.full(n, -100, dtype=np.int64),
-             "starts": [[0]] * n, "ends": [[0]] * n}
+             "starts": [[0]] * n, "ends": [[0]] * n, "tags": [[]] * n}
         for c, e in by_post[posts[post_idx]["post_id"]].items():
             ex = examples[e]
             f["example_idxs"][c] = e
             f["starts"][c], f["ends"][c] = gold_tokens(offsets, ctx, ex["spans"])
+            f["tags"][c] = tag_tokens(offsets, ex["spans"])
             f["label"][c] = int(f["starts"][c][0] > 0) if ex["spans"] else ex["label"]
         features.append(f)
     check_windows_cover_texts(tokenizer, posts, features, key="post_idx")
@@ -565,7 +575,7 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         for i, f in enumerate(features):
             batch["context_mask"][i, : len(f["offsets"])] = torch.from_numpy(f["offsets"][:, 0] >= 0)
     if "starts" in features[0]:  # multi-hot gold positions: (batch, width), or (batch, criteria, width) per post
-        for name in ("starts", "ends"):
+        for name in ("starts", "ends", "tags"):
             targets = torch.zeros((len(features), *np.shape(features[0]["label"]), width), dtype=torch.bool)
             for i, f in enumerate(features):
                 for c, positions in enumerate(f[name] if "example_idxs" in f else [f[name]]):

@@ -175,6 +175,9 @@ def model_outputs(model, loader, accelerator, cfg) -> dict[str, np.ndarray]:
         res = {"feature_idx": batch["feature_idx"]}
         if "cls_logits" in out:
             res["prob"] = out["cls_logits"].float().softmax(-1)[..., 1]
+        if "tag_logits" in out:  # --evidence_head tag: the whole logits, one width for every batch
+            tag = out["tag_logits"].float()
+            res["tag_logits"] = torch.nn.functional.pad(tag, (0, cfg.max_length - tag.shape[-1]), value=-1e4)
         if "start_logits" in out:
             start, end = out["start_logits"].float(), out["end_logits"].float()
             mask = batch["context_mask"].unsqueeze(1).expand_as(start) if start.dim() == 3 else batch["context_mask"]
@@ -217,23 +220,41 @@ def sentences_of_spans(text: str, spans) -> set[int]:
 
 
 def sentence_scores(features: list[dict], outputs: dict, texts: list[str]) -> list[np.ndarray]:
-    """Per pair, a score for every sentence of its post: the best start + end logits of a span inside the
-    sentence (end >= start), less the window's null score; the max over the pair's windows. -inf for a
-    sentence no window reads. What a start/end head says about each sentence, for the set decoding and ranking."""
+    """Per pair, a score for every sentence of its post, the max over the pair's windows (-inf for a sentence no
+    window reads), for the set decoding and the ranking. A start/end head: the best start + end logits of a span
+    inside the sentence (end >= start), less the window's null score. A tag head: the mean logit of its tokens."""
     sentences = {t: np.array(data.sentence_spans(t), dtype=np.int64).reshape(-1, 2) for t in set(texts)}
     scores = [np.full(len(sentences[t]), -np.inf) for t in texts]
     for row, fidx in enumerate(outputs["feature_idx"]):
         f = features[fidx]
         offsets, sent = f["offsets"], sentences[texts[f["example_idx"]]]
-        start, end = outputs["start_logits"][row, : len(offsets)], outputs["end_logits"][row, : len(offsets)]
         tokens = np.flatnonzero(offsets[:, 0] >= 0)
         of = (np.searchsorted(sent[:, 0], offsets[tokens, 0], side="right") - 1).clip(0)
         best = scores[f["example_idx"]]
+        if "tag_logits" in outputs:
+            tag = outputs["tag_logits"][row]
+            for k in np.unique(of):
+                best[k] = max(best[k], tag[tokens[of == k]].mean())
+            continue
+        start, end = outputs["start_logits"][row], outputs["end_logits"][row]
         for k in np.unique(of):
             toks = tokens[of == k]
             score = (np.maximum.accumulate(start[toks]) + end[toks]).max() - (start[0] + end[0])
             best[k] = max(best[k], score)
     return scores
+
+
+def top_sentences(scores: list[np.ndarray], sets: list[set], texts: list[str]) -> list[dict]:
+    """A tag head's single answer per pair: the best sentence of its decoded set ("" for an empty set)."""
+    out = []
+    for s, chosen, text in zip(scores, sets, texts):
+        d = {"text": "", "start": -1, "end": -1, "span_score": float(s.max()) if len(s) else -np.inf,
+             "null_score": 0.0}
+        if chosen:
+            a, b = data.sentence_spans(text)[max(chosen, key=lambda k: s[k])]
+            d.update(text=text[a:b], start=a, end=b)
+        out.append(d)
+    return out
 
 
 def tune_sentence_threshold(scores: list[np.ndarray], gold_sets: list[set]) -> float:
@@ -299,32 +320,45 @@ def score_classification(examples, features, out, predictions) -> dict:
     return classification_metrics([e["label"] for e in examples], prob, [e["criterion"] for e in examples])
 
 
+def best_spans(examples, features, out, cfg, thresholds: dict, tune: bool) -> list[dict]:
+    """The best span of every pair; evidence with negatives answers null where the null score beats the best span
+    by more than the null threshold (tuned on validation)."""
+    texts = [e["text"] for e in examples]
+    golds = [[t[s:e] for s, e in ex["spans"]] for ex, t in zip(examples, texts)]
+    decoded = decode_pairs(features, out, len(examples), texts)
+    if TASKS[cfg.task].classify:  # joint: scored on the pairs with gold evidence, no null answers
+        return decoded
+    if tune:
+        tuned = tune_null_threshold(decoded, golds) if cfg.include_negatives else math.inf
+        thresholds["null_threshold"] = tuned if math.isfinite(tuned) else None  # None: never null (JSON)
+    limit = math.inf if thresholds.get("null_threshold") is None else thresholds["null_threshold"]
+    for d in decoded:
+        if d["null_score"] - d["span_score"] > limit:
+            d["text"], d["start"], d["end"] = "", -1, -1
+    return decoded
+
+
 def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, predictions) -> dict:
     """SQuAD-style metrics of the best span of each pair, and the sentence-set metrics of the set decoding
     (with those of the best span's sentences beside them, as single_span_*). joint scores its pairs with gold
-    evidence; evidence with negatives decides null answers by the tuned null threshold."""
+    evidence; evidence with negatives may answer null."""
     texts = [e["text"] for e in examples]
-    decoded = decode_pairs(features, out, len(examples), texts)
     golds = [[t[s:e] for s, e in ex["spans"]] for ex, t in zip(examples, texts)]
     joint, nulls = TASKS[cfg.task].classify, not TASKS[cfg.task].classify and cfg.include_negatives
     scored = [i for i, g in enumerate(golds) if g] if joint else list(range(len(examples)))
-    if not joint:
-        if tune:
-            tuned = tune_null_threshold(decoded, golds) if nulls else math.inf
-            thresholds["null_threshold"] = tuned if math.isfinite(tuned) else None  # None: never null (JSON)
-        limit = math.inf if thresholds.get("null_threshold") is None else thresholds["null_threshold"]
-        for d in decoded:
-            if d["null_score"] - d["span_score"] > limit:
-                d["text"], d["start"], d["end"] = "", -1, -1
-    metrics = span_metrics([decoded[i]["text"] for i in scored], [golds[i] for i in scored])
-    if not joint:
-        metrics["null_threshold"] = thresholds["null_threshold"]
     scores = sentence_scores(features, out, texts)
     gold_sets = [sentences_of_spans(t, ex["spans"]) for ex, t in zip(examples, texts)]
     if tune:
         thresholds["sentence_threshold"] = tune_sentence_threshold([scores[i] for i in scored],
                                                                    [gold_sets[i] for i in scored])
     pred_sets = decode_sets(scores, thresholds.get("sentence_threshold", 0.0), at_least_one=not nulls)
+    if cfg.evidence_head == "span":
+        decoded = best_spans(examples, features, out, cfg, thresholds, tune)
+    else:
+        decoded = top_sentences(scores, pred_sets, texts)
+    metrics = span_metrics([decoded[i]["text"] for i in scored], [golds[i] for i in scored])
+    if not joint and cfg.evidence_head == "span":
+        metrics["null_threshold"] = thresholds["null_threshold"]
     single = [sentences_of_spans(t, [(d["start"], d["end"])] if d["start"] >= 0 else [])
               for d, t in zip(decoded, texts)]
     gold_scored = [gold_sets[i] for i in scored]
@@ -354,7 +388,7 @@ def evaluate(model, loader, features, examples, cfg, accelerator, thresholds: di
     metrics = {}
     if task.classify:
         metrics.update(score_classification(examples, features, out, predictions))
-    if task.spans:
+    if task.spans:  # a span head's n-best candidates, or a tag head's logits
         metrics.update(score_spans(examples, features, out, cfg, thresholds, tune, predictions))
     if task.classify and task.spans:
         metrics["combined"] = (metrics["f1_macro"] + metrics["span_f1"]) / 2

@@ -154,30 +154,30 @@ class TaskModel(nn.Module):
     """
 
     def __init__(self, task: Task, encoder, second_encoder=None, dropout: float = 0.1, criterion_heads: bool = True,
-                 pooling: str = "max"):
+                 pooling: str = "max", evidence_head: str = "span"):
         super().__init__()
-        self.pooling = pooling
+        self.pooling, self.per_token = pooling, 2 if evidence_head == "span" else 1  # start + end, or one tag
         self.task, self.encoder, self.span_encoder = task, encoder, second_encoder
         hidden, self.n_heads = encoder.config.hidden_size, len(data.SYMPTOMS) if criterion_heads else 1
         self.token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
         self.dropout = nn.Dropout(dropout)
         self.cls_head = nn.Linear(hidden, 2 * self.n_heads) if task.classify else None
-        self.span_head = nn.Linear(hidden, 2 * self.n_heads) if task.spans else None
+        self.span_head = nn.Linear(hidden, self.per_token * self.n_heads) if task.spans else None
 
-    def _own(self, logits, criterion_ids):
-        """(..., n_heads * 2) -> the outputs of each pair's criterion, (..., 2); with no criterion_ids
-        (`--encoding post`: one window, every criterion) all of them, (batch, [width,] n_heads, 2)."""
+    def _own(self, logits, criterion_ids, k: int = 2):
+        """(..., n_heads * k) -> the outputs of each pair's criterion, (..., k); with no criterion_ids
+        (`--encoding post`: one window, every criterion) all of them, (batch, [width,] n_heads, k)."""
         if self.n_heads == 1:
             return logits
-        logits = logits.unflatten(-1, (self.n_heads, 2))
+        logits = logits.unflatten(-1, (self.n_heads, k))
         if criterion_ids is None:
             return logits
         rows = torch.arange(len(criterion_ids), device=logits.device)
         return logits[rows, criterion_ids] if logits.dim() == 3 else logits[rows, :, criterion_ids]
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, **_):
-        """cls_logits (batch, [criteria,] 2); start/end_logits (batch, [criteria,] width): the criteria
-        dimension only under `--encoding post` (no criterion_ids in the batch)."""
+        """cls_logits (batch, [criteria,] 2); start/end_logits (or tag_logits, `--evidence_head tag`) (batch,
+        [criteria,] width): the criteria dimension only under `--encoding post` (no criterion_ids in the batch)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.token_types:
             inputs["token_type_ids"] = token_type_ids
@@ -191,12 +191,15 @@ class TaskModel(nn.Module):
             out["cls_logits"] = self._own(self.cls_head(self.dropout(pooled)), criterion_ids)
         if self.span_head is not None:
             span_hidden = self.span_encoder(**inputs).last_hidden_state if self.span_encoder is not None else hidden
-            logits = self._own(self.span_head(self.dropout(span_hidden)), criterion_ids).float()
+            logits = self._own(self.span_head(self.dropout(span_hidden)), criterion_ids, self.per_token).float()
             if logits.dim() == 4:  # (batch, width, criteria, 2) -> (batch, criteria, width, 2)
                 logits = logits.transpose(1, 2)
             pad = attention_mask.view(len(attention_mask), *[1] * (logits.dim() - 3), -1, 1) == 0
             logits = logits.masked_fill(pad, -1e4)  # never point at padding
-            out["start_logits"], out["end_logits"] = logits.unbind(-1)
+            if self.per_token == 2:
+                out["start_logits"], out["end_logits"] = logits.unbind(-1)
+            else:
+                out["tag_logits"] = logits.squeeze(-1)
         return out
 
 
@@ -219,12 +222,19 @@ def compute_loss(out: dict, batch: dict, cfg: Config, class_weights: torch.Tenso
         logits = out["cls_logits"].float()
         losses.append(w * F.cross_entropy(logits.reshape(-1, 2), batch["labels"].reshape(-1), weight=class_weights,
                                           ignore_index=-100))
+    w = cfg.loss_weight_evidence if "cls_logits" in out else 1.0
     if "start_logits" in out:
-        w = cfg.loss_weight_evidence if "cls_logits" in out else 1.0
         mask = batch.get("pair_mask")
         span = (span_loss(out["start_logits"], batch["start_targets"], mask)
                 + span_loss(out["end_logits"], batch["end_targets"], mask)) / 2
         losses.append(w * span)
+    if "tag_logits" in out:  # token tagging: BCE of "inside an evidence sentence" on the text tokens
+        mask = batch["context_mask"]
+        if "pair_mask" in batch:
+            mask = mask.unsqueeze(1) & batch["pair_mask"].unsqueeze(-1)
+        bce = F.binary_cross_entropy_with_logits(out["tag_logits"].float(), batch["tag_targets"].float(),
+                                                 reduction="none")
+        losses.append(w * (bce * mask).sum() / mask.sum().clamp(min=1))
     return sum(losses)
 
 
@@ -232,7 +242,7 @@ def build_model(cfg: Config, tokenizer) -> TaskModel:
     task = TASKS[cfg.task]
     encoder = build_encoder(cfg, len(tokenizer))
     second = build_encoder(cfg, len(tokenizer)) if cfg.task == "joint" and not cfg.shared_encoder else None
-    model = TaskModel(task, encoder, second, cfg.dropout, cfg.criterion_heads, cfg.pooling)
+    model = TaskModel(task, encoder, second, cfg.dropout, cfg.criterion_heads, cfg.pooling, cfg.evidence_head)
     if cfg.gradient_checkpointing:
         for enc in (encoder, second):
             if enc is not None:
@@ -319,7 +329,8 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
 
     try:
         second = encoder() if cfg.task == "joint" and not cfg.shared_encoder else None
-        model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout, cfg.criterion_heads, cfg.pooling)
+        model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout, cfg.criterion_heads, cfg.pooling,
+                          cfg.evidence_head)
     except (ValueError, KeyError, TypeError) as e:  # e.g. hidden size not a multiple of the heads
         raise UserError(f"{path / 'encoder_config.json'}: cannot build its encoder ({_first_line(e)})") from None
     weights = path / "model.safetensors"

@@ -62,6 +62,9 @@ class Config:
     # post-level tasks: "pair" reads (criterion text, post) once per criterion; "post" reads each post window once
     # and takes all nine criteria's outputs from it (the per-criterion heads tell them apart)
     encoding: typing.Literal["pair", "post"] = "pair"
+    # evidence: "span" = start/end logits per token (SQuAD), a sentence scored by its best span; "tag" = one logit
+    # per token, "inside an evidence sentence" (BCE), a sentence scored by the mean over its tokens
+    evidence_head: typing.Literal["span", "tag"] = "span"
     max_length: int = 256  # tokens per (criterion, text) window
     doc_stride: int = 64  # overlap between consecutive windows of a long post
     max_answer_tokens: int = 96  # longest span the decoder may return
@@ -100,6 +103,8 @@ class Config:
     deterministic: bool = False  # torch.use_deterministic_algorithms: exact repeats, slower
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels (GPU only)
     cudnn_attention: bool = False  # cuDNN's fused attention (GPU): it plans anew for every new batch shape
+    # TF32 matmuls on Ampere and later GPUs (torch.set_float32_matmul_precision("high")): PyTorch leaves them off
+    tf32: bool = True
     num_workers: int = 0  # DataLoader workers; features are pre-tokenised, so 0 is fastest on CPU
     threads: int = 0  # torch CPU threads per process; 0 = the machine's cores shared among its processes
     output_dir: str = "outputs/run"
@@ -300,6 +305,7 @@ def make_accelerator(cfg: Config | None = None):
     accelerator = Accelerator(**kwargs)
     if accelerator.device.type == "cuda":
         use_cudnn_attention(cfg.cudnn_attention if cfg is not None else False)
+        torch.set_float32_matmul_precision("high" if cfg is None or cfg.tf32 else "highest")
     if cfg is not None and accelerator.device.type == "cpu":
         # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1: one core of many. By default share
         # the cores among this machine's processes instead, never more threads than cores.

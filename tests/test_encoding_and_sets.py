@@ -28,6 +28,14 @@ def two_sentence_post() -> tuple[str, list]:
     return text, examples
 
 
+def perfect_tags(features, pad_id, max_length):
+    """What model_outputs gathers from a perfect token tagger: 5 on every evidence token, -5 elsewhere."""
+    batch = data.collate(features, pad_id)
+    tag = torch.where(batch["tag_targets"], 5.0, -5.0)
+    tag = torch.nn.functional.pad(tag, (0, max_length - tag.shape[-1]), value=-1e4)
+    return {"tag_logits": tag.numpy(), "feature_idx": batch["feature_idx"].numpy()}
+
+
 def perfect_outputs(features, pad_id, max_length, n_best=5):
     """What model_outputs gathers from a perfect multi-gold model: 10 at every gold start/end, -10 elsewhere."""
     batch = data.collate(features, pad_id)
@@ -56,6 +64,16 @@ def test_every_gold_span_in_a_window_is_a_target(tiny_tokenizer):
     assert batch["end_targets"][0].nonzero().flatten().tolist() == f["ends"]
 
 
+def test_tag_targets_are_the_evidence_tokens(tiny_tokenizer):
+    text, examples = two_sentence_post()
+    (f,) = data.featurize(tiny_tokenizer, examples[:1], 256, 32, windows=True)
+    tagged = [text[f["offsets"][t, 0]:f["offsets"][t, 1]] for t in f["tags"]]
+    words = tiny_tokenizer.convert_ids_to_tokens(tiny_tokenizer(FIRST + " " + SECOND, add_special_tokens=False)
+                                                 ["input_ids"])
+    assert len(tagged) == len(words)  # every token of both sentences, and nothing of the filler between
+    assert text[f["offsets"][f["tags"][0], 0]:].startswith(FIRST) and SECOND.endswith(tagged[-1])
+
+
 def test_span_loss_with_several_golds():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     one = torch.tensor([[False, False, True, False]])
@@ -66,13 +84,13 @@ def test_span_loss_with_several_golds():
     torch.testing.assert_close(models.span_loss(logits, two), -torch.log(p[1] + p[2]))  # mass on both golds
 
 
-@pytest.mark.parametrize("encoding", ["pair", "post"])
-def test_two_sentence_gold_decodes_to_exactly_those_sentences(tiny_tokenizer, encoding):
+@pytest.mark.parametrize("encoding,head", [("pair", "span"), ("post", "span"), ("pair", "tag"), ("post", "tag")])
+def test_two_sentence_gold_decodes_to_exactly_those_sentences(tiny_tokenizer, encoding, head):
     text, examples = two_sentence_post()
-    cfg = make_config(task="evidence", encoding=encoding, max_length=64, doc_stride=16)
+    cfg = make_config(task="evidence", encoding=encoding, max_length=64, doc_stride=16, evidence_head=head)
     features = models.featurize(cfg, tiny_tokenizer, examples[:2])
     assert len(features) > (2 if encoding == "post" else 4)  # several windows
-    out = perfect_outputs(features, tiny_tokenizer.pad_token_id, cfg.max_length)
+    out = (perfect_outputs if head == "span" else perfect_tags)(features, tiny_tokenizer.pad_token_id, cfg.max_length)
     if encoding == "post":
         out, features = evaluate.pair_rows(out, features)
     scores = evaluate.sentence_scores(features, out, [text, text])
@@ -85,7 +103,10 @@ def test_two_sentence_gold_decodes_to_exactly_those_sentences(tiny_tokenizer, en
     assert evaluate.sentence_set_metrics(golds, sets) == {"sentence_precision": 1.0, "sentence_recall": 1.0,
                                                           "sentence_f1": 1.0, "set_exact_match": 1.0}
     # the best single span can hold only one of the two sentences (or both and the filler between)
-    decoded = evaluate.decode_pairs(features, out, 2, [text, text])
+    if head == "span":
+        decoded = evaluate.decode_pairs(features, out, 2, [text, text])
+    else:
+        decoded = evaluate.top_sentences(scores, sets, [text, text])
     assert decoded[0]["text"] in (FIRST, SECOND) and decoded[1]["text"] == SLEEP
 
 

@@ -24,7 +24,11 @@ def run(tmp_path, name, **overrides):
 
 
 @pytest.mark.parametrize("task,options", [("criteria", {}), ("evidence", {}), ("joint", {}),
-                                          ("joint", {"shared_encoder": False, "tiny_arch": "bert", "pooling": "cls"})])
+                                          ("joint", {"shared_encoder": False, "tiny_arch": "bert", "pooling": "cls"}),
+                                          ("joint", {"encoding": "post"}),
+                                          ("criteria", {"unit": "post", "encoding": "post"}),
+                                          ("evidence", {"encoding": "post", "evidence_head": "tag",
+                                                        "include_negatives": True})])
 def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task, options):
     cfg, results = run(tmp_path, task, task=task, epochs=1, max_steps=6, **options)
     out = Path(cfg.output_dir)
