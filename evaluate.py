@@ -590,7 +590,8 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
                 row[k] = p[k]
         if "pred_text" in p:
             row.update(evidence_text=p["pred_text"], evidence_start=p["pred_start"], evidence_end=p["pred_end"],
-                       span_score=p["span_score"], null_score=p["null_score"])
+                       span_score=p["span_score"], null_score=p["null_score"],
+                       evidence_sentences=p["pred_sentences"], evidence_sentence_texts=p["pred_sentence_texts"])
         out[key] = row
     return list(out.values())
 
