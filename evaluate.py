@@ -366,6 +366,11 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
     metrics.update(ranking_metrics(gold_scored, [scores[i] for i in scored]))
     metrics.update({f"single_span_{k}": v for k, v in sentence_set_metrics(gold_scored, [single[i] for i in scored])
                     .items() if k in ("sentence_f1", "set_exact_match")})
+    several = [i for i in scored if len(gold_sets[i]) >= 2]  # the pairs one span cannot hold
+    for name, sets in (("multi", pred_sets), ("multi_single_span", single)):
+        m = sentence_set_metrics([gold_sets[i] for i in several], [sets[i] for i in several]) if several else {}
+        metrics.update({f"{name}_{k}": m.get(k, math.nan) for k in ("sentence_f1", "set_exact_match")})
+    metrics["n_multi_sentence_pairs"] = len(several)
     metrics["sentence_threshold"] = thresholds["sentence_threshold"]
     for p, d, g, chosen, t in zip(predictions, decoded, golds, pred_sets, texts):
         sentences = [data.sentence_spans(t)[k] for k in sorted(chosen)]
@@ -405,7 +410,9 @@ def metric_names(cfg) -> list[str]:
         nulls = not task.classify and cfg.include_negatives  # evidence with negatives: also the null-answer scores
         metrics.update(span_metrics(["a", ""], [["a"], []] if nulls else [["a"], ["b"]]))
         metrics.update(sentence_set_metrics([{0}], [{0}]), **ranking_metrics([{0}], [np.zeros(2)]),
-                       single_span_sentence_f1=0.0, single_span_set_exact_match=0.0, sentence_threshold=0.0)
+                       single_span_sentence_f1=0.0, single_span_set_exact_match=0.0, sentence_threshold=0.0,
+                       **{f"{p}_{k}": 0.0 for p in ("multi", "multi_single_span")
+                          for k in ("sentence_f1", "set_exact_match")})
     if task.classify and task.spans:
         metrics["combined"] = 0.0
     return [k for k, v in metrics.items() if isinstance(v, float)]
