@@ -450,6 +450,7 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
                     truncation="only_second", max_length=max_length, stride=doc_stride if windows else 0,
                     return_overflowing_tokens=windows, return_offsets_mapping=windows,
                     return_token_type_ids="token_type_ids" in tokenizer.model_input_names)
+    spaced = windows and offsets_include_spaces(tokenizer)
     features = []
     for i, ids in enumerate(enc["input_ids"]):
         example_idx = enc["overflow_to_sample_mapping"][i] if windows else i
@@ -466,6 +467,8 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
                                 "or use another --model")
             offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
             offsets[~text] = -1  # -1: not a text token
+            if spaced:
+                trim_leading_spaces(offsets, ctx, ex["text"])
             f["offsets"] = offsets
             f["start"] = f["end"] = 0
             lo, hi = offsets[ctx[0], 0], offsets[ctx[-1], 1]
@@ -479,6 +482,23 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
     if windows:
         check_windows_cover_texts(tokenizer, examples, features)
     return features
+
+
+def offsets_include_spaces(tokenizer) -> bool:
+    """Whether a token's char offsets count the space before its word: byte-level BPE without trim_offsets does
+    (ModernBERT's tokenizer; RoBERTa's trims), and a span cut at such offsets would start with that space."""
+    text = "b c"
+    enc = tokenizer("a", text, return_offsets_mapping=True)
+    pieces = zip(enc["offset_mapping"], enc.sequence_ids())
+    return any(seq == 1 and start < end and text[start].isspace() for (start, end), seq in pieces)
+
+
+def trim_leading_spaces(offsets: np.ndarray, ctx: np.ndarray, text: str) -> None:
+    """Move each text token's start past the whitespace it begins with (in place), so that a span starts at its
+    first character."""
+    for k in ctx:
+        while offsets[k, 0] < offsets[k, 1] and text[offsets[k, 0]].isspace():
+            offsets[k, 0] += 1
 
 
 def check_windows_cover_texts(tokenizer, examples: list[dict], features: list[dict]) -> None:
