@@ -485,8 +485,8 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
 
 
 def offsets_include_spaces(tokenizer) -> bool:
-    """Whether a token's char offsets count the space before its word: byte-level BPE without trim_offsets does
-    (ModernBERT's tokenizer; RoBERTa's trims), and a span cut at such offsets would start with that space."""
+    """Whether a token's char offsets count the space before its word: byte-level BPE whose post-processor does not
+    trim them does (a TemplateProcessing one; RoBERTa's trims), and a span cut there would start with that space."""
     text = "b c"
     enc = tokenizer("a", text, return_offsets_mapping=True)
     pieces = zip(enc["offset_mapping"], enc.sequence_ids())
