@@ -62,6 +62,160 @@ def classification_metrics(labels, probs, criteria=None, threshold: float = 0.5)
     return out
 
 
+# --------------------------------------------------------------------------- post-level metrics (the ReDSM5 paper)
+
+NO_SYMPTOMS = "NO_SYMPTOMS"
+PAPER_LABELS = data.SYMPTOMS + [NO_SYMPTOMS]  # the paper's ten labels: nine symptoms and "none of them"
+THRESHOLD_GRID = np.round(np.arange(1, 20) * 0.05, 2)  # 0.05, 0.10, ..., 0.95
+
+
+def has_post_pairs(cfg) -> bool:
+    """Whether cfg's task predicts every (post, criterion) pair: criteria --unit post and joint."""
+    return TASKS[cfg.task].classify and (cfg.task != "criteria" or cfg.unit == "post")
+
+
+def post_label_matrix(examples, probs) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(post ids, gold posts x 10, probabilities posts x 9): (post, criterion) pair predictions folded into
+    the paper's post x label matrix. Gold NO_SYMPTOMS (column 10) = the post has no positive symptom."""
+    post_ids = list(dict.fromkeys(e["post_id"] for e in examples))
+    row = {p: i for i, p in enumerate(post_ids)}
+    gold = np.zeros((len(post_ids), len(PAPER_LABELS)), dtype=int)
+    prob = np.full((len(post_ids), len(data.SYMPTOMS)), np.nan)
+    for e, p in zip(examples, probs, strict=True):
+        i, j = row[e["post_id"]], data.SYMPTOMS.index(e["criterion"])
+        gold[i, j], prob[i, j] = e["label"], p
+    missing = np.argwhere(np.isnan(prob))
+    if len(missing):
+        i, j = missing[0]
+        raise ValueError(f"post {post_ids[i]} has no prediction for {data.SYMPTOMS[j]} (post x label matrix)")
+    gold[:, -1] = gold[:, :-1].max(axis=1) == 0
+    return post_ids, gold, prob
+
+
+def predict_labels(probs, thresholds=0.5) -> np.ndarray:
+    """posts x 10 predictions: a symptom where its probability >= its threshold, NO_SYMPTOMS where none is.
+    The paper's models have a tenth output for NO_SYMPTOMS (sigmoid > 0.5, independent of the other nine;
+    eliseobao/redsm5 examples/*.ipynb); ours have none, so it is derived: predicted exactly when no symptom
+    is. >= as everywhere in our code (the notebooks use >; the two differ only at a probability of exactly 0.5)."""
+    symptoms = np.asarray(probs, dtype=float) >= np.asarray(thresholds, dtype=float)
+    return np.column_stack([symptoms, ~symptoms.any(axis=1)]).astype(int)
+
+
+def paper_metrics(gold, probs, thresholds=0.5) -> dict:
+    """The paper's numbers: scikit-learn's classification_report (zero_division=0) of the post x label matrix.
+    paper_micro_f1 / paper_macro_f1 over the ten labels (what the paper reports), ..._9 over the nine symptoms
+    alone, and per_symptom {label: {precision, recall, f1, support}} of all ten."""
+    from sklearn.metrics import classification_report
+
+    gold, pred = np.asarray(gold, dtype=int), predict_labels(probs, thresholds)
+    report = classification_report(gold, pred, target_names=PAPER_LABELS, output_dict=True, zero_division=0)
+    nine = classification_report(gold[:, :-1], pred[:, :-1], target_names=data.SYMPTOMS, output_dict=True,
+                                 zero_division=0)
+    return {"paper_micro_f1": float(report["micro avg"]["f1-score"]),
+            "paper_macro_f1": float(report["macro avg"]["f1-score"]),
+            "paper_micro_f1_9": float(nine["micro avg"]["f1-score"]),
+            "paper_macro_f1_9": float(nine["macro avg"]["f1-score"]),
+            "per_symptom": {label: {"precision": float(report[label]["precision"]),
+                                    "recall": float(report[label]["recall"]),
+                                    "f1": float(report[label]["f1-score"]), "support": int(report[label]["support"])}
+                            for label in PAPER_LABELS}}
+
+
+def tune_thresholds(gold, probs) -> np.ndarray:
+    """Per symptom, the threshold of THRESHOLD_GRID (0.05..0.95) with that symptom's best F1 on these
+    (validation) posts; ties go to the threshold closest to 0.5, then to the higher one, so a symptom
+    that validation cannot tell apart (no positives, or every cut equal) keeps 0.5. A fixed grid, not every
+    observed probability: a cut between two validation posts would fit them, not the symptom. NO_SYMPTOMS
+    has no threshold of its own (it follows the nine), so it is not tuned."""
+    gold, probs = np.asarray(gold, dtype=int)[:, : len(data.SYMPTOMS)], np.asarray(probs, dtype=float)
+    called = probs[None, :, :] >= THRESHOLD_GRID[:, None, None]  # (cut, post, symptom)
+    tp = (called & (gold == 1)).sum(1)
+    wrong = (called & (gold == 0)).sum(1) + (~called & (gold == 1)).sum(1)  # fp + fn
+    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)  # (cut, symptom); 0/0 -> 0 as sklearn
+    out = np.empty(probs.shape[1])
+    for j in range(probs.shape[1]):
+        best = np.flatnonzero(f1[:, j] >= f1[:, j].max() - 1e-12)
+        out[j] = max(THRESHOLD_GRID[best], key=lambda t: (-round(abs(t - 0.5), 6), t))  # 0.45 vs 0.55: 0.55
+    return out
+
+
+def post_level_metrics(examples, probs, thresholds: dict | None = None) -> dict:
+    """The paper's metrics of pair probabilities at 0.5, and at per-symptom thresholds (`..._tuned`): tuned
+    on these examples when `thresholds` is None (validation), applied when given ({symptom: threshold},
+    test), left out when {} (a checkpoint saved without them). `paper_thresholds` says which were used."""
+    _, gold, prob = post_label_matrix(examples, probs)
+    at_half = paper_metrics(gold, prob)
+    out = {k: v for k, v in at_half.items() if k != "per_symptom"} | {"paper_per_symptom": at_half["per_symptom"]}
+    if thresholds is None:
+        thresholds = {s: float(t) for s, t in zip(data.SYMPTOMS, tune_thresholds(gold, prob))}
+    if thresholds:
+        tuned = paper_metrics(gold, prob, [thresholds[s] for s in data.SYMPTOMS])
+        out |= {f"{k}_tuned": v for k, v in tuned.items() if k != "per_symptom"}
+        out |= {"paper_per_symptom_tuned": tuned["per_symptom"], "paper_thresholds": dict(thresholds)}
+    return out
+
+
+# --------------------------------------------------------------------------- evidence as a set of sentences
+
+def sentences_of_spans(text: str, spans, sentences=None) -> list[int]:
+    """Indices of the sentences of `text` (data.sentence_spans, or `sentences` if given) that char spans
+    (start, end) cover by majority: a sentence is in when a span overlaps more than half of it, or more than
+    half of the span when the span is the shorter (a phrase inside one sentence names that sentence)."""
+    sentences = data.sentence_spans(text) if sentences is None else sentences
+    out = set()
+    for start, end in spans:
+        for i, (s, e) in enumerate(sentences):
+            overlap = min(end, e) - max(start, s)
+            if overlap > 0 and 2 * overlap > min(e - s, end - start):
+                out.add(i)
+    return sorted(out)
+
+
+def sentence_set_metrics(gold_sets, pred_sets) -> dict:
+    """Predicted evidence sentences against gold, per (post, criterion) pair.
+
+    sentence_precision / _recall / _f1: micro over all (pair, sentence) decisions, so a pair with five gold
+    sentences weighs five times a pair with one (as scikit-learn's micro average; 0 where nothing is
+    predicted or gold). sentence_f1_macro: the mean of the pairs' F1, a pair with no gold and no predicted
+    sentence scoring 1 (SQuAD's null answer). set_exact_match: the fraction of pairs whose set is exactly
+    the gold set, both empty included."""
+    tp = fp = fn = 0
+    pair_f1, exact = [], []
+    for gold, pred in zip(gold_sets, pred_sets, strict=True):
+        gold, pred = set(gold), set(pred)
+        hit = len(gold & pred)
+        tp, fp, fn = tp + hit, fp + len(pred) - hit, fn + len(gold) - hit
+        pair_f1.append(2 * hit / (len(gold) + len(pred)) if gold or pred else 1.0)
+        exact.append(gold == pred)
+    return {"sentence_precision": tp / (tp + fp) if tp + fp else 0.0,
+            "sentence_recall": tp / (tp + fn) if tp + fn else 0.0,
+            "sentence_f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+            "sentence_f1_macro": float(np.mean(pair_f1)) if pair_f1 else 0.0,
+            "set_exact_match": float(np.mean(exact)) if exact else 0.0}
+
+
+def ranking_metrics(gold_sets, sentence_scores) -> dict:
+    """The ranking of each pair's post sentences by score (eRisk / DepreSym style), over the pairs with at
+    least one gold sentence: sentence_map = mean average precision (scikit-learn's average_precision_score),
+    r_precision = mean precision of the top R sentences, R = the pair's number of gold sentences (ties in
+    score broken by sentence order). NaN when no pair has gold evidence."""
+    from sklearn.metrics import average_precision_score
+
+    ap, rp = [], []
+    for gold, scores in zip(gold_sets, sentence_scores, strict=True):
+        if not gold:
+            continue
+        scores = np.asarray(scores, dtype=float)
+        if max(gold) >= len(scores):
+            raise ValueError(f"gold sentence {max(gold)} of a post with {len(scores)} scored sentences")
+        truth = np.isin(np.arange(len(scores)), list(gold))
+        ap.append(float(average_precision_score(truth, scores)))
+        top = np.argsort(-scores, kind="stable")[: len(set(gold))]
+        rp.append(float(truth[top].mean()))
+    return {"sentence_map": float(np.mean(ap)) if ap else float("nan"),
+            "r_precision": float(np.mean(rp)) if rp else float("nan"), "n_ranked_pairs": len(ap)}
+
+
 # --------------------------------------------------------------------------- span metrics (SQuAD v2 rules)
 
 def normalize_answer(text: str) -> str:
@@ -182,8 +336,12 @@ def model_outputs(model, loader, accelerator, cfg) -> dict[str, np.ndarray]:
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
 
-def evaluate(model, loader, features, examples, cfg, accelerator, null_threshold=None):
-    """(metrics, predictions, null_threshold) of `model` on one split; the threshold is tuned when None."""
+def evaluate(model, loader, features, examples, cfg, accelerator, null_threshold=None, paper_thresholds=None):
+    """(metrics, predictions, null_threshold) of `model` on one split; the null threshold is tuned when None.
+
+    Tasks with every (post, criterion) pair also get the paper's post-level metrics (post_level_metrics):
+    `paper_thresholds` None tunes per-symptom thresholds here (validation), a dict applies them (test),
+    {} leaves the tuned metrics out; those used are in metrics["paper_thresholds"]."""
     task = TASKS[cfg.task]
     out = model_outputs(model, loader, accelerator, cfg)
     predictions = [{"post_id": e["post_id"], "criterion": e["criterion"], "label": e["label"],
@@ -193,6 +351,8 @@ def evaluate(model, loader, features, examples, cfg, accelerator, null_threshold
         prob = np.zeros(len(examples))  # a pair is as positive as its most positive window
         np.maximum.at(prob, [features[i]["example_idx"] for i in out["feature_idx"]], out["prob"])
         metrics.update(classification_metrics([e["label"] for e in examples], prob, [e["criterion"] for e in examples]))
+        if has_post_pairs(cfg):
+            metrics.update(post_level_metrics(examples, prob, paper_thresholds))
         for p, pr in zip(predictions, prob):
             p.update(prob=float(pr), pred=int(pr >= 0.5))
     if task.spans:
@@ -209,6 +369,7 @@ def evaluate(model, loader, features, examples, cfg, accelerator, null_threshold
                 if d["null_score"] - d["span_score"] > null_threshold:
                     d["text"], d["start"], d["end"] = "", -1, -1
         metrics.update(span_metrics([decoded[i]["text"] for i in scored], [golds[i] for i in scored]))
+        metrics.update(evidence_sentence_metrics(examples, decoded, scored, predictions))
         if not task.classify:
             metrics["null_threshold"] = null_threshold if np.isfinite(null_threshold) else None
         for p, d, g in zip(predictions, decoded, golds):
@@ -219,15 +380,37 @@ def evaluate(model, loader, features, examples, cfg, accelerator, null_threshold
     return metrics, predictions, null_threshold
 
 
+def evidence_sentence_metrics(examples, decoded, scored, predictions) -> dict:
+    """Sentence-set metrics of the decoded spans on the `scored` pairs: gold and predicted spans both mapped
+    to the post's sentences (sentences_of_spans); the ranking metrics too where the decoder gave a score per
+    sentence (`sentence_scores`). A decoded pair with several spans lists them as `spans` [(start, end)].
+    Each prediction row gets its gold_sentences and pred_sentences."""
+    sentences = {}  # post_id -> its sentence spans, once per post rather than once per criterion
+    for e, d, p in zip(examples, decoded, predictions):
+        spans = sentences.setdefault(e["post_id"], data.sentence_spans(e["text"]))
+        pred_spans = d.get("spans", [(d["start"], d["end"])] if d["start"] >= 0 else [])
+        p.update(gold_sentences=sentences_of_spans(e["text"], e["spans"], spans),
+                 pred_sentences=sentences_of_spans(e["text"], pred_spans, spans))
+    gold_sets = [predictions[i]["gold_sentences"] for i in scored]
+    metrics = sentence_set_metrics(gold_sets, [predictions[i]["pred_sentences"] for i in scored])
+    if scored and all("sentence_scores" in decoded[i] for i in scored):
+        metrics.update(ranking_metrics(gold_sets, [decoded[i]["sentence_scores"] for i in scored]))
+    return metrics
+
+
 def metric_names(cfg) -> list[str]:
     """The numbers `evaluate` reports on a split for cfg's task: what --early_stopping_metric can watch.
     Read off the metric functions themselves (on two made-up examples), so the list cannot drift from them."""
     task, metrics = TASKS[cfg.task], {}
     if task.classify:
         metrics.update(classification_metrics([0, 1], [0.2, 0.8]))
+    if has_post_pairs(cfg):
+        made_up = [{"post_id": "p", "criterion": s, "label": 0} for s in data.SYMPTOMS]
+        metrics.update(post_level_metrics(made_up, [0.2] * len(made_up)))
     if task.spans:
         nulls = not task.classify and cfg.include_negatives  # evidence with negatives: also the null-answer scores
         metrics.update(span_metrics(["a", ""], [["a"], []] if nulls else [["a"], ["b"]]))
+        metrics.update(sentence_set_metrics([[0]], [[0]]))  # the ranking metrics only where a decoder scores sentences
     if task.classify and task.spans:
         metrics["combined"] = 0.0
     return [k for k, v in metrics.items() if isinstance(v, float)]
@@ -330,7 +513,8 @@ def main(argv=None):
     model, loader = accelerator.prepare(model, loader)
     threshold = extra.get("null_threshold")
     metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator,
-                                       float("inf") if threshold is None else threshold)
+                                       float("inf") if threshold is None else threshold,
+                                       extra.get("paper_thresholds") or {})  # chosen on validation, never here
     if accelerator.is_main_process:
         log.info("%s on %s (%d examples, %d processes):\n%s", cfg.task, args.split, len(examples),
                  accelerator.num_processes, format_metrics(metrics))
@@ -395,7 +579,7 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
     model, loader = accelerator.prepare(model, loader)
     threshold = extra.get("null_threshold")
     _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator,
-                           float("inf") if threshold is None else threshold)
+                           float("inf") if threshold is None else threshold, {})
     out = {}
     for ex, p in zip(examples, preds):
         key = (ex["post_id"], ex["criterion"])

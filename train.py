@@ -178,6 +178,7 @@ class LoopState:
     best: float | None = None  # best validation value of the main metric
     bad_epochs: int = 0  # validations without improvement, for --patience
     null_threshold: float | None = None  # evidence null-answer threshold of the best checkpoint
+    paper_thresholds: dict | None = None  # per-symptom thresholds of the best checkpoint (post-level tasks)
     run_id: str | None = None  # the MLflow run a resume continues
     history: list = field(default_factory=list)  # validation metric per epoch
     curve: list = field(default_factory=list)  # [step, train loss, lr] per optimizer step, for history.json
@@ -342,8 +343,10 @@ def record_validation(state: LoopState, epoch: int, metric_name: str, metrics: d
 
 # --------------------------------------------------------------------------- test and outputs
 
-def test_best(model, prepared: PreparedData, cfg: Config, accelerator, null_threshold, out_dir: Path) -> dict:
-    """Metrics of the best checkpoint on val and test; predictions written as JSONL."""
+def test_best(model, prepared: PreparedData, cfg: Config, accelerator, null_threshold, out_dir: Path,
+              paper_thresholds: dict | None = None) -> dict:
+    """Metrics of the best checkpoint on val and test, at the thresholds chosen on validation (none known:
+    no tuned metrics, rather than thresholds tuned on test); predictions written as JSONL."""
     results = {"val": None, "test": None}
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
     for name in ("val", "test"):
@@ -353,7 +356,8 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, null_thre
         loader = accelerator.prepare(data.make_loader(feats, cfg.eval_batch_size, False,
                                                       prepared.tokenizer.pad_token_id, **dl_kwargs))
         threshold = float("inf") if null_threshold is None else null_threshold
-        metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, threshold)
+        metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, threshold,
+                                           paper_thresholds or {})
         results[name] = metrics
         if accelerator.is_main_process:  # validation predictions too: report.py chooses its decision threshold on them
             write_jsonl(predictions, out_dir / ("predictions.jsonl" if name == "test" else "val_predictions.jsonl"))
@@ -455,13 +459,14 @@ def build_training(cfg: Config, accelerator, prepared: PreparedData) -> Training
                     total_steps, make_class_weights(cfg, train_feats, accelerator.device))
 
 
-def update_best(state: LoopState, value: float, threshold, cfg: Config) -> bool:
-    """Early-stopping bookkeeping; True when `value` is a new best."""
+def update_best(state: LoopState, value: float, threshold, cfg: Config, paper_thresholds: dict | None = None) -> bool:
+    """Early-stopping bookkeeping; True when `value` is a new best (whose thresholds are then kept)."""
     if not improves(state.best, value, cfg):
         state.bad_epochs += 1
         return False
     finite = threshold is not None and math.isfinite(threshold)  # JSON has no infinity
     state.best, state.bad_epochs, state.null_threshold = value, 0, threshold if finite else None
+    state.paper_thresholds = paper_thresholds
     return True
 
 
@@ -507,9 +512,9 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
             record_validation(state, epoch, metric_name, metrics, tracker)
             if on_validation:
                 on_validation(epoch, metrics)
-            if update_best(state, metrics[metric_name], threshold, cfg):
-                info = {"null_threshold": state.null_threshold, "epoch": epoch, "step": state.global_step,
-                        metric_name: state.best, "val_metrics": metrics}
+            if update_best(state, metrics[metric_name], threshold, cfg, metrics.get("paper_thresholds")):
+                info = {"null_threshold": state.null_threshold, "paper_thresholds": state.paper_thresholds,
+                        "epoch": epoch, "step": state.global_step, metric_name: state.best, "val_metrics": metrics}
                 save_best(accelerator, t.model, prepared.tokenizer, cfg, best_dir, info, prepared.splits)
             accelerator.wait_for_everyone()
             t.model.train()  # evaluate() left it in eval mode
@@ -520,7 +525,8 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         train_s = time.perf_counter() - t_train
 
         load_best(accelerator, t.model, best_dir)
-        results = test_best(t.model, prepared, cfg, accelerator, state.null_threshold, out_dir)
+        results = test_best(t.model, prepared, cfg, accelerator, state.null_threshold, out_dir,
+                            state.paper_thresholds)
         results["train"] = run_stats(state, steplog, train_s, accelerator.num_processes, tracker.run_id)
         if accelerator.is_main_process:
             write_outputs(out_dir, cfg, results, state, metric_name, tracker)
