@@ -525,8 +525,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         train_s = time.perf_counter() - t_train
 
         load_best(accelerator, t.model, best_dir)
-        results = test_best(t.model, prepared, cfg, accelerator, state.null_threshold, out_dir,
-                            state.paper_thresholds)
+        results = test_best(t.model, prepared, cfg, accelerator, state.null_threshold, out_dir, state.paper_thresholds)
         results["train"] = run_stats(state, steplog, train_s, accelerator.num_processes, tracker.run_id)
         if accelerator.is_main_process:
             write_outputs(out_dir, cfg, results, state, metric_name, tracker)
