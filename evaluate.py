@@ -4,7 +4,8 @@
     python evaluate.py --checkpoint outputs/run/checkpoints/best --predict posts.csv --output predictions.jsonl
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint ...   # same numbers, two processes
 
-Reading order: classification metrics -> SQuAD-style span metrics -> span candidates per window
+Reading order: classification metrics -> the ReDSM5 paper's post x label metrics -> evidence as a set
+of sentences -> SQuAD-style span metrics -> span candidates per window
 (on the device) -> decoding per (criterion, post) pair across its windows -> `evaluate`, which
 runs a model over a loader and returns metrics and predictions -> the command line.
 """
