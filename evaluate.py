@@ -4,7 +4,8 @@
     python evaluate.py --checkpoint outputs/run/checkpoints/best --predict posts.csv --output predictions.jsonl
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint ...   # same numbers, two processes
 
-Reading order: classification metrics -> SQuAD-style span metrics -> span candidates per window
+Reading order: classification metrics -> the ReDSM5 paper's post x label metrics -> evidence as a set
+of sentences -> SQuAD-style span metrics -> span candidates per window
 (on the device) -> decoding per (criterion, post) pair across its windows -> `evaluate`, which
 runs a model over a loader and returns metrics and predictions -> the command line.
 """
@@ -60,6 +61,160 @@ def classification_metrics(labels, probs, criteria=None, threshold: float = 0.5)
             c: float(f1_score(labels[criteria == c], preds[criteria == c], zero_division=0))
             for c in data.SYMPTOMS if (criteria == c).any()}
     return out
+
+
+# --------------------------------------------------------------------------- post-level metrics (the ReDSM5 paper)
+
+NO_SYMPTOMS = "NO_SYMPTOMS"
+PAPER_LABELS = data.SYMPTOMS + [NO_SYMPTOMS]  # the paper's ten labels: nine symptoms and "none of them"
+THRESHOLD_GRID = np.round(np.arange(1, 20) * 0.05, 2)  # 0.05, 0.10, ..., 0.95
+
+
+def has_post_pairs(cfg) -> bool:
+    """Whether cfg's task predicts every (post, criterion) pair: criteria --unit post and joint."""
+    return TASKS[cfg.task].classify and (cfg.task != "criteria" or cfg.unit == "post")
+
+
+def post_label_matrix(examples, probs) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(post ids, gold posts x 10, probabilities posts x 9): (post, criterion) pair predictions folded into
+    the paper's post x label matrix. Gold NO_SYMPTOMS (column 10) = the post has no positive symptom."""
+    post_ids = list(dict.fromkeys(e["post_id"] for e in examples))
+    row = {p: i for i, p in enumerate(post_ids)}
+    gold = np.zeros((len(post_ids), len(PAPER_LABELS)), dtype=int)
+    prob = np.full((len(post_ids), len(data.SYMPTOMS)), np.nan)
+    for e, p in zip(examples, probs, strict=True):
+        i, j = row[e["post_id"]], data.SYMPTOMS.index(e["criterion"])
+        gold[i, j], prob[i, j] = e["label"], p
+    missing = np.argwhere(np.isnan(prob))
+    if len(missing):
+        i, j = missing[0]
+        raise ValueError(f"post {post_ids[i]} has no prediction for {data.SYMPTOMS[j]} (post x label matrix)")
+    gold[:, -1] = gold[:, :-1].max(axis=1) == 0
+    return post_ids, gold, prob
+
+
+def predict_labels(probs, thresholds=0.5) -> np.ndarray:
+    """posts x 10 predictions: a symptom where its probability >= its threshold, NO_SYMPTOMS where none is.
+    The paper's models have a tenth output for NO_SYMPTOMS (sigmoid > 0.5, independent of the other nine;
+    eliseobao/redsm5 examples/*.ipynb); ours have none, so it is derived: predicted exactly when no symptom
+    is. >= as everywhere in our code (the notebooks use >; the two differ only at a probability of exactly 0.5)."""
+    symptoms = np.asarray(probs, dtype=float) >= np.asarray(thresholds, dtype=float)
+    return np.column_stack([symptoms, ~symptoms.any(axis=1)]).astype(int)
+
+
+def paper_metrics(gold, probs, thresholds=0.5) -> dict:
+    """The paper's numbers: scikit-learn's classification_report (zero_division=0) of the post x label matrix.
+    paper_micro_f1 / paper_macro_f1 over the ten labels (what the paper reports), ..._9 over the nine symptoms
+    alone, and per_symptom {label: {precision, recall, f1, support}} of all ten."""
+    from sklearn.metrics import classification_report
+
+    gold, pred = np.asarray(gold, dtype=int), predict_labels(probs, thresholds)
+    report = classification_report(gold, pred, target_names=PAPER_LABELS, output_dict=True, zero_division=0)
+    nine = classification_report(gold[:, :-1], pred[:, :-1], target_names=data.SYMPTOMS, output_dict=True,
+                                 zero_division=0)
+    return {"paper_micro_f1": float(report["micro avg"]["f1-score"]),
+            "paper_macro_f1": float(report["macro avg"]["f1-score"]),
+            "paper_micro_f1_9": float(nine["micro avg"]["f1-score"]),
+            "paper_macro_f1_9": float(nine["macro avg"]["f1-score"]),
+            "per_symptom": {label: {"precision": float(report[label]["precision"]),
+                                    "recall": float(report[label]["recall"]),
+                                    "f1": float(report[label]["f1-score"]), "support": int(report[label]["support"])}
+                            for label in PAPER_LABELS}}
+
+
+def tune_thresholds(gold, probs) -> np.ndarray:
+    """Per symptom, the threshold of THRESHOLD_GRID (0.05..0.95) with that symptom's best F1 on these
+    (validation) posts; ties go to the threshold closest to 0.5, then to the higher one, so a symptom
+    that validation cannot tell apart (no positives, or every cut equal) keeps 0.5. A fixed grid, not every
+    observed probability: a cut between two validation posts would fit them, not the symptom. NO_SYMPTOMS
+    has no threshold of its own (it follows the nine), so it is not tuned."""
+    gold, probs = np.asarray(gold, dtype=int)[:, : len(data.SYMPTOMS)], np.asarray(probs, dtype=float)
+    called = probs[None, :, :] >= THRESHOLD_GRID[:, None, None]  # (cut, post, symptom)
+    tp = (called & (gold == 1)).sum(1)
+    wrong = (called & (gold == 0)).sum(1) + (~called & (gold == 1)).sum(1)  # fp + fn
+    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)  # (cut, symptom); 0/0 -> 0 as sklearn
+    out = np.empty(probs.shape[1])
+    for j in range(probs.shape[1]):
+        best = np.flatnonzero(f1[:, j] >= f1[:, j].max() - 1e-12)
+        out[j] = max(THRESHOLD_GRID[best], key=lambda t: (-round(abs(t - 0.5), 6), t))  # 0.45 vs 0.55: 0.55
+    return out
+
+
+def post_level_metrics(examples, probs, thresholds: dict | None = None) -> dict:
+    """The paper's metrics of pair probabilities at 0.5, and at per-symptom thresholds (`..._tuned`): tuned
+    on these examples when `thresholds` is None (validation), applied when given ({symptom: threshold},
+    test), left out when {} (a checkpoint saved without them). `paper_thresholds` says which were used."""
+    _, gold, prob = post_label_matrix(examples, probs)
+    at_half = paper_metrics(gold, prob)
+    out = {k: v for k, v in at_half.items() if k != "per_symptom"} | {"paper_per_symptom": at_half["per_symptom"]}
+    if thresholds is None:
+        thresholds = {s: float(t) for s, t in zip(data.SYMPTOMS, tune_thresholds(gold, prob))}
+    if thresholds:
+        tuned = paper_metrics(gold, prob, [thresholds[s] for s in data.SYMPTOMS])
+        out |= {f"{k}_tuned": v for k, v in tuned.items() if k != "per_symptom"}
+        out |= {"paper_per_symptom_tuned": tuned["per_symptom"], "paper_thresholds": dict(thresholds)}
+    return out
+
+
+# --------------------------------------------------------------------------- evidence as a set of sentences
+
+def sentences_of_spans(text: str, spans, sentences=None) -> list[int]:
+    """Indices of the sentences of `text` (data.sentence_spans, or `sentences` if given) that char spans
+    (start, end) cover by majority: a sentence is in when a span overlaps more than half of it, or more than
+    half of the span when the span is the shorter (a phrase inside one sentence names that sentence)."""
+    sentences = data.sentence_spans(text) if sentences is None else sentences
+    out = set()
+    for start, end in spans:
+        for i, (s, e) in enumerate(sentences):
+            overlap = min(end, e) - max(start, s)
+            if overlap > 0 and 2 * overlap > min(e - s, end - start):
+                out.add(i)
+    return sorted(out)
+
+
+def sentence_set_metrics(gold_sets, pred_sets) -> dict:
+    """Predicted evidence sentences against gold, per (post, criterion) pair.
+
+    sentence_precision / _recall / _f1: micro over all (pair, sentence) decisions, so a pair with five gold
+    sentences weighs five times a pair with one (as scikit-learn's micro average; 0 where nothing is
+    predicted or gold). sentence_f1_macro: the mean of the pairs' F1, a pair with no gold and no predicted
+    sentence scoring 1 (SQuAD's null answer). set_exact_match: the fraction of pairs whose set is exactly
+    the gold set, both empty included."""
+    tp = fp = fn = 0
+    pair_f1, exact = [], []
+    for gold, pred in zip(gold_sets, pred_sets, strict=True):
+        gold, pred = set(gold), set(pred)
+        hit = len(gold & pred)
+        tp, fp, fn = tp + hit, fp + len(pred) - hit, fn + len(gold) - hit
+        pair_f1.append(2 * hit / (len(gold) + len(pred)) if gold or pred else 1.0)
+        exact.append(gold == pred)
+    return {"sentence_precision": tp / (tp + fp) if tp + fp else 0.0,
+            "sentence_recall": tp / (tp + fn) if tp + fn else 0.0,
+            "sentence_f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+            "sentence_f1_macro": float(np.mean(pair_f1)) if pair_f1 else 0.0,
+            "set_exact_match": float(np.mean(exact)) if exact else 0.0}
+
+
+def ranking_metrics(gold_sets, sentence_scores) -> dict:
+    """The ranking of each pair's post sentences by score (eRisk / DepreSym style), over the pairs with at
+    least one gold sentence: sentence_map = mean average precision (scikit-learn's average_precision_score),
+    r_precision = mean precision of the top R sentences, R = the pair's number of gold sentences (ties in
+    score broken by sentence order). NaN when no pair has gold evidence."""
+    from sklearn.metrics import average_precision_score
+
+    ap, rp = [], []
+    for gold, scores in zip(gold_sets, sentence_scores, strict=True):
+        if not gold:
+            continue
+        scores = np.asarray(scores, dtype=float)
+        if max(gold) >= len(scores):
+            raise ValueError(f"gold sentence {max(gold)} of a post with {len(scores)} scored sentences")
+        truth = np.isin(np.arange(len(scores)), list(gold))
+        ap.append(float(average_precision_score(truth, scores)))
+        top = np.argsort(-scores, kind="stable")[: len(set(gold))]
+        rp.append(float(truth[top].mean()))
+    return {"sentence_map": float(np.mean(ap)) if ap else float("nan"),
+            "r_precision": float(np.mean(rp)) if rp else float("nan"), "n_ranked_pairs": len(ap)}
 
 
 # --------------------------------------------------------------------------- span metrics (SQuAD v2 rules)
@@ -205,19 +360,7 @@ def pair_rows(outputs: dict, features: list[dict]) -> tuple[dict, list[dict]]:
     return rows, pair_features
 
 
-# --------------------------------------------------------------------------- evidence as a set of sentences
-
-def sentences_of_spans(text: str, spans) -> set[int]:
-    """Indices of the post's sentences (data.sentence_spans) that the char spans cover: a sentence counts when
-    more than half of it, or of the span, lies in the overlap."""
-    out = set()
-    for k, (a, b) in enumerate(data.sentence_spans(text)):
-        for s, e in spans:
-            overlap = min(b, e) - max(a, s)
-            if overlap > 0 and (2 * overlap > b - a or 2 * overlap > e - s):
-                out.add(k)
-    return out
-
+# --------------------------------------------------------------------------- evidence sets: decoding
 
 def sentence_scores(features: list[dict], outputs: dict, texts: list[str]) -> list[np.ndarray]:
     """Per pair, a score for every sentence of its post, the max over the pair's windows (-inf for a sentence no
@@ -284,40 +427,22 @@ def decode_sets(scores: list[np.ndarray], threshold: float, at_least_one: bool) 
     return out
 
 
-def sentence_set_metrics(gold_sets: list[set], pred_sets: list[set]) -> dict:
-    """Micro precision/recall/F1 over (pair, sentence) decisions, and exact match of each pair's whole set."""
-    tp = sum(len(g & p) for g, p in zip(gold_sets, pred_sets))
-    n_pred, n_gold = sum(map(len, pred_sets)), sum(map(len, gold_sets))
-    precision, recall = tp / n_pred if n_pred else 0.0, tp / n_gold if n_gold else 0.0
-    return {"sentence_precision": precision, "sentence_recall": recall,
-            "sentence_f1": 2 * tp / (n_pred + n_gold) if n_pred + n_gold else 1.0,
-            "set_exact_match": float(np.mean([g == p for g, p in zip(gold_sets, pred_sets)])) if gold_sets else 0.0}
-
-
-def ranking_metrics(gold_sets: list[set], scores: list[np.ndarray]) -> dict:
-    """Per pair with gold evidence, its post's sentences ranked by score: average precision (sklearn) and
-    R-precision (the share of gold among the top R, R = the number of gold sentences); means over pairs."""
-    from sklearn.metrics import average_precision_score
-
-    ap, rp = [], []
-    for g, s in zip(gold_sets, scores):
-        if not g or not len(s):
-            continue
-        truth, s = np.isin(np.arange(len(s)), list(g)), np.nan_to_num(s, neginf=-1e30)
-        ap.append(average_precision_score(truth, s) if len(s) > 1 else float(truth[0]))
-        rp.append(truth[np.argsort(-s, kind="stable")[: len(g)]].mean())
-    return {"sentence_map": float(np.mean(ap)) if ap else 0.0, "r_precision": float(np.mean(rp)) if rp else 0.0}
-
-
 # --------------------------------------------------------------------------- evaluation
 
-def score_classification(examples, features, out, predictions) -> dict:
-    """Binary metrics of the pairs: a pair is as positive as its most positive window."""
+def score_classification(examples, features, out, cfg, thresholds: dict, tune: bool, predictions) -> dict:
+    """Binary metrics of the pairs (a pair is as positive as its most positive window) and, where every
+    (post, criterion) pair is an example, the paper's post-level metrics at 0.5 and at per-symptom thresholds
+    (tuned here on validation; a checkpoint without them gets no tuned metrics, never thresholds tuned on test)."""
     prob = np.zeros(len(examples))
     np.maximum.at(prob, [features[i]["example_idx"] for i in out["feature_idx"]], out["prob"])
     for p, pr in zip(predictions, prob):
         p.update(prob=float(pr), pred=int(pr >= 0.5))
-    return classification_metrics([e["label"] for e in examples], prob, [e["criterion"] for e in examples])
+    metrics = classification_metrics([e["label"] for e in examples], prob, [e["criterion"] for e in examples])
+    if has_post_pairs(cfg):
+        metrics.update(post_level_metrics(examples, prob, None if tune else thresholds.get("paper_thresholds", {})))
+        if tune:
+            thresholds["paper_thresholds"] = metrics["paper_thresholds"]
+    return metrics
 
 
 def best_spans(examples, features, out, cfg, thresholds: dict, tune: bool) -> list[dict]:
@@ -363,7 +488,7 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
               for d, t in zip(decoded, texts)]
     gold_scored = [gold_sets[i] for i in scored]
     metrics.update(sentence_set_metrics(gold_scored, [pred_sets[i] for i in scored]))
-    metrics.update(ranking_metrics(gold_scored, [scores[i] for i in scored]))
+    metrics.update(ranking_metrics(gold_scored, [np.nan_to_num(scores[i], neginf=-1e30) for i in scored]))
     metrics.update({f"single_span_{k}": v for k, v in sentence_set_metrics(gold_scored, [single[i] for i in scored])
                     .items() if k in ("sentence_f1", "set_exact_match")})
     several = [i for i in scored if len(gold_sets[i]) >= 2]  # the pairs one span cannot hold
@@ -372,17 +497,17 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
         metrics.update({f"{name}_{k}": m.get(k, math.nan) for k in ("sentence_f1", "set_exact_match")})
     metrics["n_multi_sentence_pairs"] = len(several)
     metrics["sentence_threshold"] = thresholds["sentence_threshold"]
-    for p, d, g, chosen, t in zip(predictions, decoded, golds, pred_sets, texts):
-        sentences = [data.sentence_spans(t)[k] for k in sorted(chosen)]
+    for p, d, g, gs, chosen, t in zip(predictions, decoded, golds, gold_sets, pred_sets, texts):
+        spans = [data.sentence_spans(t)[k] for k in sorted(chosen)]
         p.update(pred_text=d["text"], pred_start=d["start"], pred_end=d["end"], span_score=d["span_score"],
-                 null_score=d["null_score"], gold_texts=g, pred_sentences=[list(s) for s in sentences],
-                 pred_sentence_texts=[t[a:b] for a, b in sentences])
+                 null_score=d["null_score"], gold_texts=g, gold_sentences=gs, pred_sentences=sorted(chosen),
+                 pred_sentence_spans=[list(s) for s in spans], pred_sentence_texts=[t[a:b] for a, b in spans])
     return metrics
 
 
 def evaluate(model, loader, features, examples, cfg, accelerator, thresholds: dict | None = None):
     """(metrics, predictions, thresholds) of `model` on one split. `thresholds` (null answer, evidence
-    sentences), as tuned on validation, are applied; None tunes them on this split."""
+    sentences, per-symptom post-level thresholds), as tuned on validation, are applied; None tunes them here."""
     task, tune = TASKS[cfg.task], thresholds is None
     thresholds = dict(thresholds or {})
     out = model_outputs(model, loader, accelerator, cfg)
@@ -392,7 +517,7 @@ def evaluate(model, loader, features, examples, cfg, accelerator, thresholds: di
                     **({"sentence_id": e["sentence_id"]} if "sentence_id" in e else {})} for e in examples]
     metrics = {}
     if task.classify:
-        metrics.update(score_classification(examples, features, out, predictions))
+        metrics.update(score_classification(examples, features, out, cfg, thresholds, tune, predictions))
     if task.spans:  # a span head's n-best candidates, or a tag head's logits
         metrics.update(score_spans(examples, features, out, cfg, thresholds, tune, predictions))
     if task.classify and task.spans:
@@ -406,10 +531,13 @@ def metric_names(cfg) -> list[str]:
     task, metrics = TASKS[cfg.task], {}
     if task.classify:
         metrics.update(classification_metrics([0, 1], [0.2, 0.8]))
+    if has_post_pairs(cfg):
+        made_up = [{"post_id": "p", "criterion": s, "label": 0} for s in data.SYMPTOMS]
+        metrics.update(post_level_metrics(made_up, [0.2] * len(made_up)))
     if task.spans:
         nulls = not task.classify and cfg.include_negatives  # evidence with negatives: also the null-answer scores
         metrics.update(span_metrics(["a", ""], [["a"], []] if nulls else [["a"], ["b"]]))
-        metrics.update(sentence_set_metrics([{0}], [{0}]), **ranking_metrics([{0}], [np.zeros(2)]),
+        metrics.update(sentence_set_metrics([[0]], [[0]]), **ranking_metrics([[0]], [np.zeros(2)]),
                        single_span_sentence_f1=0.0, single_span_set_exact_match=0.0, sentence_threshold=0.0,
                        **{f"{p}_{k}": 0.0 for p in ("multi", "multi_single_span")
                           for k in ("sentence_f1", "set_exact_match")})
@@ -598,7 +726,7 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
         if "pred_text" in p:
             row.update(evidence_text=p["pred_text"], evidence_start=p["pred_start"], evidence_end=p["pred_end"],
                        span_score=p["span_score"], null_score=p["null_score"],
-                       evidence_sentences=p["pred_sentences"], evidence_sentence_texts=p["pred_sentence_texts"])
+                       evidence_sentences=p["pred_sentence_spans"], evidence_sentence_texts=p["pred_sentence_texts"])
         out[key] = row
     return list(out.values())
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import data
+import evaluate
 import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,7 +138,51 @@ def test_baselines_hand_made_case():
     assert report.first_sentence("I am tired. So tired!\nBye") == "I am tired."
 
 
+def test_baselines_on_the_paper_matrix_with_unit_post():
+    sentences = [("I cannot sleep at all.", 1), ("I never sleep well.", 1), ("Cannot sleep again tonight.", 1),
+                 ("I sleep fine now.", 0), ("I cannot sleep.", 1), ("I sleep fine.", 0), ("Never sleep well.", 1),
+                 ("Sleep is fine.", 0)]
+    posts = [{"post_id": f"p{i}", "text": t} for i, (t, _) in enumerate(sentences)]
+    anns = [{"post_id": f"p{i}", "sentence_id": f"p{i}_0", "sentence_text": t, "DSM5_symptom": "SLEEP_ISSUES",
+             "status": str(y)} for i, (t, y) in enumerate(sentences)]
+    corpus = data.build_corpus(posts, anns)
+    split = {"train": ["p0", "p1", "p2", "p3"], "val": ["p6", "p7"], "test": ["p4", "p5"]}
+    cfg = report.parse_config(["--task", "criteria", "--unit", "post"])[0]
+    base = report.fold_baselines(corpus, split, cfg)
+    majority = base["metrics"]["majority class"]
+    # 3 of 36 training pairs are positive: nothing is called, so both test posts get NO_SYMPTOMS.
+    # p4 (SLEEP_ISSUES): SLEEP fn, NO_SYMPTOMS fp; p5 (none): NO_SYMPTOMS tp -> micro 2*1 / (2+1+1) = 1/2,
+    # macro: NO_SYMPTOMS F1 2/3, the other nine 0 -> 2/3 / 10
+    assert majority["paper_micro_f1"] == pytest.approx(1 / 2) and majority["paper_macro_f1"] == pytest.approx(1 / 15)
+    assert "paper_micro_f1_tuned" not in majority  # a constant has nothing to tune
+    bow, rows = base["metrics"]["bag-of-words LR"], base["rows"]["bag-of-words LR"]
+    _, gold, probs = report.post_label_matrix(rows, [r["prob"] for r in rows])  # its test pairs, refolded
+    assert gold[:, -1].tolist() == [0, 1] and bow["paper_micro_f1"] == evaluate.paper_metrics(
+        gold, probs)["paper_micro_f1"]
+    assert set(bow["paper_thresholds"]) == set(data.SYMPTOMS) and "paper_macro_f1_tuned" in bow
+
+
 # --------------------------------------------------------------------------- end to end
+
+def test_unit_post_report_has_the_paper_table(tmp_path, cli):
+    out = tmp_path / "post"
+    code, err = cli(report.main, TINY + ["--unit", "post", "--max_length", "96", "--cv_folds", "1", "--output_dir", out,
+                                         "--mlflow", "false"])
+    assert code == 0, err
+    md = (out / "summary.md").read_text()
+    assert "## Compared with the ReDSM5 paper" in md
+    assert "| Llama-3.2-1B + classification head | 0.544 | 0.489 | – | – | published, on the authors' own split, " \
+           "not rerun |" in md
+    result = report.json.loads((out / "summary.json").read_text())
+    model = result["summary"]["model"]["paper_micro_f1"]["mean"]
+    assert f"| model | {model:.3f} ± 0.000 |" in md
+    bow = result["summary"]["bag-of-words LR"]["paper_macro_f1_tuned"]["mean"]
+    assert any(line.startswith("| bag-of-words LR |") and f"{bow:.3f} ± 0.000 | this report" in line
+               for line in md.splitlines())
+    assert [p["name"] for p in result["published"]][:2] == ["TF-IDF + LinearSVC", "1D CNN"]
+    assert "| paper_micro_f1 | " in md  # also in the table of every metric
+
+
 
 def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
     out = tmp_path / "cv"

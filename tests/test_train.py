@@ -48,6 +48,29 @@ def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task, option
         assert saved["test"]["combined"] == pytest.approx((saved["test"]["f1_macro"] + saved["test"]["span_f1"]) / 2)
 
 
+def test_post_unit_run_has_the_paper_metrics_at_validation_thresholds(tmp_path):
+    cfg, results = run(tmp_path, "post", unit="post", epochs=1, max_steps=4)
+    out = Path(cfg.output_dir)
+    saved = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        m = saved[split]
+        for k in ("paper_micro_f1", "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned"):
+            assert 0 <= m[k] <= 1, (split, k)
+        # at 0.5 a symptom's post-level F1 is the pair F1 of its criterion: the same decisions
+        for c, f1 in m["per_criterion_f1"].items():
+            assert m["paper_per_symptom"][c]["f1"] == pytest.approx(f1)
+        posts = {r["post_id"] for r in map(json.loads, (out / ("predictions.jsonl" if split == "test" else
+                                                                "val_predictions.jsonl")).read_text().splitlines())}
+        assert sum(s["support"] for s in m["paper_per_symptom"].values()) >= len(posts)  # each post >= one label
+    # the thresholds are chosen on validation, saved with the checkpoint and applied, unchanged, to test
+    checkpoint = json.loads((out / "checkpoints/best/checkpoint.json").read_text())
+    assert checkpoint["thresholds"]["paper_thresholds"] == saved["val"]["paper_thresholds"] \
+        == saved["test"]["paper_thresholds"]
+    assert set(checkpoint["thresholds"]["paper_thresholds"]) == set(evaluate.data.SYMPTOMS)
+    evaluate.main(["--checkpoint", str(out / "checkpoints/best"), "--output", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["test"] == saved["test"]
+
+
 def test_criteria_learns_on_demo(tmp_path):
     _, results = run(tmp_path, "learn", demo_posts=300, epochs=3, tiny_hidden=64)
     assert results["test"]["f1_macro"] > 0.8  # hard negatives vs evidence: far above the majority class
