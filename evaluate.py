@@ -710,7 +710,7 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
     loader = data.make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id)
     model, loader = accelerator.prepare(model, loader)
     _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
-    out = {}
+    out, tuned = {}, saved_thresholds(extra).get("paper_thresholds") or {}
     for ex, p in zip(examples, preds):
         key = (ex["post_id"], ex["criterion"])
         row = {"post_id": ex["post_id"], "criterion": ex["criterion"]}
@@ -723,6 +723,8 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
         for k in ("prob", "pred"):
             if k in p:
                 row[k] = p[k]
+        if "prob" in p and tuned:  # at the symptom's threshold chosen on validation (post-level tasks)
+            row["pred_tuned"] = int(p["prob"] >= tuned[ex["criterion"]])
         if "pred_text" in p:
             row.update(evidence_text=p["pred_text"], evidence_start=p["pred_start"], evidence_end=p["pred_end"],
                        span_score=p["span_score"], null_score=p["null_score"],
