@@ -17,6 +17,7 @@ import functools
 import itertools
 import random
 import re
+import string
 from pathlib import Path
 
 DEMO_PHRASES = Path(__file__).resolve().parent / "configs" / "demo_corpus.yaml"
@@ -102,7 +103,8 @@ def pieces(part: str = "main", path: Path = DEMO_PHRASES) -> dict:
     ph = yaml.safe_load(path.read_text())
     pc = {k: split_part(ph[k], part) for k in ("openers", "tails", "times", "whens")}
     pc["relatives"] = [tuple(r.split("/")) for r in split_part(ph["relatives"], part)]
-    pc["frames"] = {k: [expand(f) for f in split_part(v, part)] for k, v in ph["frames"].items()}
+    pc["frames"] = {k: [[(f, frozenset(s for _, s, _, _ in string.Formatter().parse(f) if s)) for f in expand(e)]
+                        for e in split_part(v, part)] for k, v in ph["frames"].items()}
     pc["evidence_routes"], pc["negative_kinds"] = ph["evidence_routes"], ph["negative_kinds"]
     pc["kinds"] = list(ph["negative_kinds"])
     pc["kind_weights"] = [sum(routes.values()) for routes in ph["negative_kinds"].values()]
@@ -129,16 +131,21 @@ def clause(rng: random.Random, pc: dict, sym: str, which: str, entry: list | Non
 
 
 def compose(rng: random.Random, pc: dict, route: str, sym: str, entry: list | None = None) -> str:
-    """One sentence about `sym` by `route` ("<frame list> <core|denial>"); `entry`: the core phrasings."""
+    """One sentence about `sym` by `route` ("<frame list> <core|denial>"); `entry`: the core phrasings.
+    Only the slots the frame has are drawn (the generator's time goes to random draws)."""
     frames, which = route.split()
-    frame = rng.choice(rng.choice(pc["frames"][frames]))
+    frame, slots = rng.choice(rng.choice(pc["frames"][frames]))
     present, third, past = clause(rng, pc, sym, which, entry)
-    other = clause(rng, pc, sym, "denial" if which == "core" else "core")[1]  # the contrast's other side
-    rel, pro = rng.choice(pc["relatives"])
-    values = {"x": present, "xp": past, "x3": third.format(who=pro, **PRONOUNS[pro]),
-              "r3": third.format(who=rel, **PRONOUNS[pro]), "o3": other.format(who=rel, **PRONOUNS[pro]),
-              "rel": rel, "t": rng.choice(pc["times"]), "when": rng.choice(pc["whens"]),
-              "topic": rng.choice(pc["symptoms"][sym]["topics"])}
+    values = {"x": present, "xp": past}
+    if slots & {"rel", "x3", "r3", "o3"}:
+        rel, pro = rng.choice(pc["relatives"])
+        forms = PRONOUNS[pro]
+        values.update(rel=rel, x3=third.format(who=pro, **forms), r3=third.format(who=rel, **forms))
+        if "o3" in slots:  # the contrast's other side, said of rel
+            values["o3"] = clause(rng, pc, sym, "denial" if which == "core" else "core")[1].format(who=rel, **forms)
+    for slot, pool in (("t", pc["times"]), ("when", pc["whens"]), ("topic", pc["symptoms"][sym]["topics"])):
+        if slot in slots:
+            values[slot] = rng.choice(pool)
     return _cap(rng.choice(pc["openers"]) + frame.format(**values) + rng.choice(pc["tails"]) + rng.choice("...!"))
 
 
@@ -166,7 +173,7 @@ def _post_symptoms(rng: random.Random, pc: dict) -> list[str]:
 
 
 def _route(rng: random.Random, routes: dict) -> str:
-    return rng.choices(list(routes), weights=list(routes.values()))[0]
+    return rng.choices(list(routes), weights=list(routes.values()))[0] if len(routes) > 1 else next(iter(routes))
 
 
 def _annotated_sentences(rng: random.Random, pc: dict, positives: list[str]) -> list[tuple]:
