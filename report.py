@@ -16,7 +16,9 @@ them as independent, a lower bound) and, with k >= 2 folds, the corrected resamp
 allows for the training posts the runs share (Nadeau & Bengio 2003), the majority class,
 a bag-of-words logistic regression and (span tasks) the first sentence of the post on the same folds,
 and a per-criterion table; and PNGs of the confusion matrix, PR and ROC curves, training curves and
-per-criterion scores (drawn by plots.py; also in each run's folder, and logged to MLflow).
+per-criterion scores (drawn by plots.py; also in each run's folder, and logged to MLflow). Where there is
+a shifted test set (the demo's held-out phrasing, or --test_shift_dir), every run's model and every
+fold's baselines are scored on it too: summary_test_shift in summary.json, a second table in summary.md.
 """
 from __future__ import annotations
 
