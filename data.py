@@ -1,6 +1,6 @@
 """ReDSM5 data: loading with a report, sentence alignment, post-level splits, features.
 
-    python data.py --make_demo DIR [--n_posts N] [--seed S]   # write the synthetic demo corpus
+    python data.py --make_demo DIR [--n_posts N] [--seed S]   # write the synthetic demo corpus (+ DIR/shift/)
     python data.py --data_dir DIR                             # print the load report of a corpus
 
 Reading order: constants -> CSV reading and validation (`load_corpus`) -> alignment of annotated
@@ -126,12 +126,25 @@ def load_corpus_from_config(cfg, data_dir=...) -> Corpus:
                        fuzzy_threshold=cfg.fuzzy_threshold)
 
 
-def load_corpus(data_dir=None, *, demo_posts=1000, demo_seed=0, include_special_case=False,
+def load_shift_corpus(cfg) -> Corpus | None:
+    """The test_shift corpus of a config: its test_shift_dir, else for the demo its held-out-phrasing part
+    (demo_shift_posts posts), else None. It is scored whole; the post split is the main corpus' alone."""
+    if cfg.test_shift_dir is not None:
+        return load_corpus(cfg.test_shift_dir, include_special_case=cfg.include_special_case,
+                           fuzzy_threshold=cfg.fuzzy_threshold)
+    if cfg.data_dir is None and cfg.demo_shift_posts > 0:
+        return load_corpus(None, demo_posts=cfg.demo_shift_posts, demo_seed=cfg.demo_seed, demo_part="shift",
+                           include_special_case=cfg.include_special_case, fuzzy_threshold=cfg.fuzzy_threshold)
+    return None
+
+
+def load_corpus(data_dir=None, *, demo_posts=1000, demo_seed=0, demo_part="main", include_special_case=False,
                 fuzzy_threshold=0.3) -> Corpus:
-    """Load and validate a ReDSM5 folder (or generate the demo corpus); log one report."""
+    """Load and validate a ReDSM5 folder (or generate the demo corpus, or its shifted part); log one report."""
     if data_dir is None:
-        post_rows, ann_rows = make_demo(demo_posts, demo_seed)
-        source, bad_bytes = f"demo corpus (synthetic, {demo_posts} posts, seed {demo_seed})", 0
+        post_rows, ann_rows = make_demo(demo_posts, demo_seed, demo_part)
+        phrasing = ", held-out phrasing" if demo_part == "shift" else ""
+        source, bad_bytes = f"demo corpus (synthetic{phrasing}, {demo_posts} posts, seed {demo_seed})", 0
     else:
         posts_path, ann_path = find_files(data_dir)
         post_rows, bad_posts = read_csv(posts_path, POST_COLUMNS)
@@ -494,7 +507,7 @@ def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
         if "token_type_ids" in enc:
             f["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
         if windows:
-            f["offsets"], ctx = _text_offsets(enc, i, 1, ex["post_id"], ex["text"] if spaced else None)
+            f["offsets"], ctx = _text_offsets(enc, i, 1, ex.get("post_id", "?"), ex["text"] if spaced else None)
             f["starts"], f["ends"] = gold_tokens(f["offsets"], ctx, ex["spans"])
             f["tags"] = tag_tokens(f["offsets"], ex["spans"])
             f["start"], f["end"] = f["starts"][0], f["ends"][0]  # the first gold span (transformers' Trainer rows)
@@ -666,13 +679,18 @@ def main(argv=None):
     parser.add_argument("--make_demo", metavar="DIR", help="write the synthetic demo corpus to DIR")
     parser.add_argument("--n_posts", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shift_posts", type=int, default=200,
+                        help="--make_demo: posts of the shifted corpus (held-out phrasing) in DIR/shift/; 0 = none")
     parser.add_argument("--data_dir", help="print the load report of this ReDSM5 folder")
     parser.add_argument("--fuzzy_threshold", type=float, default=0.3)
     args = parser.parse_args(argv)
     setup_logging(True)
     if args.make_demo:
-        write_demo(args.make_demo, args.n_posts, args.seed)
+        write_demo(args.make_demo, args.n_posts, args.seed, args.shift_posts)
         log.info("wrote %d synthetic posts to %s", args.n_posts, args.make_demo)
+        if args.shift_posts:
+            log.info("wrote %d shifted posts (held-out phrasing; use --test_shift_dir %s) to %s", args.shift_posts,
+                     Path(args.make_demo) / "shift", Path(args.make_demo) / "shift")
     else:
         corpus = load_corpus(args.data_dir, fuzzy_threshold=args.fuzzy_threshold)
         log.info("\n%s", format_report(corpus.report))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -492,9 +493,9 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
     metrics.update({f"single_span_{k}": v for k, v in sentence_set_metrics(gold_scored, [single[i] for i in scored])
                     .items() if k in ("sentence_f1", "set_exact_match")})
     several = [i for i in scored if len(gold_sets[i]) >= 2]  # the pairs one span cannot hold
-    for name, sets in (("multi", pred_sets), ("multi_single_span", single)):
-        m = sentence_set_metrics([gold_sets[i] for i in several], [sets[i] for i in several]) if several else {}
-        metrics.update({f"{name}_{k}": m.get(k, math.nan) for k in ("sentence_f1", "set_exact_match")})
+    for name, sets in (("multi", pred_sets), ("multi_single_span", single)) if several else ():
+        m = sentence_set_metrics([gold_sets[i] for i in several], [sets[i] for i in several])
+        metrics.update({f"{name}_{k}": m[k] for k in ("sentence_f1", "set_exact_match")})
     metrics["n_multi_sentence_pairs"] = len(several)
     metrics["sentence_threshold"] = thresholds["sentence_threshold"]
     for p, d, g, gs, chosen, t in zip(predictions, decoded, golds, gold_sets, pred_sets, texts):
@@ -606,7 +607,8 @@ def main(argv=None):
     parser = _Parser(prog="evaluate.py", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/best folder of a run")
     parser.add_argument("--data_dir", help="ReDSM5 folder (default: the one the checkpoint was trained on)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "test_shift"],
+                        help="test_shift: the shifted corpus of the run (demo held-out phrasing or test_shift_dir)")
     parser.add_argument("--predict", metavar="POSTS_CSV", help="predict on new posts (post_id,text) instead")
     parser.add_argument("--output", help="where to write the metrics JSON (or the predictions JSONL)")
     parser.add_argument("--batch_size", type=int, help="evaluation batch size (default: the run's)")
@@ -630,11 +632,8 @@ def main(argv=None):
             write_jsonl(predictions, output)
             log.info("wrote %d predictions to %s", len(predictions), output)
         return
-    data_dir = args.data_dir if args.data_dir is not None else cfg.data_dir
-    corpus = data.load_corpus_from_config(cfg, data_dir)
-    log.info("\n%s", data.format_report(corpus.report))
-    splits = data.load_splits(checkpoint / "splits.json", corpus)
-    examples = task.examples(corpus, splits[args.split], cfg)
+    corpus, post_ids = split_posts_of(cfg, checkpoint, args.split, args.data_dir)
+    examples = task.examples(corpus, post_ids, cfg)
     if not examples:
         raise UserError(f"split '{args.split}' has no examples for task {cfg.task}")
     features = featurize(cfg, tokenizer, examples)
@@ -652,6 +651,22 @@ def main(argv=None):
 def saved_thresholds(extra: dict) -> dict:
     """The thresholds tuned on validation, from a checkpoint's checkpoint.json."""
     return dict(extra.get("thresholds") or {})
+
+
+def split_posts_of(cfg, checkpoint: Path, split: str, data_dir=None) -> tuple:
+    """(corpus, post ids) of a split of the run: from its saved splits.json, or test_shift: every post of
+    its shifted corpus (--data_dir then names that corpus)."""
+    if split == "test_shift":
+        shift_cfg = cfg if data_dir is None else dataclasses.replace(cfg, test_shift_dir=data_dir)
+        corpus = data.load_shift_corpus(shift_cfg)
+        if corpus is None:
+            raise UserError("--split test_shift: this run has no shifted test set (no test_shift_dir, and not the "
+                            "demo with demo_shift_posts > 0); give it as --data_dir")
+        log.info("\n%s", data.format_report(corpus.report))
+        return corpus, sorted(corpus.posts)
+    corpus = data.load_corpus_from_config(cfg, data_dir if data_dir is not None else cfg.data_dir)
+    log.info("\n%s", data.format_report(corpus.report))
+    return corpus, data.load_splits(checkpoint / "splits.json", corpus)[split]
 
 
 def record_lines(path: Path) -> list[int]:

@@ -16,7 +16,9 @@ them as independent, a lower bound) and, with k >= 2 folds, the corrected resamp
 allows for the training posts the runs share (Nadeau & Bengio 2003), the majority class,
 a bag-of-words logistic regression and (span tasks) the first sentence of the post on the same folds,
 and a per-criterion table; and PNGs of the confusion matrix, PR and ROC curves, training curves and
-per-criterion scores (drawn by plots.py; also in each run's folder, and logged to MLflow).
+per-criterion scores (drawn by plots.py; also in each run's folder, and logged to MLflow). Where there is
+a shifted test set (the demo's held-out phrasing, or --test_shift_dir), every run's model and every
+fold's baselines are scored on it too: summary_test_shift in summary.json, a second table in summary.md.
 """
 from __future__ import annotations
 
@@ -217,32 +219,35 @@ def first_sentence(text: str) -> str:
     return text[spans[0][0] : spans[0][1]] if spans else ""
 
 
-def fold_baselines(corpus: data.Corpus, split: dict, cfg: Config) -> dict:
-    """Test metrics (and test rows, for the per-criterion table) of the baselines on one fold."""
+def fold_baselines(corpus: data.Corpus, split: dict, cfg: Config, shift_ex: list[dict] | None = None) -> dict:
+    """Test metrics (and test rows, for the per-criterion table) of the baselines on one fold; with `shift_ex`,
+    their metrics on the shifted test set too ("shift_metrics"), fit and thresholded the same way."""
     task = TASKS[cfg.task]
     train_ex, val_ex, test_ex = (task.examples(corpus, split[s], cfg) for s in ("train", "val", "test"))
-    labels, criteria = [e["label"] for e in test_ex], [e["criterion"] for e in test_ex]
-    out = {"metrics": {}, "rows": {}}
+    out = {"metrics": {}, "rows": {}, "shift_metrics": {}}
     if task.classify:
         rate = float(np.mean([e["label"] for e in train_ex]))  # P(1) of every example: the majority class at 0.5
-        out["metrics"]["majority class"] = classification_metrics(labels, np.full(len(test_ex), rate), criteria)
-        val_p, test_p = bow_probs(train_ex, val_ex, test_ex)
+        val_p, test_p, shift_p = bow_probs(train_ex, val_ex, test_ex, shift_ex or [])
         threshold = choose_threshold([e["label"] for e in val_ex], val_p)
-        metrics = classification_metrics(labels, test_p, criteria)
-        metrics.update(with_threshold(labels, test_p, threshold))
-        out["metrics"]["bag-of-words LR"] = metrics
+        paper = val_thresholds(val_ex, val_p) if has_post_pairs(cfg) else None
+        for key, ex, probs in (("metrics", test_ex, test_p), ("shift_metrics", shift_ex, shift_p)):
+            if not ex:
+                continue
+            labels, criteria = [e["label"] for e in ex], [e["criterion"] for e in ex]
+            out[key]["majority class"] = classification_metrics(labels, np.full(len(ex), rate), criteria)
+            out[key]["bag-of-words LR"] = {**classification_metrics(labels, probs, criteria),
+                                           **with_threshold(labels, probs, threshold)}
+            if paper is not None:  # the paper's post x label matrix, scored as the model's is
+                out[key]["majority class"].update(post_level_metrics(ex, np.full(len(ex), rate), {}))
+                out[key]["bag-of-words LR"].update(post_level_metrics(ex, probs, paper))
         out["rows"]["bag-of-words LR"] = [{**e, "prob": p, "pred": int(p >= threshold)}
                                           for e, p in zip(test_ex, test_p)]
-        if has_post_pairs(cfg):  # the paper's post x label matrix, scored as the model's is
-            out["metrics"]["majority class"].update(post_level_metrics(test_ex, np.full(len(test_ex), rate), {}))
-            metrics.update(post_level_metrics(test_ex, test_p, val_thresholds(val_ex, val_p)))
     if task.spans:
-        golds = [[e["text"][s:t] for s, t in e["spans"]] for e in test_ex]
-        scored = [i for i, g in enumerate(golds) if g or not task.classify]
-        preds = [first_sentence(e["text"]) for e in test_ex]
-        out["metrics"]["first sentence"] = span_metrics([preds[i] for i in scored], [golds[i] for i in scored])
-        out["rows"]["first sentence"] = [{**e, "pred_text": p, "gold_texts": g}
-                                         for e, p, g in zip(test_ex, preds, golds)]
+        for key, ex in (("metrics", test_ex), ("shift_metrics", shift_ex)):
+            if ex:
+                out[key]["first sentence"], rows = first_sentence_baseline(ex, task.classify)
+                if key == "metrics":
+                    out["rows"]["first sentence"] = rows
     return out
 
 
@@ -252,6 +257,16 @@ def val_thresholds(val_ex: list[dict], val_p) -> dict:
         return {}
     _, gold, probs = post_label_matrix(val_ex, val_p)
     return {s: float(t) for s, t in zip(data.SYMPTOMS, tune_thresholds(gold, probs))}
+
+
+def first_sentence_baseline(examples: list[dict], classify: bool) -> tuple[dict, list[dict]]:
+    """(span metrics, rows) of predicting the post's first sentence; pairs without gold are scored only
+    where the task does not classify."""
+    golds = [[e["text"][s:t] for s, t in e["spans"]] for e in examples]
+    scored = [i for i, g in enumerate(golds) if g or not classify]
+    preds = [first_sentence(e["text"]) for e in examples]
+    metrics = span_metrics([preds[i] for i in scored], [golds[i] for i in scored])
+    return metrics, [{**e, "pred_text": p, "gold_texts": g} for e, p, g in zip(examples, preds, golds)]
 
 
 def with_threshold(labels, probs, threshold: float) -> dict:
@@ -269,17 +284,27 @@ def read_jsonl(path: Path) -> list[dict]:
 def run_artifacts(run_dir: Path, classify: bool) -> dict:
     """One finished run read back: scalar test metrics, test rows (with `pred` at the threshold chosen
     on validation), its training history and MLflow run id."""
-    metrics = {k: v for k, v in json.loads((run_dir / "metrics.json").read_text())["test"].items()
-               if isinstance(v, float)}
-    rows = read_jsonl(run_dir / "predictions.jsonl")
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    threshold = None
     if classify:
         val = read_jsonl(run_dir / "val_predictions.jsonl")
         threshold = choose_threshold([r["label"] for r in val], [r["prob"] for r in val])
+    metrics, rows = scored_split(saved["test"], run_dir / "predictions.jsonl", threshold)
+    shift = scored_split(saved["test_shift"], run_dir / "shift_predictions.jsonl", threshold)[0] \
+        if saved.get("test_shift") else None
+    run_stats = json.loads((run_dir / "run_stats.json").read_text())
+    return {"metrics": metrics, "shift_metrics": shift, "rows": rows, "mlflow_run_id": run_stats.get("mlflow_run_id"),
+            "history": json.loads((run_dir / "history.json").read_text())}
+
+
+def scored_split(saved: dict, predictions: Path, threshold: float | None) -> tuple[dict, list[dict]]:
+    """(scalar metrics, rows) of one scored split of a run; with a validation threshold (classifying), the
+    metrics at it are added and each row gets its `pred`."""
+    metrics, rows = {k: v for k, v in saved.items() if isinstance(v, float)}, read_jsonl(predictions)
+    if threshold is not None:
         metrics.update(with_threshold([r["label"] for r in rows], [r["prob"] for r in rows], threshold))
         rows = [{**r, "pred": int(r["prob"] >= threshold)} for r in rows]
-    run_stats = json.loads((run_dir / "run_stats.json").read_text())
-    return {"metrics": metrics, "rows": rows, "history": json.loads((run_dir / "history.json").read_text()),
-            "mlflow_run_id": run_stats.get("mlflow_run_id")}
+    return metrics, rows
 
 
 def _curve(name: str, rows: list[dict], **style) -> tuple:
@@ -316,30 +341,34 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
     parent_cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.task}-cv{k}x{len(seeds)}")
     with Tracker(parent_cfg, True) as parent:  # a run that raises ends the parent FAILED (KILLED on Ctrl-C)
         parent.log_params({"report.cv_folds": k, "report.seeds": " ".join(map(str, seeds))})
-        runs, baselines = train_folds(cfg, corpus, folds, seeds, parent)
+        shift = data.load_shift_corpus(cfg)  # one shifted test set, scored by every fold's model
+        shift_ex = TASKS[cfg.task].examples(shift, sorted(shift.posts), cfg) if shift is not None else None
+        runs, baselines = train_folds(cfg, corpus, folds, seeds, parent, shift_ex)
         result = summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command)
         pngs = summary_plots(result, runs, baselines, out_dir)
         (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
         (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
         if parent.enabled:
-            parent.log_metrics({f"{m}_{s}": v for m, d in result["summary"]["model"].items() for s, v in d.items()
-                                if s in ("mean", "std", "ci_low", "ci_high", "ci_corrected_low", "ci_corrected_high")
-                                and v is not None}, step=0)
+            for prefix, summary in (("", result["summary"]), ("test_shift_", result.get("summary_test_shift"))):
+                parent.log_metrics({f"{prefix}{m}_{s}": v for m, d in (summary or {}).get("model", {}).items()
+                                    for s, v in d.items() if v is not None and s in (
+                                        "mean", "std", "ci_low", "ci_high", "ci_corrected_low", "ci_corrected_high")},
+                                   step=0)
             for path in [out_dir / "summary.json", out_dir / "summary.md", *pngs]:
                 parent.log_artifact(path)
     log.info("wrote %s and %s", out_dir / "summary.md", out_dir / "summary.json")
     return result
 
 
-def train_folds(cfg: Config, corpus: data.Corpus, folds: list[dict], seeds: list[int],
-                parent: Tracker) -> tuple[list[dict], list[dict]]:
+def train_folds(cfg: Config, corpus: data.Corpus, folds: list[dict], seeds: list[int], parent: Tracker,
+                shift_ex: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
     """(runs, baselines): every fold x seed trained (or read back) in output_dir/fold{k}-seed{s}/ with its
-    plots, the MLflow runs nested under `parent`; the baselines of every fold."""
+    plots, the MLflow runs nested under `parent`; the baselines of every fold (also on `shift_ex`)."""
     out_dir, task = Path(cfg.output_dir), TASKS[cfg.task]
     runs, baselines = [], []
     for fold, split in enumerate(folds):
         (out_dir / "splits" / f"fold{fold}.json").write_text(json.dumps(split))
-        baselines.append(fold_baselines(corpus, split, cfg))
+        baselines.append(fold_baselines(corpus, split, cfg, shift_ex))
         for seed in seeds:
             name = f"fold{fold}-seed{seed}"
             run_cfg = dataclasses.replace(cfg, seed=seed, splits_file=str(out_dir / "splits" / f"fold{fold}.json"),
@@ -381,6 +410,11 @@ def summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command) -> dict
     summary = {"model": summarize_runs([r["metrics"] for r in runs], n_boot, ratio)}
     for name in baselines[0]["metrics"]:
         summary[name] = summarize_runs([b["metrics"][name] for b in baselines], n_boot)
+    shifted = None
+    if all(r["shift_metrics"] for r in runs):  # the same shifted set for every run: still their training overlaps
+        shifted = {"model": summarize_runs([r["shift_metrics"] for r in runs], n_boot, ratio)}
+        for name in baselines[0]["shift_metrics"]:
+            shifted[name] = summarize_runs([b["shift_metrics"][name] for b in baselines], n_boot)
     # per criterion: each seed's test rows pooled over the folds (every post scored once), then the mean over seeds
     by_seed = [[row for r in runs if r["seed"] == s for row in r["rows"]] for s in seeds]
     per_criterion = {"model": mean_tables([criterion_table(rows, task.classify, task.spans) for rows in by_seed])}
@@ -391,8 +425,9 @@ def summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command) -> dict
                  for n, mi, ma in PUBLISHED_BASELINES] if "paper_micro_f1" in summary["model"] else []
     return {"command": command, "task": cfg.task, "cv_folds": k, "seeds": seeds,
             "folds": [{s: len(f[s]) for s in ("train", "val", "test")} for f in folds],
-            "runs": [{key: r[key] for key in ("fold", "seed", "output_dir", "metrics")} for r in runs],
-            "summary": summary, "per_criterion": per_criterion, "published": published}
+            "runs": [{key: r[key] for key in ("fold", "seed", "output_dir", "metrics", "shift_metrics")} for r in runs],
+            "summary": summary, **({"summary_test_shift": shifted} if shifted else {}), "per_criterion": per_criterion,
+            "published": published}
 
 
 def summary_plots(result: dict, runs: list[dict], baselines: list[dict], out_dir: Path) -> list[Path]:
@@ -431,9 +466,19 @@ def _cell(d: dict | None, ci: bool = False, corrected: bool = False) -> str:
     return text
 
 
+def metric_table(summary: dict, corrected: bool) -> list[str]:
+    """Markdown rows: every metric of the model (mean ± std, intervals) beside the baselines (mean ± std)."""
+    baselines = [n for n in summary if n != "model"]
+    lines = ["| metric | model | 95% CI | " + ("corrected 95% CI | " if corrected else "") + " | ".join(baselines)
+             + " |", "|---|---|---|" + "---|" * (len(baselines) + corrected)]
+    for metric, d in summary["model"].items():
+        lines.append(f"| {metric} | {_cell(d, ci=True, corrected=corrected)} | "
+                     + " | ".join(_cell(summary[b].get(metric)) for b in baselines) + " |")
+    return lines
+
+
 def summary_markdown(result: dict, pngs: list[str]) -> str:
     summary, k, seeds = result["summary"], result["cv_folds"], result["seeds"]
-    baselines = [n for n in summary if n != "model"]
     design = f"{k}-fold cross-validation (grouped by post, stratified)" if k > 1 else "one train/val/test split"
     corrected = k > 1
     lines = [f"# {result['task']}: {design} x {len(seeds)} seed(s)", "", f"`{result['command']}`", "",
@@ -447,11 +492,14 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
              + (" Classification metrics at threshold 0.5 unless "
              "`_at_val_threshold` (chosen per run for the best macro F1 on its validation posts)."
              if "val_threshold" in summary["model"] else "") + " Baselines on the same test folds: mean ± std over "
-             "the folds.", "", "| metric | model | 95% CI | " + ("corrected 95% CI | " if corrected else "")
-             + " | ".join(baselines) + " |", "|---|---|---|" + "---|" * (len(baselines) + corrected)]
-    for metric, d in summary["model"].items():
-        lines.append(f"| {metric} | {_cell(d, ci=True, corrected=corrected)} | "
-                     + " | ".join(_cell(summary[b].get(metric)) for b in baselines) + " |")
+             "the folds.", ""] + metric_table(summary, corrected)
+    shifted = result.get("summary_test_shift")
+    if shifted:
+        lines += ["", "## Shifted test set (test_shift)", "",
+                  "Every run's best checkpoint (thresholds from its own validation posts) and the baselines of every "
+                  "fold on one separate corpus written with phrasing that no training post uses (the demo's held-out "
+                  "phrase items, or `--test_shift_dir`). The set is the same for all runs, so the intervals are "
+                  "over training variation only.", ""] + metric_table(shifted, corrected)
     thresholded = "val_threshold" in summary["model"]
     at_threshold = ", classified at each run's validation-chosen threshold" if thresholded else ""
     lines += ["", "## Per criterion", "",
@@ -459,7 +507,19 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
               + at_threshold
               + "; the mean over seeds (± std over seeds). n = examples, support = positive examples, pairs = "
               "(criterion, post) pairs whose spans are scored.", ""]
-    pc = result["per_criterion"]
+    lines += criterion_markdown(result["per_criterion"])
+    lines += paper_table(summary, result.get("published", []))
+    lines += ["", "## Runs", "", "| run | " + " | ".join(list(summary["model"])[:6]) + " |",
+              "|---|" + "---:|" * len(list(summary["model"])[:6])]
+    for r in result["runs"]:
+        lines.append(f"| fold{r['fold']}-seed{r['seed']} | " + " | ".join(
+            f"{r['metrics'].get(m, float('nan')):.3f}" for m in list(summary["model"])[:6]) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
+    return "\n".join(lines) + "\n"
+
+
+def criterion_markdown(pc: dict) -> list[str]:
+    """The per-criterion table: the model's pooled test predictions beside the baselines'."""
     model = pc["model"]
     cls, spans = "f1" in model["all"], "span_f1" in model["all"]
     head, rule = ["criterion", "n"], ["---", "---:"]
@@ -469,7 +529,7 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
     if spans:
         head += ["pairs", "exact match", "span F1", "first-sentence span F1"]
         rule += ["---:"] * 4
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
     for c, m in model.items():
         cells = [c, f"{m['n']:.0f}"]
         if cls:
@@ -482,14 +542,7 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
                       f"{m.get('span_f1', float('nan')):.3f} ± {m.get('span_f1_std', float('nan')):.3f}",
                       f"{first['span_f1']:.3f}" if first.get("span_f1") is not None else "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += paper_table(summary, result.get("published", []))
-    lines += ["", "## Runs", "", "| run | " + " | ".join(list(summary["model"])[:6]) + " |",
-              "|---|" + "---:|" * len(list(summary["model"])[:6])]
-    for r in result["runs"]:
-        lines.append(f"| fold{r['fold']}-seed{r['seed']} | " + " | ".join(
-            f"{r['metrics'].get(m, float('nan')):.3f}" for m in list(summary["model"])[:6]) + " |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def paper_table(summary: dict, published: list[dict]) -> list[str]:

@@ -6,8 +6,9 @@
     python train.py --config configs/optimized.yaml --data_dir path/to/redsm5 --model bert-base-uncased
     python train.py --output_dir outputs/run --resume      # continue a killed run from checkpoints/last
 
-A run writes to output_dir: config.yaml, splits.json, metrics.json ({"val", "test"}),
-predictions.jsonl (and val_predictions.jsonl), history.json (loss and lr per logged step, validation
+A run writes to output_dir: config.yaml, splits.json, metrics.json ({"val", "test"} and "test_shift"
+when there is a shifted test set: the demo's held-out phrasing, or --test_shift_dir), predictions.jsonl
+(and val_predictions.jsonl, shift_predictions.jsonl), history.json (loss and lr per logged step, validation
 metric per epoch), run_stats.json (timings, MLflow run id), checkpoints/best (what evaluate.py loads),
 checkpoints/last (for --resume), and one MLflow run (params, loss and lr per step, validation metrics
 per epoch, artifacts).
@@ -61,8 +62,9 @@ log = logging.getLogger("redsm5")
 DataKey = namedtuple("DataKey", ["task", "data_dir", "demo_posts", "demo_seed", "unit", "include_negatives",
                                  "include_special_case", "fuzzy_threshold", "val_ratio", "test_ratio", "splits_file",
                                  "seed", "model", "trust_remote_code", "tiny_vocab", "max_length", "doc_stride",
-                                 "encoding"])
-PreparedData = namedtuple("PreparedData", ["splits", "tokenizer", "features", "report"])  # features: {split: (ex, f)}
+                                 "encoding", "demo_shift_posts", "test_shift_dir"])
+# features: {split: (examples, features)} for train, val, test and, when there is one, test_shift
+PreparedData = namedtuple("PreparedData", ["splits", "tokenizer", "features", "report"])
 _DATA_CACHE: dict[DataKey, PreparedData] = {}  # reused by every HPO trial in this process
 
 
@@ -85,6 +87,11 @@ def prepare_data(cfg: Config, output_dir: Path | None = None) -> PreparedData:
         splits = data.split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
     task = TASKS[cfg.task]
     examples = {name: task.examples(corpus, ids, cfg) for name, ids in splits.items()}
+    report, shift = corpus.report, data.load_shift_corpus(cfg)
+    if shift is not None:  # a separate corpus, scored whole; its features are built like test's
+        log.info("test_shift:\n%s", data.format_report(shift.report))
+        examples["test_shift"] = task.examples(shift, sorted(shift.posts), cfg)
+        report = {**report, "test_shift": shift.report}
     if task.spans:
         log.info("evidence spans usable after alignment (all splits): %s",
                  data.span_usability(corpus, list(corpus.posts)))
@@ -103,7 +110,7 @@ def prepare_data(cfg: Config, output_dir: Path | None = None) -> PreparedData:
         tokenizer = build_tokenizer(cfg, sorted(train_texts))
     features = {name: (ex, featurize(cfg, tokenizer, ex)) for name, ex in examples.items()}
     _DATA_CACHE.clear()  # one setting at a time: features of big corpora are large
-    _DATA_CACHE[key] = PreparedData(splits, tokenizer, features, corpus.report)
+    _DATA_CACHE[key] = PreparedData(splits, tokenizer, features, report)
     return _DATA_CACHE[key]
 
 
@@ -342,11 +349,16 @@ def record_validation(state: LoopState, epoch: int, metric_name: str, metrics: d
 
 # --------------------------------------------------------------------------- test and outputs
 
+PREDICTION_FILES = {"val": "val_predictions.jsonl", "test": "predictions.jsonl",
+                    "test_shift": "shift_predictions.jsonl"}
+
+
 def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict, out_dir: Path) -> dict:
-    """Metrics of the best checkpoint on val and test; predictions written as JSONL."""
+    """Metrics of the best checkpoint on val, test and (when there is one) test_shift, all with the thresholds
+    tuned on val; predictions written as JSONL."""
     results = {"val": None, "test": None}
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
-    for name in ("val", "test"):
+    for name in [n for n in PREDICTION_FILES if n in prepared.features]:
         examples, feats = prepared.features[name]
         if not examples:
             continue
@@ -355,7 +367,7 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
         metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds)
         results[name] = metrics
         if accelerator.is_main_process:  # validation predictions too: report.py chooses its decision threshold on them
-            write_jsonl(predictions, out_dir / ("predictions.jsonl" if name == "test" else "val_predictions.jsonl"))
+            write_jsonl(predictions, out_dir / PREDICTION_FILES[name])
     return results
 
 
@@ -363,15 +375,16 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, m
                   tracker: Tracker) -> None:
     """metrics.json, run_stats.json, history.json; the test metrics and files to MLflow. Main process only."""
     # metrics.json holds only what the model scored, so reruns can be compared bit for bit; timings go beside it.
-    (out_dir / "metrics.json").write_text(dumps({"val": results["val"], "test": results["test"]}, indent=2))
+    scored = [n for n in PREDICTION_FILES if n in ("val", "test") or results.get(n)]  # test_shift when there is one
+    (out_dir / "metrics.json").write_text(dumps({n: results[n] for n in scored}, indent=2))
     (out_dir / "run_stats.json").write_text(json.dumps({**results["train"], "system": system_info()}, indent=2))
     history = {"metric": metric_name, "val": state.history,  # training curves, also without MLflow
                "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.curve]}
     (out_dir / "history.json").write_text(json.dumps(history))
-    for name in ("val", "test"):
+    for name in scored:
         if results[name]:
             log.info("%s %s (best checkpoint):\n%s", cfg.task, name, format_metrics(results[name]))
-            prefix = "test_" if name == "test" else "best_val_"
+            prefix = "best_val_" if name == "val" else name + "_"
             tracker.log_metrics({prefix + k: v for k, v in results[name].items() if k != "per_criterion_f1"},
                                 step=state.global_step)
     for f in ("config.yaml", "metrics.json", "run_stats.json", "splits.json"):

@@ -46,6 +46,8 @@ class Config:
     val_ratio: float = 0.1  # post-level split fractions; train gets the rest
     test_ratio: float = 0.1
     splits_file: str | None = None  # reuse the post split of an earlier run (its splits.json)
+    demo_shift_posts: int = 200  # demo: posts of the shifted test set (held-out phrasing) scored as test_shift; 0: none
+    test_shift_dir: str | None = None  # a second ReDSM5 folder scored as test_shift (replaces the demo's shift set)
     # --- model
     model: str = "tiny"  # "tiny" (built offline), "minilm" (pip package, models.SHORT_NAMES), a hub name or local dir
     # tiny encoder: ModernBERT (rotary positions, local+global attention) or BERT (learned absolute positions)

@@ -35,7 +35,8 @@ def assert_one_line_error(code, err, *needles, only_line=False):
 
 
 QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads", "1",
-         "--tiny_vocab", "300", "--max_length", "96", "--doc_stride", "16", "--batch_size", "8"]
+         "--tiny_vocab", "300", "--max_length", "96", "--doc_stride", "16", "--batch_size", "8",
+         "--demo_shift_posts", "10"]
 
 
 # --------------------------------------------------------------------------- flags and config files (train.py)
@@ -314,7 +315,9 @@ def run_script(*argv, cwd):
 def test_make_demo_script_writes_a_corpus_that_loads_cleanly(tmp_path):
     proc = run_script("data.py", "--make_demo", tmp_path / "demo", "--n_posts", 60, "--seed", 5, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["annotations.csv", "posts.csv"]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["annotations.csv", "posts.csv", "shift"]
+    shift = data.load_corpus(tmp_path / "demo" / "shift")  # the held-out phrasing, 200 posts by default
+    assert shift.report["posts_kept"] == 200 and shift.report["dropped"] == {} and min(shift.posts) == "shift_00000"
     corpus = data.load_corpus(tmp_path / "demo")
     rep = corpus.report
     posts, anns = data.make_demo(60, 5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import P_DUP, P_LATIN, P_MAIN, P_NL, write_corpus, write_quirky
 
 import data
+import demo
 from utils import UserError
 
 QUIRKY_DROPPED = {
@@ -241,8 +243,80 @@ def test_make_demo_is_deterministic_and_self_consistent():
     with_symptom = {a["post_id"] for a in anns if a["status"] == 1}
     assert 0.15 < 1 - len(with_symptom) / 300 < 0.35  # about a quarter of posts have no symptom
     assert any(a["status"] == 0 for a in anns)  # hard negatives exist
+    shift_posts, shift_anns = data.make_demo(300, seed=3, part="shift")
+    assert (shift_posts, shift_anns) == data.make_demo(300, seed=3, part="shift") and shift_posts != posts
+    shift_text = {p["post_id"]: p["text"] for p in shift_posts}
+    assert all(shift_text[a["post_id"]].count(a["sentence_text"]) == 1 for a in shift_anns)
     corpus = data.build_corpus(posts, [{k: str(v) for k, v in a.items()} for a in anns])
     assert corpus.report["dropped"] == {} and corpus.report["alignment"]["exact"] == len(anns)
+
+
+def _forms(entries) -> set[str]:
+    """Every written form of some cores or denials: present, past, and the third person after its subject."""
+    out = set()
+    for entry in entries:
+        for present, third, past in entry:
+            tail = third.split("{who}", 1)[1]
+            out |= {present.lower(), past.lower()} | {tail.format(**f).lower() for f in demo.PRONOUNS.values()}
+    return out
+
+
+def test_held_out_phrasing_never_in_main_corpus_and_only_it_in_shift():
+    main, shift = demo.pieces("main"), demo.pieces("shift")
+    main_text = "\n".join(p["text"] for p in data.make_demo(1000, 0)[0]).lower()
+    for sym, s in shift["symptoms"].items():
+        held = [c.lower() for entry in s["cores"] + s["denials"] for c, _, _ in entry]
+        held += [t.lower() for t in s["topics"]]
+        assert len(s["cores"]) == 3 and held, sym  # every 4th of 12 cores
+        leaked = [h for h in held if h in main_text]
+        assert not leaked, (sym, leaked)
+    assert not [r for r, _ in shift["relatives"] if r in main_text]  # "my dad", "my coworker"
+    posts, anns = data.make_demo(300, 0, "shift")
+    assert {p["post_id"][:6] for p in posts} == {"shift_"}
+    for a in anns:  # every annotated sentence is written from held-out pieces of its symptom only
+        s, text = shift["symptoms"][a["DSM5_symptom"]], a["sentence_text"].lower()
+        assert any(f in text for f in _forms(s["cores"] + s["denials"]) | {t.lower() for t in s["topics"]}), a
+        m = main["symptoms"][a["DSM5_symptom"]]
+        assert not any(c.lower() in text for entry in m["cores"] + m["denials"] for c, _, _ in entry), a
+    assert not set(demo.split_part(["", "a", "b", "c", "d"], "main")) & set(demo.split_part(["a", "b", "c", "d"],
+                                                                                              "shift"))
+
+
+def test_demo_hard_negatives_of_every_kind():
+    pc = demo.pieces("main")
+    posts, anns = data.make_demo(1000, 0)
+    why = Counter(a["explanation"] for a in anns if a["status"] == 0)
+    denial_why = {w for s in pc["symptoms"].values() for w in s["negative_explanations"]}
+    counts = {kind: why[text] for kind, text in pc["kind_explanations"].items()}
+    counts["denial"] = sum(n for w, n in why.items() if w in denial_why)
+    assert set(counts) == {"negation", "other_person", "past", "topic", "denial"}
+    assert min(counts.values()) > 50, counts
+    shown = {(a["post_id"], a["DSM5_symptom"]) for a in anns if a["status"] == 1}
+    assert not any((a["post_id"], a["DSM5_symptom"]) in shown for a in anns if a["status"] == 0)  # labels stay clean
+    pairs = Counter((a["post_id"], a["DSM5_symptom"]) for a in anns if a["status"] == 1)
+    assert 0.10 < sum(n >= 2 for n in pairs.values()) / len(pairs) < 0.20  # ~15% with two evidence sentences
+    # the same words on both sides: no opener, tail or frame word occurs in one label only
+    first = Counter((a["sentence_text"].split()[0], a["status"]) for a in anns)
+    assert first[("Honestly,", 1)] > 20 and first[("Honestly,", 0)] > 10
+
+
+def test_demo_third_person_and_past_forms():
+    assert demo.conjugate("I can't sleep because I'm tired", "third") == "{who} can't sleep because {he}'s tired"
+    assert demo.conjugate("I cry until I fall asleep", "third") == "{who} cries until {he} falls asleep"
+    assert demo.conjugate("I barely eat at my desk", "third") == "{who} barely eats at {his} desk"
+    assert demo.conjugate("I keep blaming myself", "past") == "I kept blaming myself"
+    assert demo.conjugate("I'm tired and I carry it", "past") == "I was tired and I carried it"
+    assert demo.expand("I (can't|cannot) sleep (now|)") == ["I can't sleep now", "I can't sleep ", "I cannot sleep now",
+                                                           "I cannot sleep "]
+
+
+def test_write_demo_same_seed_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        demo.write_demo(tmp_path / name, 200, 7, shift_posts=50)
+    for f in ("posts.csv", "annotations.csv", "shift/posts.csv", "shift/annotations.csv"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    demo.write_demo(tmp_path / "c", 200, 8, shift_posts=50)
+    assert (tmp_path / "c/shift/posts.csv").read_bytes() != (tmp_path / "a/shift/posts.csv").read_bytes()
 
 
 def test_demo_has_evidence_past_512_tokens(demo_corpus):
@@ -282,20 +356,24 @@ def test_length_grouped_batches():
 def test_collate_pads_each_batch_to_its_longest():
     f1 = {"idx": 4, "input_ids": np.array([2, 10, 3], dtype=np.int32),
           "token_type_ids": np.array([0, 0, 0], dtype=np.int8),
-          "label": 1, "offsets": np.array([[-1, -1], [0, 5], [-1, -1]], dtype=np.int32), "start": 1, "end": 1}
+          "label": 1, "offsets": np.array([[-1, -1], [0, 5], [-1, -1]], dtype=np.int32), "starts": [1], "ends": [1],
+          "tags": [1]}
     f2 = {"idx": 9, "input_ids": np.array([2, 11, 3, 12, 3], dtype=np.int32),
           "token_type_ids": np.array([0, 0, 0, 1, 1], dtype=np.int8), "label": 0,
-          "offsets": np.array([[-1, -1], [-1, -1], [-1, -1], [0, 4], [-1, -1]], dtype=np.int32), "start": 0, "end": 0}
+          "offsets": np.array([[-1, -1], [-1, -1], [-1, -1], [0, 4], [-1, -1]], dtype=np.int32), "starts": [0],
+          "ends": [0], "tags": []}
     batch = data.collate([f1, f2], pad_id=7)
     assert batch["input_ids"].tolist() == [[2, 10, 3, 7, 7], [2, 11, 3, 12, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]
     assert batch["context_mask"].tolist() == [[False, True, False, False, False], [False, False, False, True, False]]
     assert batch["labels"].tolist() == [1, 0] and batch["feature_idx"].tolist() == [4, 9]
-    assert batch["start_positions"].tolist() == [1, 0] and batch["end_positions"].tolist() == [1, 0]
+    one_hot = [[False, True, False, False, False], [True, False, False, False, False]]  # gold 1, and the null 0
+    assert batch["start_targets"].tolist() == one_hot and batch["end_targets"].tolist() == one_hot
+    assert batch["tag_targets"].tolist() == [[False, True, False, False, False], [False] * 5]
     assert batch["input_ids"].dtype == torch.long
     narrow = data.collate([f1], pad_id=7)  # a batch of short features stays short
-    assert narrow["input_ids"].shape == (1, 3) and "start_positions" in narrow
+    assert narrow["input_ids"].shape == (1, 3) and narrow["start_targets"].shape == (1, 3)
 
 
 def test_featurize_sentence_unit_truncates_text(tiny_tokenizer):

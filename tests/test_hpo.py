@@ -16,7 +16,8 @@ from utils import Config, UserError, load_yaml_config, parse_config
 ROOT = Path(__file__).resolve().parents[1]
 # A study small enough for a test: ~130 training sentences, 4 optimizer steps a trial.
 TINY = ["--task", "criteria", "--demo_posts", "80", "--tiny_hidden", "32", "--tiny_layers", "1", "--tiny_vocab", "600",
-        "--max_steps", "4", "--epochs", "1", "--eval_batch_size", "64", "--threads", "1", "--mlflow", "false"]
+        "--max_steps", "4", "--epochs", "1", "--eval_batch_size", "64", "--threads", "1", "--mlflow", "false",
+        "--demo_shift_posts", "10"]
 SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "dropout": {"low": 0.0, "high": 0.3},
          "batch_size": [8, 16], "scheduler": ["linear", "cosine", "constant"]}
 

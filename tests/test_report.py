@@ -11,7 +11,7 @@ import report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--task", "criteria", "--demo_posts", "60", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads", "1",
         "--tiny_vocab", "300", "--max_length", "64", "--doc_stride", "16", "--batch_size", "16", "--max_steps", "2",
-        "--epochs", "1", "--log_every", "1", "--threads", "1"]
+        "--epochs", "1", "--log_every", "1", "--threads", "1", "--demo_shift_posts", "20"]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -192,7 +192,7 @@ def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
     md = (out / "summary.md").read_text()
     assert md.startswith("# criteria: 2-fold cross-validation (grouped by post, stratified) x 1 seed(s)")
     assert "| metric | model | 95% CI | corrected 95% CI | majority class | bag-of-words LR |" in md
-    assert sum(line.startswith("| f1_macro | ") for line in md.splitlines()) == 1
+    assert sum(line.startswith("| f1_macro | ") for line in md.splitlines()) == 2  # test, test_shift
     assert "| f1_macro_at_val_threshold |" in md
     assert "| FATIGUE |" in md and "| all |" in md and "| fold1-seed1 |" in md
     result = report.json.loads((out / "summary.json").read_text())
@@ -215,6 +215,11 @@ def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == ["criteria-fold0-seed1", "criteria-fold1-seed1"]
     assert parent.data.metrics["f1_macro_mean"] == pytest.approx(np.mean(f1))
+    shift_f1 = [r["shift_metrics"]["f1_macro"] for r in result["runs"]]  # each fold's model on the one shifted set
+    assert result["summary_test_shift"]["model"]["f1_macro"]["mean"] == pytest.approx(np.mean(shift_f1))
+    assert set(result["summary_test_shift"]) == {"model", "majority class", "bag-of-words LR"}
+    assert "## Shifted test set (test_shift)" in md and parent.data.metrics["test_shift_f1_macro_mean"] == \
+        pytest.approx(np.mean(shift_f1))
     assert {"summary.md", "summary.json", "pr_roc.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"plots/confusion.png", "plots/training.png"} <= {
         a.path for a in client.list_artifacts(children[0].info.run_id, "plots")}

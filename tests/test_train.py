@@ -15,7 +15,7 @@ from utils import UserError, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(demo_posts=150, tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_vocab=1000, max_length=96,
-             doc_stride=24, batch_size=16, eval_batch_size=32, mlflow=False, log_every=5, lr=2e-3)
+             doc_stride=24, batch_size=16, eval_batch_size=32, mlflow=False, log_every=5, lr=2e-3, demo_shift_posts=30)
 
 
 def run(tmp_path, name, **overrides):
@@ -38,10 +38,17 @@ def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task, option
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"]) and not set(splits["val"]) & set(splits["test"])
     saved = json.loads((out / "metrics.json").read_text())
-    assert results["train"]["steps"] == 6 and set(saved) == {"val", "test"}
+    assert results["train"]["steps"] == 6 and set(saved) == {"val", "test", "test_shift"}
+    assert list(saved["test_shift"]) == list(saved["test"])  # the shifted set is scored with the same metrics
     evaluate.main(["--checkpoint", str(out / "checkpoints/best"), "--output", str(tmp_path / "eval.json")])
     again = json.loads((tmp_path / "eval.json").read_text())["test"]
     assert again == saved["test"]  # bit for bit: same weights, same batches, same decoding
+    if task == "evidence":  # the shifted set too, with the null threshold tuned on val
+        evaluate.main(["--checkpoint", str(out / "checkpoints/best"), "--split", "test_shift",
+                       "--output", str(tmp_path / "shift.json")])
+        assert json.loads((tmp_path / "shift.json").read_text())["test_shift"] == saved["test_shift"]
+        shift_rows = (out / "shift_predictions.jsonl").read_text().splitlines()
+        assert len(shift_rows) == saved["test_shift"].get("n", saved["test_shift"].get("n_pairs"))
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == saved["test"].get("n", saved["test"].get("n_pairs"))
     if task == "joint":
@@ -73,7 +80,9 @@ def test_post_unit_run_has_the_paper_metrics_at_validation_thresholds(tmp_path):
 
 def test_criteria_learns_on_demo(tmp_path):
     _, results = run(tmp_path, "learn", demo_posts=300, epochs=3, tiny_hidden=64)
-    assert results["test"]["f1_macro"] > 0.8  # hard negatives vs evidence: far above the majority class
+    # hard negatives vs evidence, where frame and core words occur on both sides: far above the majority class
+    # (f1_macro ~0.4); 0.72 measured (the default 1,000-post run reaches ~0.9)
+    assert results["test"]["f1_macro"] > 0.65
 
 
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
