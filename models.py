@@ -290,13 +290,17 @@ def card_front_matter(cfg: Config) -> str:
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
 
 
+def card_number(v) -> str:
+    return "–" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 def card_metrics(metrics: dict) -> list[str]:
     """Markdown tables: the main metrics of val and test, then the test (else val) F1 per criterion."""
     splits = [name for name in ("val", "test") if metrics.get(name)]
     rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     for key in (k for k in CARD_METRICS if any(k in metrics[name] for name in splits)):
         cells = [metrics[name].get(key) for name in splits]
-        rows.append(f"| {key} | " + " | ".join("–" if v is None or v != v else f"{v:.4g}" for v in cells) + " |")
+        rows.append(f"| {key} | " + " | ".join(card_number(v) for v in cells) + " |")
     per = (metrics.get("test") or metrics.get("val") or {}).get("per_criterion_f1")
     if per:
         rows += ["", f"F1 per criterion ({'test' if metrics.get('test') else 'val'}):", "",
@@ -307,7 +311,7 @@ def card_metrics(metrics: dict) -> list[str]:
 def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
     """README.md of a checkpoint: task, encoder, data, split, metrics, how to load it, the data-access note,
     intended use and limits. `metrics`: {"val": ..., "test": ...}; test is filled in once the run has tested."""
-    encoder = (f"`tiny`: a {cfg.tiny_arch} encoder ({cfg.tiny_layers} layers, width {cfg.tiny_hidden}) trained "
+    encoder = (f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained "
                "from scratch" if cfg.model == "tiny" else f"`{cfg.model}`, fine-tuned")
     data_text = (f"ReDSM5, from `{cfg.data_dir}`" if cfg.data_dir is not None else
                  f"synthetic demo corpus ({cfg.demo_posts} posts, seed {cfg.demo_seed}): generated, not real posts")

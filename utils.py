@@ -467,6 +467,7 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import ("Creating tables...")
         uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         mlflow.set_tracking_uri(uri)
         try:
@@ -480,7 +481,8 @@ class Tracker:
             exp = self.client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
             tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}",
-                    "mlflow.note.content": f"`{shlex.join(sys.argv)}`"}  # the run's description: its command
+                    "mlflow.note.content": f"`{shlex.join(sys.argv)}`",  # the run's description: its command
+                    "mlflow.source.name": Path(sys.argv[0]).name, "mlflow.source.type": "LOCAL"}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             run_id = self.client.create_run(exp_id, tags=tags).info.run_id

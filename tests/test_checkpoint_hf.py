@@ -111,6 +111,8 @@ def test_model_card(trained):
     assert 'AutoModel.from_pretrained("checkpoints/best/encoder")' in body and "evaluate.py --checkpoint" in body
     test = json.loads((out / "metrics.json").read_text())["test"]
     assert f"| f1_macro | {results['val']['f1_macro']:.4f} | {test['f1_macro']:.4f} |" in body
+    assert f"| n | {results['val']['n']} | {test['n']} |" in body
+    assert f"| {next(iter(test['per_criterion_f1']))} | {next(iter(test['per_criterion_f1'].values())):.4f} |" in body
     splits = json.loads((out / "splits.json").read_text())
     assert f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test posts" in body
     n_params = sum(p.numel() for p in models.load_checkpoint(out / "checkpoints" / "best")[0].encoder.parameters())
@@ -135,6 +137,7 @@ def test_mlflow_run_has_the_dataset_per_criterion_metrics_and_description(traine
     assert [metrics[f"test_cm_{c}"] for c in ("tn", "fp", "fn", "tp")] == [tn, fp, fn, tp] and tn + fp + fn + tp > 0
     assert set(test["per_criterion_f1"]) <= {k[len("val_f1_"):] for k in metrics if k.startswith("val_f1_")}
     assert run.data.tags["mlflow.note.content"] == f"`{shlex.join(ARGV)}`"  # "`train.py ... 'two words' ...`"
+    assert run.data.tags["mlflow.source.name"] == "train.py"
     assert any(k.startswith("system/cpu_utilization") for k in metrics)  # --mlflow_system_metrics
     artifacts = {a.path for a in client(cfg).list_artifacts(run_id, "model")}  # --mlflow_log_model
     assert {"model/encoder", "model/heads.safetensors", "model/README.md", "model/config.yaml"} <= artifacts

@@ -98,7 +98,7 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
         calls["n"] += 1
         if calls["n"] == 2:  # half a checkpoint on disk, then the process dies
             path.mkdir(parents=True, exist_ok=True)
-            (path / "model.safetensors").write_bytes(b"torn")
+            (path / "heads.safetensors").write_bytes(b"torn")
             raise KeyboardInterrupt("killed during save")
         return real_save(model, tokenizer, cfg, path, extra, **kwargs)
 
