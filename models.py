@@ -6,6 +6,7 @@ which heads it trains, and the metric that early stopping and HPO watch.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -286,20 +287,141 @@ def build_model(cfg: Config, tokenizer) -> TaskModel:
 
 
 # --------------------------------------------------------------------------- checkpoints
+#
+# checkpoints/best/ is a folder the Hugging Face tools read: encoder/ (and span_encoder/ for a joint model with
+# two encoders) is a save_pretrained folder with its tokenizer, so AutoModel / AutoTokenizer.from_pretrained load
+# the fine-tuned encoder alone; heads.safetensors holds the task heads; config.yaml, checkpoint.json and a
+# README.md model card describe the run.
+
+ENCODERS = ("encoder", "span_encoder")  # TaskModel attributes, each saved as a save_pretrained folder
+HEADS = "heads.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """save_pretrained / from_pretrained draw a progress bar per call and report the pooler we dropped as
+    missing: noise in a training log. Both settings are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def split_state(state: dict) -> dict[str, dict]:
+    """Full TaskModel weights -> {"encoder", "span_encoder": their own keys (prefix removed), "heads": the rest}.
+    By key prefix, so the full state dict that accelerator.get_state_dict gathers under FSDP splits the same way."""
+    parts = {name: {} for name in (*ENCODERS, "heads")}
+    for key, value in state.items():
+        name = next((n for n in ENCODERS if key.startswith(n + ".")), "heads")
+        parts[name][key if name == "heads" else key[len(name) + 1:]] = value
+    return parts
+
 
 def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra: dict | None = None,
-                    state_dict: dict | None = None) -> None:
-    """save_pretrained-style folder: model.safetensors, encoder config(s), tokenizer, run config, extra.
+                    state_dict: dict | None = None, card: str | None = None) -> None:
+    """encoder/ (+ span_encoder/) as save_pretrained folders with the tokenizer, heads.safetensors, config.yaml,
+    checkpoint.json (`extra`) and README.md (`card`, when given).
     `state_dict`: the full weights when the model is sharded (accelerator.get_state_dict, FSDP)."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    save_file(state, str(path / "model.safetensors"), metadata={"task": cfg.task, "format": "pt"})
-    model.encoder.config.to_json_file(str(path / "encoder_config.json"))
-    tokenizer.save_pretrained(str(path / "tokenizer"))
+    parts = split_state(state)
+    with quiet_transformers():
+        for name in ENCODERS:
+            if getattr(model, name) is not None:  # save_pretrained pops what it writes: it gets its own dict
+                getattr(model, name).save_pretrained(str(path / name), state_dict=parts[name])
+                tokenizer.save_pretrained(str(path / name))
+    save_file(parts["heads"], str(path / HEADS), metadata={"task": cfg.task, "format": "pt"})
     (path / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     (path / "checkpoint.json").write_text(json.dumps({"task": cfg.task, **(extra or {})}, indent=2))
+    if card is not None:
+        (path / "README.md").write_text(card)
+
+
+TASK_TEXT = {
+    "criteria": "DSM-5 criteria classification: for each (text, criterion) pair, whether the text shows that "
+                "symptom of major depression (status 1)",
+    "evidence": "evidence extraction: the span of a post that is evidence for a given DSM-5 criterion "
+                "(extractive question answering)",
+    "joint": "criteria classification and evidence extraction with one model",
+}
+CARD_METRICS = ["f1_macro", "f1", "precision", "recall", "auroc", "accuracy", "span_f1", "exact_match",
+                "null_accuracy", "combined", "n", "n_pairs"]
+
+
+def card_front_matter(cfg: Config) -> str:
+    """The YAML block the Hugging Face hub reads (https://huggingface.co/docs/hub/model-cards)."""
+    meta = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
+            "tags": ["redsm5", "dsm-5", "depression", "mental-health", cfg.task],
+            "license": "other"}  # not ours to choose: see "Licence" in the card
+    if cfg.model != "tiny":
+        meta["base_model"] = cfg.model
+    if cfg.data_dir is not None:
+        meta["datasets"] = ["redsm5"]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
+
+
+def card_number(v) -> str:
+    return "–" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def card_metrics(metrics: dict) -> list[str]:
+    """Markdown tables: the main metrics of val and test, then the test (else val) F1 per criterion."""
+    splits = [name for name in ("val", "test") if metrics.get(name)]
+    rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for key in (k for k in CARD_METRICS if any(k in metrics[name] for name in splits)):
+        cells = [metrics[name].get(key) for name in splits]
+        rows.append(f"| {key} | " + " | ".join(card_number(v) for v in cells) + " |")
+    per = (metrics.get("test") or metrics.get("val") or {}).get("per_criterion_f1")
+    if per:
+        rows += ["", f"F1 per criterion ({'test' if metrics.get('test') else 'val'}):", "",
+                 "| criterion | F1 |", "|---|---|"] + [f"| {c} | {v:.4f} |" for c, v in per.items()]
+    return rows
+
+
+def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
+    """README.md of a checkpoint: task, encoder, data, split, metrics, how to load it, the data-access note,
+    intended use and limits. `metrics`: {"val": ..., "test": ...}; test is filled in once the run has tested."""
+    encoder = (f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained "
+               "from scratch" if cfg.model == "tiny" else f"`{cfg.model}`, fine-tuned")
+    data_text = (f"ReDSM5, from `{cfg.data_dir}`" if cfg.data_dir is not None else
+                 f"synthetic demo corpus ({cfg.demo_posts} posts, seed {cfg.demo_seed}): generated, not real posts")
+    sizes = " / ".join(f"{len(splits.get(n, []))} {n}" for n in ("train", "val", "test"))
+    tested = "" if metrics.get("test") else "\n(Test metrics are added when the run has evaluated this checkpoint.)\n"
+    lines = [
+        card_front_matter(cfg) + f"# ReDSM5 {cfg.task} model", "",
+        f"**Not a diagnostic tool.** {TASK_TEXT[cfg.task]}, for research on annotated Reddit posts.", "",
+        "## Model", "", f"- encoder: {encoder}; {n_params:,} parameters (`encoder/`)",
+        f"- task heads: `heads.safetensors` ({'one output pair per criterion' if cfg.criterion_heads else 'shared'})"
+        + ("; a second encoder for the spans in `span_encoder/`" if cfg.task == "joint" and not cfg.shared_encoder
+           else ""),
+        f"- run config: `config.yaml` (max_length {cfg.max_length}, lr {cfg.lr}, seed {cfg.seed})", "",
+        "## Training data", "", f"- {data_text}", f"- post-level split (seed {cfg.seed}): {sizes} posts "
+        "(`splits.json`)", "", "## Results", tested, *card_metrics(metrics), "",
+        "## How to load", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
+        'encoder = AutoModel.from_pretrained("checkpoints/best/encoder")  # the fine-tuned encoder alone',
+        'tokenizer = AutoTokenizer.from_pretrained("checkpoints/best/encoder")', "```", "",
+        "The whole model (encoder and heads): `python evaluate.py --checkpoint checkpoints/best` (metrics) or "
+        "`--predict posts.csv` (predictions), or `models.load_checkpoint` in this repository.", "",
+        "## Data access", "", "ReDSM5 is distributed by its authors under a data usage agreement. A model trained "
+        "on it may memorise text of the posts: share this checkpoint only as that agreement allows.", "",
+        "## Intended use and limitations", "",
+        "- Research on detecting DSM-5 depression symptoms in text. Not a diagnostic tool: it must not be used to "
+        "diagnose, screen or triage people, nor to make decisions about them.",
+        "- Trained on Reddit posts in English with one team's annotations; it will not transfer reliably to other "
+        "platforms, languages or clinical text, and its errors are not spread evenly across symptoms.",
+        "- The metrics above are from one split of a small corpus; see the per-criterion scores.", "",
+        "## Licence", "", "`license: other`: not set here. The weights derive from the base encoder (its own "
+        "licence) and from ReDSM5 (its data usage agreement); set the licence before sharing.", ""]
+    return "\n".join(lines)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -329,56 +451,108 @@ def read_json_file(path: Path, what: str = "JSON file") -> dict:
     return value
 
 
-def load_checkpoint(path: str | Path, expect_task: str | None = None):
-    """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved.
-    A damaged file (truncated weights, corrupt JSON, a broken tokenizer) is a UserError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+def check_safetensors(path: Path) -> None:
+    """Reads only the header, which safetensors checks against the file size: a truncated or foreign file fails."""
+    from safetensors import SafetensorError, safe_open
 
-    path = resolve_checkpoint(path)
-    needed = ["model.safetensors", "encoder_config.json", "config.yaml", "checkpoint.json", "tokenizer"]
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the weights ({_first_line(e)}): truncated or not a safetensors "
+                        "file") from None
+
+
+def encoder_folders(cfg: Config) -> list[str]:
+    return list(ENCODERS) if cfg.task == "joint" and not cfg.shared_encoder else ["encoder"]
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Every file a checkpoint needs is there (an older layout is named as such), before anything is parsed."""
+    if (path / "model.safetensors").exists() and (path / "encoder_config.json").exists():
+        raise UserError(f"{path}: a checkpoint written by an older version of this code (model.safetensors + "
+                        "encoder_config.json): retrain, or evaluate it with the version that wrote it")
+    needed = ["encoder/config.json", "encoder/model.safetensors", "encoder/tokenizer_config.json", HEADS,
+              "config.yaml", "checkpoint.json"]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+
+
+def check_encoder_folder(folder: Path, cfg: Config) -> None:
+    """Its JSON files and config parse: a damaged one is named here, not as a bare JSON error later."""
+    from transformers import AutoConfig
+
+    for f in sorted(folder.glob("*.json")):
+        read_json_file(f, "encoder config" if f.name == "config.json" else "tokenizer file")
+    try:
+        AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder / 'config.json'}: not a valid encoder config ({_first_line(e)})") from None
+    check_safetensors(folder / "model.safetensors")
+
+
+def load_encoder(folder: Path, cfg: Config):
+    """A save_pretrained folder (checked by check_encoder_folder), read by from_pretrained as any user would,
+    strictly: only the pooler (which we drop) may be missing."""
+    from transformers import AutoModel
+
+    try:
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the pooler's init draws random numbers
+            encoder, info = AutoModel.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code,
+                                                      output_loading_info=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: other shapes
+        raise UserError(f"{folder}: cannot build its encoder ({_first_line(e)[:150]})") from None
+    problems = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    problems += sorted(info["unexpected_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if problems:
+        raise UserError(f"{folder / 'model.safetensors'}: weights do not match its config.json "
+                        f"(missing or unexpected {problems[:3]})")
+    return drop_pooler(encoder)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # tokenizers raises plain Exceptions; any failure here means a broken folder
+        raise UserError(f"{folder}: cannot load the tokenizer ({_first_line(e)}): the checkpoint is damaged") \
+            from None
+
+
+def load_checkpoint(path: str | Path, expect_task: str | None = None):
+    """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved.
+    A damaged file (truncated weights, corrupt JSON, a broken tokenizer) is a UserError naming it."""
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(path)
+    check_checkpoint_files(path)
     cfg = make_config(**load_yaml_config(path / "config.yaml"))  # errors name the file
     extra = read_json_file(path / "checkpoint.json", "checkpoint.json")
     if expect_task and cfg.task != expect_task:
         raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")
-    tok_dir = path / "tokenizer"
-    for f in sorted(tok_dir.glob("*.json")):  # a corrupt file named here, not as a bare JSON error
-        read_json_file(f, "tokenizer file")
+    folders = encoder_folders(cfg)
+    if not (path / folders[-1] / "model.safetensors").exists():
+        raise UserError(f"{path}: not a complete checkpoint (missing {folders[-1]}/model.safetensors)")
+    for name in folders:
+        check_encoder_folder(path / name, cfg)
+    tokenizer = load_tokenizer(path / "encoder")
+    encoders = [load_encoder(path / name, cfg) for name in folders]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:  # tokenizers raises plain Exceptions; any failure here means a broken folder
-        raise UserError(f"{tok_dir}: cannot load the tokenizer ({_first_line(e)}): the checkpoint is damaged") \
-            from None
-    read_json_file(path / "encoder_config.json", "encoder config")
+        model = TaskModel(TASKS[cfg.task], *encoders, dropout=cfg.dropout, criterion_heads=cfg.criterion_heads,
+                          pooling=cfg.pooling, evidence_head=cfg.evidence_head)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: cannot build a '{cfg.task}' model ({_first_line(e)})") from None
+    check_safetensors(path / HEADS)
+    heads = load_file(str(path / HEADS))
     try:
-        enc_cfg = AutoConfig.from_pretrained(str(path / "encoder_config.json"))
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path / 'encoder_config.json'}: not a valid encoder config ({_first_line(e)})") from None
-
-    def encoder():
-        return drop_pooler(AutoModel.from_config(enc_cfg, trust_remote_code=cfg.trust_remote_code))
-
-    try:
-        second = encoder() if cfg.task == "joint" and not cfg.shared_encoder else None
-        model = TaskModel(TASKS[cfg.task], encoder(), second, cfg.dropout, cfg.criterion_heads, cfg.pooling,
-                          cfg.evidence_head)
-    except (ValueError, KeyError, TypeError) as e:  # e.g. hidden size not a multiple of the heads
-        raise UserError(f"{path / 'encoder_config.json'}: cannot build its encoder ({_first_line(e)})") from None
-    weights = path / "model.safetensors"
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights}: cannot read the weights ({_first_line(e)}): truncated or not a safetensors "
-                        "file") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(heads, strict=False)
     except RuntimeError as e:  # same names, other shapes
-        raise UserError(f"{weights}: weights do not match a '{cfg.task}' model ({_first_line(e)[:150]})") from None
+        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model ({_first_line(e)[:150]})") \
+            from None
+    missing = [k for k in missing if not k.startswith(tuple(n + "." for n in ENCODERS))]
     if missing or unexpected:
-        raise UserError(f"{path}: weights do not match a '{cfg.task}' model "
+        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), tokenizer, cfg, extra

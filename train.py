@@ -9,9 +9,10 @@
 A run writes to output_dir: config.yaml, splits.json, metrics.json ({"val", "test"} and "test_shift"
 when there is a shifted test set: the demo's held-out phrasing, or --test_shift_dir), predictions.jsonl
 (and val_predictions.jsonl, shift_predictions.jsonl), history.json (loss and lr per logged step, validation
-metric per epoch), run_stats.json (timings, MLflow run id), checkpoints/best (what evaluate.py loads),
-checkpoints/last (for --resume), and one MLflow run (params, loss and lr per step, validation metrics
-per epoch, artifacts).
+metric per epoch), run_stats.json (timings, MLflow run id), checkpoints/best (what evaluate.py loads:
+a Hugging Face encoder/ folder, heads.safetensors, a README.md model card), checkpoints/last (for --resume),
+and one MLflow run (params, the data as a dataset input, loss and lr per step, validation metrics per epoch,
+test metrics per criterion, artifacts).
 
 Reading order: `train` at the bottom is the whole run, top to bottom: setup, the epoch loop, test and
 outputs. Everything above it is one named step of it, with explicit arguments.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -34,7 +36,16 @@ import torch
 
 import data
 from evaluate import dumps, evaluate, format_metrics, write_jsonl
-from models import TASKS, build_model, build_tokenizer, compute_loss, featurize, save_checkpoint
+from models import (
+    TASKS,
+    build_model,
+    build_tokenizer,
+    compute_loss,
+    featurize,
+    load_checkpoint,
+    model_card,
+    save_checkpoint,
+)
 from utils import (
     Config,
     Tracker,
@@ -51,6 +62,7 @@ from utils import (
     set_seed,
     setup_logging,
     system_info,
+    write_text_atomic,
 )
 
 log = logging.getLogger("redsm5")
@@ -262,22 +274,23 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
 
 
 def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: dict, splits: dict) -> None:
-    """The best model so far as an evaluate.py checkpoint, swapped in whole by replace_dir."""
+    """The best model so far as an evaluate.py checkpoint (Hugging Face layout, models.save_checkpoint) with a
+    model card of its validation metrics, swapped in whole by replace_dir."""
     weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
     if accelerator.is_main_process:
         tmp = best_dir.with_name(best_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights)
+        info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("encoder."))}
+        card = model_card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits)
+        save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=card)
         (tmp / "splits.json").write_text(json.dumps(splits))
         replace_dir(tmp, best_dir)
 
 
 def load_best(accelerator, model, best_dir: Path) -> None:
-    """Read the best weights back from safetensors, exactly as evaluate.py will."""
-    from safetensors.torch import load_file
-
+    """Read the best weights back from the checkpoint, exactly as evaluate.py will (models.load_checkpoint)."""
     accelerator.wait_for_everyone()
-    best_weights = load_file(str(find_complete_dir(best_dir) / "model.safetensors"))
+    best_weights = load_checkpoint(find_complete_dir(best_dir))[0].state_dict()
     if getattr(accelerator, "is_fsdp2", False):  # sharded: each process takes its shard of the full weights
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -342,8 +355,8 @@ def improves(best: float | None, value: float, cfg: Config) -> bool:
 def record_validation(state: LoopState, epoch: int, metric_name: str, metrics: dict, tracker: Tracker) -> None:
     value = metrics[metric_name]
     state.history.append({"epoch": epoch, "step": state.global_step, metric_name: value})
-    tracker.log_metrics({f"val_{k}": v for k, v in metrics.items() if k != "per_criterion_f1"},
-                        step=state.global_step, flush=True)
+    tracker.log_metrics({f"val_{k}": v for k, v in tracked_metrics(metrics).items()}, step=state.global_step,
+                        flush=True)
     log.info("epoch %d step %d: val %s %.4f", epoch, state.global_step, metric_name, value)
 
 
@@ -385,10 +398,66 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, m
         if results[name]:
             log.info("%s %s (best checkpoint):\n%s", cfg.task, name, format_metrics(results[name]))
             prefix = "best_val_" if name == "val" else name + "_"
-            tracker.log_metrics({prefix + k: v for k, v in results[name].items() if k != "per_criterion_f1"},
+            tracker.log_metrics({prefix + k: v for k, v in tracked_metrics(results[name]).items()},
                                 step=state.global_step)
+    per = {name: (results[name] or {}).get("per_criterion_f1", {}) for name in ("val", "test")}
+    if per["test"] or per["val"]:  # one table to read them side by side (Artifacts tab)
+        criteria = list(per["test"] or per["val"])
+        tracker.log_table({"criterion": criteria, **{f"{n}_f1": [per[n].get(c) for c in criteria] for n in per
+                                                     if per[n]}}, "per_criterion_f1.json")
     for f in ("config.yaml", "metrics.json", "run_stats.json", "splits.json"):
         tracker.log_artifact(out_dir / f)
+
+
+def tracked_metrics(metrics: dict) -> dict:
+    """Metrics as MLflow numbers: the F1 per criterion as f1_<CRITERION>, the confusion matrix as cm_tn, cm_fp,
+    cm_fn, cm_tp (nested values would otherwise be dropped: MLflow stores one number per key)."""
+    out = {k: v for k, v in metrics.items() if k not in ("per_criterion_f1", "confusion_matrix")}
+    out.update({f"f1_{c}": v for c, v in metrics.get("per_criterion_f1", {}).items()})
+    if "confusion_matrix" in metrics:
+        (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+        out.update(cm_tn=tn, cm_fp=fp, cm_fn=fn, cm_tp=tp)
+    return out
+
+
+def dataset_input(cfg: Config, report: dict) -> dict:
+    """The run's data as an MLflow dataset input (Tracker.log_dataset): a data folder by its path and the sha256
+    of its two CSV files, the demo corpus by its parameters and the sha256 of the rows they generate."""
+    digest = hashlib.sha256()
+    if cfg.data_dir is None:
+        posts, annotations = data.make_demo(cfg.demo_posts, cfg.demo_seed)
+        digest.update(json.dumps([cfg.demo_posts, cfg.demo_seed, posts, annotations], sort_keys=True).encode())
+        name, source_type = f"demo-{cfg.demo_posts}-seed{cfg.demo_seed}", "code"
+        source = {"tags": {"mlflow.source.name": f"demo:n_posts={cfg.demo_posts},seed={cfg.demo_seed}"}}
+    else:
+        folder = Path(cfg.data_dir).resolve()
+        for f in data.find_files(folder):  # posts, then annotations
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+        name, source_type, source = folder.name, "local", {"uri": str(folder)}
+    return {"name": name, "digest": digest.hexdigest()[:16], "source_type": source_type, "source": source,
+            "profile": {"posts": report["posts_kept"], "annotations": report["annotations_kept"]},
+            "tags": {"sha256": digest.hexdigest()}}  # MLflow keeps at most 36 characters of digest
+
+
+def log_run_inputs(tracker: Tracker, cfg: Config, prepared: PreparedData) -> None:
+    """What a new run starts from, to MLflow: the machine, the data report and the data as a dataset input."""
+    if tracker.enabled:
+        tracker.log_params({f"system.{k}": v for k, v in system_info().items()})
+        tracker.log_dict(prepared.report, "data_report.json")
+        tracker.log_dataset(**dataset_input(cfg, prepared.report))
+
+
+def finish_best(best_dir: Path, cfg: Config, results: dict, splits: dict, tracker: Tracker) -> None:
+    """The best checkpoint's model card rewritten with its test metrics; the card, and the whole checkpoint when
+    asked (--mlflow_log_model), to the run's artifacts. Main process only."""
+    found = find_complete_dir(best_dir)
+    if found is None:
+        return
+    n_params = json.loads((found / "checkpoint.json").read_text()).get("encoder_parameters", 0)
+    write_text_atomic(found / "README.md", model_card(cfg, results, n_params, splits))
+    tracker.log_artifact(found / "README.md")
+    if cfg.mlflow_log_model:
+        tracker.log_artifacts(found, "model")
 
 
 def run_stats(state: LoopState, steplog: StepLog, train_s: float, processes: int, run_id: str | None) -> dict:
@@ -414,7 +483,8 @@ def setup_process(cfg: Config, accelerator):
 # Fields a resumed run may change: they decide how long and how verbosely it trains, not what it trains on.
 RESUMABLE_FIELDS = {"resume", "epochs", "max_steps", "patience", "save_every", "keep_checkpoints", "log_every",
                     "eval_batch_size", "num_workers", "threads", "deterministic", "cudnn_benchmark", "cudnn_attention",
-                    "skip_nonfinite", "mlflow", "tracking_uri", "experiment", "run_name"}
+                    "skip_nonfinite", "mlflow", "tracking_uri", "experiment", "run_name", "mlflow_system_metrics",
+                    "mlflow_log_model"}
 
 
 def check_resume_config(cfg: Config, out_dir: Path) -> None:
@@ -500,8 +570,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
                                                   parent_run_id=parent_run_id))
         state.run_id = tracker.run_id
         if not resume_from:
-            tracker.log_params({f"system.{k}": v for k, v in system_info().items()})
-            tracker.log_dict(prepared.report, "data_report.json")
+            log_run_inputs(tracker, cfg, prepared)
         progress = tqdm(total=t.total_steps, initial=state.global_step, desc=f"train {cfg.task}", mininterval=2,
                         disable=not accelerator.is_main_process)
         t_train, stop = time.perf_counter(), state.global_step >= t.total_steps
@@ -535,6 +604,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         results["train"] = run_stats(state, steplog, train_s, accelerator.num_processes, tracker.run_id)
         if accelerator.is_main_process:
             write_outputs(out_dir, cfg, results, state, metric_name, tracker)
+            finish_best(best_dir, cfg, results, prepared.splits, tracker)
     return results
 
 

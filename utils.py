@@ -10,11 +10,13 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import importlib.util
 import json
 import logging
 import os
 import platform
 import random
+import shlex
 import shutil
 import sys
 import typing
@@ -116,6 +118,8 @@ class Config:
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "redsm5"
     run_name: str | None = None
+    mlflow_system_metrics: bool = False  # CPU, memory, disk (and GPU with pynvml) every 10 s; needs psutil
+    mlflow_log_model: bool = False  # also copy checkpoints/best into the run's artifacts (model/); never uploaded
 
 
 # What `auto` means, per field. The tiny encoder learns from scratch and takes a large rate (2e-3: the README's
@@ -270,6 +274,9 @@ def validate_config(cfg: Config) -> None:
         raise UserError("--output_dir: must not be empty (it would write into the working directory)")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise UserError(f"--output_dir {cfg.output_dir}: is a file, not a folder")
+    if cfg.mlflow and cfg.mlflow_system_metrics and importlib.util.find_spec("psutil") is None:
+        raise UserError("--mlflow_system_metrics: needs psutil (pip install psutil, or the 'system-metrics' extra: "
+                        "pip install -e '.[system-metrics]'); or run without it")
     if cfg.model != "tiny" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"--model {cfg.model}: a folder without config.json (not a save_pretrained model folder)")
 
@@ -469,6 +476,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def start_system_metrics(run_id: str, uri: str, resumed: bool):
+    """MLflow's own sampler of CPU, memory, disk, network (and GPU where pynvml is installed): a thread that logs
+    `system/...` metrics every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) until the run ends."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 class Tracker:
     """One MLflow run, written on the main process only; a no-op when tracking is off.
 
@@ -478,11 +495,13 @@ class Tracker:
 
     def __init__(self, cfg: Config, enabled: bool, run_id: str | None = None, parent_run_id=None):
         self.enabled, self.buffer, self.run_id, self.ended = enabled and cfg.mlflow, [], None, False
+        self.monitor, resumed = None, run_id is not None
         if not self.enabled:
             return
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import ("Creating tables...")
         uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         mlflow.set_tracking_uri(uri)
         try:
@@ -495,16 +514,19 @@ class Tracker:
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
-            tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}"}
+            tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}",
+                    "mlflow.note.content": f"`{shlex.join(sys.argv)}`",  # the run's description: its command
+                    "mlflow.source.name": Path(sys.argv[0]).name, "mlflow.source.type": "LOCAL"}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(exp_id, tags=tags)
-            run_id = run.info.run_id
+            run_id = self.client.create_run(exp_id, tags=tags).info.run_id
             params = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
             self._log_params(run_id, params)
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        if cfg.mlflow_system_metrics:
+            self.monitor = start_system_metrics(run_id, uri, resumed)
 
     def _log_params(self, run_id, params: dict):
         from mlflow.entities import Param
@@ -540,15 +562,40 @@ class Tracker:
         if self.enabled and Path(path).exists():
             self.client.log_artifact(self.run_id, str(path))
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str):
+        if self.enabled:
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
     def log_dict(self, d: dict, name: str):
         if self.enabled:
             self.client.log_text(self.run_id, json.dumps(d, indent=2, default=str), name)
+
+    def log_table(self, columns: dict[str, list], name: str):
+        """A table artifact (name.json) that the run's Artifacts tab shows as a table."""
+        if self.enabled:
+            self.client.log_table(self.run_id, data=columns, artifact_file=name)
+
+    def log_dataset(self, name: str, digest: str, source_type: str, source: dict, profile: dict,
+                    tags: dict | None = None, context: str = "training"):
+        """A dataset input of the run (the UI's Datasets panel): what the data is, where it came from and a
+        content digest, so runs on different data can be told apart. Only this description is stored."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps(source),
+                          profile=json.dumps(profile))
+        input_tags = [InputTag(k, str(v)) for k, v in (tags or {}).items()]
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, input_tags + [InputTag("mlflow.data.context",
+                                                                                          context)])])
 
     def end(self, status: str = "FINISHED"):
         """End the run once; later calls do nothing."""
         if self.enabled and not self.ended:
             self.ended = True
             self.flush()
+            if self.monitor is not None:
+                self.monitor.finish()  # its last samples, while the run is still RUNNING
             self.client.set_terminated(self.run_id, status=status)
 
     def __enter__(self):

@@ -43,7 +43,8 @@ QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--ti
 
 @pytest.mark.parametrize("argv, needles", [
     (["--lrr", "3"], ["unrecognized arguments: --lrr 3", "(did you mean --lr?)"]),
-    (["--zzzz"], ["unrecognized arguments: --zzzz", "(valid: --help, --config, --task, --data_dir", "--run_name)"]),
+    (["--zzzz"], ["unrecognized arguments: --zzzz", "(valid: --help, --config, --task, --data_dir",
+                  "--run_name, --mlflow_system_metrics, --mlflow_log_model)"]),
     (["--epochs", "three"], ["--epochs", "'three'", "expected int"]),
     (["--max_steps", "1.5"], ["--max_steps", "'1.5'", "expected int"]),
     (["--lr", "fast"], ["--lr", "expected float"]),
@@ -240,24 +241,33 @@ def test_load_checkpoint_checks_the_task(checkpoint):
 
 
 @pytest.mark.parametrize("damage, needles", [
-    ("nothing_there", ["not a complete checkpoint", "model.safetensors"]),
-    ("no_weights", ["not a complete checkpoint (missing model.safetensors)"]),
-    ("no_tokenizer", ["not a complete checkpoint (missing tokenizer)"]),
-    ("other_task", ["weights do not match a 'evidence' model"]),
+    ("nothing_there", ["not a complete checkpoint", "encoder/model.safetensors", "heads.safetensors"]),
+    ("no_weights", ["not a complete checkpoint (missing encoder/model.safetensors)"]),
+    ("no_heads", ["not a complete checkpoint (missing heads.safetensors)"]),
+    ("no_tokenizer", ["not a complete checkpoint (missing encoder/tokenizer_config.json)"]),
+    ("no_span_encoder", ["not a complete checkpoint (missing span_encoder/model.safetensors)"]),
+    ("old_layout", ["written by an older version", "model.safetensors + encoder_config.json", "retrain"]),
+    ("other_task", ["heads.safetensors", "weights do not match a 'evidence' model"]),
     ("bad_config", ["config.yaml: unknown config key 'colour'"]),
 ])
 def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
-    import shutil
-
     path = tmp_path / "best"
     if damage != "nothing_there":
         copy_checkpoint(checkpoint, path)
+    cfg = yaml.safe_load((checkpoint / "config.yaml").read_text())
     if damage == "no_weights":
-        (path / "model.safetensors").unlink()
+        (path / "encoder" / "model.safetensors").unlink()
+    elif damage == "no_heads":
+        (path / "heads.safetensors").unlink()
     elif damage == "no_tokenizer":
-        shutil.rmtree(path / "tokenizer")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (path / "encoder" / f).unlink()
+    elif damage == "no_span_encoder":  # a joint model with two encoders, the second one not there
+        (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "task": "joint", "shared_encoder": False}))
+    elif damage == "old_layout":  # what this code wrote before checkpoints had the Hugging Face layout
+        for f in ("model.safetensors", "encoder_config.json"):
+            (path / f).write_bytes(b"{}")
     elif damage == "other_task":  # a criteria model's weights behind an evidence run's config
-        cfg = yaml.safe_load((path / "config.yaml").read_text())
         (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "task": "evidence"}))
     elif damage == "bad_config":
         (path / "config.yaml").write_text(yaml.safe_dump({"task": "criteria", "colour": "red"}))
@@ -369,23 +379,28 @@ def truncate(path, n=100):
 
 
 @pytest.mark.parametrize("damage, file, needles", [
-    (lambda p: truncate(p / "model.safetensors"), "model.safetensors", ["cannot read the weights", "truncated"]),
-    (lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors", ["cannot read the weights"]),
+    (lambda p: truncate(p / "encoder" / "model.safetensors"), "encoder/model.safetensors",
+     ["cannot read the weights", "truncated"]),
+    (lambda p: (p / "encoder" / "model.safetensors").write_bytes(b""), "encoder/model.safetensors",
+     ["cannot read the weights"]),
+    (lambda p: truncate(p / "heads.safetensors", 40), "heads.safetensors", ["cannot read the weights", "truncated"]),
     (lambda p: (p / "checkpoint.json").write_text("{oops"), "checkpoint.json", ["not a valid checkpoint.json"]),
     (lambda p: (p / "checkpoint.json").write_text("[1, 2]"), "checkpoint.json", ["expected a JSON object, got list"]),
-    (lambda p: (p / "encoder_config.json").write_text('{"hidden'), "encoder_config.json",
+    (lambda p: (p / "encoder" / "config.json").write_text('{"hidden'), "encoder/config.json",
      ["not a valid encoder config"]),
-    (lambda p: (p / "encoder_config.json").write_text("{}"), "encoder_config.json", ["`model_type`"]),
-    (lambda p: truncate(p / "tokenizer" / "tokenizer.json"), "tokenizer/tokenizer.json",
-     ["not a valid tokenizer file"]),
-    (lambda p: (p / "tokenizer" / "tokenizer.json").write_bytes(b"\xff\xfe\x00"), "tokenizer/tokenizer.json",
+    (lambda p: (p / "encoder" / "config.json").write_text("{}"), "encoder/config.json", ["`model_type`"]),
+    (lambda p: (p / "encoder" / "config.json").write_text(json.dumps(
+        {**json.loads((p / "encoder" / "config.json").read_text()), "hidden_size": 24})), "encoder",
+     ["cannot build its encoder"]),
+    (lambda p: truncate(p / "encoder" / "tokenizer.json"), "encoder/tokenizer.json", ["not a valid tokenizer file"]),
+    (lambda p: (p / "encoder" / "tokenizer.json").write_bytes(b"\xff\xfe\x00"), "encoder/tokenizer.json",
      ["not a valid tokenizer file", "utf-8"]),
-    (lambda p: (p / "tokenizer" / "tokenizer.json").write_text("{}"), "tokenizer", ["cannot load the tokenizer"]),
-    (lambda p: (p / "tokenizer" / "tokenizer_config.json").write_text("{oops"), "tokenizer/tokenizer_config.json",
+    (lambda p: (p / "encoder" / "tokenizer.json").write_text("{}"), "encoder", ["cannot load the tokenizer"]),
+    (lambda p: (p / "encoder" / "tokenizer_config.json").write_text("{oops"), "encoder/tokenizer_config.json",
      ["not a valid tokenizer file"]),
-], ids=["weights_truncated", "weights_empty", "checkpoint_json_corrupt", "checkpoint_json_list",
-        "encoder_config_corrupt", "encoder_config_no_model_type", "tokenizer_json_truncated", "tokenizer_json_binary",
-        "tokenizer_json_empty_object", "tokenizer_config_corrupt"])
+], ids=["weights_truncated", "weights_empty", "heads_truncated", "checkpoint_json_corrupt", "checkpoint_json_list",
+        "encoder_config_corrupt", "encoder_config_no_model_type", "encoder_config_other_width",
+        "tokenizer_json_truncated", "tokenizer_json_binary", "tokenizer_json_empty_object", "tokenizer_config_corrupt"])
 def test_damaged_checkpoint_files(cli, checkpoint, tmp_path, damage, file, needles):
     path = copy_checkpoint(checkpoint, tmp_path / "best")
     damage(path)

@@ -172,7 +172,7 @@ def test_trial_records_and_cleanup(coarse_study):
         assert t["state"] == "COMPLETE" and t["train_steps"] == 4 and set(t["params"]) == set(SPACE)
         assert list(t["intermediate"]) == ["0"] and t["intermediate"]["0"] == pytest.approx(t["value"])
         trial_dir = tmp / "coarse" / f"trial_{t['number']}"
-        assert (trial_dir / "checkpoints" / "best" / "model.safetensors").exists()
+        assert (trial_dir / "checkpoints" / "best" / "heads.safetensors").exists()
         assert not (trial_dir / "checkpoints" / "last").exists()  # trials are never resumed
     assert summary["train_steps"] == 12
 

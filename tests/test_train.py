@@ -32,9 +32,12 @@ def run(tmp_path, name, **overrides):
 def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task, options):
     cfg, results = run(tmp_path, task, task=task, epochs=1, max_steps=6, **options)
     out = Path(cfg.output_dir)
-    for f in ("config.yaml", "splits.json", "metrics.json", "predictions.jsonl", "checkpoints/best/model.safetensors",
-              "checkpoints/last/COMPLETE"):
+    encoders = ["encoder", "span_encoder"] if options.get("shared_encoder") is False else ["encoder"]
+    for f in ("config.yaml", "splits.json", "metrics.json", "predictions.jsonl", "checkpoints/best/heads.safetensors",
+              "checkpoints/best/README.md", "checkpoints/last/COMPLETE", *(f"checkpoints/best/{e}/model.safetensors"
+                                                                         for e in encoders)):
         assert (out / f).exists(), f
+    assert (out / "checkpoints/best/span_encoder").exists() == (len(encoders) == 2)
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"]) and not set(splits["val"]) & set(splits["test"])
     saved = json.loads((out / "metrics.json").read_text())
@@ -131,7 +134,7 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
         calls["n"] += 1
         if calls["n"] == 2:  # half a checkpoint on disk, then the process dies
             path.mkdir(parents=True, exist_ok=True)
-            (path / "model.safetensors").write_bytes(b"torn")
+            (path / "heads.safetensors").write_bytes(b"torn")
             raise KeyboardInterrupt("killed during save")
         return real_save(model, tokenizer, cfg, path, extra, **kwargs)
 

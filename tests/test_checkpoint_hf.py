@@ -1,0 +1,183 @@
+"""checkpoints/best in the Hugging Face layout, its model card, and what a run leaves in the MLflow store."""
+import hashlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_quirky
+
+import data
+import models
+import train
+from utils import Tracker, UserError, make_config
+
+SMALL = dict(demo_posts=150, tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_vocab=1000, max_length=96,
+             doc_stride=24, batch_size=16, eval_batch_size=32, log_every=5, epochs=1, max_steps=6)
+ARGV = ["train.py", "--run_name", "two words", "--max_steps", "6"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tracked criteria run, with the system-metrics sampler (every 0.2 s) and the checkpoint logged."""
+    tmp = tmp_path_factory.mktemp("hf")
+    cfg = make_config(**SMALL, output_dir=str(tmp / "run"), tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+                      mlflow_system_metrics=True, mlflow_log_model=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+        mp.setattr(sys, "argv", ARGV)
+        results = train.train(cfg)
+    return cfg, results, Path(cfg.output_dir)
+
+
+def client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(cfg.tracking_uri)
+
+
+def test_encoder_loads_with_automodel_and_gives_our_hidden_states(trained):
+    from transformers import AutoModel, AutoTokenizer
+
+    cfg, _, out = trained
+    best = out / "checkpoints" / "best"
+    ours, our_tokenizer, _, _ = models.load_checkpoint(best)
+    encoder, tokenizer = AutoModel.from_pretrained(best / "encoder"), AutoTokenizer.from_pretrained(best / "encoder")
+    assert type(encoder).__name__ == "ModernBertModel" and encoder.config.model_type == "modernbert"
+    pair = (data.CRITERIA["SLEEP_ISSUES"], "I can’t sleep at night, I lie awake until 4.")
+    inputs = tokenizer(*pair, return_tensors="pt")
+    assert inputs["input_ids"].tolist() == our_tokenizer(*pair, return_tensors="pt")["input_ids"].tolist()
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        theirs = encoder.eval()(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        mine = ours.encoder(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+    assert theirs.shape == (1, mask.shape[1], cfg.tiny_hidden) and torch.equal(theirs, mine)
+    # the trained weights, not a fresh init: they differ from an untrained encoder of the same config
+    fresh = AutoModel.from_config(encoder.config)
+    assert not torch.equal(fresh.embeddings.tok_embeddings.weight, encoder.embeddings.tok_embeddings.weight)
+
+
+def test_bert_checkpoint_without_its_pooler_loads_with_automodel(tiny_tokenizer, tmp_path):
+    """Our BERT encoder has its pooler dropped: AutoModel gives it a new one and the hidden states are ours."""
+    from transformers import AutoModel
+
+    cfg = make_config(task="criteria", tiny_arch="bert", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64,
+                      doc_stride=16)
+    model = models.build_model(cfg, tiny_tokenizer).eval()
+    models.save_checkpoint(model, tiny_tokenizer, cfg, tmp_path / "best")
+    encoder, info = AutoModel.from_pretrained(tmp_path / "best" / "encoder", output_loading_info=True)
+    assert info["missing_keys"] == {"pooler.dense.weight", "pooler.dense.bias"} and not info["unexpected_keys"]
+    ids = torch.tensor([tiny_tokenizer("I can’t sleep at night.")["input_ids"]])
+    with torch.no_grad():
+        theirs, mine = encoder.eval()(input_ids=ids).last_hidden_state, model.encoder(input_ids=ids).last_hidden_state
+    assert torch.equal(theirs, mine)
+    loaded = models.load_checkpoint(tmp_path / "best")[0]
+    assert loaded.encoder.pooler is None  # our loader drops it again: the weights are exactly the saved ones
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_sharded_save_path_splits_the_full_state_dict_by_prefix(tiny_tokenizer, tmp_path):
+    """The FSDP path: save_checkpoint writes the full state dict it is given (accelerator.get_state_dict), split
+    into encoder/, span_encoder/ and heads.safetensors, not the (sharded) model's own tensors."""
+    from safetensors.torch import load_file
+
+    cfg = make_config(task="joint", shared_encoder=False, tiny_hidden=16, tiny_layers=1, tiny_heads=1,
+                      max_length=64, doc_stride=16)
+    model = models.build_model(cfg, tiny_tokenizer)
+    full = {k: torch.full_like(v, i + 0.5) if v.is_floating_point() else v
+            for i, (k, v) in enumerate(model.state_dict().items())}
+    models.save_checkpoint(model, tiny_tokenizer, cfg, tmp_path / "best", state_dict=full)
+    heads = load_file(tmp_path / "best" / "heads.safetensors")
+    assert sorted(heads) == ["cls_head.bias", "cls_head.weight", "span_head.bias", "span_head.weight"]
+    for prefix in ("encoder", "span_encoder"):
+        saved = load_file(tmp_path / "best" / prefix / "model.safetensors")
+        assert {f"{prefix}.{k}" for k in saved} == {k for k in full if k.startswith(prefix + ".")}
+        assert all(torch.equal(v, full[f"{prefix}.{k}"]) for k, v in saved.items())
+    loaded = models.load_checkpoint(tmp_path / "best")[0]
+    assert all(torch.equal(v, full[k]) for k, v in loaded.state_dict().items())
+
+
+def test_model_card(trained):
+    cfg, results, out = trained
+    text = (out / "checkpoints" / "best" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and meta["license"] == "other" and "criteria" in meta["tags"]
+    assert body.startswith("# ReDSM5 criteria model") and "**Not a diagnostic tool.**" in body
+    assert "synthetic demo corpus (150 posts, seed 0)" in body and "data usage agreement" in body
+    assert 'AutoModel.from_pretrained("checkpoints/best/encoder")' in body and "evaluate.py --checkpoint" in body
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert f"| f1_macro | {results['val']['f1_macro']:.4f} | {test['f1_macro']:.4f} |" in body
+    assert f"| n | {results['val']['n']} | {test['n']} |" in body
+    assert f"| {next(iter(test['per_criterion_f1']))} | {next(iter(test['per_criterion_f1'].values())):.4f} |" in body
+    splits = json.loads((out / "splits.json").read_text())
+    assert f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test posts" in body
+    n_params = sum(p.numel() for p in models.load_checkpoint(out / "checkpoints" / "best")[0].encoder.parameters())
+    assert f"{n_params:,} parameters" in body
+
+
+def test_mlflow_run_has_the_dataset_per_criterion_metrics_and_description(trained):
+    cfg, _, out = trained
+    run_id = json.loads((out / "run_stats.json").read_text())["mlflow_run_id"]
+    run = client(cfg).get_run(run_id)
+    (dataset_input,) = run.inputs.dataset_inputs
+    posts, annotations = data.make_demo(150, 0)
+    digest = hashlib.sha256(json.dumps([150, 0, posts, annotations], sort_keys=True).encode()).hexdigest()
+    assert dataset_input.dataset.name == "demo-150-seed0" and dataset_input.dataset.digest == digest[:16]
+    assert json.loads(dataset_input.dataset.source) == {"tags": {"mlflow.source.name": "demo:n_posts=150,seed=0"}}
+    assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "training", "sha256": digest}
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    metrics = run.data.metrics
+    assert {f"test_f1_{c}": v for c, v in test["per_criterion_f1"].items()} == \
+        {k: v for k, v in metrics.items() if k.startswith("test_f1_") and k != "test_f1_macro"}
+    (tn, fp), (fn, tp) = test["confusion_matrix"]
+    assert [metrics[f"test_cm_{c}"] for c in ("tn", "fp", "fn", "tp")] == [tn, fp, fn, tp] and tn + fp + fn + tp > 0
+    assert set(test["per_criterion_f1"]) <= {k[len("val_f1_"):] for k in metrics if k.startswith("val_f1_")}
+    assert run.data.tags["mlflow.note.content"] == f"`{shlex.join(ARGV)}`"  # "`train.py ... 'two words' ...`"
+    assert run.data.tags["mlflow.source.name"] == "train.py"
+    assert any(k.startswith("system/cpu_utilization") for k in metrics)  # --mlflow_system_metrics
+    artifacts = {a.path for a in client(cfg).list_artifacts(run_id, "model")}  # --mlflow_log_model
+    assert {"model/encoder", "model/heads.safetensors", "model/README.md", "model/config.yaml"} <= artifacts
+    assert "per_criterion_f1.json" in {a.path for a in client(cfg).list_artifacts(run_id)}
+
+
+def test_dataset_digest_tells_data_apart(tmp_path):
+    """A data folder's digest is the sha256 of its two files' sha256s: one changed byte, another digest."""
+    folder = write_quirky(tmp_path / "d")
+    cfg = make_config(data_dir=str(folder))
+    report = data.load_corpus_from_config(cfg).report
+    expected = hashlib.sha256(b"".join(hashlib.sha256((folder / f).read_bytes()).digest()
+                                       for f in ("posts.csv", "annotations.csv"))).hexdigest()
+    first = train.dataset_input(cfg, report)
+    assert first["digest"] == expected[:16] and first["source"] == {"uri": str(folder.resolve())}
+    assert first["name"] == "d" and first["profile"] == {"posts": 5, "annotations": 9}
+    (folder / "annotations.csv").write_bytes((folder / "annotations.csv").read_bytes().replace(b"comma.", b"comma!"))
+    assert train.dataset_input(cfg, report)["digest"] != first["digest"]
+    demo = [train.dataset_input(make_config(demo_posts=60, demo_seed=s), report)["digest"] for s in (0, 0, 1)]
+    assert demo[0] == demo[1] != demo[2]
+
+
+def test_dataset_inputs_in_the_store_differ_between_data(tmp_path):
+    cfg = make_config(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", output_dir=str(tmp_path / "x"))
+    ids = []
+    for seed in (0, 1):
+        with Tracker(cfg, True) as tracker:
+            tracker.log_dataset(**train.dataset_input(make_config(demo_posts=40, demo_seed=seed),
+                                                      {"posts_kept": 40, "annotations_kept": 1}))
+            ids.append(tracker.run_id)
+    names, digests = zip(*[(d.dataset.name, d.dataset.digest) for i in ids
+                           for d in client(cfg).get_run(i).inputs.dataset_inputs])
+    assert names == ("demo-40-seed0", "demo-40-seed1") and digests[0] != digests[1]
+
+
+def test_system_metrics_without_psutil_is_a_user_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psutil" else real(name, *a))
+    with pytest.raises(UserError, match="--mlflow_system_metrics: needs psutil"):
+        make_config(mlflow_system_metrics=True)
+    assert make_config(mlflow_system_metrics=True, mlflow=False).mlflow_system_metrics  # nothing to sample into
