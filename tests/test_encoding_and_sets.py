@@ -96,7 +96,7 @@ def test_two_sentence_gold_decodes_to_exactly_those_sentences(tiny_tokenizer, en
     scores = evaluate.sentence_scores(features, out, [text, text])
     golds = [evaluate.sentences_of_spans(text, e["spans"]) for e in examples[:2]]
     assert [len(g) for g in golds] == [2, 1]
-    threshold = evaluate.tune_sentence_threshold(scores, golds)
+    threshold = evaluate.tune_sentence_threshold(scores, golds, at_least_one=True)
     sets = evaluate.decode_sets(scores, threshold, at_least_one=True)
     sentences = data.sentence_spans(text)
     assert [[text[slice(*sentences[k])] for k in sorted(s)] for s in sets] == [[FIRST, SECOND], [SLEEP]]
