@@ -38,12 +38,13 @@ import time
 import numpy as np
 import torch
 
+# Trainer's rows hold one criterion and one gold start/end each: pair encoding and the span head, wherever it runs too
 WORKLOADS = {"criteria_sentence": {"task": "criteria", "unit": "sentence"},
-             "criteria_post": {"task": "criteria", "unit": "post"},
-             "evidence": {"task": "evidence"},
+             "criteria_post": {"task": "criteria", "unit": "post", "encoding": "pair"},
+             "evidence": {"task": "evidence", "encoding": "pair", "evidence_head": "span"},
              # joint, every post x 9 criteria: (criterion text, post) read per pair, or each post window read once
-             "joint_pair": {"task": "joint", "encoding": "pair"},
-             "joint_post": {"task": "joint", "encoding": "post"}}
+             "joint_pair": {"task": "joint", "encoding": "pair", "evidence_head": "span"},
+             "joint_post": {"task": "joint", "encoding": "post", "evidence_head": "span"}}
 SETTINGS = ["ours", "trainer_best", "trainer_padded"]
 SIZES = {"tiny": {}, "minilm": {"tiny_hidden": 384, "tiny_layers": 6, "tiny_heads": 12},  # MiniLM-L6-H384's shape
          "base": {"tiny_hidden": 768, "tiny_layers": 12, "tiny_heads": 12}}  # bert-base's shape

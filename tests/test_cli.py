@@ -159,7 +159,7 @@ def test_splits_file_with_a_post_in_two_splits(cli, tmp_path):
 
 
 def test_max_length_too_small_for_the_criterion(cli, tmp_path):
-    code, err = cli(train.main, ["--output_dir", tmp_path / "out", *QUICK, "--task", "evidence",
+    code, err = cli(train.main, ["--output_dir", tmp_path / "out", *QUICK, "--task", "evidence", "--encoding", "pair",
                                  "--max_length", "40", "--doc_stride", "16"])
     assert_one_line_error(code, err, "--max_length 40", "--doc_stride 16")
 

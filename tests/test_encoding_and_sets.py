@@ -193,4 +193,5 @@ def test_post_encoding_needs_criterion_heads():
     from utils import UserError, validate_config
 
     with pytest.raises(UserError, match="--encoding post: needs --criterion_heads true"):
-        validate_config(make_config(encoding="post", criterion_heads=False))
+        validate_config(make_config(task="joint", encoding="post", criterion_heads=False))
+    validate_config(make_config(task="criteria", unit="sentence", criterion_heads=False))  # pairs: no need
