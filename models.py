@@ -353,8 +353,9 @@ TASK_TEXT = {
                 "(extractive question answering)",
     "joint": "criteria classification and evidence extraction with one model",
 }
-CARD_METRICS = ["f1_macro", "f1", "precision", "recall", "auroc", "accuracy", "span_f1", "exact_match",
-                "null_accuracy", "combined", "n", "n_pairs"]
+CARD_METRICS = ["f1_macro", "f1", "precision", "recall", "auroc", "accuracy", "paper_micro_f1", "paper_macro_f1",
+                "paper_micro_f1_tuned", "paper_macro_f1_tuned", "span_f1", "exact_match", "sentence_f1",
+                "set_exact_match", "null_accuracy", "combined", "n", "n_pairs"]
 
 
 def card_front_matter(cfg: Config) -> str:
@@ -375,11 +376,14 @@ def card_number(v) -> str:
 
 def card_metrics(metrics: dict) -> list[str]:
     """Markdown tables: the main metrics of val and test, then the test (else val) F1 per criterion."""
-    splits = [name for name in ("val", "test") if metrics.get(name)]
+    splits = [name for name in ("val", "test", "test_shift") if metrics.get(name)]
     rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     for key in (k for k in CARD_METRICS if any(k in metrics[name] for name in splits)):
         cells = [metrics[name].get(key) for name in splits]
         rows.append(f"| {key} | " + " | ".join(card_number(v) for v in cells) + " |")
+    if "test_shift" in splits:
+        rows += ["", "test_shift: a second test set written with phrasing that no training post uses (the demo's "
+                 "held-out phrases, or `--test_shift_dir`)."]
     per = (metrics.get("test") or metrics.get("val") or {}).get("per_criterion_f1")
     if per:
         rows += ["", f"F1 per criterion ({'test' if metrics.get('test') else 'val'}):", "",
