@@ -363,11 +363,12 @@ def pair_rows(outputs: dict, features: list[dict]) -> tuple[dict, list[dict]]:
 
 # --------------------------------------------------------------------------- evidence sets: decoding
 
-def sentence_scores(features: list[dict], outputs: dict, texts: list[str]) -> list[np.ndarray]:
+def sentence_scores(features: list[dict], outputs: dict, texts: list[str], split: dict | None = None) -> list:
     """Per pair, a score for every sentence of its post, the max over the pair's windows (-inf for a sentence no
     window reads), for the set decoding and the ranking. A start/end head: the best start + end logits of a span
     inside the sentence (end >= start), less the window's null score. A tag head: the mean logit of its tokens."""
-    sentences = {t: np.array(data.sentence_spans(t), dtype=np.int64).reshape(-1, 2) for t in set(texts)}
+    split = split or {t: data.sentence_spans(t) for t in set(texts)}  # text -> its sentences' char spans
+    sentences = {t: np.array(split[t], dtype=np.int64).reshape(-1, 2) for t in set(texts)}
     scores = [np.full(len(sentences[t]), -np.inf) for t in texts]
     for row, fidx in enumerate(outputs["feature_idx"]):
         f = features[fidx]
@@ -388,14 +389,14 @@ def sentence_scores(features: list[dict], outputs: dict, texts: list[str]) -> li
     return scores
 
 
-def top_sentences(scores: list[np.ndarray], sets: list[set], texts: list[str]) -> list[dict]:
+def top_sentences(scores: list[np.ndarray], sets: list[set], texts: list[str], split: dict | None = None) -> list:
     """A tag head's single answer per pair: the best sentence of its decoded set ("" for an empty set)."""
     out = []
     for s, chosen, text in zip(scores, sets, texts):
         d = {"text": "", "start": -1, "end": -1, "span_score": float(s.max()) if len(s) else -np.inf,
              "null_score": 0.0}
         if chosen:
-            a, b = data.sentence_spans(text)[max(chosen, key=lambda k: s[k])]
+            a, b = (split[text] if split else data.sentence_spans(text))[max(chosen, key=lambda k: s[k])]
             d.update(text=text[a:b], start=a, end=b)
         out.append(d)
     return out
@@ -474,8 +475,9 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
     golds = [[t[s:e] for s, e in ex["spans"]] for ex, t in zip(examples, texts)]
     joint, nulls = TASKS[cfg.task].classify, not TASKS[cfg.task].classify and cfg.include_negatives
     scored = [i for i, g in enumerate(golds) if g] if joint else list(range(len(examples)))
-    scores = sentence_scores(features, out, texts)
-    gold_sets = [sentences_of_spans(t, ex["spans"]) for ex, t in zip(examples, texts)]
+    split = {t: data.sentence_spans(t) for t in set(texts)}  # once per post, not once per criterion
+    scores = sentence_scores(features, out, texts, split)
+    gold_sets = [sentences_of_spans(t, ex["spans"], split[t]) for ex, t in zip(examples, texts)]
     if tune:
         thresholds["sentence_threshold"] = tune_sentence_threshold([scores[i] for i in scored],
                                                                    [gold_sets[i] for i in scored], not nulls)
@@ -483,11 +485,11 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
     if cfg.evidence_head == "span":
         decoded = best_spans(examples, features, out, cfg, thresholds, tune)
     else:
-        decoded = top_sentences(scores, pred_sets, texts)
+        decoded = top_sentences(scores, pred_sets, texts, split)
     metrics = span_metrics([decoded[i]["text"] for i in scored], [golds[i] for i in scored])
     if not joint and cfg.evidence_head == "span":
         metrics["null_threshold"] = thresholds["null_threshold"]
-    single = [sentences_of_spans(t, [(d["start"], d["end"])] if d["start"] >= 0 else [])
+    single = [sentences_of_spans(t, [(d["start"], d["end"])] if d["start"] >= 0 else [], split[t])
               for d, t in zip(decoded, texts)]
     gold_scored = [gold_sets[i] for i in scored]
     metrics.update(sentence_set_metrics(gold_scored, [pred_sets[i] for i in scored]))
@@ -501,7 +503,7 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
     metrics["n_multi_sentence_pairs"] = len(several)
     metrics["sentence_threshold"] = thresholds["sentence_threshold"]
     for p, d, g, gs, chosen, t in zip(predictions, decoded, golds, gold_sets, pred_sets, texts):
-        spans = [data.sentence_spans(t)[k] for k in sorted(chosen)]
+        spans = [split[t][k] for k in sorted(chosen)]
         p.update(pred_text=d["text"], pred_start=d["start"], pred_end=d["end"], span_score=d["span_score"],
                  null_score=d["null_score"], gold_texts=g, gold_sentences=gs, pred_sentences=sorted(chosen),
                  pred_sentence_spans=[list(s) for s in spans], pred_sentence_texts=[t[a:b] for a, b in spans])

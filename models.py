@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 
 import data
-from utils import Config, UserError, find_complete_dir, load_yaml_config, make_config
+from utils import Config, UserError, find_complete_dir, load_yaml_config, make_config, post_encoding
 
 log = logging.getLogger("redsm5")
 
@@ -48,11 +48,6 @@ TASKS = {
     "joint": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids),
                   lambda cfg: True, classify=True, spans=True, main_metric="combined"),
 }
-
-
-def post_encoding(cfg: Config) -> bool:
-    """`--encoding post` applies to the post-level examples; criteria of single sentences always reads pairs."""
-    return cfg.encoding == "post" and not (cfg.task == "criteria" and cfg.unit == "sentence")
 
 
 def featurize(cfg: Config, tokenizer, examples: list[dict]) -> list[dict]:

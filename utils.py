@@ -238,11 +238,15 @@ def make_config(**overrides) -> Config:
     return cfg
 
 
+def post_encoding(cfg: Config) -> bool:
+    """`--encoding post` applies to the post-level examples; criteria of single sentences always reads pairs."""
+    return cfg.encoding == "post" and not (cfg.task == "criteria" and cfg.unit == "sentence")
+
+
 def resolve_auto(cfg: Config) -> Config:
     """`auto` fields replaced by the number for this model (AUTO_DEFAULTS), once, here: config.yaml, MLflow params
     and HPO's best_config.yaml then carry the number, and a rerun from config.yaml is the same run."""
-    post_level = cfg.encoding == "post" and not (cfg.task == "criteria" and cfg.unit == "sentence")
-    kind = ("tiny_post" if post_level else "tiny") if cfg.model == "tiny" else "pretrained"
+    kind = ("tiny_post" if post_encoding(cfg) else "tiny") if cfg.model == "tiny" else "pretrained"
     chosen = {name: values[kind] for name, values in AUTO_DEFAULTS.items() if getattr(cfg, name) == "auto"}
     return dataclasses.replace(cfg, **chosen) if chosen else cfg
 
@@ -272,7 +276,7 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--tiny_heads: must divide --tiny_hidden {cfg.tiny_hidden}, got {cfg.tiny_heads}")
     if cfg.lr <= 0:
         raise UserError(f"--lr: must be > 0, got {cfg.lr}")
-    if cfg.encoding == "post" and not (cfg.task == "criteria" and cfg.unit == "sentence") and not cfg.criterion_heads:
+    if post_encoding(cfg) and not cfg.criterion_heads:
         raise UserError("--encoding post: needs --criterion_heads true (a window is read once for all nine criteria, "
                         "and only the per-criterion head outputs tell them apart)")
     if not cfg.output_dir.strip():
