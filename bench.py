@@ -12,7 +12,7 @@ criterion) decisions per second: rows per second x the decisions a row carries. 
 trains --steps timed optimizer steps after --warmup untimed ones, then evaluates --eval_examples
 inputs (taken from the training split: throughput only), with the same features (train.py's
 prepare_data), model config and initial weights, AdamW and schedule, batch sizes, seed and threads:
-  ours            data.make_loader + TaskModel + compute_loss + accelerate: train.py's loop;
+  ours            features.make_loader + TaskModel (loss in forward) + accelerate: train.py's loop;
                   evaluate.model_outputs
   trainer_best    transformers.Trainer, dynamic padding, length-grouped batches; Trainer.predict
   trainer_padded  Trainer, inputs padded to max_length at tokenisation (run_glue's classic default)
@@ -161,8 +161,9 @@ def endless(loader):
 
 
 class OurLoop:
-    """train.py's training step (train.train_step, then the scheduler as train.train steps it) on batches
-    drawn epoch after epoch; the losses read on the host once per log_every steps, as train.py logs them."""
+    """train.py's training step (as train.train runs it: forward with its loss, backward, clip, optimizer step,
+    then the scheduler) on batches drawn epoch after epoch; the losses read on the host once per log_every steps,
+    as train.py logs them."""
 
     def __init__(self, model, optimizer, scheduler, train_loader, accelerator, cfg):
         self.model, self.optimizer, self.scheduler, self.accelerator, self.cfg = (model, optimizer, scheduler,
@@ -170,15 +171,19 @@ class OurLoop:
         self.batches, self.losses = endless(train_loader), []
 
     def step(self) -> None:
-        from train import train_step
-
-        loss = train_step(self.model, next(self.batches), self.optimizer, self.accelerator, self.cfg)
-        if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+        model, accelerator = self.model, self.accelerator
+        with accelerator.accumulate(model):
+            loss = model(**next(self.batches))["loss"]
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
             self.scheduler.step()
-        if loss is not None:
-            self.losses.append(loss)
-            if len(self.losses) % self.cfg.log_every == 0:
-                torch.stack(self.losses[-self.cfg.log_every:]).cpu()  # train.py's one host sync per log_every steps
+        self.losses.append(loss.detach())
+        if len(self.losses) % self.cfg.log_every == 0:
+            torch.stack(self.losses[-self.cfg.log_every:]).cpu()  # train.py's one host sync per log_every steps
 
 
 def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
@@ -186,14 +191,15 @@ def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    import data
+    import features
     from train import make_optimizer
     from utils import dataloader_kwargs
 
     accelerator = Accelerator(cpu=job["device"] == "cpu", mixed_precision=job["mixed_precision"])
     total = job["warmup"] + job["steps"]
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
-    train_loader = data.make_loader(train_feats, cfg.batch_size, True, tokenizer.pad_token_id, cfg.seed, **dl_kwargs)
+    pad = tokenizer.pad_token_id
+    train_loader = features.make_loader(train_feats, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
     train_loader.collate_fn = recorder = BatchRecorder(train_loader.collate_fn)
     model, optimizer, train_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
@@ -203,12 +209,13 @@ def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
 
 def time_our_eval(model, eval_feats, accelerator, cfg, pad: int, dl_kwargs: dict) -> tuple[np.ndarray, list]:
     """(wall and CPU seconds, batch shapes) of evaluate.model_outputs over eval_feats, after a warm-up."""
-    import data
+    import features
     from evaluate import model_outputs
 
-    warm_loader = data.make_loader(eval_feats[: 2 * cfg.eval_batch_size], cfg.eval_batch_size, False, pad, **dl_kwargs)
+    warm = eval_feats[: 2 * cfg.eval_batch_size]
+    warm_loader = features.make_loader(warm, cfg.eval_batch_size, False, pad, **dl_kwargs)
     model_outputs(model, accelerator.prepare(warm_loader), accelerator, cfg)
-    eval_loader = data.make_loader(eval_feats, cfg.eval_batch_size, False, pad, **dl_kwargs)
+    eval_loader = features.make_loader(eval_feats, cfg.eval_batch_size, False, pad, **dl_kwargs)
     eval_loader.collate_fn = eval_recorder = BatchRecorder(eval_loader.collate_fn)
     t = clock(sync=True)
     model_outputs(model, accelerator.prepare(eval_loader), accelerator, cfg)
@@ -251,24 +258,21 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
 
 
 class LossModel(torch.nn.Module):
-    """Trainer takes the loss from the model's output: the TaskModel with compute_loss on top."""
+    """Trainer takes the loss from the model's output: the TaskModel, given Trainer's one-position span targets."""
 
     def __init__(self, model, cfg):
-        from models import compute_loss
-
         super().__init__()
-        self.model, self.cfg, self.compute_loss = model, cfg, compute_loss
+        self.model, self.cfg = model, cfg
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, labels=None,
                 start_positions=None, end_positions=None):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                         criterion_ids=criterion_ids)
         targets = {"labels": labels}
         if start_positions is not None:  # one gold position a window, as a Trainer dataset column holds it
             width = input_ids.shape[1]
             targets["start_targets"] = torch.nn.functional.one_hot(start_positions, width).bool()
             targets["end_targets"] = torch.nn.functional.one_hot(end_positions, width).bool()
-        return {"loss": self.compute_loss(out, targets, self.cfg), **out}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                          criterion_ids=criterion_ids, **targets)
 
 
 def step_timer(sync_at: set[int], t_process: float):
@@ -353,8 +357,9 @@ def run_job(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     logging.disable(logging.WARNING)
     import train
+    from config import Config, make_config
     from models import build_model
-    from utils import Config, make_config, set_seed, use_cudnn_attention
+    from utils import set_seed, use_cudnn_attention
 
     cfg = make_config(**WORKLOADS[job["workload"]], **SIZES[job["size"]], demo_posts=job["n_posts"], seed=job["seed"],
                       batch_size=job["batch_size"], eval_batch_size=job["eval_batch_size"],

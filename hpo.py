@@ -51,20 +51,11 @@ import torch
 import yaml
 
 import train
+from config import HPO_FIXED_FIELDS, Config, coerce, make_config, parse_config
 from evaluate import metric_names
 from plots import plot_hpo
-from utils import (
-    Config,
-    Tracker,
-    UserError,
-    coerce,
-    make_config,
-    parse_config,
-    read_yaml,
-    run_main,
-    setup_logging,
-    write_text_atomic,
-)
+from tracking import Tracker
+from utils import UserError, read_yaml, run_main, setup_logging, write_text_atomic
 
 log = logging.getLogger("redsm5")
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
@@ -73,10 +64,6 @@ PRUNERS = ("median", "halving", "hyperband", "none")
 # Measured: 12 criteria trials on the demo (--epochs 3 --threads 1, seed 42): no pruning 2,736 training
 # steps, best val f1_macro 0.853; median 2,152 (5 pruned) 0.846; halving 2,188 (8) 0.853; hyperband 2,405 (7) 0.846.
 DEFAULT_PRUNER = "median"
-# What trials are compared on, or where they write: never sampled.
-FIXED_FIELDS = {"task", "data_dir", "demo_posts", "demo_seed", "unit", "include_negatives", "val_ratio", "test_ratio",
-                "splits_file", "seed", "early_stopping_metric", "early_stopping_mode", "resume", "output_dir",
-                "mlflow", "tracking_uri", "experiment", "run_name"}
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")  # trial states that count toward --n_trials (but see counts_toward_n_trials)
 HEARTBEAT_S, GRACE_S = 10, 30
 
@@ -115,7 +102,7 @@ def parse_range(name: str, spec, source: str) -> dict:
     """One entry of a search space, checked against the Config field: {low, high, log} or {choices}."""
     if isinstance(spec, list):
         spec = {"choices": spec}
-    if name in FIXED_FIELDS:
+    if name in HPO_FIXED_FIELDS:
         raise UserError(f"{source}: '{name}' cannot be searched (trials are compared on it or write to it)")
     keys = set(spec) if isinstance(spec, dict) else set()
     if not (keys == {"choices"} or {"low", "high"} <= keys <= {"low", "high", "log"}):
@@ -566,7 +553,7 @@ def finish_study(study, study_dir: Path, metric: str, tracker: Tracker, status: 
 
 
 def main(argv=None):
-    cfg, args = parse_config(argv, prog="hpo.py", extra=add_hpo_flags)
+    cfg, args = parse_config(argv, prog="hpo.py", extra=add_hpo_flags, doc=__doc__)
     check_args(args, cfg)
     setup_logging(True)
     metric, name = train.main_metric(cfg), args.study_name or f"{cfg.task}-{args.stage}"

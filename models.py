@@ -1,27 +1,27 @@
-"""Encoder + task heads, the task registry, losses, and checkpoint save/load.
+"""The task registry, the encoder and its heads, and the loss.
 
-Every task reads (criterion description, text) pairs through one Hugging Face encoder. What
-differs per task is in `TASKS`: which examples it builds, whether long texts become windows,
-which heads it trains, and the metric that early stopping and HPO watch.
+Every task reads (criterion description, text) pairs through one Hugging Face encoder. What differs per task is
+in `TASKS`: which examples it builds, whether long texts become windows, which heads it trains, the metric that
+early stopping and HPO watch, and the metrics a reader sees first. `TaskModel.forward` returns the loss when the
+batch holds targets, with one branch per head: the place to change a loss.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 import data
-from utils import Config, UserError, find_complete_dir, load_yaml_config, make_config, post_encoding
+import features
+from config import Config, post_encoding
+from utils import UserError
 
 log = logging.getLogger("redsm5")
 
@@ -31,8 +31,9 @@ class Task:
     examples: Callable  # (corpus, post_ids, cfg) -> list of example dicts (data.py)
     windows: Callable  # cfg -> whether texts are cut into overlapping windows
     classify: bool  # trains the has-evidence / status head (classification metrics)
-    spans: bool  # trains the start/end head (span metrics)
+    spans: bool  # trains the evidence head (span and sentence-set metrics)
     main_metric: str  # default early-stopping and HPO metric
+    headline: tuple  # the metrics a reader sees first: the end-of-run summary and the model card, in this order
 
 
 def _criteria_examples(corpus, post_ids, cfg):
@@ -41,20 +42,27 @@ def _criteria_examples(corpus, post_ids, cfg):
 
 TASKS = {
     "criteria": Task(_criteria_examples, lambda cfg: cfg.unit == "post", classify=True, spans=False,
-                     main_metric="f1_macro"),
+                     main_metric="f1_macro",
+                     headline=("f1_macro", "f1", "precision", "recall", "auroc", "accuracy", "paper_micro_f1",
+                               "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned", "n")),
     "evidence": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids,
                                                                require_evidence=not cfg.include_negatives),
-                     lambda cfg: True, classify=False, spans=True, main_metric="span_f1"),
+                     lambda cfg: True, classify=False, spans=True, main_metric="span_f1",
+                     headline=("span_f1", "exact_match", "sentence_f1", "set_exact_match", "null_accuracy",
+                               "n_pairs")),
     "joint": Task(lambda corpus, ids, cfg: data.post_examples(corpus, ids),
-                  lambda cfg: True, classify=True, spans=True, main_metric="combined"),
+                  lambda cfg: True, classify=True, spans=True, main_metric="combined",
+                  headline=("combined", "f1_macro", "f1", "precision", "recall", "auroc", "accuracy",
+                            "paper_micro_f1", "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned",
+                            "span_f1", "exact_match", "sentence_f1", "set_exact_match", "n", "n_pairs")),
 }
 
 
 def featurize(cfg: Config, tokenizer, examples: list[dict]) -> list[dict]:
-    """Model inputs of `examples` as cfg's task and encoding read them (data.featurize / data.featurize_posts)."""
+    """Model inputs of `examples` as cfg's task and encoding read them (features.featurize / featurize_posts)."""
     if post_encoding(cfg):
-        return data.featurize_posts(tokenizer, examples, cfg.max_length, cfg.doc_stride)
-    return data.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, TASKS[cfg.task].windows(cfg))
+        return features.featurize_posts(tokenizer, examples, cfg.max_length, cfg.doc_stride)
+    return features.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, TASKS[cfg.task].windows(cfg))
 
 
 # --------------------------------------------------------------------------- tokenizer and encoder
@@ -174,10 +182,14 @@ def build_encoder(cfg: Config, vocab_size: int):
     return drop_pooler(encoder)
 
 
-# --------------------------------------------------------------------------- model
+# --------------------------------------------------------------------------- model and loss
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "criterion_ids")  # what a batch feeds the encoder
+
 
 class TaskModel(nn.Module):
-    """Encoder(s) with a classification head (max over the tokens, or [CLS]) and/or a start/end head on every token.
+    """Encoder(s) with a classification head (max over the tokens, or [CLS]) and/or an evidence head on every token
+    (start/end logits, or one "inside an evidence sentence" tag logit).
 
     With `criterion_heads` each head has one set of outputs per criterion and a pair reads those
     of its own criterion: the encoder then only has to say which symptom a sentence shows, not
@@ -185,7 +197,8 @@ class TaskModel(nn.Module):
     """
 
     def __init__(self, task: Task, encoder, second_encoder=None, dropout: float = 0.1, criterion_heads: bool = True,
-                 pooling: str = "max", evidence_head: str = "span"):
+                 pooling: str = "max", evidence_head: str = "span", loss_weights: tuple = (1.0, 1.0),
+                 class_weights: torch.Tensor | None = None):
         super().__init__()
         self.pooling, self.per_token = pooling, 2 if evidence_head == "span" else 1  # start + end, or one tag
         self.task, self.encoder, self.span_encoder = task, encoder, second_encoder
@@ -194,6 +207,9 @@ class TaskModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.cls_head = nn.Linear(hidden, 2 * self.n_heads) if task.classify else None
         self.span_head = nn.Linear(hidden, self.per_token * self.n_heads) if task.spans else None
+        self.loss_weight_criteria, self.loss_weight_evidence = loss_weights  # joint: w_c, w_e
+        # from the training labels, not learned: kept out of the saved weights (persistent=False), moved by .to()
+        self.register_buffer("class_weights", class_weights, persistent=False)
 
     def _own(self, logits, criterion_ids, k: int = 2):
         """(..., n_heads * k) -> the outputs of each pair's criterion, (..., k); with no criterion_ids
@@ -206,9 +222,11 @@ class TaskModel(nn.Module):
         rows = torch.arange(len(criterion_ids), device=logits.device)
         return logits[rows, criterion_ids] if logits.dim() == 3 else logits[rows, :, criterion_ids]
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, **_):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, labels=None,
+                start_targets=None, end_targets=None, tag_targets=None, context_mask=None, pair_mask=None, **_):
         """cls_logits (batch, [criteria,] 2); start/end_logits (or tag_logits, `--evidence_head tag`) (batch,
-        [criteria,] width): the criteria dimension only under `--encoding post` (no criterion_ids in the batch)."""
+        [criteria,] width): the criteria dimension only under `--encoding post` (no criterion_ids in the batch).
+        With the targets of the task's heads in the batch, also "loss"."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.token_types:
             inputs["token_type_ids"] = token_type_ids
@@ -231,7 +249,33 @@ class TaskModel(nn.Module):
                 out["start_logits"], out["end_logits"] = logits.unbind(-1)
             else:
                 out["tag_logits"] = logits.squeeze(-1)
+        evidence_targets = start_targets if self.per_token == 2 else tag_targets
+        if (self.cls_head is None or labels is not None) and (self.span_head is None or evidence_targets is not None):
+            out["loss"] = self.loss(out, labels, start_targets, end_targets, tag_targets, context_mask, pair_mask)
         return out
+
+    def loss(self, out, labels, start_targets, end_targets, tag_targets, context_mask, pair_mask) -> torch.Tensor:
+        """criteria: cross-entropy of the status (weighted by class_weights when given). evidence, span head: the
+        mean span loss of start and end; tag head: BCE of "inside an evidence sentence" over the text tokens.
+        joint: w_c * criteria + w_e * evidence. Under `--encoding post` every criterion of a window counts
+        (labels -100 and pair_mask drop the (window, criterion) rows that are not examples)."""
+        criteria_loss = evidence_loss = None
+        if self.cls_head is not None:
+            logits = out["cls_logits"].float()
+            criteria_loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), weight=self.class_weights,
+                                            ignore_index=-100)
+        if self.span_head is not None and self.per_token == 2:
+            evidence_loss = (span_loss(out["start_logits"], start_targets, pair_mask)
+                             + span_loss(out["end_logits"], end_targets, pair_mask)) / 2
+        elif self.span_head is not None:
+            mask = context_mask if pair_mask is None else context_mask.unsqueeze(1) & pair_mask.unsqueeze(-1)
+            bce = F.binary_cross_entropy_with_logits(out["tag_logits"].float(), tag_targets.float(), reduction="none")
+            evidence_loss = (bce * mask).sum() / mask.sum().clamp(min=1)
+        if evidence_loss is None:
+            return criteria_loss
+        if criteria_loss is None:
+            return evidence_loss
+        return self.loss_weight_criteria * criteria_loss + self.loss_weight_evidence * evidence_loss
 
 
 def span_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,314 +288,14 @@ def span_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | 
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
-def compute_loss(out: dict, batch: dict, cfg: Config, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """criteria: CE on the status; evidence: mean span loss of start and end; joint: w_c * CE + w_e * span loss.
-    Under `--encoding post` every criterion of a window counts (labels -100 and pair_mask drop the non-pairs)."""
-    losses = []
-    if "cls_logits" in out:
-        w = cfg.loss_weight_criteria if "start_logits" in out else 1.0
-        logits = out["cls_logits"].float()
-        losses.append(w * F.cross_entropy(logits.reshape(-1, 2), batch["labels"].reshape(-1), weight=class_weights,
-                                          ignore_index=-100))
-    w = cfg.loss_weight_evidence if "cls_logits" in out else 1.0
-    if "start_logits" in out:
-        mask = batch.get("pair_mask")
-        span = (span_loss(out["start_logits"], batch["start_targets"], mask)
-                + span_loss(out["end_logits"], batch["end_targets"], mask)) / 2
-        losses.append(w * span)
-    if "tag_logits" in out:  # token tagging: BCE of "inside an evidence sentence" on the text tokens
-        mask = batch["context_mask"]
-        if "pair_mask" in batch:
-            mask = mask.unsqueeze(1) & batch["pair_mask"].unsqueeze(-1)
-        bce = F.binary_cross_entropy_with_logits(out["tag_logits"].float(), batch["tag_targets"].float(),
-                                                 reduction="none")
-        losses.append(w * (bce * mask).sum() / mask.sum().clamp(min=1))
-    return sum(losses)
-
-
-def build_model(cfg: Config, tokenizer) -> TaskModel:
+def build_model(cfg: Config, tokenizer, class_weights: torch.Tensor | None = None) -> TaskModel:
     task = TASKS[cfg.task]
     encoder = build_encoder(cfg, len(tokenizer))
     second = build_encoder(cfg, len(tokenizer)) if cfg.task == "joint" and not cfg.shared_encoder else None
-    model = TaskModel(task, encoder, second, cfg.dropout, cfg.criterion_heads, cfg.pooling, cfg.evidence_head)
+    model = TaskModel(task, encoder, second, cfg.dropout, cfg.criterion_heads, cfg.pooling, cfg.evidence_head,
+                      (cfg.loss_weight_criteria, cfg.loss_weight_evidence), class_weights)
     if cfg.gradient_checkpointing:
         for enc in (encoder, second):
             if enc is not None:
                 enc.gradient_checkpointing_enable()
     return model
-
-
-# --------------------------------------------------------------------------- checkpoints
-#
-# checkpoints/best/ is a folder the Hugging Face tools read: encoder/ (and span_encoder/ for a joint model with
-# two encoders) is a save_pretrained folder with its tokenizer, so AutoModel / AutoTokenizer.from_pretrained load
-# the fine-tuned encoder alone; heads.safetensors holds the task heads; config.yaml, checkpoint.json and a
-# README.md model card describe the run.
-
-ENCODERS = ("encoder", "span_encoder")  # TaskModel attributes, each saved as a save_pretrained folder
-HEADS = "heads.safetensors"
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """save_pretrained / from_pretrained draw a progress bar per call and report the pooler we dropped as
-    missing: noise in a training log. Both settings are restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def split_state(state: dict) -> dict[str, dict]:
-    """Full TaskModel weights -> {"encoder", "span_encoder": their own keys (prefix removed), "heads": the rest}.
-    By key prefix, so the full state dict that accelerator.get_state_dict gathers under FSDP splits the same way."""
-    parts = {name: {} for name in (*ENCODERS, "heads")}
-    for key, value in state.items():
-        name = next((n for n in ENCODERS if key.startswith(n + ".")), "heads")
-        parts[name][key if name == "heads" else key[len(name) + 1:]] = value
-    return parts
-
-
-def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra: dict | None = None,
-                    state_dict: dict | None = None, card: str | None = None) -> None:
-    """encoder/ (+ span_encoder/) as save_pretrained folders with the tokenizer, heads.safetensors, config.yaml,
-    checkpoint.json (`extra`) and README.md (`card`, when given).
-    `state_dict`: the full weights when the model is sharded (accelerator.get_state_dict, FSDP)."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    parts = split_state(state)
-    with quiet_transformers():
-        for name in ENCODERS:
-            if getattr(model, name) is not None:  # save_pretrained pops what it writes: it gets its own dict
-                getattr(model, name).save_pretrained(str(path / name), state_dict=parts[name])
-                tokenizer.save_pretrained(str(path / name))
-    save_file(parts["heads"], str(path / HEADS), metadata={"task": cfg.task, "format": "pt"})
-    (path / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    (path / "checkpoint.json").write_text(json.dumps({"task": cfg.task, **(extra or {})}, indent=2))
-    if card is not None:
-        (path / "README.md").write_text(card)
-
-
-TASK_TEXT = {
-    "criteria": "DSM-5 criteria classification: for each (text, criterion) pair, whether the text shows that "
-                "symptom of major depression (status 1)",
-    "evidence": "evidence extraction: the span of a post that is evidence for a given DSM-5 criterion "
-                "(extractive question answering)",
-    "joint": "criteria classification and evidence extraction with one model",
-}
-CARD_METRICS = ["f1_macro", "f1", "precision", "recall", "auroc", "accuracy", "paper_micro_f1", "paper_macro_f1",
-                "paper_micro_f1_tuned", "paper_macro_f1_tuned", "span_f1", "exact_match", "sentence_f1",
-                "set_exact_match", "null_accuracy", "combined", "n", "n_pairs"]
-
-
-def card_front_matter(cfg: Config) -> str:
-    """The YAML block the Hugging Face hub reads (https://huggingface.co/docs/hub/model-cards)."""
-    meta = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
-            "tags": ["redsm5", "dsm-5", "depression", "mental-health", cfg.task],
-            "license": "other"}  # not ours to choose: see "Licence" in the card
-    if cfg.model != "tiny":
-        meta["base_model"] = cfg.model
-    if cfg.data_dir is not None:
-        meta["datasets"] = ["redsm5"]
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
-
-
-def card_number(v) -> str:
-    return "–" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def card_metrics(metrics: dict) -> list[str]:
-    """Markdown tables: the main metrics of val and test, then the test (else val) F1 per criterion."""
-    splits = [name for name in ("val", "test", "test_shift") if metrics.get(name)]
-    rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
-    for key in (k for k in CARD_METRICS if any(k in metrics[name] for name in splits)):
-        cells = [metrics[name].get(key) for name in splits]
-        rows.append(f"| {key} | " + " | ".join(card_number(v) for v in cells) + " |")
-    if "test_shift" in splits:
-        rows += ["", "test_shift: a second test set written with phrasing that no training post uses (the demo's "
-                 "held-out phrases, or `--test_shift_dir`)."]
-    per = (metrics.get("test") or metrics.get("val") or {}).get("per_criterion_f1")
-    if per:
-        rows += ["", f"F1 per criterion ({'test' if metrics.get('test') else 'val'}):", "",
-                 "| criterion | F1 |", "|---|---|"] + [f"| {c} | {v:.4f} |" for c, v in per.items()]
-    return rows
-
-
-def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
-    """README.md of a checkpoint: task, encoder, data, split, metrics, how to load it, the data-access note,
-    intended use and limits. `metrics`: {"val": ..., "test": ...}; test is filled in once the run has tested."""
-    encoder = (f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained "
-               "from scratch" if cfg.model == "tiny" else f"`{cfg.model}`, fine-tuned")
-    data_text = (f"ReDSM5, from `{cfg.data_dir}`" if cfg.data_dir is not None else
-                 f"synthetic demo corpus ({cfg.demo_posts} posts, seed {cfg.demo_seed}): generated, not real posts")
-    sizes = " / ".join(f"{len(splits.get(n, []))} {n}" for n in ("train", "val", "test"))
-    tested = "" if metrics.get("test") else "\n(Test metrics are added when the run has evaluated this checkpoint.)\n"
-    lines = [
-        card_front_matter(cfg) + f"# ReDSM5 {cfg.task} model", "",
-        f"**Not a diagnostic tool.** {TASK_TEXT[cfg.task]}, for research on annotated Reddit posts.", "",
-        "## Model", "", f"- encoder: {encoder}; {n_params:,} parameters (`encoder/`)",
-        f"- task heads: `heads.safetensors` ({'one output pair per criterion' if cfg.criterion_heads else 'shared'})"
-        + ("; a second encoder for the spans in `span_encoder/`" if cfg.task == "joint" and not cfg.shared_encoder
-           else ""),
-        f"- run config: `config.yaml` (max_length {cfg.max_length}, lr {cfg.lr}, seed {cfg.seed})", "",
-        "## Training data", "", f"- {data_text}", f"- post-level split (seed {cfg.seed}): {sizes} posts "
-        "(`splits.json`)", "", "## Results", tested, *card_metrics(metrics), "",
-        "## How to load", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
-        'encoder = AutoModel.from_pretrained("checkpoints/best/encoder")  # the fine-tuned encoder alone',
-        'tokenizer = AutoTokenizer.from_pretrained("checkpoints/best/encoder")', "```", "",
-        "The whole model (encoder and heads): `python evaluate.py --checkpoint checkpoints/best` (metrics) or "
-        "`--predict posts.csv` (predictions), or `models.load_checkpoint` in this repository.", "",
-        "## Data access", "", "ReDSM5 is distributed by its authors under a data usage agreement. A model trained "
-        "on it may memorise text of the posts: share this checkpoint only as that agreement allows.", "",
-        "## Intended use and limitations", "",
-        "- Research on detecting DSM-5 depression symptoms in text. Not a diagnostic tool: it must not be used to "
-        "diagnose, screen or triage people, nor to make decisions about them.",
-        "- Trained on Reddit posts in English with one team's annotations; it will not transfer reliably to other "
-        "platforms, languages or clinical text, and its errors are not spread evenly across symptoms.",
-        "- The metrics above are from one split of a small corpus; see the per-criterion scores.", "",
-        "## Licence", "", "`license: other`: not set here. The weights derive from the base encoder (its own "
-        "licence) and from ReDSM5 (its data usage agreement); set the licence before sharing.", ""]
-    return "\n".join(lines)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The folder to load: `path`, or its complete `.old` copy when a save was killed between its renames."""
-    path = Path(path)
-    found = find_complete_dir(path)
-    if found is not None and found != path:
-        log.warning("%s: not there or not complete (a save was interrupted); loading its complete copy %s",
-                    path, found)
-    return found or path  # checkpoints written before the COMPLETE marker load as they are
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def read_json_file(path: Path, what: str = "JSON file") -> dict:
-    """A JSON object from `path`; a damaged file (not UTF-8, not JSON, not an object) is a UserError naming it."""
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a valid {what} ({_first_line(e)}): the checkpoint is damaged") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or _first_line(e)})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: not a valid {what} (expected a JSON object, got {type(value).__name__})")
-    return value
-
-
-def check_safetensors(path: Path) -> None:
-    """Reads only the header, which safetensors checks against the file size: a truncated or foreign file fails."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt"):
-            pass
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the weights ({_first_line(e)}): truncated or not a safetensors "
-                        "file") from None
-
-
-def encoder_folders(cfg: Config) -> list[str]:
-    return list(ENCODERS) if cfg.task == "joint" and not cfg.shared_encoder else ["encoder"]
-
-
-def check_checkpoint_files(path: Path) -> None:
-    """Every file a checkpoint needs is there (an older layout is named as such), before anything is parsed."""
-    if (path / "model.safetensors").exists() and (path / "encoder_config.json").exists():
-        raise UserError(f"{path}: a checkpoint written by an older version of this code (model.safetensors + "
-                        "encoder_config.json): retrain, or evaluate it with the version that wrote it")
-    needed = ["encoder/config.json", "encoder/model.safetensors", "encoder/tokenizer_config.json", HEADS,
-              "config.yaml", "checkpoint.json"]
-    missing = [n for n in needed if not (path / n).exists()]
-    if missing:
-        raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
-
-
-def check_encoder_folder(folder: Path, cfg: Config) -> None:
-    """Its JSON files and config parse: a damaged one is named here, not as a bare JSON error later."""
-    from transformers import AutoConfig
-
-    for f in sorted(folder.glob("*.json")):
-        read_json_file(f, "encoder config" if f.name == "config.json" else "tokenizer file")
-    try:
-        AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{folder / 'config.json'}: not a valid encoder config ({_first_line(e)})") from None
-    check_safetensors(folder / "model.safetensors")
-
-
-def load_encoder(folder: Path, cfg: Config):
-    """A save_pretrained folder (checked by check_encoder_folder), read by from_pretrained as any user would,
-    strictly: only the pooler (which we drop) may be missing."""
-    from transformers import AutoModel
-
-    try:
-        with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the pooler's init draws random numbers
-            encoder, info = AutoModel.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code,
-                                                      output_loading_info=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: other shapes
-        raise UserError(f"{folder}: cannot build its encoder ({_first_line(e)[:150]})") from None
-    problems = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
-    problems += sorted(info["unexpected_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
-    if problems:
-        raise UserError(f"{folder / 'model.safetensors'}: weights do not match its config.json "
-                        f"(missing or unexpected {problems[:3]})")
-    return drop_pooler(encoder)
-
-
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:  # tokenizers raises plain Exceptions; any failure here means a broken folder
-        raise UserError(f"{folder}: cannot load the tokenizer ({_first_line(e)}): the checkpoint is damaged") \
-            from None
-
-
-def load_checkpoint(path: str | Path, expect_task: str | None = None):
-    """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved.
-    A damaged file (truncated weights, corrupt JSON, a broken tokenizer) is a UserError naming it."""
-    from safetensors.torch import load_file
-
-    path = resolve_checkpoint(path)
-    check_checkpoint_files(path)
-    cfg = make_config(**load_yaml_config(path / "config.yaml"))  # errors name the file
-    extra = read_json_file(path / "checkpoint.json", "checkpoint.json")
-    if expect_task and cfg.task != expect_task:
-        raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")
-    folders = encoder_folders(cfg)
-    if not (path / folders[-1] / "model.safetensors").exists():
-        raise UserError(f"{path}: not a complete checkpoint (missing {folders[-1]}/model.safetensors)")
-    for name in folders:
-        check_encoder_folder(path / name, cfg)
-    tokenizer = load_tokenizer(path / "encoder")
-    encoders = [load_encoder(path / name, cfg) for name in folders]
-    try:
-        model = TaskModel(TASKS[cfg.task], *encoders, dropout=cfg.dropout, criterion_heads=cfg.criterion_heads,
-                          pooling=cfg.pooling, evidence_head=cfg.evidence_head)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: cannot build a '{cfg.task}' model ({_first_line(e)})") from None
-    check_safetensors(path / HEADS)
-    heads = load_file(str(path / HEADS))
-    try:
-        missing, unexpected = model.load_state_dict(heads, strict=False)
-    except RuntimeError as e:  # same names, other shapes
-        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model ({_first_line(e)[:150]})") \
-            from None
-    missing = [k for k in missing if not k.startswith(tuple(n + "." for n in ENCODERS))]
-    if missing or unexpected:
-        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval(), tokenizer, cfg, extra

@@ -35,19 +35,21 @@ import numpy as np
 
 import data
 import train
-from evaluate import (
+from config import Config, load_yaml_config, parse_config
+from evaluate import has_post_pairs
+from hpo import DEFAULT_STORAGE, make_storage
+from metrics import (
     classification_metrics,
-    has_post_pairs,
     post_label_matrix,
     post_level_metrics,
     span_metrics,
     span_scores,
     tune_thresholds,
 )
-from hpo import DEFAULT_STORAGE, make_storage
 from models import TASKS
 from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training
-from utils import Config, Tracker, UserError, load_yaml_config, parse_config, run_main, setup_logging
+from tracking import Tracker
+from utils import UserError, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
 
@@ -584,7 +586,7 @@ def hpo_plots(args, cfg: Config) -> list[Path]:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, args = parse_config(argv, prog="report.py", extra=add_report_flags)
+    cfg, args = parse_config(argv, prog="report.py", extra=add_report_flags, doc=__doc__)
     setup_logging(True)
     if args.hpo_study:
         return hpo_plots(args, cfg)

@@ -1,0 +1,415 @@
+"""Checkpoints: the best model in the Hugging Face layout with its model card, and the training state that
+--resume continues from. No pickle anywhere: safetensors, JSON and YAML; a damaged file is one error naming it.
+
+checkpoints/best/ is a folder the Hugging Face tools read: encoder/ (and span_encoder/ for a joint model with two
+encoders) is a save_pretrained folder with its tokenizer, so AutoModel / AutoTokenizer.from_pretrained load the
+fine-tuned encoder alone; heads.safetensors holds the task heads; config.yaml, checkpoint.json, splits.json and a
+README.md model card describe the run. checkpoints/last/ is accelerate's save_state plus trainer_state.json.
+Both are written under a temporary name and swapped in whole (utils.replace_dir).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from config import Config, load_yaml_config, make_config
+from models import TASKS, TaskModel, drop_pooler
+from utils import UserError, find_complete_dir, replace_dir
+
+log = logging.getLogger("redsm5")
+
+ENCODERS = ("encoder", "span_encoder")  # TaskModel attributes, each saved as a save_pretrained folder
+HEADS = "heads.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """save_pretrained / from_pretrained draw a progress bar per call and report the pooler we dropped as
+    missing: noise in a training log. Both settings are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def split_state(state: dict) -> dict[str, dict]:
+    """Full TaskModel weights -> {"encoder", "span_encoder": their own keys (prefix removed), "heads": the rest}.
+    By key prefix, so the full state dict that accelerator.get_state_dict gathers under FSDP splits the same way."""
+    parts = {name: {} for name in (*ENCODERS, "heads")}
+    for key, value in state.items():
+        name = next((n for n in ENCODERS if key.startswith(n + ".")), "heads")
+        parts[name][key if name == "heads" else key[len(name) + 1:]] = value
+    return parts
+
+
+def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra: dict | None = None,
+                    state_dict: dict | None = None, card: str | None = None) -> None:
+    """encoder/ (+ span_encoder/) as save_pretrained folders with the tokenizer, heads.safetensors, config.yaml,
+    checkpoint.json (`extra`) and README.md (`card`, when given).
+    `state_dict`: the full weights when the model is sharded (accelerator.get_state_dict, FSDP)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    parts = split_state(state)
+    with quiet_transformers():
+        for name in ENCODERS:
+            if getattr(model, name) is not None:  # save_pretrained pops what it writes: it gets its own dict
+                getattr(model, name).save_pretrained(str(path / name), state_dict=parts[name])
+                tokenizer.save_pretrained(str(path / name))
+    save_file(parts["heads"], str(path / HEADS), metadata={"task": cfg.task, "format": "pt"})
+    (path / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    (path / "checkpoint.json").write_text(json.dumps({"task": cfg.task, **(extra or {})}, indent=2))
+    if card is not None:
+        (path / "README.md").write_text(card)
+
+
+# --------------------------------------------------------------------------- loading, with damaged-file checks
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The folder to load: `path`, or its complete `.old` copy when a save was killed between its renames."""
+    path = Path(path)
+    found = find_complete_dir(path)
+    if found is not None and found != path:
+        log.warning("%s: not there or not complete (a save was interrupted); loading its complete copy %s",
+                    path, found)
+    return found or path  # checkpoints written before the COMPLETE marker load as they are
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def read_json_file(path: Path, what: str = "JSON file") -> dict:
+    """A JSON object from `path`; a damaged file (not UTF-8, not JSON, not an object) is a UserError naming it."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a valid {what} ({_first_line(e)}): the checkpoint is damaged") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or _first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a valid {what} (expected a JSON object, got {type(value).__name__})")
+    return value
+
+
+def check_safetensors(path: Path) -> None:
+    """Reads only the header, which safetensors checks against the file size: a truncated or foreign file fails."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the weights ({_first_line(e)}): truncated or not a safetensors "
+                        "file") from None
+
+
+def encoder_folders(cfg: Config) -> list[str]:
+    return list(ENCODERS) if cfg.task == "joint" and not cfg.shared_encoder else ["encoder"]
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Every file a checkpoint needs is there (an older layout is named as such), before anything is parsed."""
+    if (path / "model.safetensors").exists() and (path / "encoder_config.json").exists():
+        raise UserError(f"{path}: a checkpoint written by an older version of this code (model.safetensors + "
+                        "encoder_config.json): retrain, or evaluate it with the version that wrote it")
+    needed = ["encoder/config.json", "encoder/model.safetensors", "encoder/tokenizer_config.json", HEADS,
+              "config.yaml", "checkpoint.json"]
+    missing = [n for n in needed if not (path / n).exists()]
+    if missing:
+        raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+
+
+def check_encoder_folder(folder: Path, cfg: Config) -> None:
+    """Its JSON files and config parse: a damaged one is named here, not as a bare JSON error later."""
+    from transformers import AutoConfig
+
+    for f in sorted(folder.glob("*.json")):
+        read_json_file(f, "encoder config" if f.name == "config.json" else "tokenizer file")
+    try:
+        AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder / 'config.json'}: not a valid encoder config ({_first_line(e)})") from None
+    check_safetensors(folder / "model.safetensors")
+
+
+def load_encoder(folder: Path, cfg: Config):
+    """A save_pretrained folder (checked by check_encoder_folder), read by from_pretrained as any user would,
+    strictly: only the pooler (which we drop) may be missing."""
+    from transformers import AutoModel
+
+    try:
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the pooler's init draws random numbers
+            encoder, info = AutoModel.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code,
+                                                      output_loading_info=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: other shapes
+        raise UserError(f"{folder}: cannot build its encoder ({_first_line(e)[:150]})") from None
+    problems = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    problems += sorted(info["unexpected_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if problems:
+        raise UserError(f"{folder / 'model.safetensors'}: weights do not match its config.json "
+                        f"(missing or unexpected {problems[:3]})")
+    return drop_pooler(encoder)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # tokenizers raises plain Exceptions; any failure here means a broken folder
+        raise UserError(f"{folder}: cannot load the tokenizer ({_first_line(e)}): the checkpoint is damaged") \
+            from None
+
+
+def load_checkpoint(path: str | Path, expect_task: str | None = None):
+    """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved.
+    A damaged file (truncated weights, corrupt JSON, a broken tokenizer) is a UserError naming it."""
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(path)
+    check_checkpoint_files(path)
+    cfg = make_config(**load_yaml_config(path / "config.yaml"))  # errors name the file
+    extra = read_json_file(path / "checkpoint.json", "checkpoint.json")
+    if expect_task and cfg.task != expect_task:
+        raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")
+    folders = encoder_folders(cfg)
+    if not (path / folders[-1] / "model.safetensors").exists():
+        raise UserError(f"{path}: not a complete checkpoint (missing {folders[-1]}/model.safetensors)")
+    for name in folders:
+        check_encoder_folder(path / name, cfg)
+    tokenizer = load_tokenizer(path / "encoder")
+    encoders = [load_encoder(path / name, cfg) for name in folders]
+    try:
+        model = TaskModel(TASKS[cfg.task], *encoders, dropout=cfg.dropout, criterion_heads=cfg.criterion_heads,
+                          pooling=cfg.pooling, evidence_head=cfg.evidence_head)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: cannot build a '{cfg.task}' model ({_first_line(e)})") from None
+    check_safetensors(path / HEADS)
+    heads = load_file(str(path / HEADS))
+    try:
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model ({_first_line(e)[:150]})") \
+            from None
+    missing = [k for k in missing if not k.startswith(tuple(n + "." for n in ENCODERS))]
+    if missing or unexpected:
+        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), tokenizer, cfg, extra
+
+
+# --------------------------------------------------------------------------- the model card
+
+TASK_TEXT = {
+    "criteria": "DSM-5 criteria classification: for each (text, criterion) pair, whether the text shows that "
+                "symptom of major depression (status 1)",
+    "evidence": "evidence extraction: the sentences of a post that are evidence for a given DSM-5 criterion",
+    "joint": "criteria classification and evidence extraction with one model",
+}
+
+# The checkpoint's README.md. {front_matter} is the YAML block the Hugging Face hub reads
+# (https://huggingface.co/docs/hub/model-cards); {results} the metric tables of `card_metrics`.
+CARD_TEMPLATE = """{front_matter}# ReDSM5 {task} model
+
+**Not a diagnostic tool.** {task_text}, for research on annotated Reddit posts.
+
+## Model
+
+- encoder: {encoder}; {n_params:,} parameters (`encoder/`)
+- task heads: `heads.safetensors` ({heads})
+- run config: `config.yaml` (max_length {max_length}, lr {lr}, seed {seed})
+
+## Training data
+
+- {data}
+- post-level split (seed {seed}): {sizes} posts (`splits.json`)
+
+## Results
+{tested}
+{results}
+
+## How to load
+
+```python
+from transformers import AutoModel, AutoTokenizer
+
+encoder = AutoModel.from_pretrained("checkpoints/best/encoder")  # the fine-tuned encoder alone
+tokenizer = AutoTokenizer.from_pretrained("checkpoints/best/encoder")
+```
+
+The whole model (encoder and heads): `python evaluate.py --checkpoint checkpoints/best` (metrics) or \
+`--predict posts.csv` (predictions), or `checkpoint.load_checkpoint` in this repository.
+
+## Data access
+
+ReDSM5 is distributed by its authors under a data usage agreement. A model trained on it may memorise text of \
+the posts: share this checkpoint only as that agreement allows.
+
+## Intended use and limitations
+
+- Research on detecting DSM-5 depression symptoms in text. Not a diagnostic tool: it must not be used to \
+diagnose, screen or triage people, nor to make decisions about them.
+- Trained on Reddit posts in English with one team's annotations; it will not transfer reliably to other \
+platforms, languages or clinical text, and its errors are not spread evenly across symptoms.
+- The metrics above are from one split of a small corpus; see the per-criterion scores.
+
+## Licence
+
+`license: other`: not set here. The weights derive from the base encoder (its own licence) and from ReDSM5 \
+(its data usage agreement); set the licence before sharing.
+"""
+
+
+def card_front_matter(cfg: Config) -> str:
+    meta = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
+            "tags": ["redsm5", "dsm-5", "depression", "mental-health", cfg.task],
+            "license": "other"}  # not ours to choose: see "Licence" in the card
+    if cfg.model != "tiny":
+        meta["base_model"] = cfg.model
+    if cfg.data_dir is not None:
+        meta["datasets"] = ["redsm5"]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
+
+
+def card_number(v) -> str:
+    return "–" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def card_metrics(metrics: dict, headline: tuple) -> list[str]:
+    """Markdown tables: the task's headline metrics on val, test (and test_shift), then the test (else val) F1 per
+    criterion."""
+    splits = [name for name in ("val", "test", "test_shift") if metrics.get(name)]
+    rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for key in (k for k in headline if any(k in metrics[name] for name in splits)):
+        cells = [metrics[name].get(key) for name in splits]
+        rows.append(f"| {key} | " + " | ".join(card_number(v) for v in cells) + " |")
+    if "test_shift" in splits:
+        rows += ["", "test_shift: a second test set written with phrasing that no training post uses (the demo's "
+                 "held-out phrases, or `--test_shift_dir`)."]
+    per = (metrics.get("test") or metrics.get("val") or {}).get("per_criterion_f1")
+    if per:
+        rows += ["", f"F1 per criterion ({'test' if metrics.get('test') else 'val'}):", "",
+                 "| criterion | F1 |", "|---|---|"] + [f"| {c} | {v:.4f} |" for c, v in per.items()]
+    return rows
+
+
+def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
+    """README.md of a checkpoint (CARD_TEMPLATE). `metrics`: {"val": ..., "test": ...}; test is filled in once the
+    run has tested."""
+    two_encoders = cfg.task == "joint" and not cfg.shared_encoder
+    return CARD_TEMPLATE.format(
+        front_matter=card_front_matter(cfg), task=cfg.task, task_text=TASK_TEXT[cfg.task], n_params=n_params,
+        encoder=(f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained from "
+                 "scratch" if cfg.model == "tiny" else f"`{cfg.model}`, fine-tuned"),
+        heads=("one output pair per criterion" if cfg.criterion_heads else "shared")
+        + ("; a second encoder for the evidence in `span_encoder/`" if two_encoders else ""),
+        max_length=cfg.max_length, lr=cfg.lr, seed=cfg.seed,
+        data=(f"ReDSM5, from `{cfg.data_dir}`" if cfg.data_dir is not None else
+              f"synthetic demo corpus ({cfg.demo_posts} posts, seed {cfg.demo_seed}): generated, not real posts"),
+        sizes=" / ".join(f"{len(splits.get(n, []))} {n}" for n in ("train", "val", "test")),
+        tested="" if metrics.get("test") else "\n(Test metrics are added once the run has tested this checkpoint.)\n",
+        results="\n".join(card_metrics(metrics, TASKS[cfg.task].headline)))
+
+
+# --------------------------------------------------------------------------- during training: best and last
+
+@dataclass
+class LoopState:
+    """Where training stands; saved with checkpoints/last as trainer_state.json, so a resume continues exactly."""
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches of the current epoch already trained on
+    global_step: int = 0  # optimizer steps
+    best: float | None = None  # best validation value of the main metric
+    bad_epochs: int = 0  # validations without improvement, for --patience
+    thresholds: dict = field(default_factory=dict)  # tuned on validation for the best checkpoint (evaluate)
+    run_id: str | None = None  # the MLflow run a resume continues
+    history: list = field(default_factory=list)  # validation metric per epoch
+    curve: list = field(default_factory=list)  # [step, train loss, lr] per optimizer step, for history.json
+    skipped_steps: int = 0  # non-finite losses skipped
+
+
+def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: dict, splits: dict) -> None:
+    """The best model so far as an evaluate.py checkpoint (Hugging Face layout, save_checkpoint) with a
+    model card of its validation metrics, swapped in whole by replace_dir."""
+    weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
+    if accelerator.is_main_process:
+        tmp = best_dir.with_name(best_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("encoder."))}
+        card = model_card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits)
+        save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=card)
+        (tmp / "splits.json").write_text(json.dumps(splits))
+        replace_dir(tmp, best_dir)
+
+
+def load_best(accelerator, model, best_dir: Path) -> None:
+    """Read the best weights back from the checkpoint, exactly as evaluate.py will (models.load_checkpoint)."""
+    accelerator.wait_for_everyone()
+    best_weights = load_checkpoint(find_complete_dir(best_dir))[0].state_dict()
+    if getattr(accelerator, "is_fsdp2", False):  # sharded: each process takes its shard of the full weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, best_weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        accelerator.unwrap_model(model).load_state_dict(best_weights)
+
+
+def save_last(accelerator, path: Path, state: LoopState, scheduler, keep: int = 1) -> None:
+    """Full training state for --resume, swapped in whole by replace_dir.
+
+    accelerate writes weights as safetensors and optimizer/RNG states as tensors that it reads back
+    with torch.load(weights_only=True); the scheduler and loop state go to JSON. Nothing is unpickled.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "scheduler": scheduler.state_dict()},
+                                                           indent=2))
+        replace_dir(tmp, path)
+        if keep > 1:  # older states stay as step-N copies, for rolling back by hand
+            shutil.copytree(path, path.with_name(f"step-{state.global_step:07d}"), dirs_exist_ok=True)
+            for stale in sorted(path.parent.glob("step-*"))[: -(keep - 1)]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+
+
+def load_last(path: Path) -> Path:
+    """The complete training state to resume from: checkpoints/last, or its .old copy after a crash mid-save."""
+    found = find_complete_dir(path)
+    if found is None:
+        raise UserError(f"{path}: no complete training state to resume from (missing or torn save)")
+    return found
+
+
+def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> LoopState:
+    try:
+        accelerator.load_state(str(resume_from))
+    except RuntimeError as e:  # weights of another task or model size
+        raise UserError(f"{resume_from}: cannot resume with --task {cfg.task} --model {cfg.model}: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+    saved = json.loads((resume_from / "trainer_state.json").read_text())
+    scheduler.load_state_dict(saved.pop("scheduler"))
+    state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
+    log.info("resumed from %s at epoch %d, batch %d, step %d", resume_from, state.epoch, state.batches_done,
+             state.global_step)
+    return state

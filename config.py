@@ -1,0 +1,319 @@
+"""The run's configuration: one dataclass field per knob, with its help text and what it is.
+
+Every field carries its tags once (`knob`): `data` (the split, tokenizer or features depend on it: the data
+cache key, and a resume may not change it), `resume` (a resumed run may change it: how long or how verbosely
+it trains, not what), `hpo=False` (trials are compared on it or write to it: never sampled), and its allowed
+range. The data cache key, the resume allowance, HPO's fixed fields, the range checks and `--help` are all
+derived from these tags (DATA_FIELDS, RESUMABLE_FIELDS, HPO_FIXED_FIELDS, validate_config, parse_config).
+
+Precedence: dataclass defaults < --config YAML < --field flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from utils import UserError, read_yaml
+
+
+def knob(default, help: str = "", *, data: bool = False, resume: bool = False, hpo: bool = True,
+         low: float | None = None, below: float | None = None):
+    """A Config field with its --help text and tags. low: smallest allowed value; below: exclusive upper bound."""
+    return dataclasses.field(default=default, metadata={"help": help, "data": data, "resume": resume, "hpo": hpo,
+                                                         "low": low, "below": below})
+
+
+@dataclass
+class Config:
+    # --- task and data
+    task: typing.Literal["criteria", "evidence", "joint"] = knob("criteria", data=True, hpo=False,
+        help="what to train (models.TASKS)")
+    data_dir: str | None = knob(None, 'ReDSM5 csv folder; None = the generated demo corpus', data=True, hpo=False)
+    demo_posts: int = knob(1000, 'size of the demo corpus when data_dir is None', data=True, hpo=False, low=1)
+    demo_seed: int = knob(0, 'the demo corpus is a pure function of (demo_posts, demo_seed)', data=True, hpo=False)
+    unit: typing.Literal["sentence", "post"] = knob("sentence", data=True, hpo=False,
+        help="criteria examples: annotated sentence, or post x 9 criteria")
+    include_negatives: bool = knob(False, data=True, hpo=False,
+        help="evidence: also train (criterion, post) pairs without evidence, to the null answer")
+    include_special_case: bool = knob(False, 'keep ReDSM5 SPECIAL_CASE rows (dropped and counted otherwise)', data=True)
+    fuzzy_threshold: float = knob(0.3, data=True, low=0, below=1,
+        help="min word-sequence similarity to align a paraphrased sentence to a post sentence")
+    val_ratio: float = knob(0.1, data=True, hpo=False, low=0, below=1,
+        help="post-level split fractions; train gets the rest")
+    test_ratio: float = knob(0.1, 'fraction of posts in the test split', data=True, hpo=False, low=0, below=1)
+    splits_file: str | None = knob(None, data=True, hpo=False,
+        help="reuse the post split of an earlier run (its splits.json)")
+    demo_shift_posts: int = knob(200, data=True,
+        help="demo: posts of the shifted test set (held-out phrasing) scored as test_shift; 0: none")
+    test_shift_dir: str | None = knob(None, data=True,
+        help="a second ReDSM5 folder scored as test_shift (replaces the demo's shift set)")
+    # --- model
+    model: str = knob("tiny", data=True,
+        help="'tiny' (built offline), 'minilm' (pip package, models.SHORT_NAMES), a hub name or "
+             "local dir")
+    tiny_arch: typing.Literal["modernbert", "bert"] = knob("modernbert",
+        help="tiny encoder: ModernBERT (rotary positions, local+global attention) or BERT (learned "
+             "absolute positions)")
+    tiny_hidden: int = knob(128, 'width of the tiny encoder', low=1)
+    tiny_layers: int = knob(2, 'depth of the tiny encoder', low=1)
+    tiny_heads: int = knob(2, 'attention heads of the tiny encoder', low=1)
+    tiny_vocab: int = knob(8000, 'WordPiece vocabulary trained on the training texts', data=True, low=1)
+    dropout: float = knob(0.1, 'dropout of the task heads', low=0, below=1)
+    shared_encoder: bool = knob(True, 'joint: one encoder for both heads (False = two encoders)')
+    pooling: typing.Literal["max", "cls"] = knob("max",
+        help="what the classification head reads: max over the tokens (a post shows a symptom if any"
+             " sentence does) or [CLS]")
+    criterion_heads: bool = knob(True,
+        help="one head output per criterion, picked by the pair's criterion (False = one for all)")
+    encoding: typing.Literal["pair", "post"] = knob("post", data=True,
+        help="post-level tasks: 'pair' reads (criterion text, post) once per criterion; 'post' reads"
+             " each post window once and takes all nine criteria's outputs from it (the per-"
+             "criterion heads tell them apart)")
+    evidence_head: typing.Literal["span", "tag"] = knob("tag",
+        help="evidence: 'span' = start/end logits per token (SQuAD), a sentence scored by its best "
+             "span; 'tag' = one logit per token, 'inside an evidence sentence' (BCE), a sentence "
+             "scored by the mean over its tokens")
+    max_length: int = knob(256, 'tokens per (criterion, text) window', data=True, low=1)
+    doc_stride: int = knob(64, 'overlap between consecutive windows of a long post', data=True, low=0)
+    max_answer_tokens: int = knob(96, 'longest span the decoder may return', low=1)
+    n_best: int = knob(5, 'span candidates kept per window', low=1)
+    gradient_checkpointing: bool = knob(False, 'trade compute for memory')
+    trust_remote_code: bool = knob(False, 'only for hub models that need it', data=True)
+    # --- optimisation
+    epochs: int | typing.Literal["auto"] = knob("auto", resume=True, low=1,
+        help="auto: tiny 4 (8 under post encoding), pretrained 3 (AUTO_DEFAULTS)")
+    max_steps: int = knob(-1, '> 0 caps the number of optimizer steps', resume=True)
+    batch_size: int = knob(32, 'per process', low=1)
+    eval_batch_size: int = knob(64, 'per process', resume=True, low=1)
+    grad_accum: int = knob(1, 'micro-batches per optimizer step', low=1)
+    lr: float | typing.Literal["auto"] = knob("auto",
+        help="auto: 2e-3 for tiny (from scratch), 5e-5 fine-tuning a pretrained one")
+    weight_decay: float = knob(0.01, 'not applied to biases and LayerNorm weights')
+    adam_beta1: float = knob(0.9, 'AdamW beta1')
+    adam_beta2: float = knob(0.999, 'AdamW beta2')
+    adam_eps: float = knob(1e-8, 'AdamW epsilon')
+    scheduler: typing.Literal["cosine", "linear", "constant"] = knob("linear", 'learning-rate schedule after warmup')
+    warmup_ratio: float = knob(0.06, 'fraction of optimizer steps spent warming up', low=0, below=1)
+    max_grad_norm: float = knob(1.0, 'gradient clipping on sync steps; 0 disables')
+    class_weights: bool = knob(False, 'criteria: weight CE by inverse class frequency')
+    loss_weight_criteria: float = knob(1.0, 'joint: w_c')
+    loss_weight_evidence: float = knob(1.0, 'joint: w_e')
+    mixed_precision: typing.Literal["auto", "no", "fp16", "bf16"] = knob("auto", 'auto = what `accelerate launch` says')
+    # --- early stopping and checkpoints
+    early_stopping_metric: str = knob("auto", "validation metric to watch; auto = the task's main metric", hpo=False)
+    early_stopping_mode: typing.Literal["max", "min"] = knob("max", hpo=False,
+        help="max: a larger metric is better; min: a smaller one")
+    patience: int = knob(3, 'epochs without improvement before stopping; 0 disables', resume=True, low=0)
+    min_delta: float = knob(1e-4, 'smallest change that counts as an improvement')
+    resume: bool = knob(False, 'continue the run in output_dir from checkpoints/last', resume=True, hpo=False)
+    save_every: int = knob(0, resume=True, low=0,
+        help="also write checkpoints/last every N optimizer steps (0 = once per epoch)")
+    keep_checkpoints: int = knob(1, resume=True, low=1,
+        help="training states kept: the newest is checkpoints/last, older ones checkpoints/step-N")
+    skip_nonfinite: bool = knob(False, resume=True,
+        help="skip a step whose loss is NaN/inf (costs a host sync per step) instead of stopping")
+    # --- runtime
+    seed: int = knob(42, 'seeds the split, the initialisation and the batch order', data=True, hpo=False)
+    deterministic: bool = knob(False, 'torch.use_deterministic_algorithms: exact repeats, slower', resume=True)
+    cudnn_benchmark: bool = knob(True, 'let cuDNN pick the fastest kernels (GPU only)', resume=True)
+    cudnn_attention: bool = knob(False, resume=True,
+        help="cuDNN's fused attention (GPU): it plans anew for every new batch shape")
+    tf32: bool = knob(True,
+        help="TF32 matmuls on Ampere and later GPUs (torch.set_float32_matmul_precision('high')): "
+             "PyTorch leaves them off")
+    num_workers: int = knob(0, resume=True, low=0,
+        help="DataLoader workers; features are pre-tokenised, so 0 is fastest on CPU")
+    threads: int = knob(0, resume=True, low=0,
+        help="torch CPU threads per process; 0 = the machine's cores shared among its processes")
+    output_dir: str = knob("outputs/run", 'where the run writes', hpo=False)
+    log_every: int = knob(10, 'steps between progress/MLflow loss points', resume=True, low=1)
+    # --- tracking
+    mlflow: bool = knob(True, 'track the run in MLflow', resume=True, hpo=False)
+    tracking_uri: str | None = knob(None, resume=True, hpo=False,
+        help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = knob("redsm5", 'MLflow experiment name', resume=True, hpo=False)
+    run_name: str | None = knob(None, 'MLflow run name (default <task>-<output_dir name>)', resume=True, hpo=False)
+    mlflow_system_metrics: bool = knob(False, resume=True,
+        help="CPU, memory, disk (and GPU with pynvml) every 10 s; needs psutil")
+    mlflow_log_model: bool = knob(False, resume=True,
+        help="also copy checkpoints/best into the run's artifacts (model/); never uploaded")
+
+
+# What `auto` means, per field. The tiny encoder learns from scratch and takes a large rate (2e-3: the model table
+# on the demo, results/). A pretrained encoder is only fine-tuned, and 2e-3 wrecks its weights (on an independent
+# templated corpus: MiniLM at 2e-3 collapses to the majority class, f1_macro 0.443; at 5e-5, 1.000).
+# 5e-5 and 3 epochs: the top rate and the middle epoch count of BERT's fine-tuning grid ({2, 3, 5}e-5, {2, 3, 4}).
+# tiny_post: tiny under --encoding post on a post-level task. An epoch then has a ninth of pair encoding's optimizer
+# steps (a window carries all nine criteria), and at 4 epochs joint is under-trained (test combined 0.687 at 4
+# epochs, 0.762 at 8, pair encoding 0.617 at 4).
+AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": 5e-5},
+                 "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3}}
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+# Derived from the tags: adding a field means writing it once, above.
+DATA_FIELDS = tuple(name for name, f in config_fields().items() if f.metadata["data"])  # the data cache key
+RESUMABLE_FIELDS = frozenset(name for name, f in config_fields().items() if f.metadata["resume"])
+HPO_FIXED_FIELDS = frozenset(name for name, f in config_fields().items() if not f.metadata["hpo"])
+
+
+def _choices(tp) -> tuple | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+def coerce(name: str, value, source: str):
+    """Check `value` against the type of field `name`; strings from the command line are parsed."""
+    fields = config_fields()
+    if name not in fields:
+        raise UserError(f"{source}: unknown config key '{name}' (valid: {', '.join(fields)})")
+    tp = typing.get_type_hints(Config)[name]
+    choices, optional = _choices(tp), type(None) in typing.get_args(tp)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    if choices:
+        if value not in choices:
+            raise UserError(f"{source}: invalid value {value!r} for '{name}' (choose from {', '.join(choices)})")
+        return value
+    words = [w for arg in typing.get_args(tp) for w in (_choices(arg) or ())]  # "auto" beside a number
+    if isinstance(value, str) and value.strip().lower() in words:
+        return value.strip().lower()
+    base = next(t for t in (bool, int, float, str) if t is tp or t in typing.get_args(tp))
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        if base in (int, float) and isinstance(value, str):
+            value = float(value) if base is float else int(value)
+        if base is str and not isinstance(value, str):
+            raise ValueError
+        return base(value)
+    except (ValueError, KeyError, TypeError):
+        forms = " or ".join([base.__name__, *words])
+        raise UserError(f"{source}: invalid value {value!r} for '{name}' (expected {forms})") from None
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys")
+    return {k: coerce(k, v, str(path)) for k, v in raw.items()}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, no usage dump
+        if message.startswith("unrecognized arguments"):  # name the valid flags, or the likely one
+            import difflib
+
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            unknown = [w.split("=")[0] for w in message.split()[2:] if w.startswith("--")]
+            close = sorted({m for w in unknown for m in difflib.get_close_matches(w, flags, n=3)})
+            message += f" (did you mean {' or '.join(close)}?)" if close else f" (valid: {', '.join(flags)})"
+        raise UserError(f"{self.prog}: {message}")
+
+
+def field_help(name: str, f: dataclasses.Field) -> str:
+    """--help text of a field: what it does, its choices, its default."""
+    tp = typing.get_type_hints(Config)[name]
+    choices = _choices(tp) or tuple(w for arg in typing.get_args(tp) for w in (_choices(arg) or ()))
+    text = f.metadata["help"]
+    if choices:
+        text += f" (choices: {', '.join(map(str, choices))}{'' if _choices(tp) else ', or a number'})"
+    return f"{text} [default: {f.default}]"
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=None,
+                 doc: str | None = None) -> tuple[Config, argparse.Namespace]:
+    """Config from defaults < --config YAML < --field flags. `extra(parser)` adds script-only flags; `doc` (the
+    script's docstring) opens --help."""
+    parser = _Parser(prog=prog, allow_abbrev=False, description=doc,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of config fields (flags override it)")
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("config fields (also YAML keys of --config)")
+    for name, f in config_fields().items():
+        # a bare boolean flag means true, as users expect of store_true flags: `--resume` = `--resume true`
+        bare = {"nargs": "?", "const": "true"} if hints[name] is bool else {}
+        group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
+                           help=field_help(name, f), **bare)
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    values = load_yaml_config(args.config) if args.config else {}
+    for name in config_fields():
+        if hasattr(args, name):
+            values[name] = coerce(name, getattr(args, name), f"--{name}")
+    return make_config(**values), args
+
+
+def make_config(**overrides) -> Config:
+    """A Config from field values, type-checked, `auto` resolved, then checked as a whole: every range and
+    consistency rule is here."""
+    cfg = resolve_auto(Config(**{k: coerce(k, v, "config") for k, v in overrides.items()}))
+    validate_config(cfg)
+    return cfg
+
+
+def post_encoding(cfg: Config) -> bool:
+    """`--encoding post` applies to the post-level examples; criteria of single sentences always reads pairs."""
+    return cfg.encoding == "post" and not (cfg.task == "criteria" and cfg.unit == "sentence")
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """`auto` fields replaced by the number for this model (AUTO_DEFAULTS), once, here: config.yaml, MLflow params
+    and HPO's best_config.yaml then carry the number, and a rerun from config.yaml is the same run."""
+    kind = ("tiny_post" if post_encoding(cfg) else "tiny") if cfg.model == "tiny" else "pretrained"
+    chosen = {name: values[kind] for name, values in AUTO_DEFAULTS.items() if getattr(cfg, name) == "auto"}
+    return dataclasses.replace(cfg, **chosen) if chosen else cfg
+
+
+def validate_config(cfg: Config) -> None:
+    floats = [f.name for f in dataclasses.fields(Config) if isinstance(getattr(cfg, f.name), float)]
+    for name in floats:  # nan passes every comparison below, so it is refused first
+        if not np.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name}: must be a finite number, got {getattr(cfg, name)}")
+    for name, f in config_fields().items():  # the ranges written on the fields (knob low / below)
+        value, low, below = getattr(cfg, name), f.metadata["low"], f.metadata["below"]
+        if below is not None and not low <= value < below:
+            raise UserError(f"--{name}: must be in [{low}, {below}), got {value}")
+        if low is not None and value < low:
+            raise UserError(f"--{name}: must be >= {low}, got {value}")
+    if cfg.val_ratio + cfg.test_ratio >= 1:
+        raise UserError(f"--val_ratio + --test_ratio: must leave posts to train on, got "
+                        f"{cfg.val_ratio} + {cfg.test_ratio} >= 1")
+    if cfg.doc_stride >= cfg.max_length // 2:
+        raise UserError(f"--doc_stride: must be below max_length/2 ({cfg.max_length // 2}), got {cfg.doc_stride}")
+    if cfg.tiny_hidden % cfg.tiny_heads:
+        raise UserError(f"--tiny_heads: must divide --tiny_hidden {cfg.tiny_hidden}, got {cfg.tiny_heads}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr: must be > 0, got {cfg.lr}")
+    if post_encoding(cfg) and not cfg.criterion_heads:
+        raise UserError("--encoding post: needs --criterion_heads true (a window is read once for all nine criteria, "
+                        "and only the per-criterion head outputs tell them apart)")
+    if not cfg.output_dir.strip():
+        raise UserError("--output_dir: must not be empty (it would write into the working directory)")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise UserError(f"--output_dir {cfg.output_dir}: is a file, not a folder")
+    if cfg.mlflow and cfg.mlflow_system_metrics and importlib.util.find_spec("psutil") is None:
+        raise UserError("--mlflow_system_metrics: needs psutil (pip install psutil, or the 'system-metrics' extra: "
+                        "pip install -e '.[system-metrics]'); or run without it")
+    if cfg.model != "tiny" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
+        raise UserError(f"--model {cfg.model}: a folder without config.json (not a save_pretrained model folder)")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
