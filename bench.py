@@ -191,7 +191,7 @@ def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    import features
+    from features import make_loader
     from train import make_optimizer
     from utils import dataloader_kwargs
 
@@ -199,7 +199,7 @@ def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
     total = job["warmup"] + job["steps"]
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
     pad = tokenizer.pad_token_id
-    train_loader = features.make_loader(train_feats, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
+    train_loader = make_loader(train_feats, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
     train_loader.collate_fn = recorder = BatchRecorder(train_loader.collate_fn)
     model, optimizer, train_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
@@ -209,13 +209,13 @@ def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
 
 def time_our_eval(model, eval_feats, accelerator, cfg, pad: int, dl_kwargs: dict) -> tuple[np.ndarray, list]:
     """(wall and CPU seconds, batch shapes) of evaluate.model_outputs over eval_feats, after a warm-up."""
-    import features
     from evaluate import model_outputs
+    from features import make_loader
 
     warm = eval_feats[: 2 * cfg.eval_batch_size]
-    warm_loader = features.make_loader(warm, cfg.eval_batch_size, False, pad, **dl_kwargs)
+    warm_loader = make_loader(warm, cfg.eval_batch_size, False, pad, **dl_kwargs)
     model_outputs(model, accelerator.prepare(warm_loader), accelerator, cfg)
-    eval_loader = features.make_loader(eval_feats, cfg.eval_batch_size, False, pad, **dl_kwargs)
+    eval_loader = make_loader(eval_feats, cfg.eval_batch_size, False, pad, **dl_kwargs)
     eval_loader.collate_fn = eval_recorder = BatchRecorder(eval_loader.collate_fn)
     t = clock(sync=True)
     model_outputs(model, accelerator.prepare(eval_loader), accelerator, cfg)

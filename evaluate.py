@@ -35,6 +35,7 @@ from decoding import (
     tune_sentence_threshold,
     window_candidates,
 )
+from features import make_loader
 from metrics import (
     classification_metrics,
     post_level_metrics,
@@ -257,7 +258,7 @@ def main(argv=None):
     if not examples:
         raise UserError(f"split '{args.split}' has no examples for task {cfg.task}")
     features = featurize(cfg, tokenizer, examples)
-    loader = features.make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id,
+    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id,
                               **dataloader_kwargs(cfg, accelerator.device.type == "cuda"))
     model, loader = accelerator.prepare(model, loader)
     metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
@@ -342,7 +343,7 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
             else:
                 examples.append({"post_id": pid, "criterion": symptom, "text": text, "label": 0, "spans": []})
     features = featurize(cfg, tokenizer, examples)
-    loader = features.make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id)
+    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id)
     model, loader = accelerator.prepare(model, loader)
     _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     out, tuned = {}, saved_thresholds(extra).get("paper_thresholds") or {}

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 import data
-import features
 from checkpoint import (
     LoopState,
     find_complete_dir,
@@ -46,6 +45,7 @@ from checkpoint import (
 )
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, parse_config, save_config
 from evaluate import evaluate, format_metrics, metric_names
+from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
 from tracking import Tracker, log_run_inputs, tracked_metrics
 from utils import (
@@ -220,8 +220,8 @@ def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
     train_features = prepared.features["train"][1]
     model = build_model(cfg, prepared.tokenizer, make_class_weights(cfg, train_features))
     dl_kwargs, pad = dataloader_kwargs(cfg, accelerator.device.type == "cuda"), prepared.tokenizer.pad_token_id
-    train_loader = features.make_loader(train_features, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
-    val_loader = features.make_loader(prepared.features["val"][1], cfg.eval_batch_size, False, pad, **dl_kwargs)
+    train_loader = make_loader(train_features, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
+    val_loader = make_loader(prepared.features["val"][1], cfg.eval_batch_size, False, pad, **dl_kwargs)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader,
                                                                      val_loader)
     _, total_steps = step_budget(cfg, len(train_loader))
@@ -373,7 +373,7 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
         examples, feats = prepared.features[name]
         if not examples:
             continue
-        loader = accelerator.prepare(features.make_loader(feats, cfg.eval_batch_size, False,
+        loader = accelerator.prepare(make_loader(feats, cfg.eval_batch_size, False,
                                                       prepared.tokenizer.pad_token_id, **dl_kwargs))
         metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds)
         results[name] = metrics

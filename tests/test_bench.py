@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import bench
-import data
+from features import collate
 from models import TASKS, TaskModel
 
 
 def test_batch_recorder_counts_real_tokens_and_padding():
     features = [{"idx": 0, "input_ids": np.array([2, 7, 3], dtype=np.int32), "label": 0},
                 {"idx": 1, "input_ids": np.array([2, 7, 8, 9, 3], dtype=np.int32), "label": 1}]
-    recorder = bench.BatchRecorder(lambda f: data.collate(f, pad_id=0))
+    recorder = bench.BatchRecorder(lambda f: collate(f, pad_id=0))
     batch = recorder(features)
     assert batch["input_ids"].shape == (2, 5)
     assert recorder.shapes == [(2, 5, 8, 3**2 + 5**2)]  # rows, width, real tokens, sum of squared lengths
@@ -28,8 +28,8 @@ def test_batch_recorder_counts_real_tokens_and_padding():
 def test_training_flops_match_torch_flop_counter(arch):
     from torch.utils.flop_counter import FlopCounterMode
 
+    from config import make_config
     from models import build_encoder
-    from utils import make_config
 
     torch.manual_seed(0)
     cfg = make_config(tiny_arch=arch, tiny_hidden=32, tiny_layers=2, tiny_heads=2, max_length=64, doc_stride=16)

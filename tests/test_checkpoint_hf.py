@@ -10,10 +10,14 @@ import torch
 import yaml
 from conftest import write_quirky
 
+import checkpoint
 import data
 import models
+import tracking
 import train
-from utils import Tracker, UserError, make_config
+from config import make_config
+from tracking import Tracker
+from utils import UserError
 
 SMALL = dict(demo_posts=150, tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_vocab=1000, max_length=96,
              doc_stride=24, batch_size=16, eval_batch_size=32, log_every=5, epochs=1, max_steps=6)
@@ -44,7 +48,7 @@ def test_encoder_loads_with_automodel_and_gives_our_hidden_states(trained):
 
     cfg, _, out = trained
     best = out / "checkpoints" / "best"
-    ours, our_tokenizer, _, _ = models.load_checkpoint(best)
+    ours, our_tokenizer, _, _ = checkpoint.load_checkpoint(best)
     encoder, tokenizer = AutoModel.from_pretrained(best / "encoder"), AutoTokenizer.from_pretrained(best / "encoder")
     assert type(encoder).__name__ == "ModernBertModel" and encoder.config.model_type == "modernbert"
     pair = (data.CRITERIA["SLEEP_ISSUES"], "I can’t sleep at night, I lie awake until 4.")
@@ -67,14 +71,14 @@ def test_bert_checkpoint_without_its_pooler_loads_with_automodel(tiny_tokenizer,
     cfg = make_config(task="criteria", tiny_arch="bert", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64,
                       doc_stride=16)
     model = models.build_model(cfg, tiny_tokenizer).eval()
-    models.save_checkpoint(model, tiny_tokenizer, cfg, tmp_path / "best")
+    checkpoint.save_checkpoint(model, tiny_tokenizer, cfg, tmp_path / "best")
     encoder, info = AutoModel.from_pretrained(tmp_path / "best" / "encoder", output_loading_info=True)
     assert info["missing_keys"] == {"pooler.dense.weight", "pooler.dense.bias"} and not info["unexpected_keys"]
     ids = torch.tensor([tiny_tokenizer("I can’t sleep at night.")["input_ids"]])
     with torch.no_grad():
         theirs, mine = encoder.eval()(input_ids=ids).last_hidden_state, model.encoder(input_ids=ids).last_hidden_state
     assert torch.equal(theirs, mine)
-    loaded = models.load_checkpoint(tmp_path / "best")[0]
+    loaded = checkpoint.load_checkpoint(tmp_path / "best")[0]
     assert loaded.encoder.pooler is None  # our loader drops it again: the weights are exactly the saved ones
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
@@ -89,14 +93,14 @@ def test_sharded_save_path_splits_the_full_state_dict_by_prefix(tiny_tokenizer, 
     model = models.build_model(cfg, tiny_tokenizer)
     full = {k: torch.full_like(v, i + 0.5) if v.is_floating_point() else v
             for i, (k, v) in enumerate(model.state_dict().items())}
-    models.save_checkpoint(model, tiny_tokenizer, cfg, tmp_path / "best", state_dict=full)
+    checkpoint.save_checkpoint(model, tiny_tokenizer, cfg, tmp_path / "best", state_dict=full)
     heads = load_file(tmp_path / "best" / "heads.safetensors")
     assert sorted(heads) == ["cls_head.bias", "cls_head.weight", "span_head.bias", "span_head.weight"]
     for prefix in ("encoder", "span_encoder"):
         saved = load_file(tmp_path / "best" / prefix / "model.safetensors")
         assert {f"{prefix}.{k}" for k in saved} == {k for k in full if k.startswith(prefix + ".")}
         assert all(torch.equal(v, full[f"{prefix}.{k}"]) for k, v in saved.items())
-    loaded = models.load_checkpoint(tmp_path / "best")[0]
+    loaded = checkpoint.load_checkpoint(tmp_path / "best")[0]
     assert all(torch.equal(v, full[k]) for k, v in loaded.state_dict().items())
 
 
@@ -115,7 +119,7 @@ def test_model_card(trained):
     assert f"| {next(iter(test['per_criterion_f1']))} | {next(iter(test['per_criterion_f1'].values())):.4f} |" in body
     splits = json.loads((out / "splits.json").read_text())
     assert f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test posts" in body
-    n_params = sum(p.numel() for p in models.load_checkpoint(out / "checkpoints" / "best")[0].encoder.parameters())
+    n_params = sum(p.numel() for p in checkpoint.load_checkpoint(out / "checkpoints" / "best")[0].encoder.parameters())
     assert f"{n_params:,} parameters" in body
 
 
@@ -151,12 +155,12 @@ def test_dataset_digest_tells_data_apart(tmp_path):
     report = data.load_corpus_from_config(cfg).report
     expected = hashlib.sha256(b"".join(hashlib.sha256((folder / f).read_bytes()).digest()
                                        for f in ("posts.csv", "annotations.csv"))).hexdigest()
-    first = train.dataset_input(cfg, report)
+    first = tracking.dataset_input(cfg, report)
     assert first["digest"] == expected[:16] and first["source"] == {"uri": str(folder.resolve())}
     assert first["name"] == "d" and first["profile"] == {"posts": 5, "annotations": 9}
     (folder / "annotations.csv").write_bytes((folder / "annotations.csv").read_bytes().replace(b"comma.", b"comma!"))
-    assert train.dataset_input(cfg, report)["digest"] != first["digest"]
-    demo = [train.dataset_input(make_config(demo_posts=60, demo_seed=s), report)["digest"] for s in (0, 0, 1)]
+    assert tracking.dataset_input(cfg, report)["digest"] != first["digest"]
+    demo = [tracking.dataset_input(make_config(demo_posts=60, demo_seed=s), report)["digest"] for s in (0, 0, 1)]
     assert demo[0] == demo[1] != demo[2]
 
 
@@ -165,7 +169,7 @@ def test_dataset_inputs_in_the_store_differ_between_data(tmp_path):
     ids = []
     for seed in (0, 1):
         with Tracker(cfg, True) as tracker:
-            tracker.log_dataset(**train.dataset_input(make_config(demo_posts=40, demo_seed=seed),
+            tracker.log_dataset(**tracking.dataset_input(make_config(demo_posts=40, demo_seed=seed),
                                                       {"posts_kept": 40, "annotations_kept": 1}))
             ids.append(tracker.run_id)
     names, digests = zip(*[(d.dataset.name, d.dataset.digest) for i in ids

@@ -18,7 +18,10 @@ import data
 import evaluate
 import models
 import train
-from utils import UserError, make_config
+import utils
+from checkpoint import load_checkpoint, save_checkpoint
+from config import make_config
+from utils import UserError
 
 
 def assert_one_line_error(code, err, *needles, only_line=False):
@@ -105,7 +108,7 @@ def test_config_file_missing_and_precedence(cli, tmp_path):
     # YAML (3e-5 is a string to YAML 1.1, still a float here) < flags; the rest keep their defaults
     path = tmp_path / "ok.yaml"
     path.write_text("lr: 3e-5\nepochs: 2.0\ntask: evidence\n")
-    from utils import parse_config
+    from config import parse_config
 
     cfg, _ = parse_config(["--config", str(path), "--epochs", "5"])
     assert (cfg.lr, cfg.epochs, cfg.task, cfg.batch_size) == (3e-5, 5, "evidence", 32)
@@ -222,7 +225,7 @@ def checkpoint(tmp_path_factory):
     cfg = make_config(task="criteria", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64, doc_stride=16)
     tokenizer = models.train_tiny_tokenizer(list(data.CRITERIA.values()) + ["I can’t sleep."], 200)
     path = tmp_path_factory.mktemp("run") / "checkpoints" / "best"
-    models.save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {"null_threshold": None})
+    save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {"null_threshold": None})
     return path
 
 
@@ -234,10 +237,10 @@ def copy_checkpoint(src, dst):
 
 
 def test_load_checkpoint_checks_the_task(checkpoint):
-    model, _, cfg, extra = models.load_checkpoint(checkpoint, expect_task="criteria")
+    model, _, cfg, extra = load_checkpoint(checkpoint, expect_task="criteria")
     assert cfg.task == "criteria" and model.cls_head is not None and model.span_head is None
     with pytest.raises(UserError, match="checkpoint of task 'criteria', expected 'evidence'"):
-        models.load_checkpoint(checkpoint, expect_task="evidence")
+        load_checkpoint(checkpoint, expect_task="evidence")
 
 
 @pytest.mark.parametrize("damage, needles", [
@@ -346,7 +349,7 @@ def test_script_bad_input_exits_2_without_traceback(tmp_path):
 
 
 def test_boolean_flags_also_take_the_bare_form():
-    from utils import parse_config
+    from config import parse_config
 
     assert parse_config(["--resume"])[0].resume is True
     assert parse_config(["--resume", "false"])[0].resume is False
@@ -460,11 +463,11 @@ def test_predict_writes_strict_json_lines(cli, checkpoint, tmp_path):
 def test_json_safe_writes_nan_as_null():
     import numpy as np
 
-    assert evaluate.json_safe({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
-    assert evaluate.json_safe({"c": (np.float32(0.5), np.int64(3), np.float64("-inf"), np.array([np.nan, 2.0]))}) \
+    assert utils.json_safe({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
+    assert utils.json_safe({"c": (np.float32(0.5), np.int64(3), np.float64("-inf"), np.array([np.nan, 2.0]))}) \
         == {"c": [0.5, 3, None, [None, 2.0]]}
-    assert evaluate.json_safe({"d": True, "e": "x", "f": None, "g": 2}) == {"d": True, "e": "x", "f": None, "g": 2}
-    assert evaluate.dumps({"auroc": float("nan")}) == '{"auroc": null}'
+    assert utils.json_safe({"d": True, "e": "x", "f": None, "g": 2}) == {"d": True, "e": "x", "f": None, "g": 2}
+    assert utils.dumps({"auroc": float("nan")}) == '{"auroc": null}'
 
 
 def test_a_bogus_tracking_uri_is_one_line_before_training(cli, tmp_path):

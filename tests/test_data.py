@@ -11,6 +11,7 @@ from conftest import P_DUP, P_LATIN, P_MAIN, P_NL, write_corpus, write_quirky
 
 import data
 import demo
+import features
 from utils import UserError
 
 QUIRKY_DROPPED = {
@@ -331,13 +332,13 @@ def test_demo_has_evidence_past_512_tokens(demo_corpus):
 def test_length_grouped_batches():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 300, size=203)
-    sampler = data.LengthGroupedBatches(lengths, batch_size=8, shuffle=True, seed=1, group=4)
+    sampler = features.LengthGroupedBatches(lengths, batch_size=8, shuffle=True, seed=1, group=4)
     assert len(sampler) == 26  # ceil(203 / 8)
     epoch0 = list(sampler)
     assert len(epoch0) == 26
     assert sorted(i for b in epoch0 for i in b) == list(range(203))  # each index exactly once
     assert list(sampler) == epoch0  # same seed, same epoch: same order
-    assert list(data.LengthGroupedBatches(lengths, 8, True, seed=1, group=4)) == epoch0
+    assert list(features.LengthGroupedBatches(lengths, 8, True, seed=1, group=4)) == epoch0
     sampler.set_epoch(1)
     epoch1 = list(sampler)
     assert epoch1 != epoch0 and sorted(i for b in epoch1 for i in b) == list(range(203))
@@ -347,7 +348,7 @@ def test_length_grouped_batches():
     random_padded = sum(len(b) * lengths[b].max() for b in np.array_split(perm, 26))
     assert padded < random_padded
 
-    evaluation = list(data.LengthGroupedBatches(lengths, 8, shuffle=False))
+    evaluation = list(features.LengthGroupedBatches(lengths, 8, shuffle=False))
     order = [i for b in evaluation for i in b]
     assert sorted(order) == list(range(203))
     assert all(lengths[a] >= lengths[b] for a, b in zip(order, order[1:]))  # longest first
@@ -362,7 +363,7 @@ def test_collate_pads_each_batch_to_its_longest():
           "token_type_ids": np.array([0, 0, 0, 1, 1], dtype=np.int8), "label": 0,
           "offsets": np.array([[-1, -1], [-1, -1], [-1, -1], [0, 4], [-1, -1]], dtype=np.int32), "starts": [0],
           "ends": [0], "tags": []}
-    batch = data.collate([f1, f2], pad_id=7)
+    batch = features.collate([f1, f2], pad_id=7)
     assert batch["input_ids"].tolist() == [[2, 10, 3, 7, 7], [2, 11, 3, 12, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]
@@ -372,14 +373,14 @@ def test_collate_pads_each_batch_to_its_longest():
     assert batch["start_targets"].tolist() == one_hot and batch["end_targets"].tolist() == one_hot
     assert batch["tag_targets"].tolist() == [[False, True, False, False, False], [False] * 5]
     assert batch["input_ids"].dtype == torch.long
-    narrow = data.collate([f1], pad_id=7)  # a batch of short features stays short
+    narrow = features.collate([f1], pad_id=7)  # a batch of short features stays short
     assert narrow["input_ids"].shape == (1, 3) and narrow["start_targets"].shape == (1, 3)
 
 
 def test_featurize_sentence_unit_truncates_text(tiny_tokenizer):
     ex = [{"criterion": "FATIGUE", "text": "I can’t sleep at night. " * 40, "label": 1, "spans": []},
           {"criterion": "ANHEDONIA", "text": "Hi.", "label": 0, "spans": []}]
-    feats = data.featurize(tiny_tokenizer, ex, max_length=48, doc_stride=0, windows=False)
+    feats = features.featurize(tiny_tokenizer, ex, max_length=48, doc_stride=0, windows=False)
     assert [len(f["input_ids"]) for f in feats][0] == 48 and len(feats) == 2
     assert [f["label"] for f in feats] == [1, 0] and [f["example_idx"] for f in feats] == [0, 1]
     assert "offsets" not in feats[0]
@@ -392,19 +393,19 @@ def test_featurize_max_length_too_small_is_a_user_error(tiny_tokenizer):
     n = len(tiny_tokenizer(data.CRITERIA["SUICIDAL_THOUGHTS"], add_special_tokens=False)["input_ids"])
     # Without the check the tokenizer raises a bare Exception (no room for text) or panics (stride >= room).
     with pytest.raises(UserError, match="--max_length"):
-        data.featurize(tiny_tokenizer, ex, max_length=n + 3, doc_stride=0, windows=False)  # [CLS] q [SEP] [SEP]
+        features.featurize(tiny_tokenizer, ex, max_length=n + 3, doc_stride=0, windows=False)  # [CLS] q [SEP] [SEP]
     with pytest.raises(UserError, match="--max_length"):
-        data.featurize(tiny_tokenizer, ex, max_length=n + 3 + 8, doc_stride=8, windows=True)
-    (fit,) = data.featurize(tiny_tokenizer, ex, max_length=n + 3 + 1, doc_stride=0, windows=False)
+        features.featurize(tiny_tokenizer, ex, max_length=n + 3 + 8, doc_stride=8, windows=True)
+    (fit,) = features.featurize(tiny_tokenizer, ex, max_length=n + 3 + 1, doc_stride=0, windows=False)
     assert len(fit["input_ids"]) == n + 4
-    assert len(data.featurize(tiny_tokenizer, ex, max_length=n + 3 + 9, doc_stride=8, windows=True)) > 1
+    assert len(features.featurize(tiny_tokenizer, ex, max_length=n + 3 + 9, doc_stride=8, windows=True)) > 1
 
 
 def test_windows_cover_every_text_or_fail_loudly(tiny_tokenizer):
     text = " ".join(f"On day {i} we walked to the old store and bought {i} green apples." for i in range(40))
     ex = [{"post_id": "p_long", "criterion": "FATIGUE", "text": text, "label": 0, "spans": []},
           {"post_id": "p_short", "criterion": "FATIGUE", "text": "Hi.", "label": 0, "spans": []}]
-    feats = data.featurize(tiny_tokenizer, ex, max_length=64, doc_stride=16, windows=True)
+    feats = features.featurize(tiny_tokenizer, ex, max_length=64, doc_stride=16, windows=True)
     long_windows = [f for f in feats if f["example_idx"] == 0]
     assert len(long_windows) > 2  # the last window reaches the text's last character ('.')
     assert max(int(f["offsets"][:, 1].max()) for f in long_windows) == len(text)
@@ -412,7 +413,7 @@ def test_windows_cover_every_text_or_fail_loudly(tiny_tokenizer):
     kept = {id(f) for f in long_windows[:2]}
     torn = [f for f in feats if f["example_idx"] == 1 or id(f) in kept]
     with pytest.raises(UserError, match=r"post p_long: its windows stop at character \d+ of %d" % len(text)):
-        data.check_windows_cover_texts(tiny_tokenizer, ex, torn)
+        features.check_windows_cover_texts(tiny_tokenizer, ex, torn)
 
 
 def test_invisible_text_is_empty_and_blank_sentence_ids_are_not_duplicates(tmp_path):
@@ -434,4 +435,4 @@ def test_a_text_the_tokenizer_reads_as_nothing_is_a_user_error(tiny_tokenizer):
     """It was an IndexError in featurize (a window with no text token)."""
     ex = [{"post_id": "p9", "criterion": "SLEEP_ISSUES", "text": "\u200b", "label": 0, "spans": []}]
     with pytest.raises(UserError, match="post p9: the tokenizer gives its text no token"):
-        data.featurize(tiny_tokenizer, ex, 96, 16, windows=True)
+        features.featurize(tiny_tokenizer, ex, 96, 16, windows=True)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 import hpo
-from utils import Config, UserError, load_yaml_config, parse_config
+from config import Config, load_yaml_config, parse_config
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # A study small enough for a test: ~130 training sentences, 4 optimizer steps a trial.

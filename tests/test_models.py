@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import data
+import features
+from config import make_config
 from models import TASKS, TaskModel, build_encoder, tiny_encoder_config
-from utils import make_config
 
 
 class Identity(torch.nn.Module):
@@ -63,8 +64,8 @@ def test_tiny_encoders_run_on_tokenizer_batches(arch, tiny_tokenizer):
     ex = [{"post_id": "p", "criterion": c, "text": "I can’t sleep at night anymore. " * 12, "label": 1,
            "spans": [(0, 31)]}
           for c in ("SLEEP_ISSUES", "FATIGUE")]
-    feats = data.featurize(tiny_tokenizer, ex, max_length=64, doc_stride=16, windows=True)
-    batch = data.collate(feats, tiny_tokenizer.pad_token_id)
+    feats = features.featurize(tiny_tokenizer, ex, max_length=64, doc_stride=16, windows=True)
+    batch = features.collate(feats, tiny_tokenizer.pad_token_id)
     assert batch["criterion_ids"].tolist()[0] == data.SYMPTOMS.index("SLEEP_ISSUES")
     out = model(**batch)
     assert out["cls_logits"].shape == (len(feats), 2) and out["start_logits"].shape == batch["input_ids"].shape

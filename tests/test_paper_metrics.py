@@ -8,8 +8,10 @@ import pytest
 from sklearn.metrics import classification_report, f1_score
 
 import data
+import decoding
 import evaluate
-from utils import Config
+import metrics
+from config import Config
 
 DM, ANH, APP = 0, 1, 2  # columns of DEPRESSED_MOOD, ANHEDONIA, APPETITE_CHANGE; NO_SYMPTOMS is column 9
 NO = 9
@@ -34,9 +36,9 @@ def hand_matrix():
 
 def test_paper_metrics_hand_computed_with_no_symptoms():
     gold, probs = hand_matrix()
-    pred = evaluate.predict_labels(probs)
+    pred = metrics.predict_labels(probs)
     assert pred[:, [DM, ANH, APP, NO]].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]]
-    m = evaluate.paper_metrics(gold, probs)
+    m = metrics.paper_metrics(gold, probs)
     # DM: tp 2 (p1, p2) -> P 1, R 1, F1 1. ANH: fp p2, fn p1 -> F1 0. APP: fn p4, nothing predicted -> P 0
     # (zero_division), F1 0. NO_SYMPTOMS: tp p3, fp p4 -> P 1/2, R 1, F1 2/3. Six labels with support 0: F1 0.
     assert m["per_symptom"]["DEPRESSED_MOOD"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
@@ -44,7 +46,7 @@ def test_paper_metrics_hand_computed_with_no_symptoms():
     assert m["per_symptom"]["APPETITE_CHANGE"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert m["per_symptom"]["NO_SYMPTOMS"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3,
                                                              "support": 1})
-    assert m["per_symptom"]["FATIGUE"]["support"] == 0 and list(m["per_symptom"]) == evaluate.PAPER_LABELS
+    assert m["per_symptom"]["FATIGUE"]["support"] == 0 and list(m["per_symptom"]) == metrics.PAPER_LABELS
     # micro over ten: tp 2+0+0+1 = 3, fp 0+1+0+1 = 2, fn 0+1+1+0 = 2 -> 2*3 / (6+2+2) = 3/5
     assert m["paper_micro_f1"] == pytest.approx(3 / 5)
     # macro over ten: (1 + 0 + 0 + 2/3 + 6 * 0) / 10 = 1/6
@@ -53,7 +55,7 @@ def test_paper_metrics_hand_computed_with_no_symptoms():
     assert m["paper_micro_f1_9"] == pytest.approx(4 / 7)
     assert m["paper_macro_f1_9"] == pytest.approx(1 / 9)
     # what the paper's notebooks print: classification_report of the same matrices
-    report = classification_report(gold, pred, target_names=evaluate.PAPER_LABELS, output_dict=True, zero_division=0)
+    report = classification_report(gold, pred, target_names=metrics.PAPER_LABELS, output_dict=True, zero_division=0)
     assert m["paper_micro_f1"] == pytest.approx(report["micro avg"]["f1-score"])
     assert m["paper_macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
     assert m["paper_macro_f1_9"] == pytest.approx(f1_score(gold[:, :9], pred[:, :9], average="macro", zero_division=0))
@@ -63,9 +65,9 @@ def test_per_symptom_thresholds_apply_and_no_symptoms_follows():
     gold, probs = hand_matrix()
     thresholds = [0.5] * 9
     thresholds[ANH], thresholds[APP] = 0.8, 0.25  # ANH never called (0.7 < 0.8); APP on p3 (0.45) and p4 (0.3)
-    pred = evaluate.predict_labels(probs, thresholds)
+    pred = metrics.predict_labels(probs, thresholds)
     assert pred[:, [DM, ANH, APP, NO]].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]]
-    m = evaluate.paper_metrics(gold, probs, thresholds)
+    m = metrics.paper_metrics(gold, probs, thresholds)
     # DM F1 1; ANH fn p1 -> 0; APP tp p4, fp p3 -> P 1/2, R 1, F1 2/3; NO_SYMPTOMS fn p3 (APP called) -> 0.
     # micro: tp 2+0+1+0 = 3, fp 0+0+1+0 = 1, fn 0+1+0+1 = 2 -> 6 / (6+1+2) = 2/3; macro (1 + 2/3) / 10 = 1/6
     assert m["per_symptom"]["APPETITE_CHANGE"]["f1"] == pytest.approx(2 / 3)
@@ -80,7 +82,7 @@ def test_post_label_matrix_folds_pairs():
             examples.append({"post_id": pid, "criterion": s, "label": int(s in positives)})
             probs.append(j / 10 + (0.05 if pid == "a" else 0.0))
     order = [8, 0, 17, 3, 12, 1, 2, 4, 5, 6, 7, 9, 10, 11, 13, 14, 15, 16]  # pairs in any order
-    post_ids, gold, prob = evaluate.post_label_matrix([examples[i] for i in order], [probs[i] for i in order])
+    post_ids, gold, prob = metrics.post_label_matrix([examples[i] for i in order], [probs[i] for i in order])
     assert post_ids == ["b", "a"]
     fatigue = data.SYMPTOMS.index("FATIGUE")
     assert gold[0].tolist() == [int(j == fatigue) for j in range(10)]  # b: FATIGUE, so not NO_SYMPTOMS
@@ -88,7 +90,7 @@ def test_post_label_matrix_folds_pairs():
     assert prob[0].tolist() == pytest.approx([j / 10 for j in range(9)])
     assert prob[1].tolist() == pytest.approx([j / 10 + 0.05 for j in range(9)])
     with pytest.raises(ValueError, match="post a has no prediction for SUICIDAL_THOUGHTS"):
-        evaluate.post_label_matrix(examples[:-1], probs[:-1])
+        metrics.post_label_matrix(examples[:-1], probs[:-1])
 
 
 def test_tune_thresholds_hand_example():
@@ -105,7 +107,7 @@ def test_tune_thresholds_hand_example():
     gold[:, APP] = 1, 1, 0, 0, 1, 1
     probs[:, APP] = 0.9, 0.9, 0.52, 0.52, 0.47, 0.02
     gold[:, NO] = gold[:, :9].max(1) == 0
-    t = evaluate.tune_thresholds(gold, probs)
+    t = metrics.tune_thresholds(gold, probs)
     assert t[DM] == pytest.approx(0.30) and t[ANH] == 0.5 and t[APP] == pytest.approx(0.55)
     assert t[3:].tolist() == [0.5] * 6  # no positives anywhere
 
@@ -114,15 +116,15 @@ def test_post_level_metrics_tunes_applies_or_leaves_out():
     examples = [{"post_id": p, "criterion": s, "label": int(p == "x" and s == "FATIGUE")}
                 for p in ("x", "y") for s in data.SYMPTOMS]
     probs = [0.3 if e["label"] else 0.1 for e in examples]  # FATIGUE of x is below 0.5 but above y's
-    tuned = evaluate.post_level_metrics(examples, probs)  # validation: tuned here
+    tuned = metrics.post_level_metrics(examples, probs)  # validation: tuned here
     assert tuned["paper_thresholds"]["FATIGUE"] == pytest.approx(0.3)  # 0.15-0.3 all give F1 1; 0.3 is closest
     assert tuned["paper_per_symptom"]["FATIGUE"]["f1"] == 0.0 and tuned["paper_per_symptom_tuned"]["FATIGUE"]["f1"] == 1
     # at 0.5 nothing is called: NO_SYMPTOMS right on y, wrong on x -> micro 2*1/(2+1+1) = 1/2; tuned: both right
     assert tuned["paper_micro_f1"] == pytest.approx(1 / 2) and tuned["paper_micro_f1_tuned"] == 1.0
-    applied = evaluate.post_level_metrics(examples, probs, {s: 0.05 for s in data.SYMPTOMS})  # test: applied
+    applied = metrics.post_level_metrics(examples, probs, {s: 0.05 for s in data.SYMPTOMS})  # test: applied
     assert applied["paper_thresholds"] == {s: 0.05 for s in data.SYMPTOMS}
     assert applied["paper_per_symptom_tuned"]["FATIGUE"]["precision"] == pytest.approx(1 / 2)  # y called too
-    left_out = evaluate.post_level_metrics(examples, probs, {})  # none known: no tuned numbers
+    left_out = metrics.post_level_metrics(examples, probs, {})  # none known: no tuned numbers
     assert "paper_micro_f1_tuned" not in left_out and "paper_thresholds" not in left_out
     assert left_out["paper_macro_f1"] == tuned["paper_macro_f1"]
 
@@ -145,19 +147,19 @@ def test_sentences_of_spans():
     spans = data.sentence_spans(TEXT)
     assert [TEXT[s:e] for s, e in spans] == ["I slept badly.", "We ate pizza.", "I am always tired.", "The end."]
     gold = [spans[0], spans[2]]  # a two-sentence gold, as data.align_sentence gives it
-    assert evaluate.sentences_of_spans(TEXT, gold) == [0, 2]
-    assert evaluate.sentences_of_spans(TEXT, [(spans[0][0], spans[2][1])]) == [0, 1, 2]  # one span, filler included
+    assert decoding.sentences_of_spans(TEXT, gold) == [0, 2]
+    assert decoding.sentences_of_spans(TEXT, [(spans[0][0], spans[2][1])]) == [0, 1, 2]  # one span, filler included
     phrase = TEXT.index("always tired")
-    assert evaluate.sentences_of_spans(TEXT, [(phrase, phrase + 12)]) == [2]  # a phrase names its sentence
+    assert decoding.sentences_of_spans(TEXT, [(phrase, phrase + 12)]) == [2]  # a phrase names its sentence
     into_next = (TEXT.index("ate"), TEXT.index("I am") + 4)  # most of sentence 1, 4 of the 18 chars of sentence 2
-    assert evaluate.sentences_of_spans(TEXT, [into_next]) == [1]
-    assert evaluate.sentences_of_spans(TEXT, []) == [] and evaluate.sentences_of_spans("", [(0, 3)]) == []
+    assert decoding.sentences_of_spans(TEXT, [into_next]) == [1]
+    assert decoding.sentences_of_spans(TEXT, []) == [] and decoding.sentences_of_spans("", [(0, 3)]) == []
 
 
 def test_sentence_set_metrics_hand_computed():
     gold = [[0, 2], [1], [], []]
     pred = [[0], [1, 3], [], [2]]
-    m = evaluate.sentence_set_metrics(gold, pred)
+    m = metrics.sentence_set_metrics(gold, pred)
     # hits 1, 1, 0, 0 -> tp 2; fp 0 + 1 + 0 + 1 = 2; fn 1 + 0 + 0 + 0 = 1
     assert m["sentence_precision"] == pytest.approx(2 / 4)
     assert m["sentence_recall"] == pytest.approx(2 / 3)
@@ -165,7 +167,7 @@ def test_sentence_set_metrics_hand_computed():
     # per pair F1: 2/3, 2/3, 1 (both empty), 0 -> 7/12
     assert m["sentence_f1_macro"] == pytest.approx(7 / 12)
     assert m["set_exact_match"] == pytest.approx(1 / 4)  # only the empty pair
-    assert evaluate.sentence_set_metrics([[0, 2]], [[2, 0]])["set_exact_match"] == 1.0
+    assert metrics.sentence_set_metrics([[0, 2]], [[2, 0]])["set_exact_match"] == 1.0
 
 
 def test_ranking_metrics_hand_computed():
@@ -175,10 +177,10 @@ def test_ranking_metrics_hand_computed():
               [0.5, 0.4],  # no gold: not ranked
               [0.4, 0.3, 0.2, 0.1],  # gold last of 4: AP 1/4, top 1 = {0} -> 0
               [0.5, 0.5]]  # a tie: AP 1/2 (one cut calls both); top 1 by sentence order = {0} -> 0
-    m = evaluate.ranking_metrics(gold, scores)
+    m = metrics.ranking_metrics(gold, scores)
     assert m["n_ranked_pairs"] == 4
     assert m["sentence_map"] == pytest.approx((5 / 6 + 1 + 1 / 4 + 1 / 2) / 4)
     assert m["r_precision"] == pytest.approx((1 / 2 + 1 + 0 + 0) / 4)
-    assert math.isnan(evaluate.ranking_metrics([[]], [[0.3]])["sentence_map"])
+    assert math.isnan(metrics.ranking_metrics([[]], [[0.3]])["sentence_map"])
     with pytest.raises(ValueError, match="gold sentence 2"):
-        evaluate.ranking_metrics([[2]], [[0.1, 0.2]])
+        metrics.ranking_metrics([[2]], [[0.1, 0.2]])

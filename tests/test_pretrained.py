@@ -11,11 +11,14 @@ import torch
 import yaml
 
 import data
+import decoding
 import evaluate
 import hpo
 import models
 import train
-from utils import UserError, load_yaml_config, make_config, parse_config
+from config import load_yaml_config, make_config, parse_config
+from features import featurize
+from utils import UserError
 
 N_POSTS = 40
 RUN = dict(demo_posts=N_POSTS, max_length=256, doc_stride=64, batch_size=16, eval_batch_size=64, mlflow=False,
@@ -113,7 +116,7 @@ def test_evidence_span_decodes_to_exactly_its_gold_text(folders, family):
     tokenizer = models.build_tokenizer(cfg, [])
     corpus = data.load_corpus(demo_posts=N_POSTS)
     examples = data.post_examples(corpus, list(corpus.posts), require_evidence=True)
-    features = data.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, windows=True)
+    features = featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, windows=True)
     assert ("token_type_ids" in features[0]) == (family == "bert")  # RoBERTa and ModernBERT have none
     null = tokenizer.cls_token_id  # [CLS] or <s>: the null answer's position 0, never a text token
     assert all(f["input_ids"][0] == null and f["offsets"][0, 0] == -1 for f in features)
@@ -125,9 +128,9 @@ def test_evidence_span_decodes_to_exactly_its_gold_text(folders, family):
     for row, f in enumerate(targets):
         start[row, f["start"]] = end[row, f["end"]] = 10.0
         mask[row, : len(f["offsets"])] = torch.from_numpy(f["offsets"][:, 0] >= 0)
-    out = {k: v.numpy() for k, v in evaluate.window_candidates(start, end, mask, cfg.max_answer_tokens, 1).items()}
+    out = {k: v.numpy() for k, v in decoding.window_candidates(start, end, mask, cfg.max_answer_tokens, 1).items()}
     out["feature_idx"] = np.array([f["idx"] for f in targets])
-    decoded = evaluate.decode_pairs(features, out, len(examples), [e["text"] for e in examples])
+    decoded = decoding.decode_pairs(features, out, len(examples), [e["text"] for e in examples])
     annotated = {(r["post_id"], r["symptom"], r["sentence_text"]) for r in corpus.rows if r["start"] >= 0}
     for i in sorted({f["example_idx"] for f in targets}):
         ex, got = examples[i], decoded[i]["text"]

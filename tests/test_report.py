@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import data
-import evaluate
+import metrics
 import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,7 +157,7 @@ def test_baselines_on_the_paper_matrix_with_unit_post():
     assert "paper_micro_f1_tuned" not in majority  # a constant has nothing to tune
     bow, rows = base["metrics"]["bag-of-words LR"], base["rows"]["bag-of-words LR"]
     _, gold, probs = report.post_label_matrix(rows, [r["prob"] for r in rows])  # its test pairs, refolded
-    assert gold[:, -1].tolist() == [0, 1] and bow["paper_micro_f1"] == evaluate.paper_metrics(
+    assert gold[:, -1].tolist() == [0, 1] and bow["paper_micro_f1"] == metrics.paper_metrics(
         gold, probs)["paper_micro_f1"]
     assert set(bow["paper_thresholds"]) == set(data.SYMPTOMS) and "paper_macro_f1_tuned" in bow
 

@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import checkpoint
 import evaluate
+import models
 import train
-from models import load_checkpoint
-from utils import UserError, make_config
+from checkpoint import load_checkpoint
+from config import make_config
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(demo_posts=150, tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_vocab=1000, max_length=96,
@@ -92,7 +95,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
     common = dict(epochs=2, deterministic=True, save_every=4, patience=0)
     _, full = run(tmp_path, "full", **common)
     calls = {"n": 0}
-    real_loss = train.compute_loss
+    real_loss = models.TaskModel.loss  # called once per training micro-batch (evaluation passes no targets)
 
     def crash_at_step_11(*args, **kwargs):  # dies mid-epoch, after the step-8 checkpoint
         calls["n"] += 1
@@ -100,10 +103,10 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "compute_loss", crash_at_step_11)
+    monkeypatch.setattr(models.TaskModel, "loss", crash_at_step_11)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "crashed", **common)
-    monkeypatch.setattr(train, "compute_loss", real_loss)
+    monkeypatch.setattr(models.TaskModel, "loss", real_loss)
     state = json.loads((tmp_path / "crashed/checkpoints/last/trainer_state.json").read_text())
     assert state["global_step"] == 8 and state["batches_done"] == 8
     _, resumed = run(tmp_path, "crashed", resume=True, **common)
@@ -127,7 +130,7 @@ def test_two_processes_evaluate_like_one(tmp_path):
 
 
 def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
     calls = {"n": 0}
 
     def killed_on_second_save(model, tokenizer, cfg, path, extra, **kwargs):
@@ -138,7 +141,7 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed during save")
         return real_save(model, tokenizer, cfg, path, extra, **kwargs)
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_on_second_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", killed_on_second_save)
     with pytest.raises(KeyboardInterrupt):  # min_delta < 0: every epoch counts as a new best
         run(tmp_path, "torn", epochs=3, patience=0, min_delta=-1.0)
     best = tmp_path / "torn/checkpoints/best"
@@ -151,7 +154,7 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
 
 
 def _nan_at_call(n):
-    real_loss, calls = train.compute_loss, {"n": 0}
+    real_loss, calls = models.TaskModel.loss, {"n": 0}
 
     def loss(*args, **kwargs):
         calls["n"] += 1
@@ -161,7 +164,7 @@ def _nan_at_call(n):
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "compute_loss", _nan_at_call(3))
+    monkeypatch.setattr(models.TaskModel, "loss", _nan_at_call(3))
     with pytest.raises(UserError, match="loss became nan at step 3"):
         run(tmp_path, "nan", epochs=1, max_steps=6)
 
@@ -170,14 +173,14 @@ def test_a_run_that_raises_ends_failed_or_killed_in_mlflow(tmp_path, monkeypatch
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setattr(train, "compute_loss", _nan_at_call(3))
+    monkeypatch.setattr(models.TaskModel, "loss", _nan_at_call(3))
     with pytest.raises(UserError, match="loss became nan"):
         run(tmp_path, "nan", epochs=1, max_steps=6, mlflow=True, tracking_uri=uri, run_name="nan")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "compute_loss", interrupted)
+    monkeypatch.setattr(models.TaskModel, "loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "ctrl-c", epochs=1, max_steps=6, mlflow=True, tracking_uri=uri, run_name="ctrl-c")
     client = MlflowClient(uri)
@@ -186,7 +189,7 @@ def test_a_run_that_raises_ends_failed_or_killed_in_mlflow(tmp_path, monkeypatch
 
 
 def test_nonfinite_loss_skipped_when_asked_and_states_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "compute_loss", _nan_at_call(3))
+    monkeypatch.setattr(models.TaskModel, "loss", _nan_at_call(3))
     cfg, results = run(tmp_path, "skip", epochs=1, max_steps=8, skip_nonfinite=True, save_every=2, keep_checkpoints=3)
     assert results["train"]["skipped_nonfinite_steps"] == 1 and results["train"]["steps"] == 8
     assert all(np.isfinite(v) for v in results["test"].values() if isinstance(v, float) and v == v)
