@@ -441,7 +441,9 @@ def describe(breakdown: dict, peak: float) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from config import _Parser
+
+    p = _Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")

@@ -215,6 +215,19 @@ def load_yaml_config(path: str | Path) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2 through utils.run_main), and --help that opens with the first
+    line of the script's docstring (its `description`), then the usage, then the rest of the docstring."""
+
+    def format_help(self) -> str:
+        if not self.description:
+            return super().format_help()
+        whole = self.description
+        first, _, self.description = whole.strip().partition("\n")
+        try:
+            return f"{first}\n\n{super().format_help()}"
+        finally:
+            self.description = whole
+
     def error(self, message):  # one line, exit code 2, no usage dump
         if message.startswith("unrecognized arguments"):  # name the valid flags, or the likely one
             import difflib
@@ -240,8 +253,8 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=No
                  doc: str | None = None) -> tuple[Config, argparse.Namespace]:
     """Config from defaults < --config YAML < --field flags. `extra(parser)` adds script-only flags; `doc` (the
     script's docstring) opens --help."""
-    parser = _Parser(prog=prog, allow_abbrev=False, description=doc,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=prog, allow_abbrev=False, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     usage=f"{prog} [--config FILE] [--FIELD VALUE ...]")
     parser.add_argument("--config", help="YAML file of config fields (flags override it)")
     hints = typing.get_type_hints(Config)
     group = parser.add_argument_group("config fields (also YAML keys of --config)")

@@ -10,6 +10,7 @@ scoring the classification and the evidence of each (criterion, post) pair (metr
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import csv
 import dataclasses
@@ -225,7 +226,7 @@ def format_metrics(metrics: dict) -> str:
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = _Parser(prog="evaluate.py", description=__doc__)
+    parser = _Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/best folder of a run")
     parser.add_argument("--data_dir", help="ReDSM5 folder (default: the one the checkpoint was trained on)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "test_shift"],

@@ -69,3 +69,57 @@ def test_tiny_encoders_run_on_tokenizer_batches(arch, tiny_tokenizer):
     assert batch["criterion_ids"].tolist()[0] == data.SYMPTOMS.index("SLEEP_ISSUES")
     out = model(**batch)
     assert out["cls_logits"].shape == (len(feats), 2) and out["start_logits"].shape == batch["input_ids"].shape
+
+
+@pytest.mark.parametrize("evidence_head", ["tag", "span"])
+def test_each_loss_weight_scales_its_part_of_the_joint_loss(evidence_head):
+    """joint loss = w_c * cross-entropy of the status + w_e * evidence loss, under either evidence head; the parts
+    are computed here by hand from the logits the model returns."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    context = mask.bool().clone()
+    context[:, 0] = False  # the first token is not text
+    labels = torch.tensor([1, 0, 1])
+    starts = torch.zeros(3, 6, dtype=torch.bool)
+    starts[[0, 1, 2], [2, 1, 3]] = True
+    ends = torch.zeros(3, 6, dtype=torch.bool)
+    ends[[0, 1, 2], [3, 1, 3]] = True
+    batch = dict(input_ids=ids, attention_mask=mask, criterion_ids=torch.tensor([0, 4, 8]), labels=labels,
+                 context_mask=context, start_targets=starts, end_targets=ends, tag_targets=starts | ends)
+
+    def loss_of(w_c, w_e):
+        torch.manual_seed(1)  # the same heads every time
+        model = TaskModel(TASKS["joint"], Identity(8), dropout=0.0, evidence_head=evidence_head,
+                          loss_weights=(w_c, w_e)).eval()
+        return model(**batch)
+
+    out = loss_of(1.0, 1.0)
+    ce = torch.nn.functional.cross_entropy(out["cls_logits"], labels)
+    if evidence_head == "tag":
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(out["tag_logits"], (starts | ends).float(),
+                                                                   reduction="none")
+        evidence = (bce * context).sum() / context.sum()
+    else:
+        def nll(logits, gold):  # one gold position per row: plain cross-entropy
+            return torch.nn.functional.cross_entropy(logits, gold.float().argmax(1))
+        evidence = (nll(out["start_logits"], starts) + nll(out["end_logits"], ends)) / 2
+    torch.testing.assert_close(out["loss"], ce + evidence)
+    torch.testing.assert_close(loss_of(3.0, 1.0)["loss"], 3 * ce + evidence)
+    torch.testing.assert_close(loss_of(1.0, 0.5)["loss"], ce + 0.5 * evidence)
+    torch.testing.assert_close(loss_of(0.0, 2.0)["loss"], 2 * evidence)
+
+
+def test_criteria_loss_uses_the_class_weights_and_no_targets_means_no_loss():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 5))
+    labels = torch.tensor([1, 0, 0, 0])
+    weights = torch.tensor([0.25, 3.0])
+    model = TaskModel(TASKS["criteria"], Identity(8), dropout=0.0, class_weights=weights).eval()
+    out = model(ids, torch.ones_like(ids), criterion_ids=torch.tensor([0, 1, 2, 3]), labels=labels)
+    logp = out["cls_logits"].log_softmax(-1)
+    by_hand = -(weights[labels] * logp[torch.arange(4), labels]).sum() / weights[labels].sum()
+    torch.testing.assert_close(out["loss"], by_hand)
+    assert "class_weights" not in model.state_dict()  # from the training labels, not saved with the weights
+    assert "loss" not in model(ids, torch.ones_like(ids), criterion_ids=torch.tensor([0, 1, 2, 3]))
