@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,20 @@ import time
 import numpy as np
 import torch
 
-# Trainer's rows hold one criterion and one gold start/end each: pair encoding and the span head, wherever it runs too
+from bench_trainer import run_trainer
+from measure import (
+    BatchRecorder,
+    batch_stats,
+    clock,
+    edges,
+    flops,
+    matmul_peak,
+    n_params_of,
+    peak_gpu_mib,
+    peak_rss_mib,
+    step_breakdown,
+)
+
 WORKLOADS = {"criteria_sentence": {"task": "criteria", "unit": "sentence"},
              "criteria_post": {"task": "criteria", "unit": "post", "encoding": "pair"},
              "evidence": {"task": "evidence", "encoding": "pair", "evidence_head": "span"},
@@ -48,104 +60,6 @@ WORKLOADS = {"criteria_sentence": {"task": "criteria", "unit": "sentence"},
 SETTINGS = ["ours", "trainer_best", "trainer_padded"]
 SIZES = {"tiny": {}, "minilm": {"tiny_hidden": 384, "tiny_layers": 6, "tiny_heads": 12},  # MiniLM-L6-H384's shape
          "base": {"tiny_hidden": 768, "tiny_layers": 12, "tiny_heads": 12}}  # bert-base's shape
-
-
-# --------------------------------------------------------------------------- measuring
-
-def matmul_peak(threads: int, device: str = "cpu", precision: str = "no", repeats: int = 10) -> float:
-    """Best dense matmul GFLOP/s: fp32 with `threads` threads on the CPU, the run's precision on a GPU.
-    The denominator of MFU."""
-    torch.set_num_threads(threads)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    best = 0.0
-    for n in (1024, 2048) if device == "cpu" else (4096, 8192):
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        torch.mm(a, b)
-        for _ in range(repeats):
-            t = clock(sync=True)[0]
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (clock(sync=True)[0] - t) / 1e9)
-    return best
-
-
-def clock(sync: bool = False) -> np.ndarray:
-    """(wall, CPU time of all this process's threads); `sync` first waits for queued GPU work."""
-    if sync and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return np.array([time.perf_counter(), time.process_time()])
-
-
-def edges(job: dict) -> set[int]:
-    """Indices of the optimizer steps whose end is read (the first: time to first step; the edges of the
-    timed span): only there does the clock wait for the GPU."""
-    return {0, job["warmup"] - 1, job["warmup"] + job["steps"] - 1}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def peak_gpu_mib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
-
-
-class BatchRecorder:
-    """Wraps a collate function; keeps each batch's (rows, width, real tokens, sum of squared lengths)."""
-
-    def __init__(self, collate_fn):
-        self.collate_fn, self.shapes = collate_fn, []
-
-    def __call__(self, features):
-        batch = self.collate_fn(features)
-        lengths = batch["attention_mask"].sum(1)  # on the host: no device sync
-        self.shapes.append((*batch["input_ids"].shape, int(lengths.sum()), int((lengths**2).sum())))
-        return batch
-
-
-def n_params_of(model) -> int:
-    """Weights that multiply every token: the encoder's matrices less the embedding tables (lookups) and
-    the unused pooler. The task heads add under 1%."""
-    encoders = [m for m in (model.encoder, model.span_encoder) if m is not None]
-    return sum(p.numel() for e in encoders for n, p in e.named_parameters()
-               if p.ndim > 1 and "embeddings" not in n and "pooler" not in n)
-
-
-def flops(shapes, n_params: int, n_layers: int, hidden: int, padded: bool, train: bool = True) -> float:
-    """FLOPs of the batches `shapes`: per token, 2 per weight and 4 * layers * hidden * length for the
-    attention, forward; x3 with the backward (PaLM's 6N + 12 L d T). Within 0.2% of
-    torch.utils.flop_counter on these models. `padded` counts the pad tokens too."""
-    s = np.array(shapes, dtype=np.float64).reshape(-1, 4)
-    tokens, tokens_sq = (s[:, 0] * s[:, 1], s[:, 0] * s[:, 1] ** 2) if padded else (s[:, 2], s[:, 3])
-    return (3 if train else 1) * (2 * n_params * tokens.sum() + 4 * n_layers * hidden * tokens_sq.sum())
-
-
-def batch_stats(shapes, seconds: np.ndarray, model_shape: tuple, train: bool = True) -> dict:
-    """Throughput, padding and GFLOP/s of the batches `shapes`, processed in `seconds` = (wall, CPU)."""
-    s = np.array(shapes, dtype=np.float64).reshape(-1, 4)
-    rows, slots, real = s[:, 0].sum(), (s[:, 0] * s[:, 1]).sum(), s[:, 2].sum()
-    wall, cpu = seconds
-    return {"seconds": wall, "cpu_seconds": cpu, "batches": len(s), "samples_per_s": rows / wall,
-            "real_tokens_per_s": real / wall, "real_tokens_per_cpu_s": real / cpu,
-            "padding_fraction": 1 - real / slots, "mean_width": slots / rows,
-            "model_gflop_per_s": flops(shapes, *model_shape, padded=False, train=train) / wall / 1e9,
-            "hardware_gflop_per_s": flops(shapes, *model_shape, padded=True, train=train) / wall / 1e9}
-
-
-def step_breakdown(prof, wall: float, hardware_flops: float) -> dict:
-    """Shares of profiled wall time: matmul (mm/addmm/bmm, fused attention: all the FLOPs, and their
-    GFLOP/s), other ops (element-wise, dropout masks, softmax, layer norm, loss), the AdamW step, and
-    the rest: Python, autograd engine, data loading, the profiler itself."""
-    matmuls = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
-    out = dict.fromkeys(["matmul", "other_ops", "optimizer"], 0.0)
-    for e in prof.key_averages():
-        if e.key.startswith("Optimizer.step"):
-            out["optimizer"] += e.cpu_time_total / 1e6
-            out["other_ops"] -= (e.cpu_time_total - e.self_cpu_time_total) / 1e6  # its ops are counted below
-        elif e.key.startswith("aten::"):
-            out["matmul" if any(m in e.key for m in matmuls) else "other_ops"] += e.self_cpu_time_total / 1e6
-    out["python_and_framework"] = wall - sum(out.values())
-    return {"time_share": {k: v / wall for k, v in out.items()},
-            "matmul_gflop_per_s": hardware_flops / out["matmul"] / 1e9}
 
 
 # --------------------------------------------------------------------------- one (workload, setting) per process
@@ -255,98 +169,6 @@ def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> 
     if job["profile"] and loop.accelerator.device.type == "cpu":  # a few more steps under the profiler
         out["breakdown"] = profile_our_steps(loop, recorder, first=total)
     return out
-
-
-class LossModel(torch.nn.Module):
-    """Trainer takes the loss from the model's output: the TaskModel, given Trainer's one-position span targets."""
-
-    def __init__(self, model, cfg):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None, criterion_ids=None, labels=None,
-                start_positions=None, end_positions=None):
-        targets = {"labels": labels}
-        if start_positions is not None:  # one gold position a window, as a Trainer dataset column holds it
-            width = input_ids.shape[1]
-            targets["start_targets"] = torch.nn.functional.one_hot(start_positions, width).bool()
-            targets["end_targets"] = torch.nn.functional.one_hot(end_positions, width).bool()
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                          criterion_ids=criterion_ids, **targets)
-
-
-def step_timer(sync_at: set[int], t_process: float):
-    """A TrainerCallback that keeps the clock at each optimizer step's end (waiting for the GPU at
-    `sync_at`) and the time from process start to the first."""
-    from transformers import TrainerCallback
-
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.ends, self.first_step = [], None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(clock(sync=len(self.ends) in sync_at))
-            if self.first_step is None:
-                self.first_step = time.time() - t_process
-
-    return StepTimes()
-
-
-def trainer_rows(feats, pad_id: int, width: int | None) -> list[dict]:
-    """What a tokenised `datasets` column would hold; padded to `width` (None: each row's own length)."""
-    out = []
-    for f in feats:
-        n = len(f["input_ids"])
-        pad = (width or n) - n
-        row = {"input_ids": f["input_ids"].tolist() + [pad_id] * pad, "attention_mask": [1] * n + [0] * pad,
-               "labels": f["label"], "criterion_ids": f["criterion_id"]}
-        if "token_type_ids" in f:
-            row["token_type_ids"] = f["token_type_ids"].tolist() + [0] * pad
-        if "start" in f:
-            row.update(start_positions=f["start"], end_positions=f["end"])
-        out.append(row)
-    return out
-
-
-def trainer_args(job, cfg, padded: bool, spans: bool):
-    """TrainingArguments with our optimizer settings, schedule, batch sizes, seed and precision."""
-    from transformers import TrainingArguments
-
-    total, precision = job["warmup"] + job["steps"], job["mixed_precision"]
-    new_api = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__  # transformers >= 5
-    sampling = ({"train_sampling_strategy": "random" if padded else "group_by_length"} if new_api
-                else {"group_by_length": not padded})
-    return TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="bench_trainer_"), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size, max_steps=total, learning_rate=cfg.lr,
-        weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
-        lr_scheduler_type="linear", warmup_steps=round(cfg.warmup_ratio * total), max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, use_cpu=job["device"] == "cpu", bf16=precision == "bf16", fp16=precision == "fp16",
-        dataloader_num_workers=0, remove_unused_columns=False, report_to="none",
-        save_strategy="no", logging_steps=cfg.log_every, disable_tqdm=True,
-        label_names=["start_positions", "end_positions"] if spans else ["labels"], **sampling)
-
-
-def run_trainer(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
-    """transformers.Trainer around the same TaskModel, with the same optimizer settings, schedule and features."""
-    from transformers import DataCollatorWithPadding, Trainer, default_data_collator
-
-    padded = job["setting"] == "trainer_padded"
-    width = cfg.max_length if padded else None
-    args = trainer_args(job, cfg, padded, spans="start" in train_feats[0])
-    collate = default_data_collator if padded else DataCollatorWithPadding(tokenizer)
-    recorder, timer = BatchRecorder(collate), step_timer(edges(job), t_process)
-    trainer = Trainer(model=LossModel(model, cfg), args=args,
-                      train_dataset=trainer_rows(train_feats, tokenizer.pad_token_id, width), data_collator=recorder,
-                      callbacks=[timer])
-    trainer.train()
-    eval_rows = trainer_rows(eval_feats, tokenizer.pad_token_id, width)
-    trainer.predict(eval_rows[: 2 * cfg.eval_batch_size])  # warm-up
-    trainer.data_collator = eval_recorder = BatchRecorder(collate)
-    t = clock(sync=True)
-    trainer.predict(eval_rows)
-    return {"step_ends": timer.ends, "train_shapes": recorder.shapes, "first_step_s": timer.first_step,
-            "eval_seconds": clock(sync=True) - t, "eval_shapes": eval_recorder.shapes}
 
 
 def run_job(job: dict) -> dict:
@@ -542,9 +364,9 @@ def write_json(path: str, args, peak: float, speedups: dict, train_py: dict | No
     print(f"wrote {path}")
 
 
-def main():
+def main(argv=None):
     p = make_parser()
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return
@@ -576,4 +398,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from utils import run_main
+
+    run_main(main)

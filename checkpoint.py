@@ -360,7 +360,7 @@ def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: 
 
 
 def load_best(accelerator, model, best_dir: Path) -> None:
-    """Read the best weights back from the checkpoint, exactly as evaluate.py will (models.load_checkpoint)."""
+    """Read the best weights back from the checkpoint, exactly as evaluate.py will (load_checkpoint)."""
     accelerator.wait_for_everyone()
     best_weights = load_checkpoint(find_complete_dir(best_dir))[0].state_dict()
     if getattr(accelerator, "is_fsdp2", False):  # sharded: each process takes its shard of the full weights

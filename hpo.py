@@ -39,11 +39,9 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import time
-import warnings
 from pathlib import Path
 
 import optuna
@@ -51,21 +49,21 @@ import torch
 import yaml
 
 import train
-from config import HPO_FIXED_FIELDS, Config, coerce, make_config, parse_config
+from config import Config, make_config, parse_config
 from evaluate import metric_names
 from plots import plot_hpo
+from search_space import load_space, narrow_space, sample_params
+from storage import DEFAULT_STORAGE, make_storage, recover_dead_trials, redact, retry_at_start
 from tracking import Tracker
-from utils import UserError, read_yaml, run_main, setup_logging, write_text_atomic
+from utils import UserError, run_main, setup_logging, write_text_atomic
 
 log = logging.getLogger("redsm5")
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
-DEFAULT_STORAGE = "sqlite:///outputs/hpo/optuna.db"
 PRUNERS = ("median", "halving", "hyperband", "none")
 # Measured: 12 criteria trials on the demo (--epochs 3 --threads 1, seed 42): no pruning 2,736 training
 # steps, best val f1_macro 0.853; median 2,152 (5 pruned) 0.846; halving 2,188 (8) 0.853; hyperband 2,405 (7) 0.846.
 DEFAULT_PRUNER = "median"
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")  # trial states that count toward --n_trials (but see counts_toward_n_trials)
-HEARTBEAT_S, GRACE_S = 10, 30
 
 
 def add_hpo_flags(parser) -> None:
@@ -94,73 +92,6 @@ def check_args(args, cfg: Config) -> None:
         if cfg.early_stopping_metric not in valid:
             raise UserError(f"--early_stopping_metric: '{cfg.early_stopping_metric}' is not a {cfg.task} metric "
                             f"(choose from auto, {', '.join(valid)})")
-
-
-# --------------------------------------------------------------------------- search spaces
-
-def parse_range(name: str, spec, source: str) -> dict:
-    """One entry of a search space, checked against the Config field: {low, high, log} or {choices}."""
-    if isinstance(spec, list):
-        spec = {"choices": spec}
-    if name in HPO_FIXED_FIELDS:
-        raise UserError(f"{source}: '{name}' cannot be searched (trials are compared on it or write to it)")
-    keys = set(spec) if isinstance(spec, dict) else set()
-    if not (keys == {"choices"} or {"low", "high"} <= keys <= {"low", "high", "log"}):
-        raise UserError(f"{source}: expected a list of choices or {{low, high[, log]}}, got {spec!r}")
-    if "choices" in spec:
-        if not spec["choices"]:
-            raise UserError(f"{source}: no choices")
-        return {"choices": [coerce(name, c, source) for c in spec["choices"]]}
-    low, high, log_scale = coerce(name, spec["low"], source), coerce(name, spec["high"], source), spec.get("log", False)
-    if isinstance(low, bool) or not isinstance(low, (int, float)):
-        raise UserError(f"{source}: '{name}' is not numeric: give a list of choices")
-    if not low < high:
-        raise UserError(f"{source}: low ({low}) must be below high ({high})")
-    if log_scale is not False and (log_scale is not True or low <= 0):
-        raise UserError(f"{source}: log must be true or false, and a log range needs low > 0")
-    return {"low": low, "high": high, "log": log_scale}
-
-
-def load_space(path: str | Path) -> dict:
-    path = Path(path)
-    raw = read_yaml(path, "search space")
-    if not isinstance(raw, dict) or not raw:
-        raise UserError(f"{path}: expected a mapping of config fields to ranges or choices")
-    return {name: parse_range(name, spec, f"{path}: {name}") for name, spec in raw.items()}
-
-
-def narrow_space(space: dict, best_params: list[dict], margin: float = 0.1) -> dict:
-    """The space around the best trials' values: choices they used; ranges spanning their values,
-    widened by `margin` of the coarse range on each side (on the log scale for log ranges)."""
-    fine = {}
-    for name, spec in space.items():
-        values = [p[name] for p in best_params if name in p]
-        if not values:
-            fine[name] = spec
-        elif "choices" in spec:
-            fine[name] = {"choices": [c for c in spec["choices"] if c in values]}
-        else:
-            scale, unscale = (math.log, math.exp) if spec["log"] else (float, float)
-            lo, hi = scale(spec["low"]), scale(spec["high"])
-            pad = margin * (hi - lo)
-            low = spec["low"] if scale(min(values)) - pad <= lo else unscale(scale(min(values)) - pad)
-            high = spec["high"] if scale(max(values)) + pad >= hi else unscale(scale(max(values)) + pad)
-            if isinstance(spec["low"], int):
-                low, high = math.floor(low), math.ceil(high)
-            fine[name] = {"low": low, "high": high, "log": spec["log"]}
-    return fine
-
-
-def sample_params(trial, space: dict) -> dict:
-    params = {}
-    for name, spec in space.items():
-        if "choices" in spec:
-            params[name] = trial.suggest_categorical(name, spec["choices"])
-        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
-            params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec["log"])
-        else:
-            params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec["log"])
-    return params
 
 
 def best_trials(study, k: int) -> list:
@@ -284,58 +215,6 @@ def close_trial_run(tracker: Tracker, trial) -> None:
 
 # --------------------------------------------------------------------------- the study
 
-def redact(url: str) -> str:
-    """The storage URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
-
-
-def make_storage(url: str):
-    """The Optuna storage of --storage; a URL that cannot be opened is a UserError naming --storage."""
-    import sqlalchemy.exc
-
-    try:
-        return _make_storage(url)
-    except (ImportError, OSError, ValueError, sqlalchemy.exc.SQLAlchemyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, ImportError):
-            msg += " (PostgreSQL needs psycopg2, MySQL pymysql)"
-        raise UserError(f"--storage {redact(url)}: cannot open it ({redact(msg)[:300]}; expected sqlite:///PATH, "
-                        "postgresql://user:password@host/db, mysql://..., or journal:PATH)") from None
-
-
-def _make_storage(url: str):
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        Path(url[len("journal:"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    engine_kwargs = {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for another worker's write, not "database is locked"
-    with warnings.catch_warnings():  # heartbeat and retry are "experimental" since Optuna 2.9: stable enough
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return retry_at_start(lambda: optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)),
-            "optuna storage")
-
-
-def retry_at_start(make, what: str, more_errors: tuple = (), tries: int = 6):
-    """Workers started together race to create a fresh database (tables, schema migrations): the losers retry."""
-    import sqlalchemy.exc
-
-    errors = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, *more_errors)
-    for attempt in range(tries):
-        try:
-            return make()
-        except errors as e:
-            if attempt == tries - 1:
-                raise
-            log.warning("%s not ready (%s): retrying in 5 s", what, str(e).splitlines()[0][:150])
-            time.sleep(5)
-
-
 class TrialSeededTPE(optuna.samplers.BaseSampler):
     """TPE whose draws for trial n come from seed + n.
 
@@ -450,42 +329,6 @@ def after_trial(study, trial, study_dir: Path, metric: str, tracker: Tracker) ->
                              "train_steps": summary["train_steps"],
                              **{f"n_{k.lower()}": v for k, v in summary["counts"].items()}},
                             step=trial.number, flush=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def recover_dead_trials(study) -> list[int]:
-    """Mark FAIL the RUNNING trials whose worker was a process of this host that no longer exists, and queue
-    each once more with the same parameters; returns their numbers. The heartbeat finds such a trial only
-    after GRACE_S (and a journal storage has none): a command rerun at once would otherwise leave it RUNNING
-    for good. A recovered trial does not count toward --n_trials (its retry does)."""
-    host, recovered = socket.gethostname(), []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-    for t in study.get_trials(deepcopy=True, states=(optuna.trial.TrialState.RUNNING,)):
-        pid = t.user_attrs.get("worker_pid")
-        if t.user_attrs.get("worker_host") != host or not isinstance(pid, int) or pid_alive(pid):
-            continue
-        try:  # a finished trial takes no attributes: they first
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
-                                               f"worker died: process {pid} on {host} is gone (found at a restart)")
-            study._storage.set_trial_user_attr(t._trial_id, "dead_worker", True)
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        except (ValueError, RuntimeError):  # another worker started at the same moment got there first
-            continue
-        retry(study, t)  # t: the trial as it was (no dead_worker attr to copy); a retry of a retry is not retried
-        log.warning("trial %d: its worker (pid %d on %s) is gone: marked failed and queued again", t.number, pid, host)
-        recovered.append(t.number)
-    return recovered
 
 
 def counts_toward_n_trials(t) -> bool:

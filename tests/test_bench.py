@@ -1,4 +1,4 @@
-"""bench.py's accounting: padding and token counts of a hand-made batch, and its FLOP formula."""
+"""bench.py's accounting (measure.py): padding and token counts of a hand-made batch, and its FLOP formula."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import measure
 from features import collate
 from models import TASKS, TaskModel
 
@@ -13,11 +14,11 @@ from models import TASKS, TaskModel
 def test_batch_recorder_counts_real_tokens_and_padding():
     features = [{"idx": 0, "input_ids": np.array([2, 7, 3], dtype=np.int32), "label": 0},
                 {"idx": 1, "input_ids": np.array([2, 7, 8, 9, 3], dtype=np.int32), "label": 1}]
-    recorder = bench.BatchRecorder(lambda f: collate(f, pad_id=0))
+    recorder = measure.BatchRecorder(lambda f: collate(f, pad_id=0))
     batch = recorder(features)
     assert batch["input_ids"].shape == (2, 5)
     assert recorder.shapes == [(2, 5, 8, 3**2 + 5**2)]  # rows, width, real tokens, sum of squared lengths
-    stats = bench.batch_stats(recorder.shapes * 2, np.array([2.0, 4.0]), (10, 1, 4))
+    stats = measure.batch_stats(recorder.shapes * 2, np.array([2.0, 4.0]), (10, 1, 4))
     assert stats["padding_fraction"] == pytest.approx(1 - 8 / 10)
     assert stats["samples_per_s"] == pytest.approx(4 / 2.0)
     assert stats["real_tokens_per_s"] == pytest.approx(16 / 2.0)
@@ -42,7 +43,7 @@ def test_training_flops_match_torch_flop_counter(arch):
         out = model(**batch)
         torch.nn.functional.cross_entropy(out["cls_logits"], torch.zeros(rows, dtype=torch.long)).backward()
     shapes = [(rows, width, rows * width, rows * width**2)]
-    expected = bench.flops(shapes, bench.n_params_of(model), 2, 32, padded=False)
+    expected = measure.flops(shapes, measure.n_params_of(model), 2, 32, padded=False)
     if arch == "modernbert":  # torch's counter has no formula for SDPA with ModernBERT's sliding-window mask
         expected -= 3 * 4 * 2 * 32 * rows * width**2
     assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)

@@ -1,4 +1,5 @@
-"""hpo.py: search spaces, the fine-stage narrowing, failed and dead trials, resume, and the best-config round trip."""
+"""hpo.py (with search_space.py and storage.py): search spaces, the fine-stage narrowing, failed and dead trials,
+resume, and the best-config round trip."""
 import json
 import math
 import os
@@ -11,6 +12,8 @@ import pytest
 import yaml
 
 import hpo
+import search_space
+import storage
 from config import Config, load_yaml_config, parse_config
 from utils import UserError
 
@@ -35,8 +38,8 @@ def history(study_dir: Path) -> dict:
 # --------------------------------------------------------------------------- search spaces
 
 def test_shipped_spaces_load_with_config_types():
-    spaces = {task: hpo.load_space(ROOT / "configs" / "hpo" / f"{task}.yaml") for task in ("criteria", "evidence",
-                                                                                             "joint")}
+    spaces = {task: search_space.load_space(ROOT / "configs" / "hpo" / f"{task}.yaml")
+              for task in ("criteria", "evidence", "joint")}
     assert spaces["criteria"]["lr"] == {"low": 1e-4, "high": 5e-3, "log": True}
     assert spaces["criteria"]["batch_size"] == {"choices": [16, 32, 64]}
     assert spaces["criteria"]["class_weights"] == {"choices": [False, True]}
@@ -52,8 +55,9 @@ def test_shipped_spaces_load_with_config_types():
 
 
 def test_space_values_are_parsed_like_config_values(tmp_path):
-    space = hpo.load_space(write_space(tmp_path / "s.yaml", {"lr": {"low": "1e-4", "high": "1e-3", "log": True},
-                                                             "tiny_layers": {"low": 1, "high": 4.0}}))
+    path = write_space(tmp_path / "s.yaml", {"lr": {"low": "1e-4", "high": "1e-3", "log": True},
+                                             "tiny_layers": {"low": 1, "high": 4.0}})
+    space = search_space.load_space(path)
     assert space == {"lr": {"low": 1e-4, "high": 1e-3, "log": True}, "tiny_layers": {"low": 1, "high": 4, "log": False}}
     assert isinstance(space["tiny_layers"]["high"], int)
 
@@ -72,7 +76,7 @@ def test_space_values_are_parsed_like_config_values(tmp_path):
 def test_bad_space_is_a_user_error_naming_file_and_field(tmp_path, entry, message):
     path = write_space(tmp_path / "bad.yaml", entry)
     with pytest.raises(UserError) as e:
-        hpo.load_space(path)
+        search_space.load_space(path)
     assert message in str(e.value) and str(path) in str(e.value)
 
 
@@ -85,7 +89,7 @@ def test_narrow_space_hand_computed():
               "weight_decay": {"low": 0.0, "high": 0.1, "log": False}}
     best = [{"lr": 1e-3, "dropout": 0.10, "epochs": 4, "warmup_ratio": 0.005, "batch_size": 32, "scheduler": "cosine"},
             {"lr": 2e-3, "dropout": 0.12, "epochs": 5, "warmup_ratio": 0.010, "batch_size": 32, "scheduler": "linear"}]
-    fine = hpo.narrow_space(coarse, best, margin=0.1)
+    fine = search_space.narrow_space(coarse, best, margin=0.1)
     # lr: log width ln(100), 10% of it = a factor 10**0.2 on each side of [1e-3, 2e-3]
     assert fine["lr"]["low"] == pytest.approx(1e-3 / 10**0.2) and fine["lr"]["high"] == pytest.approx(2e-3 * 10**0.2)
     assert fine["lr"]["log"] is True
@@ -106,11 +110,11 @@ def test_sampled_params_stay_in_space_with_field_types():
              "batch_size": {"choices": [8, 16]}}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
-        params = hpo.sample_params(study.ask(), space)
+        params = search_space.sample_params(study.ask(), space)
         assert 1e-4 <= params["lr"] <= 1e-2 and isinstance(params["lr"], float)
         assert params["tiny_layers"] in (1, 2, 3) and params["batch_size"] in (8, 16)
     fixed = {"lr": 3e-3, "tiny_layers": 2, "batch_size": 16}
-    assert hpo.sample_params(optuna.trial.FixedTrial(fixed), space) == fixed
+    assert search_space.sample_params(optuna.trial.FixedTrial(fixed), space) == fixed
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
@@ -121,12 +125,12 @@ def test_trial_seeded_sampler_same_draws_for_one_worker_or_two(tmp_path):
 
     def draw(study):
         trial = study.ask()
-        return trial.number, hpo.sample_params(trial, space)
+        return trial.number, search_space.sample_params(trial, space)
 
     one = optuna.create_study(sampler=hpo.TrialSeededTPE(42, n_startup_trials=10))
     alone = dict(draw(one) for _ in range(6))
-    storage = hpo.make_storage(f"sqlite:///{tmp_path}/o.db")
-    workers = [optuna.create_study(storage=storage, study_name="s", load_if_exists=True,
+    shared = storage.make_storage(f"sqlite:///{tmp_path}/o.db")
+    workers = [optuna.create_study(storage=shared, study_name="s", load_if_exists=True,
                                    sampler=hpo.TrialSeededTPE(42, n_startup_trials=10)) for _ in range(2)]
     together = dict(draw(workers[i % 2]) for i in range(6))  # two workers asking in turn, nothing finished yet
     assert together == alone
@@ -184,7 +188,7 @@ def test_fine_stage_narrows_around_coarse_best_and_starts_there(coarse_study):
                      "--coarse_study", "criteria-coarse", "--output_dir", str(tmp / "fine")])
     coarse, fine = history(tmp / "coarse"), history(tmp / "fine")
     top2 = sorted(coarse["trials"], key=lambda t: -t["value"])[:2]
-    assert fine["search_space"] == hpo.narrow_space(coarse["search_space"], [t["params"] for t in top2])
+    assert fine["search_space"] == search_space.narrow_space(coarse["search_space"], [t["params"] for t in top2])
     used = {t["params"]["batch_size"] for t in top2}
     assert fine["search_space"]["batch_size"]["choices"] == [c for c in (8, 16) if c in used]
     lr = fine["search_space"]["lr"]
@@ -199,12 +203,12 @@ def test_resume_adds_only_missing_trials_and_reruns_dead_ones(coarse_study, monk
     import optuna
 
     tmp, _, space = coarse_study
-    storage = f"sqlite:///{tmp}/resume.db"
-    args = TINY + ["--storage", storage, "--space", str(space), "--output_dir", str(tmp / "resume")]
+    url = f"sqlite:///{tmp}/resume.db"
+    args = TINY + ["--storage", url, "--space", str(space), "--output_dir", str(tmp / "resume")]
     hpo.main(args + ["--n_trials", "1"])
     # A worker that died mid-trial: a RUNNING trial whose last heartbeat is older than the grace period.
-    monkeypatch.setattr(hpo, "GRACE_S", 1)
-    study = optuna.load_study(study_name="criteria-coarse", storage=hpo.make_storage(storage))
+    monkeypatch.setattr(storage, "GRACE_S", 1)
+    study = optuna.load_study(study_name="criteria-coarse", storage=storage.make_storage(url))
     dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
     study._storage.record_heartbeat(dead._trial_id)
     time.sleep(3.2)  # sqlite stores heartbeats in whole seconds: well past the 1 s grace
@@ -347,20 +351,20 @@ def test_recover_dead_trials_fails_and_requeues_a_dead_local_worker(tmp_path, st
     import optuna
 
     url = f"sqlite:///{tmp_path}/o.db" if storage_kind == "sqlite" else f"journal:{tmp_path}/journal.log"
-    study = optuna.create_study(storage=hpo.make_storage(url), study_name="s")
+    study = optuna.create_study(storage=storage.make_storage(url), study_name="s")
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
     dead, alive, elsewhere = (study.ask(dist) for _ in range(3))
     for trial, host, pid in [(dead, socket.gethostname(), dead_pid()), (alive, socket.gethostname(), os.getpid()),
                              (elsewhere, "another-host", dead_pid())]:
         trial.set_user_attr("worker_host", host)
         trial.set_user_attr("worker_pid", pid)
-    assert hpo.recover_dead_trials(study) == [dead.number]
+    assert storage.recover_dead_trials(study) == [dead.number]
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]
     assert trials[3].params == trials[0].params and trials[3].system_attrs["failed_trial"] == dead.number
     assert "process" in trials[0].user_attrs["fail_reason"] and "gone" in trials[0].user_attrs["fail_reason"]
     assert not hpo.counts_toward_n_trials(trials[0]) and hpo.n_finished(study) == 0
-    assert hpo.recover_dead_trials(study) == []  # done once
+    assert storage.recover_dead_trials(study) == []  # done once
     assert hpo.trial_record(trials[3])["retry_of"] == dead.number
 
 
@@ -372,10 +376,10 @@ def test_rerun_at_once_after_a_kill_reruns_the_dead_trial(coarse_study):
     import optuna
 
     tmp, _, space = coarse_study
-    storage = f"sqlite:///{tmp}/dead.db"
-    args = TINY + ["--storage", storage, "--space", str(space), "--output_dir", str(tmp / "dead")]
+    url = f"sqlite:///{tmp}/dead.db"
+    args = TINY + ["--storage", url, "--space", str(space), "--output_dir", str(tmp / "dead")]
     hpo.main(args + ["--n_trials", "1"])
-    study = optuna.load_study(study_name="criteria-coarse", storage=hpo.make_storage(storage))
+    study = optuna.load_study(study_name="criteria-coarse", storage=storage.make_storage(url))
     dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
     dead.set_user_attr("worker_host", socket.gethostname())
     dead.set_user_attr("worker_pid", dead_pid())
