@@ -253,8 +253,9 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=No
                  doc: str | None = None) -> tuple[Config, argparse.Namespace]:
     """Config from defaults < --config YAML < --field flags. `extra(parser)` adds script-only flags; `doc` (the
     script's docstring) opens --help."""
-    parser = _Parser(prog=prog, allow_abbrev=False, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                     usage=f"{prog} [--config FILE] [--FIELD VALUE ...]")
+    parser = _Parser(prog=prog, allow_abbrev=False, description=doc,
+                     usage=f"{prog} [--config FILE] [--FIELD VALUE ...]",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of config fields (flags override it)")
     hints = typing.get_type_hints(Config)
     group = parser.add_argument_group("config fields (also YAML keys of --config)")

@@ -235,6 +235,6 @@ def best_threshold(candidates, scores) -> float:
     """The candidate with the best score; scores within 1e-12 of the best tie, and a tie goes to the candidate
     that comes first. Every tuner passes its candidates in its own order of preference: the per-symptom
     thresholds closest to 0.5 first, the null-answer threshold "never null" first, the sentence threshold
-    and report.py's decision threshold in the order their docstrings give."""
+    and baselines.py's decision threshold in the order their docstrings give."""
     scores = np.asarray(scores, dtype=float)
     return float(np.asarray(candidates, dtype=float)[np.flatnonzero(scores >= scores.max() - 1e-12)[0]])

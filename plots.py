@@ -1,9 +1,13 @@
-"""Figures for reports and HPO studies, as PNG files: confusion matrix, PR and ROC curves, training
-curves, per-criterion scores, an Optuna study's history and parameter importances.
+"""Figures and tables of report.py (and hpo.py's study plots): PNG figures and summary.md's markdown tables.
 
-Pure drawing: each function takes plain values (lists, dicts, an Optuna study) and a path, writes one
-PNG and returns its path. matplotlib is imported on first use with the Agg backend (no display needed).
-Near-perfect curves and scores are zoomed, and the title says so.
+Figures: confusion matrix, PR and ROC curves, training curves, per-criterion scores, an Optuna study's
+history and parameter importances. Pure drawing: each function takes plain values (lists, dicts, an Optuna
+study) and a path, writes one PNG and returns its path. matplotlib is imported on first use with the Agg
+backend (no display needed). Near-perfect curves and scores are zoomed, and the title says so.
+
+Tables: `summary_markdown` turns report.py's summary.json dict into summary.md: every metric of the model
+with its intervals beside the baselines, the shifted test set, the per-criterion table, the ReDSM5 paper's
+numbers beside the published ones, every run. Pure formatting: dicts in, text out.
 """
 from __future__ import annotations
 
@@ -166,3 +170,119 @@ def plot_hpo(study, out_dir: Path) -> list[Path]:
         ax.set_axis_off()
     paths.append(_save(fig, out_dir / "hpo_importances.png"))
     return paths
+
+
+# --------------------------------------------------------------------------- markdown tables
+
+def _cell(d: dict | None, ci: bool = False, corrected: bool = False) -> str:
+    if not d or d["mean"] is None:
+        return "–"
+    text = f"{d['mean']:.3f} ± {d['std']:.3f}"
+    if ci:
+        text += f" | [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+    if corrected:
+        low, high = d.get("ci_corrected_low"), d.get("ci_corrected_high")
+        text += f" | [{low:.3f}, {high:.3f}]" if low is not None else " | –"
+    return text
+
+
+def metric_table(summary: dict, corrected: bool) -> list[str]:
+    """Markdown rows: every metric of the model (mean ± std, intervals) beside the baselines (mean ± std)."""
+    baselines = [n for n in summary if n != "model"]
+    lines = ["| metric | model | 95% CI | " + ("corrected 95% CI | " if corrected else "") + " | ".join(baselines)
+             + " |", "|---|---|---|" + "---|" * (len(baselines) + corrected)]
+    for metric, d in summary["model"].items():
+        lines.append(f"| {metric} | {_cell(d, ci=True, corrected=corrected)} | "
+                     + " | ".join(_cell(summary[b].get(metric)) for b in baselines) + " |")
+    return lines
+
+
+def summary_markdown(result: dict, pngs: list[str]) -> str:
+    summary, k, seeds = result["summary"], result["cv_folds"], result["seeds"]
+    design = f"{k}-fold cross-validation (grouped by post, stratified)" if k > 1 else "one train/val/test split"
+    corrected = k > 1
+    lines = [f"# {result['task']}: {design} x {len(seeds)} seed(s)", "", f"`{result['command']}`", "",
+             f"{len(result['runs'])} runs (seeds {', '.join(map(str, seeds))}); posts per fold (train / val / test): "
+             + ", ".join(f"{f['train']} / {f['val']} / {f['test']}" for f in result["folds"]) + ".", "",
+             "Test metrics of each run's best checkpoint: mean ± standard deviation over the runs and a percentile "
+             "bootstrap 95% interval of the mean" + (", which treats the runs as independent; they share training "
+             "posts, so the corrected resampled t interval (Nadeau & Bengio 2003, variance (1/n + n_test/n_train) s², "
+             "t with n - 1 degrees of freedom; unbounded, so it may pass 1 near the ceiling) is the one to quote."
+             if corrected else ".")
+             + (" Classification metrics at threshold 0.5 unless "
+             "`_at_val_threshold` (chosen per run for the best macro F1 on its validation posts)."
+             if "val_threshold" in summary["model"] else "") + " Baselines on the same test folds: mean ± std over "
+             "the folds.", ""] + metric_table(summary, corrected)
+    shifted = result.get("summary_test_shift")
+    if shifted:
+        lines += ["", "## Shifted test set (test_shift)", "",
+                  "Every run's best checkpoint (thresholds from its own validation posts) and the baselines of every "
+                  "fold on one separate corpus written with phrasing that no training post uses (the demo's held-out "
+                  "phrase items, or `--test_shift_dir`). The set is the same for all runs, so the intervals are "
+                  "over training variation only.", ""] + metric_table(shifted, corrected)
+    thresholded = "val_threshold" in summary["model"]
+    at_threshold = ", classified at each run's validation-chosen threshold" if thresholded else ""
+    lines += ["", "## Per criterion", "",
+              "Model: each seed's test predictions pooled over the folds (every post scored once per seed)"
+              + at_threshold
+              + "; the mean over seeds (± std over seeds). n = examples, support = positive examples, pairs = "
+              "(criterion, post) pairs whose spans are scored.", ""]
+    lines += criterion_markdown(result["per_criterion"])
+    lines += paper_table(summary, result.get("published", []))
+    lines += ["", "## Runs", "", "| run | " + " | ".join(list(summary["model"])[:6]) + " |",
+              "|---|" + "---:|" * len(list(summary["model"])[:6])]
+    for r in result["runs"]:
+        lines.append(f"| fold{r['fold']}-seed{r['seed']} | " + " | ".join(
+            f"{r['metrics'].get(m, float('nan')):.3f}" for m in list(summary["model"])[:6]) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
+    return "\n".join(lines) + "\n"
+
+
+def criterion_markdown(pc: dict) -> list[str]:
+    """The per-criterion table: the model's pooled test predictions beside the baselines'."""
+    model = pc["model"]
+    cls, spans = "f1" in model["all"], "span_f1" in model["all"]
+    head, rule = ["criterion", "n"], ["---", "---:"]
+    if cls:
+        head += ["support", "precision", "recall", "F1", "bag-of-words LR F1"]
+        rule += ["---:"] * 5
+    if spans:
+        head += ["pairs", "exact match", "span F1", "first-sentence span F1"]
+        rule += ["---:"] * 4
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for c, m in model.items():
+        cells = [c, f"{m['n']:.0f}"]
+        if cls:
+            bow = pc["bag-of-words LR"].get(c, {})
+            cells += [f"{m['support']:.0f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}",
+                      f"{m['f1']:.3f} ± {m['f1_std']:.3f}", f"{bow['f1']:.3f}" if bow else "–"]
+        if spans:
+            first = pc["first sentence"].get(c, {})
+            cells += [f"{m['pairs']:.0f}", f"{m.get('exact_match', float('nan')):.3f}",
+                      f"{m.get('span_f1', float('nan')):.3f} ± {m.get('span_f1_std', float('nan')):.3f}",
+                      f"{first['span_f1']:.3f}" if first.get("span_f1") is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def paper_table(summary: dict, published: list[dict]) -> list[str]:
+    """Markdown lines: the ReDSM5 paper's numbers of the model and the baselines scored here, beside the
+    published baselines as reference rows (their split, their corpus: not a like-for-like comparison)."""
+    if "paper_micro_f1" not in summary["model"]:
+        return []
+    keys = ("paper_micro_f1", "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned")
+    lines = ["", "## Compared with the ReDSM5 paper", "",
+             "The paper's protocol: (post, criterion) predictions folded into the post x label matrix of the nine "
+             "symptoms plus NO_SYMPTOMS (predicted where no symptom is), micro and macro F1 over the ten labels as "
+             "scikit-learn's classification_report gives them, threshold 0.5; tuned = per-symptom thresholds "
+             "chosen on each run's validation posts. Ours: mean ± std over runs (baselines: over folds). "
+             "(f1_macro above is the two-class macro over pairs: not comparable.)", "",
+             "| system | micro F1 | macro F1 | micro F1 (tuned) | macro F1 (tuned) | source |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, metrics in summary.items():
+        source = "this report" if name == "model" else "this report, same test posts"
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(k)) for k in keys) + f" | {source} |")
+    for p in published:
+        lines.append(f"| {p['name']} | {p['paper_micro_f1']:.3f} | {p['paper_macro_f1']:.3f} | – | – | {p['note']} |")
+    return lines
+

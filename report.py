@@ -10,24 +10,23 @@ Folds are by post and stratified by the post's symptom profile (`data.kfold_spli
 test set, a stratified slice of the other folds (val_ratio of all posts) the validation set, the rest
 trains. Folds depend on --seed only, so --seeds vary the training (initialisation, batch order), not
 the data. Each fold x seed is one `train.train` in output_dir/fold{k}-seed{s}/ and an MLflow run nested
-under one parent run. output_dir then holds summary.json and summary.md: for every test metric the
-mean, standard deviation, a percentile-bootstrap 95% interval of the mean over the runs (it treats
-them as independent, a lower bound) and, with k >= 2 folds, the corrected resampled t interval that
-allows for the training posts the runs share (Nadeau & Bengio 2003), the majority class,
-a bag-of-words logistic regression and (span tasks) the first sentence of the post on the same folds,
-and a per-criterion table; and PNGs of the confusion matrix, PR and ROC curves, training curves and
-per-criterion scores (drawn by plots.py; also in each run's folder, and logged to MLflow). Where there is
-a shifted test set (the demo's held-out phrasing, or --test_shift_dir), every run's model and every
-fold's baselines are scored on it too: summary_test_shift in summary.json, a second table in summary.md.
+under one parent run. output_dir then holds summary.json and summary.md (its tables written by plots.py):
+for every test metric the mean, standard deviation, a percentile-bootstrap 95% interval of the mean over
+the runs (it treats them as independent, a lower bound) and, with k >= 2 folds, the corrected resampled
+t interval that allows for the training posts the runs share (Nadeau & Bengio 2003), the baselines of
+baselines.py on the same folds (the majority class, a bag-of-words logistic regression and, span tasks,
+the first sentence of the post), and a per-criterion table; and PNGs of the confusion matrix, PR and ROC
+curves, training curves and per-criterion scores (drawn by plots.py; also in each run's folder, and logged
+to MLflow). Where there is a shifted test set (the demo's held-out phrasing, or --test_shift_dir), every
+run's model and every fold's baselines are scored on it too: summary_test_shift in summary.json, a second
+table in summary.md.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -35,19 +34,12 @@ import numpy as np
 
 import data
 import train
+from baselines import choose_threshold, fold_baselines, with_threshold
 from config import Config, load_yaml_config, parse_config
-from evaluate import has_post_pairs
-from hpo import DEFAULT_STORAGE, make_storage
-from metrics import (
-    classification_metrics,
-    post_label_matrix,
-    post_level_metrics,
-    span_metrics,
-    span_scores,
-    tune_thresholds,
-)
+from metrics import classification_metrics, f1_from_counts, span_scores
 from models import TASKS
-from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training
+from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training, summary_markdown
+from storage import DEFAULT_STORAGE, make_storage
 from tracking import Tracker
 from utils import UserError, run_main, setup_logging
 
@@ -121,22 +113,6 @@ def summarize_runs(metrics: list[dict], n_boot: int = 10000, test_train_ratio: f
     return {k: summarize([m.get(k) for m in metrics], n_boot, test_train_ratio) for k in names}
 
 
-def choose_threshold(labels, probs) -> float:
-    """Decision threshold with the best macro F1 on these (validation) labels, halfway between the lowest
-    probability called positive and the next one below it; ties go to the higher threshold. Macro, not
-    positive-class F1: where most examples are positive, that one is best at "everything positive"."""
-    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
-    if labels.all() or not labels.any():
-        return 0.5
-    cuts = np.unique(probs)[::-1]  # "positive if prob >= cut", strictest first
-    called = probs[None, :] >= cuts[:, None]
-    tp, tn = (called & (labels == 1)).sum(1), (~called & (labels == 0)).sum(1)
-    f1_macro = tp / (called.sum(1) + labels.sum()) + tn / ((~called).sum(1) + (labels == 0).sum())  # (2tp/..+2tn/..)/2
-    best = int(np.argmax(f1_macro))
-    below = cuts[best + 1] if best + 1 < len(cuts) else 0.0
-    return float((cuts[best] + below) / 2)
-
-
 def criterion_table(rows: list[dict], classify: bool, spans: bool, gold_only: bool | None = None) -> dict[str, dict]:
     """Per criterion and over 'all': n, support (positives), precision, recall, F1 of each row's `pred`;
     exact match and span F1 of `pred_text` against `gold_texts` (`gold_only`, as joint does: only pairs with
@@ -149,7 +125,7 @@ def criterion_table(rows: list[dict], classify: bool, spans: bool, gold_only: bo
             y, p = np.array([r["label"] for r in group]), np.array([r["pred"] for r in group])
             tp = int(((y == 1) & (p == 1)).sum())
             res.update(support=int(y.sum()), precision=tp / max(int(p.sum()), 1), recall=tp / max(int(y.sum()), 1),
-                       f1=2 * tp / max(int(y.sum() + p.sum()), 1))
+                       f1=float(f1_from_counts(tp, int(p.sum()) - tp, int(y.sum()) - tp)))
         if spans:
             scored = [r for r in group if r["gold_texts"]] if (classify if gold_only is None else gold_only) else group
             s = np.array([span_scores(r["pred_text"], r["gold_texts"]) for r in scored]).reshape(-1, 2)
@@ -171,7 +147,7 @@ def mean_tables(tables: list[dict]) -> dict[str, dict]:
     return out
 
 
-# --------------------------------------------------------------------------- folds and baselines
+# --------------------------------------------------------------------------- folds
 
 def fold_splits(corpus: data.Corpus, k: int, seed: int, val_ratio: float = 0.1,
                 test_ratio: float = 0.1) -> list[dict[str, list[str]]]:
@@ -193,88 +169,6 @@ def fold_splits(corpus: data.Corpus, k: int, seed: int, val_ratio: float = 0.1,
             fit, val = train_test_split(rest, test_size=n_val, random_state=seed)
         folds.append({"train": sorted(fit), "val": sorted(val), "test": sorted(test)})
     return folds
-
-
-def bow_tokens(example: dict) -> list[str]:
-    """Words and word pairs of the text, each also crossed with the criterion, so that a linear model
-    can weigh 'sleep' differently for SLEEP_ISSUES than for FATIGUE."""
-    words = re.findall(r"[\w']+", example["text"].lower())
-    grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
-    return grams + [f"{example['criterion']}|{g}" for g in grams] + [example["criterion"]]
-
-
-def bow_probs(train_ex: list[dict], *others: list[dict]) -> list[np.ndarray]:
-    """A tf-idf bag-of-words logistic regression fit on train_ex: P(label 1) for each list in `others`."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vectorizer = TfidfVectorizer(analyzer=bow_tokens, sublinear_tf=True)
-    labels = [e["label"] for e in train_ex]
-    if len(set(labels)) < 2:  # one class only: nothing to fit
-        return [np.full(len(ex), float(labels[0]) if labels else 0.0) for ex in others]
-    clf = LogisticRegression(C=10.0, max_iter=2000).fit(vectorizer.fit_transform(train_ex), labels)
-    return [clf.predict_proba(vectorizer.transform(ex))[:, 1] if ex else np.zeros(0) for ex in others]
-
-
-def first_sentence(text: str) -> str:
-    spans = data.sentence_spans(text)
-    return text[spans[0][0] : spans[0][1]] if spans else ""
-
-
-def fold_baselines(corpus: data.Corpus, split: dict, cfg: Config, shift_ex: list[dict] | None = None) -> dict:
-    """Test metrics (and test rows, for the per-criterion table) of the baselines on one fold; with `shift_ex`,
-    their metrics on the shifted test set too ("shift_metrics"), fit and thresholded the same way."""
-    task = TASKS[cfg.task]
-    train_ex, val_ex, test_ex = (task.examples(corpus, split[s], cfg) for s in ("train", "val", "test"))
-    out = {"metrics": {}, "rows": {}, "shift_metrics": {}}
-    if task.classify:
-        rate = float(np.mean([e["label"] for e in train_ex]))  # P(1) of every example: the majority class at 0.5
-        val_p, test_p, shift_p = bow_probs(train_ex, val_ex, test_ex, shift_ex or [])
-        threshold = choose_threshold([e["label"] for e in val_ex], val_p)
-        paper = val_thresholds(val_ex, val_p) if has_post_pairs(cfg) else None
-        for key, ex, probs in (("metrics", test_ex, test_p), ("shift_metrics", shift_ex, shift_p)):
-            if not ex:
-                continue
-            labels, criteria = [e["label"] for e in ex], [e["criterion"] for e in ex]
-            out[key]["majority class"] = classification_metrics(labels, np.full(len(ex), rate), criteria)
-            out[key]["bag-of-words LR"] = {**classification_metrics(labels, probs, criteria),
-                                           **with_threshold(labels, probs, threshold)}
-            if paper is not None:  # the paper's post x label matrix, scored as the model's is
-                out[key]["majority class"].update(post_level_metrics(ex, np.full(len(ex), rate), {}))
-                out[key]["bag-of-words LR"].update(post_level_metrics(ex, probs, paper))
-        out["rows"]["bag-of-words LR"] = [{**e, "prob": p, "pred": int(p >= threshold)}
-                                          for e, p in zip(test_ex, test_p)]
-    if task.spans:
-        for key, ex in (("metrics", test_ex), ("shift_metrics", shift_ex)):
-            if ex:
-                out[key]["first sentence"], rows = first_sentence_baseline(ex, task.classify)
-                if key == "metrics":
-                    out["rows"]["first sentence"] = rows
-    return out
-
-
-def val_thresholds(val_ex: list[dict], val_p) -> dict:
-    """Per-symptom thresholds tuned on the validation pairs, as train.py does for the model ({} without any)."""
-    if not val_ex:
-        return {}
-    _, gold, probs = post_label_matrix(val_ex, val_p)
-    return {s: float(t) for s, t in zip(data.SYMPTOMS, tune_thresholds(gold, probs))}
-
-
-def first_sentence_baseline(examples: list[dict], classify: bool) -> tuple[dict, list[dict]]:
-    """(span metrics, rows) of predicting the post's first sentence; pairs without gold are scored only
-    where the task does not classify."""
-    golds = [[e["text"][s:t] for s, t in e["spans"]] for e in examples]
-    scored = [i for i, g in enumerate(golds) if g or not classify]
-    preds = [first_sentence(e["text"]) for e in examples]
-    metrics = span_metrics([preds[i] for i in scored], [golds[i] for i in scored])
-    return metrics, [{**e, "pred_text": p, "gold_texts": g} for e, p, g in zip(examples, preds, golds)]
-
-
-def with_threshold(labels, probs, threshold: float) -> dict:
-    m = classification_metrics(labels, probs, threshold=threshold)
-    return {"val_threshold": threshold, "f1_at_val_threshold": m["f1"], "f1_macro_at_val_threshold": m["f1_macro"],
-            "precision_at_val_threshold": m["precision"], "recall_at_val_threshold": m["recall"]}
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -452,121 +346,6 @@ def summary_plots(result: dict, runs: list[dict], baselines: list[dict], out_dir
                        {n: {c: v["span_f1"] for c, v in pc[n].items() if v.get("span_f1") is not None}
                         for n in ("model", "first sentence")}))
     return pngs + [plot_per_criterion(panels, out_dir / "per_criterion.png")]
-
-
-# --------------------------------------------------------------------------- markdown
-
-def _cell(d: dict | None, ci: bool = False, corrected: bool = False) -> str:
-    if not d or d["mean"] is None:
-        return "–"
-    text = f"{d['mean']:.3f} ± {d['std']:.3f}"
-    if ci:
-        text += f" | [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
-    if corrected:
-        low, high = d.get("ci_corrected_low"), d.get("ci_corrected_high")
-        text += f" | [{low:.3f}, {high:.3f}]" if low is not None else " | –"
-    return text
-
-
-def metric_table(summary: dict, corrected: bool) -> list[str]:
-    """Markdown rows: every metric of the model (mean ± std, intervals) beside the baselines (mean ± std)."""
-    baselines = [n for n in summary if n != "model"]
-    lines = ["| metric | model | 95% CI | " + ("corrected 95% CI | " if corrected else "") + " | ".join(baselines)
-             + " |", "|---|---|---|" + "---|" * (len(baselines) + corrected)]
-    for metric, d in summary["model"].items():
-        lines.append(f"| {metric} | {_cell(d, ci=True, corrected=corrected)} | "
-                     + " | ".join(_cell(summary[b].get(metric)) for b in baselines) + " |")
-    return lines
-
-
-def summary_markdown(result: dict, pngs: list[str]) -> str:
-    summary, k, seeds = result["summary"], result["cv_folds"], result["seeds"]
-    design = f"{k}-fold cross-validation (grouped by post, stratified)" if k > 1 else "one train/val/test split"
-    corrected = k > 1
-    lines = [f"# {result['task']}: {design} x {len(seeds)} seed(s)", "", f"`{result['command']}`", "",
-             f"{len(result['runs'])} runs (seeds {', '.join(map(str, seeds))}); posts per fold (train / val / test): "
-             + ", ".join(f"{f['train']} / {f['val']} / {f['test']}" for f in result["folds"]) + ".", "",
-             "Test metrics of each run's best checkpoint: mean ± standard deviation over the runs and a percentile "
-             "bootstrap 95% interval of the mean" + (", which treats the runs as independent; they share training "
-             "posts, so the corrected resampled t interval (Nadeau & Bengio 2003, variance (1/n + n_test/n_train) s², "
-             "t with n - 1 degrees of freedom; unbounded, so it may pass 1 near the ceiling) is the one to quote."
-             if corrected else ".")
-             + (" Classification metrics at threshold 0.5 unless "
-             "`_at_val_threshold` (chosen per run for the best macro F1 on its validation posts)."
-             if "val_threshold" in summary["model"] else "") + " Baselines on the same test folds: mean ± std over "
-             "the folds.", ""] + metric_table(summary, corrected)
-    shifted = result.get("summary_test_shift")
-    if shifted:
-        lines += ["", "## Shifted test set (test_shift)", "",
-                  "Every run's best checkpoint (thresholds from its own validation posts) and the baselines of every "
-                  "fold on one separate corpus written with phrasing that no training post uses (the demo's held-out "
-                  "phrase items, or `--test_shift_dir`). The set is the same for all runs, so the intervals are "
-                  "over training variation only.", ""] + metric_table(shifted, corrected)
-    thresholded = "val_threshold" in summary["model"]
-    at_threshold = ", classified at each run's validation-chosen threshold" if thresholded else ""
-    lines += ["", "## Per criterion", "",
-              "Model: each seed's test predictions pooled over the folds (every post scored once per seed)"
-              + at_threshold
-              + "; the mean over seeds (± std over seeds). n = examples, support = positive examples, pairs = "
-              "(criterion, post) pairs whose spans are scored.", ""]
-    lines += criterion_markdown(result["per_criterion"])
-    lines += paper_table(summary, result.get("published", []))
-    lines += ["", "## Runs", "", "| run | " + " | ".join(list(summary["model"])[:6]) + " |",
-              "|---|" + "---:|" * len(list(summary["model"])[:6])]
-    for r in result["runs"]:
-        lines.append(f"| fold{r['fold']}-seed{r['seed']} | " + " | ".join(
-            f"{r['metrics'].get(m, float('nan')):.3f}" for m in list(summary["model"])[:6]) + " |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
-    return "\n".join(lines) + "\n"
-
-
-def criterion_markdown(pc: dict) -> list[str]:
-    """The per-criterion table: the model's pooled test predictions beside the baselines'."""
-    model = pc["model"]
-    cls, spans = "f1" in model["all"], "span_f1" in model["all"]
-    head, rule = ["criterion", "n"], ["---", "---:"]
-    if cls:
-        head += ["support", "precision", "recall", "F1", "bag-of-words LR F1"]
-        rule += ["---:"] * 5
-    if spans:
-        head += ["pairs", "exact match", "span F1", "first-sentence span F1"]
-        rule += ["---:"] * 4
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
-    for c, m in model.items():
-        cells = [c, f"{m['n']:.0f}"]
-        if cls:
-            bow = pc["bag-of-words LR"].get(c, {})
-            cells += [f"{m['support']:.0f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}",
-                      f"{m['f1']:.3f} ± {m['f1_std']:.3f}", f"{bow['f1']:.3f}" if bow else "–"]
-        if spans:
-            first = pc["first sentence"].get(c, {})
-            cells += [f"{m['pairs']:.0f}", f"{m.get('exact_match', float('nan')):.3f}",
-                      f"{m.get('span_f1', float('nan')):.3f} ± {m.get('span_f1_std', float('nan')):.3f}",
-                      f"{first['span_f1']:.3f}" if first.get("span_f1") is not None else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def paper_table(summary: dict, published: list[dict]) -> list[str]:
-    """Markdown lines: the ReDSM5 paper's numbers of the model and the baselines scored here, beside the
-    published baselines as reference rows (their split, their corpus: not a like-for-like comparison)."""
-    if "paper_micro_f1" not in summary["model"]:
-        return []
-    keys = ("paper_micro_f1", "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned")
-    lines = ["", "## Compared with the ReDSM5 paper", "",
-             "The paper's protocol: (post, criterion) predictions folded into the post x label matrix of the nine "
-             "symptoms plus NO_SYMPTOMS (predicted where no symptom is), micro and macro F1 over the ten labels as "
-             "scikit-learn's classification_report gives them, threshold 0.5; tuned = per-symptom thresholds "
-             "chosen on each run's validation posts. Ours: mean ± std over runs (baselines: over folds). "
-             "(f1_macro above is the two-class macro over pairs: not comparable.)", "",
-             "| system | micro F1 | macro F1 | micro F1 (tuned) | macro F1 (tuned) | source |",
-             "|---|---:|---:|---:|---:|---|"]
-    for name, metrics in summary.items():
-        source = "this report" if name == "model" else "this report, same test posts"
-        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(k)) for k in keys) + f" | {source} |")
-    for p in published:
-        lines.append(f"| {p['name']} | {p['paper_micro_f1']:.3f} | {p['paper_macro_f1']:.3f} | – | – | {p['note']} |")
-    return lines
 
 
 # --------------------------------------------------------------------------- command line

@@ -1,9 +1,11 @@
-"""report.py: bootstrap intervals, thresholds, grouped stratified folds, baselines, and a tiny CV run end to end."""
+"""report.py and baselines.py: bootstrap intervals, thresholds, grouped stratified folds, baselines, and a tiny CV
+run end to end."""
 from collections import Counter
 
 import numpy as np
 import pytest
 
+import baselines
 import data
 import metrics
 import report
@@ -58,10 +60,10 @@ def test_summarize_skips_missing_values():
 
 def test_choose_threshold_best_macro_f1_on_validation():
     # separable: every cut between 0.3 and 0.6 is perfect; the threshold is the midpoint
-    assert report.choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9]) == pytest.approx(0.45)
+    assert baselines.choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9]) == pytest.approx(0.45)
     # cut >= 0.8: macro F1 (2/3 + 4/5) / 2 = 0.733; cut >= 0.35: (4/5 + 2/3) / 2 = 0.733, a tie: the higher one wins
-    assert report.choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.6)
-    assert report.choose_threshold([1, 1], [0.2, 0.9]) == 0.5  # one class only: nothing to choose on
+    assert baselines.choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.6)
+    assert baselines.choose_threshold([1, 1], [0.2, 0.9]) == 0.5  # one class only: nothing to choose on
 
 
 def test_criterion_table_hand_computed():
@@ -125,17 +127,17 @@ def test_baselines_hand_made_case():
     corpus = data.build_corpus(posts, anns)
     split = {"train": ["p0", "p1", "p2", "p3"], "val": ["p6", "p7"], "test": ["p4", "p5"]}
     cfg = report.parse_config(["--task", "criteria"])[0]
-    out = report.fold_baselines(corpus, split, cfg)["metrics"]
+    out = baselines.fold_baselines(corpus, split, cfg)["metrics"]
     majority = out["majority class"]  # 3 of 4 training rows are positive: "1" for every test row
     assert majority["confusion_matrix"] == [[0, 1], [0, 1]]
     assert (majority["accuracy"], majority["precision"], majority["recall"], majority["auroc"]) == (0.5, 0.5, 1.0, 0.5)
     assert majority["f1"] == pytest.approx(2 / 3) and majority["f1_macro"] == pytest.approx(1 / 3)
     bow = out["bag-of-words LR"]  # "cannot" and "never" against "fine"
     assert bow["confusion_matrix"] == [[1, 0], [0, 1]] and bow["f1_macro"] == 1.0 and bow["f1_at_val_threshold"] == 1.0
-    assert report.bow_tokens({"text": "Sleep fine", "criterion": "SLEEP_ISSUES"}) == [
+    assert baselines.bow_tokens({"text": "Sleep fine", "criterion": "SLEEP_ISSUES"}) == [
         "sleep", "fine", "sleep fine", "SLEEP_ISSUES|sleep", "SLEEP_ISSUES|fine", "SLEEP_ISSUES|sleep fine",
         "SLEEP_ISSUES"]
-    assert report.first_sentence("I am tired. So tired!\nBye") == "I am tired."
+    assert baselines.first_sentence("I am tired. So tired!\nBye") == "I am tired."
 
 
 def test_baselines_on_the_paper_matrix_with_unit_post():
@@ -148,7 +150,7 @@ def test_baselines_on_the_paper_matrix_with_unit_post():
     corpus = data.build_corpus(posts, anns)
     split = {"train": ["p0", "p1", "p2", "p3"], "val": ["p6", "p7"], "test": ["p4", "p5"]}
     cfg = report.parse_config(["--task", "criteria", "--unit", "post"])[0]
-    base = report.fold_baselines(corpus, split, cfg)
+    base = baselines.fold_baselines(corpus, split, cfg)
     majority = base["metrics"]["majority class"]
     # 3 of 36 training pairs are positive: nothing is called, so both test posts get NO_SYMPTOMS.
     # p4 (SLEEP_ISSUES): SLEEP fn, NO_SYMPTOMS fp; p5 (none): NO_SYMPTOMS tp -> micro 2*1 / (2+1+1) = 1/2,
@@ -156,7 +158,7 @@ def test_baselines_on_the_paper_matrix_with_unit_post():
     assert majority["paper_micro_f1"] == pytest.approx(1 / 2) and majority["paper_macro_f1"] == pytest.approx(1 / 15)
     assert "paper_micro_f1_tuned" not in majority  # a constant has nothing to tune
     bow, rows = base["metrics"]["bag-of-words LR"], base["rows"]["bag-of-words LR"]
-    _, gold, probs = report.post_label_matrix(rows, [r["prob"] for r in rows])  # its test pairs, refolded
+    _, gold, probs = metrics.post_label_matrix(rows, [r["prob"] for r in rows])  # its test pairs, refolded
     assert gold[:, -1].tolist() == [0, 1] and bow["paper_micro_f1"] == metrics.paper_metrics(
         gold, probs)["paper_micro_f1"]
     assert set(bow["paper_thresholds"]) == set(data.SYMPTOMS) and "paper_macro_f1_tuned" in bow
