@@ -82,6 +82,9 @@ class Config:
              "scored by the mean over its tokens")
     max_length: int = knob(256, 'tokens per (criterion, text) window', data=True, low=1)
     doc_stride: int = knob(64, 'overlap between consecutive windows of a long post', data=True, low=0)
+    max_windows_per_post: int = knob(256, data=True, low=1,
+        help="most windows one post (or one pair's text) is cut into; the rest of a longer text is not read, and "
+             "the load report counts what was cut (256 windows of 256 tokens: about 50k tokens)")
     max_answer_tokens: int = knob(96, 'longest span the decoder may return', low=1)
     n_best: int = knob(5, 'span candidates kept per window', low=1)
     gradient_checkpointing: bool = knob(False, 'trade compute for memory')
