@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from utils import UserError, read_yaml
+from utils import UserError, read_yaml, write_text_atomic
 
 
 def knob(default, help: str = "", *, data: bool = False, resume: bool = False, hpo: bool = True,
@@ -174,6 +174,16 @@ def _choices(tp) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
 
 
+def shown(value) -> str:
+    """A value as an error message shows it: its repr when short, else its type and size (a YAML alias bomb expands
+    to gigabytes: its repr alone would exhaust the memory)."""
+    if isinstance(value, (str, bytes, list, tuple, dict, set)) and len(value) > 40:
+        return f"(a {type(value).__name__} of {len(value):,} items)"
+    if isinstance(value, (list, tuple, dict, set)):  # short at the top, perhaps huge below
+        return f"(a {type(value).__name__} of {len(value)} items)"
+    return repr(value)
+
+
 def coerce(name: str, value, source: str):
     """Check `value` against the type of field `name`; strings from the command line are parsed."""
     fields = config_fields()
@@ -185,7 +195,7 @@ def coerce(name: str, value, source: str):
         return None
     if choices:
         if value not in choices:
-            raise UserError(f"{source}: invalid value {value!r} for '{name}' (choose from {', '.join(choices)})")
+            raise UserError(f"{source}: invalid value {shown(value)} for '{name}' (choose from {', '.join(choices)})")
         return value
     words = [w for arg in typing.get_args(tp) for w in (_choices(arg) or ())]  # "auto" beside a number
     if isinstance(value, str) and value.strip().lower() in words:
@@ -207,7 +217,7 @@ def coerce(name: str, value, source: str):
         return base(value)
     except (ValueError, KeyError, TypeError):
         forms = " or ".join([base.__name__, *words])
-        raise UserError(f"{source}: invalid value {value!r} for '{name}' (expected {forms})") from None
+        raise UserError(f"{source}: invalid value {shown(value)} for '{name}' (expected {forms})") from None
 
 
 def load_yaml_config(path: str | Path) -> dict:
@@ -333,4 +343,4 @@ def validate_config(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_text_atomic(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

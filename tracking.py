@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import data
@@ -42,47 +43,101 @@ def start_system_metrics(run_id: str, uri: str, resumed: bool):
     return monitor
 
 
+# A request to a tracking server gives up after about 30 s (2 retries, 10 s each, backoff 1-2 s), not MLflow's
+# default of minutes (7 retries, 120 s timeout): a run whose server went away finishes and writes its outputs.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def with_retries(call, what: str, tries: int = 6):
+    """call() at the start of a run; a race of several processes on a new store is retried, anything else (a bad
+    URI, an unreachable server) is one line naming the store."""
+    for attempt in range(tries):
+        try:
+            return call()
+        except Exception as e:  # mlflow raises its own exception types, several per store kind
+            racing = any(w in str(e) for w in ("duplicate column", "already exists", "database is locked",
+                                               "UNIQUE constraint"))
+            if not racing or attempt == tries - 1:
+                raise UserError(f"{what}: cannot open the MLflow store ({first_line(e)}); "
+                                "or run with --mlflow false") from None
+            time.sleep(0.5 * (attempt + 1))
+
+
 class Tracker:
     """One MLflow run, written on the main process only; a no-op when tracking is off.
 
-    Step metrics are buffered and sent in batches: one sqlite write per step would cost more
-    than the tiny model's training step.
+    Tracking is a side channel: a store that stops answering mid-run makes the tracker warn once and go quiet
+    (each request gives up after seconds, not minutes: MLFLOW_HTTP_REQUEST_* below), training goes on, and
+    `unlogged()` says what was not logged (train.py writes it to run_stats.json). Step metrics are buffered and
+    sent in batches: one sqlite write per step would cost more than the tiny model's training step.
     """
 
     def __init__(self, cfg: Config, enabled: bool, run_id: str | None = None, parent_run_id=None):
         self.enabled, self.buffer, self.run_id, self.ended = enabled and cfg.mlflow, [], None, False
         self.monitor, resumed = None, run_id is not None
+        self.failure, self.lost_points, self.lost_items = None, 0, []
+        self.logged_up_to = -1  # a resumed run: the last step whose training loss the run already holds
         if not self.enabled:
             return
+        for name, value in HTTP_LIMITS.items():  # the user's own setting wins
+            os.environ.setdefault(name, value)
         import mlflow
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import ("Creating tables...")
-        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-        mlflow.set_tracking_uri(uri)
-        try:
-            self.client = MlflowClient(uri)
-            self.client.search_experiments(max_results=1)  # a bad URI or unreachable store fails here, not mid-run
-        except Exception as e:  # mlflow raises its own exception types, several per store kind
-            reason = str(e).strip().splitlines()[0][:200]
-            raise UserError(f"--tracking_uri {uri}: cannot open the MLflow store ({reason}); "
-                            "or run with --mlflow false") from None
+        self.uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        # a bad URI or unreachable store fails here, before training; a new sqlite store opened by several
+        # processes at once races on its schema ("duplicate column name"): retried
+        with_retries(lambda: self.client.search_experiments(max_results=1), f"--tracking_uri {self.uri}")
         if run_id is None:
-            exp = self.client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
-            tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}",
-                    "mlflow.note.content": f"`{shlex.join(sys.argv)}`",  # the run's description: its command
-                    "mlflow.source.name": Path(sys.argv[0]).name, "mlflow.source.type": "LOCAL"}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            run_id = self.client.create_run(exp_id, tags=tags).info.run_id
-            params = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
-            self._log_params(run_id, params)
+            run_id = with_retries(lambda: self._create_run(cfg, parent_run_id), f"--tracking_uri {self.uri}")
         else:
             self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "train_loss")
+            self.logged_up_to = max((m.step for m in history), default=-1)
         self.run_id = run_id
         if cfg.mlflow_system_metrics:
-            self.monitor = start_system_metrics(run_id, uri, resumed)
+            self.monitor = start_system_metrics(run_id, self.uri, resumed)
+
+    def _create_run(self, cfg: Config, parent_run_id) -> str:
+        exp = self.client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+        tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}",
+                "mlflow.note.content": f"`{shlex.join(sys.argv)}`",  # the run's description: its command
+                "mlflow.source.name": Path(sys.argv[0]).name, "mlflow.source.type": "LOCAL"}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = self.client.create_run(exp_id, tags=tags).info.run_id
+        self._log_params(run_id, {k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+        return run_id
+
+    def _send(self, what: str, call, size: int = 1) -> None:
+        """One request to the store; the first failure turns tracking off for the rest of the run."""
+        if self.failure is None:
+            try:
+                call()
+                return
+            except Exception as e:  # mlflow raises its own types per store; requests, sqlalchemy theirs
+                self.failure = f"{what}: {first_line(e)}"
+                log.warning("MLflow store %s stopped answering (%s): tracking is off for the rest of this run; "
+                            "training goes on, and run_stats.json lists what was not logged", self.uri, self.failure)
+        self.lost_points += size if what == "metrics" else 0
+        if what != "metrics":
+            self.lost_items.append(what)
+
+    def unlogged(self) -> dict:
+        """What the tracking store did not get, for run_stats.json ({} when everything was logged)."""
+        if self.failure is None:
+            return {}
+        return {"mlflow_failure": self.failure, "mlflow_unlogged_metric_points": self.lost_points,
+                "mlflow_unlogged": self.lost_items}
 
     def _log_params(self, run_id, params: dict):
         from mlflow.entities import Param
@@ -93,13 +148,13 @@ class Tracker:
 
     def log_params(self, params: dict):
         if self.enabled:
-            self._log_params(self.run_id, {k: str(v) for k, v in params.items()})
+            self._send("params", lambda: self._log_params(self.run_id, {k: str(v) for k, v in params.items()}))
 
     def log_metrics(self, metrics: dict, step: int, flush: bool = False):
         if not self.enabled:
             return
-        import time
-
+        if "train_loss" in metrics and step <= self.logged_up_to:  # logged before the interruption: not twice
+            return
         ts = int(time.time() * 1000)
         self.buffer += [(k, float(v), ts, step) for k, v in flatten(metrics).items()]
         if flush or len(self.buffer) >= 200:
@@ -109,27 +164,29 @@ class Tracker:
         if self.enabled and self.buffer:
             from mlflow.entities import Metric
 
-            for i in range(0, len(self.buffer), 500):
-                chunk = [Metric(k, v, ts, s) for k, v, ts, s in self.buffer[i : i + 500]]
-                self.client.log_batch(self.run_id, metrics=chunk)
-            self.buffer = []
+            points, self.buffer = self.buffer, []
+            for i in range(0, len(points), 500):
+                chunk = [Metric(k, v, ts, s) for k, v, ts, s in points[i : i + 500]]
+                self._send("metrics", lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk),
+                           len(chunk))
 
     def log_artifact(self, path: str | Path):
         if self.enabled and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path))
+            self._send(f"artifact {Path(path).name}", lambda: self.client.log_artifact(self.run_id, str(path)))
 
     def log_artifacts(self, folder: str | Path, artifact_path: str):
         if self.enabled:
-            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+            self._send(f"artifacts {artifact_path}/",
+                       lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
 
     def log_dict(self, d: dict, name: str):
         if self.enabled:
-            self.client.log_text(self.run_id, json.dumps(d, indent=2, default=str), name)
+            self._send(name, lambda: self.client.log_text(self.run_id, json.dumps(d, indent=2, default=str), name))
 
     def log_table(self, columns: dict[str, list], name: str):
         """A table artifact (name.json) that the run's Artifacts tab shows as a table."""
         if self.enabled:
-            self.client.log_table(self.run_id, data=columns, artifact_file=name)
+            self._send(name, lambda: self.client.log_table(self.run_id, data=columns, artifact_file=name))
 
     def log_dataset(self, name: str, digest: str, source_type: str, source: dict, profile: dict,
                     tags: dict | None = None, context: str = "training"):
@@ -142,8 +199,8 @@ class Tracker:
         dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps(source),
                           profile=json.dumps(profile))
         input_tags = [InputTag(k, str(v)) for k, v in (tags or {}).items()]
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, input_tags + [InputTag("mlflow.data.context",
-                                                                                          context)])])
+        inputs = [DatasetInput(dataset, input_tags + [InputTag("mlflow.data.context", context)])]
+        self._send("dataset input", lambda: self.client.log_inputs(self.run_id, inputs))
 
     def end(self, status: str = "FINISHED"):
         """End the run once; later calls do nothing."""
@@ -152,13 +209,13 @@ class Tracker:
             self.flush()
             if self.monitor is not None:
                 self.monitor.finish()  # its last samples, while the run is still RUNNING
-            self.client.set_terminated(self.run_id, status=status)
+            self._send(f"run status {status}", lambda: self.client.set_terminated(self.run_id, status=status))
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        """A run left by an exception ends KILLED (Ctrl-C, kill) or FAILED, not RUNNING for ever."""
+        """A run left by an exception ends KILLED (Ctrl-C, SIGTERM, kill) or FAILED, not RUNNING for ever."""
         if exc_type is None:
             self.end()
         else:
@@ -179,28 +236,42 @@ def tracked_metrics(metrics: dict) -> dict:
     return out
 
 
-def dataset_input(cfg: Config, report: dict) -> dict:
-    """The run's data as an MLflow dataset input (Tracker.log_dataset): a data folder by its path and the sha256
-    of its two CSV files, the demo corpus by its parameters and the sha256 of the rows they generate."""
+def data_sha256(cfg: Config) -> str:
+    """The content digest of what a run trains and tests on: the demo corpus by the rows its parameters generate,
+    a data folder by its two CSV files (and --test_shift_dir's, and --splits_file's bytes). train.py compares it
+    on --resume; MLflow's dataset input shows it."""
     digest = hashlib.sha256()
     if cfg.data_dir is None:
         posts, annotations = data.make_demo(cfg.demo_posts, cfg.demo_seed)
         digest.update(json.dumps([cfg.demo_posts, cfg.demo_seed, posts, annotations], sort_keys=True).encode())
+    else:
+        for f in data.find_files(cfg.data_dir):  # posts, then annotations
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+    if cfg.test_shift_dir is not None:
+        for f in data.find_files(cfg.test_shift_dir):
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+    if cfg.splits_file is not None and Path(cfg.splits_file).is_file():
+        digest.update(hashlib.sha256(Path(cfg.splits_file).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def dataset_input(cfg: Config, report: dict, sha256: str) -> dict:
+    """The run's data as an MLflow dataset input (Tracker.log_dataset): the demo corpus by its parameters, a data
+    folder by its path, both with the content digest of data_sha256."""
+    if cfg.data_dir is None:
         name, source_type = f"demo-{cfg.demo_posts}-seed{cfg.demo_seed}", "code"
         source = {"tags": {"mlflow.source.name": f"demo:n_posts={cfg.demo_posts},seed={cfg.demo_seed}"}}
     else:
         folder = Path(cfg.data_dir).resolve()
-        for f in data.find_files(folder):  # posts, then annotations
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
         name, source_type, source = folder.name, "local", {"uri": str(folder)}
-    return {"name": name, "digest": digest.hexdigest()[:16], "source_type": source_type, "source": source,
+    return {"name": name, "digest": sha256[:16], "source_type": source_type, "source": source,
             "profile": {"posts": report["posts_kept"], "annotations": report["annotations_kept"]},
-            "tags": {"sha256": digest.hexdigest()}}  # MLflow keeps at most 36 characters of digest
+            "tags": {"sha256": sha256}}  # MLflow keeps at most 36 characters of digest
 
 
-def log_run_inputs(tracker: Tracker, cfg: Config, report: dict) -> None:
+def log_run_inputs(tracker: Tracker, cfg: Config, report: dict, sha256: str) -> None:
     """What a new run starts from, to MLflow: the machine, the data report and the data as a dataset input."""
     if tracker.enabled:
         tracker.log_params({f"system.{k}": v for k, v in system_info().items()})
         tracker.log_dict(report, "data_report.json")
-        tracker.log_dataset(**dataset_input(cfg, report))
+        tracker.log_dataset(**dataset_input(cfg, report, sha256))

@@ -21,9 +21,12 @@ validation) -> testing the best checkpoint and writing the outputs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections import namedtuple
 from dataclasses import asdict
@@ -38,6 +41,7 @@ from checkpoint import (
     find_complete_dir,
     load_best,
     load_last,
+    load_tokenizer,
     model_card,
     resume_state,
     save_best,
@@ -47,13 +51,14 @@ from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, pars
 from evaluate import evaluate, format_metrics, metric_names
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
-from tracking import Tracker, log_run_inputs, tracked_metrics
+from tracking import Tracker, data_sha256, log_run_inputs, tracked_metrics
 from utils import (
     UserError,
     dataloader_kwargs,
     dumps,
     make_accelerator,
     output_dir_lock,
+    replace_dir,
     run_main,
     set_seed,
     setup_logging,
@@ -78,12 +83,10 @@ def data_key(cfg: Config) -> DataKey:
     return DataKey(*(getattr(cfg, name) for name in DataKey._fields))
 
 
-def prepare_data(cfg: Config, output_dir: Path | None = None) -> PreparedData:
-    """Load, split and tokenise; cached per DataKey. A resumed run reads its saved tokenizer back."""
+def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedData:
+    """Load, split and tokenise; cached per DataKey. A resumed run gives the tokenizer it saved, read back."""
     key = data_key(cfg)
-    saved_tokenizer = output_dir / "tokenizer" if output_dir else None
-    resuming = bool(cfg.resume and saved_tokenizer and saved_tokenizer.exists())
-    if key in _DATA_CACHE and not resuming:
+    if key in _DATA_CACHE and saved_tokenizer is None:
         return _DATA_CACHE[key]
     corpus = data.load_corpus_from_config(cfg)
     log.info("\n%s", data.format_report(corpus.report))
@@ -107,10 +110,8 @@ def prepare_data(cfg: Config, output_dir: Path | None = None) -> PreparedData:
     if task.classify and not any(e["label"] for e in examples["train"]):
         log.warning("the train split has no positive example for task '%s' (no evidence annotation kept?): "
                     "the model can only learn 'no'", cfg.task)
-    if resuming:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(saved_tokenizer))
+    if saved_tokenizer is not None:
+        tokenizer = load_tokenizer(saved_tokenizer)
     else:
         train_texts = {corpus.posts[p] for p in splits["train"]} | {e["text"] for e in examples["train"]}
         tokenizer = build_tokenizer(cfg, sorted(train_texts))
@@ -185,34 +186,111 @@ def setup_process(cfg: Config, accelerator):
     return accelerator
 
 
-def check_resume_config(cfg: Config, out_dir: Path) -> None:
-    """A resume must continue the same run: a changed seed would redraw the split (test posts trained on),
-    a changed data_dir or model would mix two runs. Those are refused; the harmless changes are logged."""
-    saved_file = out_dir / "config.yaml"
-    if not saved_file.exists():
-        return
-    saved, now = load_yaml_config(saved_file), asdict(cfg)
-    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+RUN_RECORD = "run.json"  # what a run trains on, by content: what --resume compares before it continues
+PATH_FIELDS = ("data_dir", "splits_file", "test_shift_dir", "output_dir")
+
+
+def sha256_of(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """A folder's files by name and content (the COMPLETE marker of a swapped-in folder left out)."""
+    return sha256_of([[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in sorted(folder.iterdir())
+                      if f.is_file() and f.name != "COMPLETE"])
+
+
+def same_setting(name: str, saved, now) -> bool:
+    """Paths compare by what they point to: `data/` and `./data` are one folder, and a run folder that was moved
+    resumes where it is now."""
+    if name in PATH_FIELDS and saved is not None and now is not None:
+        return os.path.realpath(saved) == os.path.realpath(now)
+    return saved == now
+
+
+def read_run_record(out_dir: Path) -> tuple[dict, dict]:
+    """(saved config, run.json) of the run to resume. Missing, empty or unreadable is a refusal, not a pass:
+    without them nothing says what the run trained on."""
+    config_file, record_file = out_dir / "config.yaml", out_dir / RUN_RECORD
+    for f in (config_file, record_file):
+        if not f.is_file() or f.stat().st_size == 0:
+            raise UserError(f"--resume: {f} is missing or empty: nothing records what this run trained on, so it "
+                            "cannot be continued safely; start a new run (another --output_dir, or no --resume)")
+    try:
+        saved = load_yaml_config(config_file)
+        record = json.loads(record_file.read_text())
+    except (UserError, ValueError) as e:
+        raise UserError(f"--resume: {config_file.parent}: its run record is damaged ({str(e)[:150]})") from None
+    missing = [k for k in DATA_FIELDS if k not in saved] + [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise UserError(f"--resume: {config_file} / {record_file.name} lack {', '.join(missing[:4])}: the record of "
+                        "what this run trained on is incomplete; start a new run")
+    return saved, record
+
+
+RECORD_KEYS = ("data_sha256", "splits_sha256", "tokenizer_sha256")
+
+
+def check_resume(cfg: Config, out_dir: Path, data_digest: str) -> dict:
+    """A resume must continue the same run: a changed seed would redraw the split (test posts trained on), changed
+    data content would put other posts in the test split, a changed model would mix two runs. Those are refused
+    (the settings, then the data by content); the harmless changes are logged. Returns the run record."""
+    saved, record = read_run_record(out_dir)
+    now = asdict(cfg)
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and not same_setting(k, saved[k], now[k])}
     refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUMABLE_FIELDS]
     if refused:
-        raise UserError(f"--resume: {saved_file} was trained with other settings ({', '.join(refused[:4])}); "
-                        "resume with the saved values, or give another --output_dir")
+        raise UserError(f"--resume: {out_dir / 'config.yaml'} was trained with other settings "
+                        f"({', '.join(refused[:4])}); resume with the saved values, or give another --output_dir")
+    if record["data_sha256"] != data_digest:
+        raise UserError(f"--resume: the data changed since this run started (content sha256 "
+                        f"{record['data_sha256'][:12]} -> {data_digest[:12]}): its split would no longer keep test "
+                        "posts out of training; start a new run on the new data")
     if len(changed) > 1:
         log.info("resuming with changed settings: %s", {k: v for k, v in changed.items() if k != "resume"})
+    return record
 
 
-def write_run_files(cfg: Config, accelerator, out_dir: Path) -> PreparedData:
-    """The resolved config, then the split and tokenizer of the prepared data. (The prepared data.)"""
-    if accelerator.is_main_process:
-        save_config(cfg, out_dir / "config.yaml")
-    prepared = prepare_data(cfg, out_dir)
-    if accelerator.is_main_process:
-        (out_dir / "splits.json").write_text(json.dumps(prepared.splits))
-        prepared.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+def check_resumed_data(prepared: PreparedData, out_dir: Path, record: dict) -> None:
+    """The split and the tokenizer a resume rebuilt or read back are the ones the run saved."""
+    if sha256_of(prepared.splits) != record["splits_sha256"] or not (out_dir / "splits.json").is_file() \
+            or json.loads((out_dir / "splits.json").read_text()) != prepared.splits:
+        raise UserError(f"--resume: {out_dir / 'splits.json'} differs from the split this run trained on (edited, "
+                        "damaged or missing); start a new run")
+    if folder_sha256(out_dir / "tokenizer") != record["tokenizer_sha256"]:
+        raise UserError(f"--resume: {out_dir / 'tokenizer'} differs from the tokenizer this run trained with "
+                        "(edited or damaged); start a new run")
+
+
+def write_run_files(cfg: Config, prepared: PreparedData, out_dir: Path, data_digest: str) -> None:
+    """A new run's record, each file whole or not at all: config.yaml, splits.json, tokenizer/, and last run.json
+    (the digests a resume compares). A resumed run rewrites none of them. Main process only."""
+    save_config(cfg, out_dir / "config.yaml")
+    write_text_atomic(out_dir / "splits.json", json.dumps(prepared.splits))
+    tmp = out_dir / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    prepared.tokenizer.save_pretrained(str(tmp))
+    replace_dir(tmp, out_dir / "tokenizer")
+    record = {"data_sha256": data_digest, "splits_sha256": sha256_of(prepared.splits),
+              "tokenizer_sha256": folder_sha256(out_dir / "tokenizer")}
+    write_text_atomic(out_dir / RUN_RECORD, json.dumps(record, indent=2))
+
+
+def start_run(cfg: Config, accelerator, out_dir: Path, resuming: bool) -> tuple[PreparedData, str]:
+    """(prepared data, data digest): checked against the run's record on --resume, recorded for a new run."""
+    data_digest = data_sha256(cfg)
+    if resuming:  # every process checks, so that all stop together
+        record = check_resume(cfg, out_dir, data_digest)
+        prepared = prepare_data(cfg, saved_tokenizer=out_dir / "tokenizer")
+        check_resumed_data(prepared, out_dir, record)
+    else:
+        prepared = prepare_data(cfg)
+        if accelerator.is_main_process:
+            write_run_files(cfg, prepared, out_dir, data_digest)
     sizes = [len(x) for name in ("train", "val", "test") for x in prepared.features[name]]
     log.info("task %s: %d train / %d val / %d test examples (%d / %d / %d model inputs)", cfg.task, *sizes[::2],
              *sizes[1::2])
-    return prepared
+    return prepared, data_digest
 
 
 def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
@@ -257,9 +335,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
     with contextlib.ExitStack() as run_scope:  # the lock, then the MLflow run: released / ended however we leave
         run_scope.enter_context(output_dir_lock(out_dir, accelerator.is_main_process))
         resume_from = load_last(last_dir) if cfg.resume else None
-        if resume_from:
-            check_resume_config(cfg, out_dir)
-        prepared = write_run_files(cfg, accelerator, out_dir)
+        prepared, data_digest = start_run(cfg, accelerator, out_dir, resuming=resume_from is not None)
         model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator,
                                                                                            prepared)
         state = resume_state(accelerator, scheduler, resume_from, cfg) if resume_from else LoopState()
@@ -267,7 +343,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
                                                   parent_run_id=parent_run_id))
         state.run_id = tracker.run_id
         if not resume_from:
-            log_run_inputs(tracker, cfg, prepared.report)
+            log_run_inputs(tracker, cfg, prepared.report, data_digest)
         progress = tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.task}", mininterval=2,
                         disable=not accelerator.is_main_process)
         micro_losses, pending = [], []  # losses of the optimizer step under way; (step, loss, lr) not yet logged
@@ -351,10 +427,16 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         results["train"] = {"steps": state.global_step, "epochs_completed": state.epoch, "train_seconds": train_s,
                             "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
                             "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
-                            "skipped_nonfinite_steps": state.skipped_steps, "mlflow_run_id": tracker.run_id}
+                            "skipped_nonfinite_steps": state.skipped_steps, "mlflow_run_id": tracker.run_id,
+                            "resumed": resume_from is not None}
         if accelerator.is_main_process:
             write_outputs(out_dir, cfg, results, state, metric_name, tracker)
             finish_best(best_dir, cfg, results, prepared.splits, tracker)
+            tracker.flush()  # what MLflow did not get is known only now
+            results["train"].update(tracker.unlogged())
+            write_text_atomic(out_dir / "run_stats.json", json.dumps({**results["train"], "system": system_info()},
+                                                                     indent=2))
+            tracker.log_artifact(out_dir / "run_stats.json")
     return results
 
 
@@ -384,14 +466,13 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
 
 def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, metric_name: str,
                   tracker: Tracker) -> None:
-    """metrics.json, run_stats.json, history.json; the test metrics and files to MLflow. Main process only."""
+    """metrics.json, history.json; the test metrics and files to MLflow. Main process only."""
     # metrics.json holds only what the model scored, so reruns can be compared bit for bit; timings go beside it.
     scored = [n for n in PREDICTION_FILES if n in ("val", "test") or results.get(n)]  # test_shift when there is one
     write_text_atomic(out_dir / "metrics.json", dumps({n: results[n] for n in scored}, indent=2))
-    (out_dir / "run_stats.json").write_text(json.dumps({**results["train"], "system": system_info()}, indent=2))
     history = {"metric": metric_name, "val": state.history,  # training curves, also without MLflow
                "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.curve]}
-    (out_dir / "history.json").write_text(json.dumps(history))
+    write_text_atomic(out_dir / "history.json", json.dumps(history))
     for name in scored:
         if results[name]:
             log.info("%s %s (best checkpoint):\n%s", cfg.task, name, format_metrics(results[name]))
@@ -403,7 +484,7 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, m
         criteria = list(per["test"] or per["val"])
         tracker.log_table({"criterion": criteria, **{f"{n}_f1": [per[n].get(c) for c in criteria] for n in per
                                                      if per[n]}}, "per_criterion_f1.json")
-    for f in ("config.yaml", "metrics.json", "run_stats.json", "splits.json"):
+    for f in ("config.yaml", "metrics.json", "splits.json"):
         tracker.log_artifact(out_dir / f)
 
 

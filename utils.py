@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -24,14 +25,29 @@ import yaml
 log = logging.getLogger("redsm5")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends), raised where the process is, so that it unwinds as Ctrl-C does: the
+    lock released, the MLflow run ended KILLED, checkpoints/last left as it was saved."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 class UserError(Exception):
     """Bad input from the user: reported as one line and exit code 2, never a traceback."""
 
 
 def run_main(main, argv=None) -> None:
-    """Entry-point wrapper: user errors are one line on stderr and exit code 2."""
+    """Entry-point wrapper: user errors are one line on stderr and exit code 2; Ctrl-C (130) and SIGTERM (143) one
+    line too, after the run has unwound (no traceback)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(argv)
+    except KeyboardInterrupt as e:
+        code, how = (143, "stopped by SIGTERM") if isinstance(e, Terminated) else (130, "interrupted")
+        print(f"error: {how}; a training run continues from its checkpoints/last with --resume", file=sys.stderr)
+        sys.exit(code)
     except UserError as e:
         # a line from a binary or UTF-16 file must not put NULs and control bytes on the terminal
         message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
@@ -178,10 +194,18 @@ def dumps(obj, **kwargs) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, default=float, **kwargs)
 
 
-def write_jsonl(rows, path):
-    with open(path, "w") as fh:
-        for r in rows:
-            fh.write(dumps(r) + "\n")
+def write_jsonl(rows, path) -> None:
+    """JSON lines, written whole or not at all (a temp file beside it, then os.replace): a file that a later step
+    reads back is never torn."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            for r in rows:
+                fh.write(dumps(r) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_writable(path: str | Path, flag: str = "--output") -> Path:
@@ -201,9 +225,13 @@ def check_writable(path: str | Path, flag: str = "--output") -> Path:
 def write_text_atomic(path: Path, text: str) -> None:
     """One file, never half written: a temp file beside it, then os.replace. The temp name holds the PID:
     several HPO workers rewrite the same files at once."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:  # a full disk: no stray temp file
+        tmp.unlink(missing_ok=True)
 
 
 # folders that must never be torn: written whole under a temp name, then swapped in

@@ -155,12 +155,12 @@ def test_dataset_digest_tells_data_apart(tmp_path):
     report = data.load_corpus_from_config(cfg).report
     expected = hashlib.sha256(b"".join(hashlib.sha256((folder / f).read_bytes()).digest()
                                        for f in ("posts.csv", "annotations.csv"))).hexdigest()
-    first = tracking.dataset_input(cfg, report)
+    first = tracking.dataset_input(cfg, report, tracking.data_sha256(cfg))
     assert first["digest"] == expected[:16] and first["source"] == {"uri": str(folder.resolve())}
     assert first["name"] == "d" and first["profile"] == {"posts": 5, "annotations": 9}
     (folder / "annotations.csv").write_bytes((folder / "annotations.csv").read_bytes().replace(b"comma.", b"comma!"))
-    assert tracking.dataset_input(cfg, report)["digest"] != first["digest"]
-    demo = [tracking.dataset_input(make_config(demo_posts=60, demo_seed=s), report)["digest"] for s in (0, 0, 1)]
+    assert tracking.dataset_input(cfg, report, tracking.data_sha256(cfg))["digest"] != first["digest"]
+    demo = [tracking.data_sha256(make_config(demo_posts=60, demo_seed=s)) for s in (0, 0, 1)]
     assert demo[0] == demo[1] != demo[2]
 
 
@@ -169,8 +169,9 @@ def test_dataset_inputs_in_the_store_differ_between_data(tmp_path):
     ids = []
     for seed in (0, 1):
         with Tracker(cfg, True) as tracker:
-            tracker.log_dataset(**tracking.dataset_input(make_config(demo_posts=40, demo_seed=seed),
-                                                      {"posts_kept": 40, "annotations_kept": 1}))
+            demo = make_config(demo_posts=40, demo_seed=seed)
+            tracker.log_dataset(**tracking.dataset_input(demo, {"posts_kept": 40, "annotations_kept": 1},
+                                                         tracking.data_sha256(demo)))
             ids.append(tracker.run_id)
     names, digests = zip(*[(d.dataset.name, d.dataset.digest) for i in ids
                            for d in client(cfg).get_run(i).inputs.dataset_inputs])
