@@ -439,9 +439,10 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
     if not rng_files:
         raise UserError(f"{resume_from}: no random_states_*.pkl: the resumed run would not be the same run")
     accelerate_log = logging.getLogger("accelerate.checkpointing")
-    messages, level = _Messages(), accelerate_log.level
+    messages, level, propagate = _Messages(), accelerate_log.level, accelerate_log.propagate
     accelerate_log.addHandler(messages)
     accelerate_log.setLevel(logging.INFO)
+    accelerate_log.propagate = False  # its INFO lines are for us to read, not for the console
     try:
         accelerator.load_state(str(resume_from))
     except RuntimeError as e:  # weights of another task or model size
@@ -453,6 +454,7 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
     finally:
         accelerate_log.removeHandler(messages)
         accelerate_log.setLevel(level)
+        accelerate_log.propagate = propagate
     if any("Could not load random states" in m for m in messages.messages):
         raise UserError(f"{rng_files[0].parent}: cannot read {', '.join(f.name for f in rng_files)} (the random "
                         "states): the resumed run would not equal an uninterrupted one; restore the file, or start "

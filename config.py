@@ -135,7 +135,8 @@ class Config:
         help="DataLoader workers; features are pre-tokenised, so 0 is fastest on CPU")
     threads: int = knob(0, resume=True, low=0,
         help="torch CPU threads per process; 0 = the machine's cores shared among its processes")
-    output_dir: str = knob("outputs/run", 'where the run writes', hpo=False)
+    output_dir: str = knob("outputs/run", resume=True, hpo=False,
+                           help="where the run writes (a moved run folder resumes where it is)")
     log_every: int = knob(10, 'steps between progress/MLflow loss points', resume=True, low=1)
     # --- tracking
     mlflow: bool = knob(True, 'track the run in MLflow', resume=True, hpo=False)

@@ -5,13 +5,16 @@ machine, the data as a dataset input, losses, validation and test metrics, artif
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,19 +56,35 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def with_retries(call, what: str, tries: int = 6):
-    """call() at the start of a run; a race of several processes on a new store is retried, anything else (a bad
-    URI, an unreachable server) is one line naming the store."""
+def with_retries(call, what: str, sqlite: bool, tries: int = 8):
+    """call() at the start of a run. Several processes that open a new sqlite store at once race on creating its
+    schema (duplicate column, table already exists, an alembic step that another process took): retried. Anything
+    else (a bad URI, an unreachable server) is one line naming the store."""
     for attempt in range(tries):
         try:
             return call()
-        except Exception as e:  # mlflow raises its own exception types, several per store kind
-            racing = any(w in str(e) for w in ("duplicate column", "already exists", "database is locked",
-                                               "UNIQUE constraint"))
+        except Exception as e:  # mlflow, sqlalchemy and alembic raise their own types
+            racing = sqlite or any(w in str(e) for w in ("already exists", "UNIQUE constraint", "duplicate"))
             if not racing or attempt == tries - 1:
                 raise UserError(f"{what}: cannot open the MLflow store ({first_line(e)}); "
                                 "or run with --mlflow false") from None
-            time.sleep(0.5 * (attempt + 1))
+            time.sleep(0.3 * (attempt + 1))
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """An flock for a sqlite store's creation, held in the temp folder (nothing written beside the store); a no-op
+    for other stores, whose servers serialise their own migrations."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    name = hashlib.sha256(os.path.realpath(uri.split(":///", 1)[-1]).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"redsm5-mlflow-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Tracker:
@@ -92,12 +111,11 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import ("Creating tables...")
         self.uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        # a bad URI or unreachable store fails here, before training; a new sqlite store opened by several
-        # processes at once races on its schema ("duplicate column name"): retried
-        with_retries(lambda: self.client.search_experiments(max_results=1), f"--tracking_uri {self.uri}")
+        sqlite, what = self.uri.startswith("sqlite:"), f"--tracking_uri {self.uri}"
+        # a bad URI or unreachable store fails here, before training, not mid-run
+        self.client = with_retries(lambda: self._open(MlflowClient), what, sqlite)
         if run_id is None:
-            run_id = with_retries(lambda: self._create_run(cfg, parent_run_id), f"--tracking_uri {self.uri}")
+            run_id = with_retries(lambda: self._create_run(cfg, parent_run_id), what, sqlite)
         else:
             self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, "train_loss")
@@ -105,6 +123,14 @@ class Tracker:
         self.run_id = run_id
         if cfg.mlflow_system_metrics:
             self.monitor = start_system_metrics(run_id, self.uri, resumed)
+
+    def _open(self, client_class):
+        """The client, its store created or migrated by one process at a time: processes that create a new sqlite
+        store at once race on its schema, and a migration step that fails half-way leaves the file unusable."""
+        with store_lock(self.uri):
+            client = client_class(self.uri)
+            client.search_experiments(max_results=1)
+        return client
 
     def _create_run(self, cfg: Config, parent_run_id) -> str:
         exp = self.client.get_experiment_by_name(cfg.experiment)

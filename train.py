@@ -231,7 +231,7 @@ def read_run_record(out_dir: Path) -> tuple[dict, dict]:
 RECORD_KEYS = ("data_sha256", "splits_sha256", "tokenizer_sha256")
 
 
-def check_resume(cfg: Config, out_dir: Path, data_digest: str) -> dict:
+def check_resume(cfg: Config, out_dir: Path) -> dict:
     """A resume must continue the same run: a changed seed would redraw the split (test posts trained on), changed
     data content would put other posts in the test split, a changed model would mix two runs. Those are refused
     (the settings, then the data by content); the harmless changes are logged. Returns the run record."""
@@ -242,6 +242,7 @@ def check_resume(cfg: Config, out_dir: Path, data_digest: str) -> dict:
     if refused:
         raise UserError(f"--resume: {out_dir / 'config.yaml'} was trained with other settings "
                         f"({', '.join(refused[:4])}); resume with the saved values, or give another --output_dir")
+    data_digest = data_sha256(cfg)  # after the settings: a wrong --data_dir is named as a changed setting
     if record["data_sha256"] != data_digest:
         raise UserError(f"--resume: the data changed since this run started (content sha256 "
                         f"{record['data_sha256'][:12]} -> {data_digest[:12]}): its split would no longer keep test "
@@ -278,13 +279,13 @@ def write_run_files(cfg: Config, prepared: PreparedData, out_dir: Path, data_dig
 
 def start_run(cfg: Config, accelerator, out_dir: Path, resuming: bool) -> tuple[PreparedData, str]:
     """(prepared data, data digest): checked against the run's record on --resume, recorded for a new run."""
-    data_digest = data_sha256(cfg)
     if resuming:  # every process checks, so that all stop together
-        record = check_resume(cfg, out_dir, data_digest)
+        record = check_resume(cfg, out_dir)
+        data_digest = record["data_sha256"]
         prepared = prepare_data(cfg, saved_tokenizer=out_dir / "tokenizer")
         check_resumed_data(prepared, out_dir, record)
     else:
-        prepared = prepare_data(cfg)
+        prepared, data_digest = prepare_data(cfg), data_sha256(cfg)
         if accelerator.is_main_process:
             write_run_files(cfg, prepared, out_dir, data_digest)
     sizes = [len(x) for name in ("train", "val", "test") for x in prepared.features[name]]
@@ -344,8 +345,8 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         state.run_id = tracker.run_id
         if not resume_from:
             log_run_inputs(tracker, cfg, prepared.report, data_digest)
-        progress = tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.task}", mininterval=2,
-                        disable=not accelerator.is_main_process)
+        progress = run_scope.enter_context(tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.task}",
+                                                mininterval=2, disable=not accelerator.is_main_process))
         micro_losses, pending = [], []  # losses of the optimizer step under way; (step, loss, lr) not yet logged
         samples, first_step_s = 0, None
         t_train, stop = time.perf_counter(), state.global_step >= total_steps

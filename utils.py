@@ -41,7 +41,7 @@ class UserError(Exception):
 def run_main(main, argv=None) -> None:
     """Entry-point wrapper: user errors are one line on stderr and exit code 2; Ctrl-C (130) and SIGTERM (143) one
     line too, after the run has unwound (no traceback)."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(argv)
     except KeyboardInterrupt as e:
@@ -58,6 +58,8 @@ def run_main(main, argv=None) -> None:
             raise
         print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def setup_logging(is_main: bool) -> None:

@@ -252,7 +252,15 @@ def test_load_checkpoint_checks_the_task(checkpoint):
     ("old_layout", ["written by an older version", "model.safetensors + encoder_config.json", "retrain"]),
     ("other_task", ["heads.safetensors", "weights do not match a 'evidence' model"]),
     ("bad_config", ["config.yaml: unknown config key 'colour'"]),
+    ("edited_config", ["config.yaml: edited after the checkpoint was saved (max_length differ"]),
 ])
+def write_config(path, cfg: dict) -> None:
+    """A checkpoint whose config.yaml and checkpoint.json agree on another config (as a foreign folder would)."""
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    extra = json.loads((path / "checkpoint.json").read_text())
+    (path / "checkpoint.json").write_text(json.dumps({**extra, "config": cfg}))
+
+
 def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
     path = tmp_path / "best"
     if damage != "nothing_there":
@@ -266,12 +274,14 @@ def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (path / "encoder" / f).unlink()
     elif damage == "no_span_encoder":  # a joint model with two encoders, the second one not there
-        (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "task": "joint", "shared_encoder": False}))
+        write_config(path, {**cfg, "task": "joint", "shared_encoder": False})
     elif damage == "old_layout":  # what this code wrote before checkpoints had the Hugging Face layout
         for f in ("model.safetensors", "encoder_config.json"):
             (path / f).write_bytes(b"{}")
     elif damage == "other_task":  # a criteria model's weights behind an evidence run's config
-        (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "task": "evidence"}))
+        write_config(path, {**cfg, "task": "evidence"})
+    elif damage == "edited_config":  # config.yaml changed by hand after the save: scores would silently change
+        (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "max_length": 48}))
     elif damage == "bad_config":
         (path / "config.yaml").write_text(yaml.safe_dump({"task": "criteria", "colour": "red"}))
     code, err = cli(evaluate.main, ["--checkpoint", path])
