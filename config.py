@@ -135,8 +135,11 @@ class Config:
         help="DataLoader workers; features are pre-tokenised, so 0 is fastest on CPU")
     threads: int = knob(0, resume=True, low=0,
         help="torch CPU threads per process; 0 = the machine's cores shared among its processes")
-    output_dir: str = knob("outputs/run", resume=True, hpo=False,
-                           help="where the run writes (a moved run folder resumes where it is)")
+    output_dir: str = knob("auto", resume=True, hpo=False,
+                           help="where the run writes; auto: a new folder outputs/<task>/<date>_<time> each run (a "
+                                "moved run folder resumes where it is)")
+    overwrite_output_dir: bool = knob(False, resume=True, hpo=False,
+                                      help="let a new run replace the run in an explicit --output_dir")
     log_every: int = knob(10, 'steps between progress/MLflow loss points', resume=True, low=1)
     # --- tracking
     mlflow: bool = knob(True, 'track the run in MLflow', resume=True, hpo=False)
@@ -159,6 +162,34 @@ class Config:
 # epochs, 0.762 at 8, pair encoding 0.617 at 4).
 AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": 5e-5},
                  "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3}}
+
+
+# The names of the earlier project's guide (TRAINING_INFRASTRUCTURE.md), which our users come from: each is named
+# in the error an unknown flag or YAML key gets, never accepted as a second name of a field.
+SEED_NAMES = {"num_epochs": "epochs", "learning_rate": "lr", "gradient_clip": "max_grad_norm",
+              "gradient_accumulation_steps": "grad_accum", "train_batch_size": "batch_size", "amp": "mixed_precision",
+              "training.epochs": "epochs", "training.num_epochs": "epochs", "training.learning_rate": "lr",
+              "training.train_batch_size": "batch_size", "training.batch_size": "batch_size",
+              "training.gradient_accumulation_steps": "grad_accum", "training.gradient_clip": "max_grad_norm",
+              "training.seed": "seed", "training.deterministic": "deterministic",
+              "training.cudnn_benchmark": "cudnn_benchmark", "amp.enabled": "mixed_precision",
+              "amp.dtype": "mixed_precision", "early_stopping.metric": "early_stopping_metric",
+              "early_stopping.mode": "early_stopping_mode", "early_stopping.patience": "patience",
+              "early_stopping.min_delta": "min_delta", "optimizer.betas": "adam_beta1 and adam_beta2",
+              "optimizer.eps": "adam_eps", "scheduler.type": "scheduler", "scheduler.warmup_ratio": "warmup_ratio"}
+SEED_SECTIONS = ("training", "amp", "early_stopping", "optimizer", "scheduler")
+
+
+def seed_hint(name: str, as_flag: bool) -> str | None:
+    """'--gradient_accumulation_steps is --grad_accum here'-style advice for a name of the earlier guide."""
+    ours = SEED_NAMES.get(name) or SEED_NAMES.get(name.split(".", 1)[-1])
+    if ours is None:
+        return None
+    spell = (lambda n: " and ".join(f"--{x}" for x in n.split(" and "))) if as_flag else (lambda n: n)
+    hint = f"{'--' if as_flag and '.' not in name else ''}{name} is {spell(ours)} here"
+    if ours == "mixed_precision":
+        hint += " (no, fp16 or bf16)"
+    return hint
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -189,7 +220,13 @@ def coerce(name: str, value, source: str):
     """Check `value` against the type of field `name`; strings from the command line are parsed."""
     fields = config_fields()
     if name not in fields:
-        raise UserError(f"{source}: unknown config key '{name}' (valid: {', '.join(fields)})")
+        if name in SEED_SECTIONS and isinstance(value, dict):
+            inner = [seed_hint(f"{name}.{k}", False) or f"{name}.{k} has no counterpart" for k in value]
+            raise UserError(f"{source}: configs are flat here: no '{name}:' section; write its keys at the top level "
+                            f"({'; '.join(inner[:4])})")
+        hint = seed_hint(name, False)
+        raise UserError(f"{source}: unknown config key '{name}' "
+                        + (f"({hint})" if hint else f"(valid: {', '.join(fields)})"))
     tp = typing.get_type_hints(Config)[name]
     choices, optional = _choices(tp), type(None) in typing.get_args(tp)
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
@@ -246,8 +283,19 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments"):  # name the valid flags, or the likely one
             import difflib
 
+            words = message.split()[2:]
+            hints = [seed_hint(w.split("=")[0].lstrip("-"), True) for w in words if w.startswith("--")]
+            for w in (w for w in words if "=" in w and not w.startswith("-")):  # training.epochs=20
+                key, value = w.split("=", 1)
+                ours = SEED_NAMES.get(key) or SEED_NAMES.get(key.split(".", 1)[-1])
+                hints.append(f"{w} is --{ours} {value} here" if ours and " " not in ours else None)
+            dotted = [w for w in words if "." in w.split("=")[0] and "=" in w and not w.startswith("-")]
+            if dotted and not any(hints):
+                hints = [f"{dotted[0]}: settings are flags here (--name value), not key=value"]
+            if any(hints):
+                raise UserError(f"{self.prog}: {message} ({'; '.join(h for h in hints if h)})")
             flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            unknown = [w.split("=")[0] for w in message.split()[2:] if w.startswith("--")]
+            unknown = [w.split("=")[0] for w in words if w.startswith("--")]
             close = sorted({m for w in unknown for m in difflib.get_close_matches(w, flags, n=3)})
             message += f" (did you mean {' or '.join(close)}?)" if close else f" (valid: {', '.join(flags)})"
         raise UserError(f"{self.prog}: {message}")

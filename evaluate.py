@@ -17,6 +17,8 @@ import dataclasses
 import io
 import logging
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,19 +55,23 @@ from utils import (
     make_accelerator,
     run_main,
     setup_logging,
-    write_jsonl,
+    write_text_atomic,
 )
 
 log = logging.getLogger("redsm5")
 
 
 @torch.inference_mode()
-def model_outputs(model, loader, accelerator, cfg) -> dict[str, np.ndarray]:
+def model_outputs(model, loader, accelerator, cfg, desc: str | None = None) -> dict[str, np.ndarray]:
     """Per-window outputs, gathered from every process exactly once (gather_for_metrics). Under `--encoding post`
-    a row is a window and its arrays have a criteria axis after the row (see `pair_rows`)."""
+    a row is a window and its arrays have a criteria axis after the row (see `pair_rows`). With `desc`, a progress
+    bar (main process, on a terminal)."""
+    from tqdm.auto import tqdm
+
     model.eval()
     parts = collections.defaultdict(list)
-    for batch in loader:
+    bar = desc is not None and accelerator.is_main_process and sys.stderr.isatty()
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not bar):
         out = model(**{k: v for k, v in batch.items() if k in INPUT_KEYS})
         res = {"feature_idx": batch["feature_idx"]}
         if "cls_logits" in out:
@@ -171,12 +177,17 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
     return metrics
 
 
-def evaluate(model, loader, features, examples, cfg, accelerator, thresholds: dict | None = None):
+def evaluate(model, loader, features, examples, cfg, accelerator, thresholds: dict | None = None,
+             desc: str | None = None):
     """(metrics, predictions, thresholds) of `model` on one split. `thresholds` (null answer, evidence
     sentences, per-symptom post-level thresholds), as tuned on validation, are applied; None tunes them here."""
     task, tune = TASKS[cfg.task], thresholds is None
     thresholds = dict(thresholds or {})
-    out = model_outputs(model, loader, accelerator, cfg)
+    out = model_outputs(model, loader, accelerator, cfg, desc)
+    broken = [k for k, v in out.items() if v.dtype.kind == "f" and np.isnan(v).any()]
+    if broken:  # weights that diverged (e.g. steps skipped under --skip_nonfinite): no metric of NaN is honest
+        raise UserError(f"the model's outputs are NaN ({', '.join(broken)}): its weights diverged; lower --lr, keep "
+                        "--max_grad_norm on, or check the data")
     if post_encoding(cfg):
         out, features = pair_rows(out, features)
     predictions = [{"post_id": e["post_id"], "criterion": e["criterion"], "label": e["label"],
@@ -210,6 +221,25 @@ def metric_names(cfg) -> list[str]:
     if task.classify and task.spans:
         metrics["combined"] = 0.0
     return [k for k, v in metrics.items() if isinstance(v, float)]
+
+
+SPLIT_NOTES = {"val": "validation: picked the checkpoint and tuned its thresholds",
+               "test": "held-out posts of the same corpus",
+               "test_shift": "posts written with phrasing no training post uses (or --test_shift_dir)"}
+
+
+def summary_table(results: dict, headline: tuple) -> str:
+    """A few lines for the end of a run: one row per split (named, with what it is), the task's headline metrics as
+    columns; every number is in metrics.json."""
+    splits = [n for n in SPLIT_NOTES if results.get(n)]
+    keys = [k for k in headline if any(isinstance(results[n].get(k), float) for n in splits)][:6]
+    widths = [max(10, len(k) + 2) for k in keys]
+    rows = [f"  {'split':<11}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths))]
+    for n in splits:
+        cells = "".join(f"{results[n][k]:>{w}.4f}" if isinstance(results[n].get(k), float) else f"{'-':>{w}}"
+                        for k, w in zip(keys, widths))
+        rows.append(f"  {n:<11}{cells}   {SPLIT_NOTES[n]}")
+    return "\n".join(rows)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -251,7 +281,7 @@ def main(argv=None):
     if args.predict:
         predictions = predict_posts(model, tokenizer, cfg, extra, posts, accelerator)
         if accelerator.is_main_process:
-            write_jsonl(predictions, output)
+            write_jsonl_whole(predictions, Path(output))
             log.info("wrote %d predictions to %s", len(predictions), output)
         return
     corpus, post_ids = split_posts_of(cfg, checkpoint, args.split, args.data_dir)
@@ -266,8 +296,24 @@ def main(argv=None):
     if accelerator.is_main_process:
         log.info("%s on %s (%d examples, %d processes):\n%s", cfg.task, args.split, len(examples),
                  accelerator.num_processes, format_metrics(metrics))
-        if args.output:
-            Path(args.output).write_text(dumps({args.split: metrics}, indent=2))
+        if args.output:  # whole or not at all, like the predictions
+            write_text_atomic(Path(args.output), dumps({args.split: metrics}, indent=2))
+
+
+def write_jsonl_whole(rows, path: Path) -> None:
+    """JSON lines written whole or not at all: a temp file in the same folder, flushed to disk, then os.replace.
+    A kill at any instant leaves the old file (or none), never a torn one that looks complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(dumps(r) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def saved_thresholds(extra: dict) -> dict:
@@ -304,26 +350,32 @@ def record_lines(path: Path) -> list[int]:
 
 def read_posts(path: Path) -> dict[str, str]:
     """post_id -> text of a --predict CSV. No rows, or a post_id twice (its predictions could not be told
-    apart), is an error naming the file; rows without post_id or text are skipped with a warning."""
+    apart), is an error naming the file; rows without a post_id, or without a text to read (empty, or only
+    zero-width characters: data.visible, as training drops them), are skipped and counted in one warning."""
     rows, _ = data.read_csv(path, data.POST_COLUMNS)
     if not rows:
         raise UserError(f"{path}: no posts (a header and no rows)")
-    posts, first_row = {}, {}
+    posts, first_row, no_id, no_text = {}, {}, 0, 0
     for i, r in enumerate(rows):
         pid = r["post_id"].strip()
         if not pid:
+            no_id += 1
             continue
         if pid in first_row:
             lines = record_lines(path)[1:]
             raise UserError(f"{path}: post_id '{pid}' on line {lines[first_row[pid]]} and again on line {lines[i]} "
                             "(predictions are keyed by post_id: give each post its own)")
         first_row[pid] = i
-        if r["text"].strip():
+        if data.visible(r["text"]):
             posts[pid] = r["text"]
+        else:
+            no_text += 1
     if not posts:
-        raise UserError(f"{path}: no row has both a post_id and a text")
-    if len(posts) < len(rows):
-        log.warning("%s: %d rows without post_id or text skipped", path, len(rows) - len(posts))
+        raise UserError(f"{path}: no row has both a post_id and a visible text ({no_id} without post_id, {no_text} "
+                        "with an empty text or only invisible characters)")
+    if no_id or no_text:
+        log.warning("%s: %d rows skipped, not predicted: %d without post_id, %d with an empty text or only invisible "
+                    "(zero-width) characters", path, no_id + no_text, no_id, no_text)
     return posts
 
 

@@ -158,6 +158,10 @@ class Tracker:
         if what != "metrics":
             self.lost_items.append(what)
 
+    def where(self) -> str:
+        """The console's words for where the run is tracked."""
+        return f"MLflow run {self.run_id} in {self.uri}" if self.enabled else "MLflow off"
+
     def unlogged(self) -> dict:
         """What the tracking store did not get, for run_stats.json ({} when everything was logged)."""
         if self.failure is None:

@@ -21,12 +21,15 @@ validation) -> testing the best checkpoint and writing the outputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections import namedtuple
 from dataclasses import asdict
@@ -48,7 +51,7 @@ from checkpoint import (
     save_last,
 )
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, parse_config, save_config
-from evaluate import evaluate, format_metrics, metric_names
+from evaluate import evaluate, metric_names, summary_table
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
 from tracking import Tracker, data_sha256, log_run_inputs, tracked_metrics
@@ -294,6 +297,61 @@ def start_run(cfg: Config, accelerator, out_dir: Path, resuming: bool) -> tuple[
     return prepared, data_digest
 
 
+def new_run_dir(task: str) -> str:
+    """outputs/<task>/<date>_<time>, unique: a plain `python train.py` never lands on an earlier run."""
+    base = Path("outputs") / task / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
+
+
+def resolve_run(cfg: Config, accelerator) -> Config:
+    """What actually runs, recorded in config.yaml: the folder of `--output_dir auto` (one name for all processes)
+    and the mixed precision the device gives. A setting that cannot apply here gets one warning line."""
+    changes = {}
+    if cfg.output_dir == "auto":
+        if cfg.resume:
+            raise UserError("--resume: give the --output_dir of the run to continue")
+        name = [new_run_dir(cfg.task)]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(name)
+        changes["output_dir"] = name[0]
+    cpu = accelerator.device.type == "cpu"
+    effective = "no" if cpu and accelerator.mixed_precision == "fp16" else accelerator.mixed_precision
+    notes = []
+    if cpu and accelerator.mixed_precision == "fp16":
+        notes.append("--mixed_precision fp16: not on a CPU (accelerate ignores it); this run trains in fp32")
+    if cpu and effective == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        notes.append("--mixed_precision bf16: this CPU has no bf16 instructions; autocast will be slower than fp32")
+    if cpu and cfg.cudnn_attention:
+        notes.append("--cudnn_attention: a GPU setting; no effect on a CPU")
+    if cpu and not cfg.tf32:
+        notes.append("--tf32 false: a GPU setting; no effect on a CPU")
+    for plugin in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # an accelerate config the launcher could not apply
+        if os.environ.get(f"ACCELERATE_USE_{plugin}", "").lower() == "true" and \
+                accelerator.distributed_type.name != plugin:
+            notes.append(f"the accelerate config asks for {plugin}, which does not apply here: this run is "
+                         f"{accelerator.distributed_type.name} on {accelerator.num_processes} process(es)")
+    for note in notes if accelerator.is_main_process else ():
+        log.warning(note)
+    if cfg.mixed_precision != effective:
+        changes["mixed_precision"] = effective
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def check_output_dir(cfg: Config, out_dir: Path) -> None:
+    """A run never replaces another silently: an output_dir that holds a run needs --resume or
+    --overwrite_output_dir."""
+    held = [f for f in (RUN_RECORD, "metrics.json") if (out_dir / f).exists()]
+    if held and not (cfg.resume or cfg.overwrite_output_dir):
+        raise UserError(f"--output_dir {out_dir}: holds a run ({held[0]}); continue it with --resume true, replace it "
+                        "with --overwrite_output_dir true, or give another --output_dir (default: a new folder)")
+
+
 def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
     """(model, optimizer, scheduler, train loader, val loader, total optimizer steps), prepared by accelerate."""
     train_features = prepared.features["train"][1]
@@ -329,12 +387,16 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
     A run that raises is ended in MLflow as KILLED (Ctrl-C) or FAILED, not left RUNNING.
     """
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    t_start, out_dir, metric_name = time.perf_counter(), Path(cfg.output_dir), main_metric(cfg)
-    best_dir, last_dir = out_dir / "checkpoints" / "best", out_dir / "checkpoints" / "last"
+    t_start, metric_name = time.perf_counter(), main_metric(cfg)
     accelerator = setup_process(cfg, accelerator)
+    cfg = resolve_run(cfg, accelerator)
+    out_dir = Path(cfg.output_dir)
+    best_dir, last_dir = out_dir / "checkpoints" / "best", out_dir / "checkpoints" / "last"
     with contextlib.ExitStack() as run_scope:  # the lock, then the MLflow run: released / ended however we leave
         run_scope.enter_context(output_dir_lock(out_dir, accelerator.is_main_process))
+        check_output_dir(cfg, out_dir)
         resume_from = load_last(last_dir) if cfg.resume else None
         prepared, data_digest = start_run(cfg, accelerator, out_dir, resuming=resume_from is not None)
         model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator,
@@ -345,8 +407,13 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         state.run_id = tracker.run_id
         if not resume_from:
             log_run_inputs(tracker, cfg, prepared.report, data_digest)
+        log.info("run folder %s; %s", out_dir, tracker.where())
+        # log lines go above the bar, not into it; no bar (its \r frames) where stderr is a file: a line instead
+        run_scope.enter_context(logging_redirect_tqdm())
+        bar = accelerator.is_main_process and sys.stderr.isatty()
         progress = run_scope.enter_context(tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.task}",
-                                                mininterval=2, disable=not accelerator.is_main_process))
+                                                mininterval=2, disable=not bar))
+        last_line = time.perf_counter()
         micro_losses, pending = [], []  # losses of the optimizer step under way; (step, loss, lr) not yet logged
         samples, first_step_s = 0, None
         t_train, stop = time.perf_counter(), state.global_step >= total_steps
@@ -388,6 +455,10 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
                 if pending and (state.global_step % cfg.log_every == 0 or state.global_step == total_steps):
                     log_losses(pending, state, tracker, progress)  # one host sync per log_every steps
                     pending = []
+                    if not bar and time.perf_counter() - last_line > 30:  # a log file gets a line every 30 s
+                        last_line = time.perf_counter()
+                        log.info("step %d/%d: loss %.4f, lr %.2e", *state.curve[-1][:1], total_steps,
+                                 *state.curve[-1][1:])
                 progress.update(1)
                 if cfg.save_every and state.global_step % cfg.save_every == 0 and state.global_step < total_steps:
                     tracker.flush()  # the MLflow history of a resumed run then has no hole
@@ -418,6 +489,9 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
             accelerator.wait_for_everyone()
             model.train()  # evaluate() left it in eval mode
             stop = budget_spent or (cfg.patience > 0 and state.bad_epochs >= cfg.patience)
+            if stop and not budget_spent:
+                log.info("early stopping after epoch %d: val %s has not improved by more than %g for %d epochs "
+                         "(best %.4f)", epoch, metric_name, cfg.min_delta, state.bad_epochs, state.best)
             tracker.flush()
             save_last(accelerator, last_dir, state, scheduler, cfg.keep_checkpoints)
         progress.close()
@@ -438,6 +512,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
             write_text_atomic(out_dir / "run_stats.json", json.dumps({**results["train"], "system": system_info()},
                                                                      indent=2))
             tracker.log_artifact(out_dir / "run_stats.json")
+            log.info("done: %s (metrics.json, predictions.jsonl, checkpoints/best); %s", out_dir, tracker.where())
     return results
 
 
@@ -458,7 +533,8 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
             continue
         loader = accelerator.prepare(make_loader(feats, cfg.eval_batch_size, False,
                                                       prepared.tokenizer.pad_token_id, **dl_kwargs))
-        metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds)
+        metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
+                                           desc=f"score {name}")
         results[name] = metrics
         if accelerator.is_main_process:  # validation predictions too: report.py chooses its decision threshold on them
             write_jsonl(predictions, out_dir / PREDICTION_FILES[name])
@@ -474,9 +550,10 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, m
     history = {"metric": metric_name, "val": state.history,  # training curves, also without MLflow
                "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.curve]}
     write_text_atomic(out_dir / "history.json", json.dumps(history))
+    log.info("%s, best checkpoint (thresholds tuned on val):\n%s", cfg.task,
+             summary_table(results, TASKS[cfg.task].headline))
     for name in scored:
         if results[name]:
-            log.info("%s %s (best checkpoint):\n%s", cfg.task, name, format_metrics(results[name]))
             prefix = "best_val_" if name == "val" else name + "_"
             tracker.log_metrics({prefix + k: v for k, v in tracked_metrics(results[name]).items()},
                                 step=state.global_step)

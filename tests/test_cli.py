@@ -243,6 +243,13 @@ def test_load_checkpoint_checks_the_task(checkpoint):
         load_checkpoint(checkpoint, expect_task="evidence")
 
 
+def write_config(path, cfg: dict) -> None:
+    """A checkpoint whose config.yaml and checkpoint.json agree on another config (as a foreign folder would)."""
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    extra = json.loads((path / "checkpoint.json").read_text())
+    (path / "checkpoint.json").write_text(json.dumps({**extra, "config": cfg}))
+
+
 @pytest.mark.parametrize("damage, needles", [
     ("nothing_there", ["not a complete checkpoint", "encoder/model.safetensors", "heads.safetensors"]),
     ("no_weights", ["not a complete checkpoint (missing encoder/model.safetensors)"]),
@@ -254,13 +261,6 @@ def test_load_checkpoint_checks_the_task(checkpoint):
     ("bad_config", ["config.yaml: unknown config key 'colour'"]),
     ("edited_config", ["config.yaml: edited after the checkpoint was saved (max_length differ"]),
 ])
-def write_config(path, cfg: dict) -> None:
-    """A checkpoint whose config.yaml and checkpoint.json agree on another config (as a foreign folder would)."""
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    extra = json.loads((path / "checkpoint.json").read_text())
-    (path / "checkpoint.json").write_text(json.dumps({**extra, "config": cfg}))
-
-
 def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
     path = tmp_path / "best"
     if damage != "nothing_there":

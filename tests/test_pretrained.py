@@ -2,6 +2,7 @@
 ModernBERT (byte-level BPE whose offsets count the space before a word, no token_type_ids) folders, written with
 save_pretrained, train every task through `--model DIR`, and an evidence span cut at their offsets is exactly its gold
 text. Also: `lr`/`epochs` auto, the `minilm` short name and the position limit. No download, no 90 MB package."""
+import dataclasses
 import functools
 import json
 
@@ -102,7 +103,9 @@ def test_pretrained_folder_trains_every_task(tmp_path, folders, family, task, en
     assert 0 <= results["test"][metric] <= 1
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
     assert saved["lr"] == 5e-5 and saved["epochs"] == 3  # auto, resolved for a pretrained encoder
-    assert make_config(**load_yaml_config(tmp_path / "run/config.yaml")) == cfg  # a rerun from it is this run
+    assert saved["mixed_precision"] == "no"  # auto, recorded as what ran (fp32 on this CPU)
+    rerun = make_config(**load_yaml_config(tmp_path / "run/config.yaml"))
+    assert rerun == dataclasses.replace(cfg, mixed_precision="no")  # a rerun from it is this run
     if task == "evidence" or encoding == "post":  # the checkpoint rebuilds this encoder family and scores the same
         evaluate.main(["--checkpoint", str(tmp_path / "run/checkpoints/best"), "--output", str(tmp_path / "e.json")])
         assert json.loads((tmp_path / "e.json").read_text())["test"] == results["test"]
