@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import data
 from config import Config, load_yaml_config, make_config
 from models import TASKS, TaskModel, drop_pooler
 from utils import UserError, find_complete_dir, replace_dir
@@ -71,14 +72,45 @@ def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra:
         for name in ENCODERS:
             if getattr(model, name) is not None:  # save_pretrained pops what it writes: it gets its own dict
                 getattr(model, name).save_pretrained(str(path / name), state_dict=parts[name])
-                tokenizer.save_pretrained(str(path / name))
-    save_file(parts["heads"], str(path / HEADS), metadata={"task": cfg.task, "format": "pt"})
+                save_tokenizer(tokenizer, path / name, cfg.max_length)
+    labels = label_map(cfg, model)
+    save_file(parts["heads"], str(path / HEADS), metadata={"task": cfg.task, "format": "pt",
+                                                           "labels": json.dumps(labels)})
     (path / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     # the config once more, beside config.yaml: an edit of config.yaml (max_length, encoding) is then noticed
-    (path / "checkpoint.json").write_text(json.dumps({"task": cfg.task, **(extra or {}), "config": asdict(cfg)},
-                                                     indent=2))
+    (path / "checkpoint.json").write_text(json.dumps({"task": cfg.task, **(extra or {}), "labels": labels,
+                                                      "config": asdict(cfg)}, indent=2))
     if card is not None:
         (path / "README.md").write_text(card)
+
+
+def save_tokenizer(tokenizer, folder: Path, max_length: int) -> None:
+    """save_pretrained with model_max_length = the run's max_length (a trained-from-texts tokenizer says 1e30, and
+    `truncation=True` then lets 6,000 tokens through); the tokenizer in memory is left as it was."""
+    before = tokenizer.model_max_length
+    tokenizer.model_max_length = max_length
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        tokenizer.model_max_length = before
+
+
+def label_map(cfg: Config, model: TaskModel) -> dict:
+    """Which rows of the heads are which criterion, and the text each was trained with: what a user needs to read a
+    prediction off the weights by hand (heads.safetensors metadata and checkpoint.json)."""
+    per_token = model.per_token if model.span_head is not None else 0
+    criteria = data.SYMPTOMS if cfg.criterion_heads else ["ALL"]
+    rows = []
+    for i, name in enumerate(criteria):
+        row = {"name": name, "description": data.CRITERIA.get(name, "one head for every criterion")}
+        if model.cls_head is not None:
+            row["cls_head_rows"] = [2 * i, 2 * i + 1]  # softmax over the two: [not shown, shown]
+        if per_token:
+            row["evidence_head_rows"] = list(range(per_token * i, per_token * (i + 1)))  # start, end / tag
+        rows.append(row)
+    return {"criteria": rows, "pooling": cfg.pooling, "evidence_head": cfg.evidence_head if per_token else None,
+            "encoding": cfg.encoding, "input": "[CLS] criterion description [SEP] text [SEP]" if cfg.encoding == "pair"
+            or cfg.task == "criteria" and cfg.unit == "sentence" else "[CLS] text [SEP], every criterion's rows read"}
 
 
 # --------------------------------------------------------------------------- loading, with damaged-file checks
@@ -289,14 +321,24 @@ platforms, languages or clinical text, and its errors are not spread evenly acro
 """
 
 
-def card_front_matter(cfg: Config) -> str:
+def card_front_matter(cfg: Config, metrics: dict) -> str:
+    """The YAML block the Hugging Face hub reads (https://huggingface.co/docs/hub/model-cards), with the test metrics
+    as a model-index (the hub's eval-results format)."""
     meta = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
             "tags": ["redsm5", "dsm-5", "depression", "mental-health", cfg.task],
-            "license": "other"}  # not ours to choose: see "Licence" in the card
+            # not ours to choose: the base encoder's licence and ReDSM5's data usage agreement decide it
+            "license": "other", "license_name": "redsm5-data-usage-agreement",
+            "datasets": ["redsm5" if cfg.data_dir is not None else "redsm5-synthetic-demo"]}
     if cfg.model != "tiny":
         meta["base_model"] = cfg.model
-    if cfg.data_dir is not None:
-        meta["datasets"] = ["redsm5"]
+    test = metrics.get("test") or {}
+    scores = [{"type": k, "name": k, "value": round(float(test[k]), 4)} for k in TASKS[cfg.task].headline
+              if isinstance(test.get(k), float) and test[k] == test[k]]
+    if scores:
+        meta["model-index"] = [{"name": f"redsm5-{cfg.task}", "results": [{
+            "task": {"type": "text-classification", "name": TASK_TEXT[cfg.task].split(":")[0]},
+            "dataset": {"type": meta["datasets"][0], "name": meta["datasets"][0], "split": "test"},
+            "metrics": scores}]}]
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
 
 
@@ -327,7 +369,7 @@ def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
     run has tested."""
     two_encoders = cfg.task == "joint" and not cfg.shared_encoder
     return CARD_TEMPLATE.format(
-        front_matter=card_front_matter(cfg), task=cfg.task, task_text=TASK_TEXT[cfg.task], n_params=n_params,
+        front_matter=card_front_matter(cfg, metrics), task=cfg.task, task_text=TASK_TEXT[cfg.task], n_params=n_params,
         encoder=(f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained from "
                  "scratch" if cfg.model == "tiny" else f"`{cfg.model}`, fine-tuned"),
         heads=("one output pair per criterion" if cfg.criterion_heads else "shared")

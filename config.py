@@ -150,7 +150,10 @@ class Config:
     mlflow_system_metrics: bool = knob(False, resume=True,
         help="CPU, memory, disk (and GPU with pynvml) every 10 s; needs psutil")
     mlflow_log_model: bool = knob(False, resume=True,
-        help="also copy checkpoints/best into the run's artifacts (model/); never uploaded")
+        help="log checkpoints/best as an MLflow pyfunc model (runs:/<run id>/model: mlflow.pyfunc.load_model, "
+             "mlflow models serve)")
+    mlflow_register_model: str | None = knob(None, resume=True,
+        help="with --mlflow_log_model, also register it in the model registry under this name")
 
 
 # What `auto` means, per field. The tiny encoder learns from scratch and takes a large rate (2e-3: the model table

@@ -49,6 +49,7 @@ from checkpoint import (
     resume_state,
     save_best,
     save_last,
+    save_tokenizer,
 )
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, parse_config, save_config
 from evaluate import evaluate, metric_names, summary_table
@@ -273,7 +274,7 @@ def write_run_files(cfg: Config, prepared: PreparedData, out_dir: Path, data_dig
     write_text_atomic(out_dir / "splits.json", json.dumps(prepared.splits))
     tmp = out_dir / "tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    prepared.tokenizer.save_pretrained(str(tmp))
+    save_tokenizer(prepared.tokenizer, tmp, cfg.max_length)
     replace_dir(tmp, out_dir / "tokenizer")
     record = {"data_sha256": data_digest, "splits_sha256": sha256_of(prepared.splits),
               "tokenizer_sha256": folder_sha256(out_dir / "tokenizer")}
@@ -567,16 +568,25 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, m
 
 
 def finish_best(best_dir: Path, cfg: Config, results: dict, splits: dict, tracker: Tracker) -> None:
-    """The best checkpoint's model card rewritten with its test metrics; the card, and the whole checkpoint when
-    asked (--mlflow_log_model), to the run's artifacts. Main process only."""
+    """The best checkpoint's model card rewritten with its test metrics; the card to the run's artifacts, and, when
+    asked (--mlflow_log_model), the checkpoint as a pyfunc model (mlflow_model.py). Main process only."""
     found = find_complete_dir(best_dir)
     if found is None:
         return
     n_params = json.loads((found / "checkpoint.json").read_text()).get("encoder_parameters", 0)
     write_text_atomic(found / "README.md", model_card(cfg, results, n_params, splits))
     tracker.log_artifact(found / "README.md")
-    if cfg.mlflow_log_model:
-        tracker.log_artifacts(found, "model")
+    if cfg.mlflow_log_model and tracker.enabled and tracker.failure is None:
+        from mlflow_model import log_model
+
+        tracker.flush()
+        try:
+            uri = log_model(found, tracker.run_id, tracker.uri, cfg.mlflow_register_model)
+            log.info("MLflow model %s%s", uri, f" (registered as {cfg.mlflow_register_model})"
+                     if cfg.mlflow_register_model else "")
+        except Exception as e:  # tracking is a side channel: the run's own outputs are written already
+            log.warning("--mlflow_log_model: the model was not logged (%s)", str(e).splitlines()[0][:200])
+            tracker.lost_items.append("model")
 
 
 def main(argv=None):

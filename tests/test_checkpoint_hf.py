@@ -143,8 +143,11 @@ def test_mlflow_run_has_the_dataset_per_criterion_metrics_and_description(traine
     assert run.data.tags["mlflow.note.content"] == f"`{shlex.join(ARGV)}`"  # "`train.py ... 'two words' ...`"
     assert run.data.tags["mlflow.source.name"] == "train.py"
     assert any(k.startswith("system/cpu_utilization") for k in metrics)  # --mlflow_system_metrics
-    artifacts = {a.path for a in client(cfg).list_artifacts(run_id, "model")}  # --mlflow_log_model
-    assert {"model/encoder", "model/heads.safetensors", "model/README.md", "model/config.yaml"} <= artifacts
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")  # --mlflow_log_model: a pyfunc model of the run
+    assert "python_function" in info.flavors and info.run_id == run_id
     assert "per_criterion_f1.json" in {a.path for a in client(cfg).list_artifacts(run_id)}
 
 
@@ -186,3 +189,37 @@ def test_system_metrics_without_psutil_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="--mlflow_system_metrics: needs psutil"):
         make_config(mlflow_system_metrics=True)
     assert make_config(mlflow_system_metrics=True, mlflow=False).mlflow_system_metrics  # nothing to sample into
+
+
+def test_the_checkpoint_describes_itself(tmp_path):
+    """model_max_length is the run's max_length, the head rows of every criterion and its description are saved, and
+    the card's front matter parses as a Hugging Face ModelCard with the test metrics as eval results."""
+    from huggingface_hub import ModelCard
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    import data
+    import train
+
+    cfg = make_config(task="joint", demo_posts=40, tiny_hidden=16, tiny_layers=1, tiny_heads=1, tiny_vocab=300,
+                      max_length=96, doc_stride=16, batch_size=8, demo_shift_posts=0, epochs=1, max_steps=2,
+                      mlflow=False, output_dir=str(tmp_path / "run"))
+    results = train.train(cfg)
+    best = tmp_path / "run" / "checkpoints" / "best"
+    tokenizer = AutoTokenizer.from_pretrained(best / "encoder")
+    assert tokenizer.model_max_length == 96
+    assert len(tokenizer("word " * 3000, truncation=True)["input_ids"]) == 96
+    labels = json.loads((best / "checkpoint.json").read_text())["labels"]
+    with safe_open(str(best / "heads.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["labels"]) == labels
+        assert f.get_tensor("cls_head.weight").shape[0] == 2 * len(labels["criteria"])
+    assert [c["name"] for c in labels["criteria"]] == data.SYMPTOMS
+    fatigue = labels["criteria"][data.SYMPTOMS.index("FATIGUE")]
+    assert fatigue["cls_head_rows"] == [10, 11] and fatigue["evidence_head_rows"] == [5]  # tag head: one row
+    assert fatigue["description"] == data.CRITERIA["FATIGUE"]
+    card = ModelCard.load(best / "README.md")
+    assert card.data.license == "other" and card.data.license_name == "redsm5-data-usage-agreement"
+    assert card.data.datasets == ["redsm5-synthetic-demo"]
+    scores = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert scores["combined"] == round(results["test"]["combined"], 4)
+    assert scores["f1_macro"] == round(results["test"]["f1_macro"], 4)

@@ -47,7 +47,7 @@ QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--ti
 @pytest.mark.parametrize("argv, needles", [
     (["--lrr", "3"], ["unrecognized arguments: --lrr 3", "(did you mean --lr?)"]),
     (["--zzzz"], ["unrecognized arguments: --zzzz", "(valid: --help, --config, --task, --data_dir",
-                  "--run_name, --mlflow_system_metrics, --mlflow_log_model)"]),
+                  "--run_name, --mlflow_system_metrics, --mlflow_log_model, --mlflow_register_model)"]),
     (["--epochs", "three"], ["--epochs", "'three'", "expected int"]),
     (["--max_steps", "1.5"], ["--max_steps", "'1.5'", "expected int"]),
     (["--lr", "fast"], ["--lr", "expected float"]),
