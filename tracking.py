@@ -71,6 +71,19 @@ def with_retries(call, what: str, sqlite: bool, tries: int = 8):
             time.sleep(0.3 * (attempt + 1))
 
 
+# The experiment's kind, as MLflow 3's UI reads it: a model-training experiment (runs, charts, models), not the GenAI
+# view (traces, judges, prompts) it shows for an experiment with no kind.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def artifact_root(uri: str) -> str | None:
+    """A new experiment's artifacts beside its sqlite store (<store folder>/mlruns), not in whatever folder the run
+    starts from; None (the server's choice) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+
+
 @contextlib.contextmanager
 def store_lock(uri: str):
     """An flock for a sqlite store's creation, held in the temp folder (nothing written beside the store); a no-op
@@ -118,7 +131,7 @@ class Tracker:
             run_id = with_retries(lambda: self._create_run(cfg, parent_run_id), what, sqlite)
         else:
             self.client.update_run(run_id, status="RUNNING")
-            history = self.client.get_metric_history(run_id, "train_loss")
+            history = self.client.get_metric_history(run_id, "train/loss")
             self.logged_up_to = max((m.step for m in history), default=-1)
         self.run_id = run_id
         if cfg.mlflow_system_metrics:
@@ -134,7 +147,13 @@ class Tracker:
 
     def _create_run(self, cfg: Config, parent_run_id) -> str:
         exp = self.client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(cfg.experiment, artifact_location=artifact_root(self.uri),
+                                                   tags={EXPERIMENT_KIND: "custom_model_development"})
+        else:
+            exp_id = exp.experiment_id
+            if EXPERIMENT_KIND not in exp.tags:  # MLflow 3 opens an experiment of no kind as a GenAI one
+                self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
         tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}",
                 "mlflow.note.content": f"`{shlex.join(sys.argv)}`",  # the run's description: its command
                 "mlflow.source.name": Path(sys.argv[0]).name, "mlflow.source.type": "LOCAL"}
@@ -183,7 +202,7 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int, flush: bool = False):
         if not self.enabled:
             return
-        if "train_loss" in metrics and step <= self.logged_up_to:  # logged before the interruption: not twice
+        if "train/loss" in metrics and step <= self.logged_up_to:  # logged before the interruption: not twice
             return
         ts = int(time.time() * 1000)
         self.buffer += [(k, float(v), ts, step) for k, v in flatten(metrics).items()]
@@ -255,15 +274,39 @@ class Tracker:
 
 # --------------------------------------------------------------------------- what a run logs
 
-def tracked_metrics(metrics: dict) -> dict:
-    """Metrics as MLflow numbers: the F1 per criterion as f1_<CRITERION>, the confusion matrix as cm_tn, cm_fp,
-    cm_fn, cm_tp (nested values would otherwise be dropped: MLflow stores one number per key)."""
-    out = {k: v for k, v in metrics.items() if k not in ("per_criterion_f1", "confusion_matrix")}
-    out.update({f"f1_{c}": v for c, v in metrics.get("per_criterion_f1", {}).items()})
-    if "confusion_matrix" in metrics:
-        (tn, fp), (fn, tp) = metrics["confusion_matrix"]
-        out.update(cm_tn=tn, cm_fp=fp, cm_fn=fn, cm_tp=tp)
+def tracked_metrics(metrics: dict, split: str, headline: tuple, per_criterion: bool = False) -> dict:
+    """What MLflow gets of one split's metrics, keyed by prefix so that its chart sections group them
+    (train/, val/, best_val/, test/, test_shift/): the task's headline metrics, and with `per_criterion` the F1 of
+    each criterion as <split>/f1/<CRITERION>. The long tail (the paper's per-symptom tables, ranking, single-span
+    and multi-sentence variants) is in metrics.json, an artifact of the run."""
+    out = {f"{split}/{k}": metrics[k] for k in headline if isinstance(metrics.get(k), (int, float))}
+    if per_criterion:
+        out.update({f"{split}/f1/{c}": v for c, v in metrics.get("per_criterion_f1", {}).items()})
     return out
+
+
+def log_figures(tracker: Tracker, out_dir: Path, results: dict, history: dict, predictions: dict) -> list[Path]:
+    """The run's figures, in out_dir/figures and under the run's figures/ artifacts: training curves, and for a
+    classifying task the test confusion matrix, PR and ROC curves (test and test_shift) and the F1 per criterion."""
+    import plots
+
+    folder = out_dir / "figures"
+    folder.mkdir(exist_ok=True)
+    pngs = [plots.plot_training({"run": history}, folder / "training.png")]
+    test = results.get("test") or {}
+    if "confusion_matrix" in test:
+        pngs.append(plots.plot_confusion(test["confusion_matrix"], folder / "confusion_test.png",
+                                         "test: confusion matrix (threshold 0.5)"))
+        curves = [(name, [r["label"] for r in rows], [r["prob"] for r in rows], {"lw": 1.5})
+                  for name, rows in predictions.items() if name != "val" and rows and "prob" in rows[0]]
+        if curves:
+            pngs.append(plots.plot_pr_roc(curves, folder / "pr_roc.png", "precision-recall and ROC"))
+    per = {name: results[name]["per_criterion_f1"] for name in ("val", "test", "test_shift")
+           if (results.get(name) or {}).get("per_criterion_f1")}
+    if per:
+        pngs.append(plots.plot_per_criterion([("F1 per criterion", per)], folder / "per_criterion_f1.png"))
+    tracker.log_artifacts(folder, "figures")
+    return pngs
 
 
 def data_sha256(cfg: Config) -> str:

@@ -55,7 +55,7 @@ from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, pars
 from evaluate import evaluate, metric_names, summary_table
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
-from tracking import Tracker, data_sha256, log_run_inputs, tracked_metrics
+from tracking import Tracker, data_sha256, log_figures, log_run_inputs, tracked_metrics
 from utils import (
     UserError,
     dataloader_kwargs,
@@ -374,7 +374,7 @@ def log_losses(pending: list, state: LoopState, tracker: Tracker, progress) -> N
         raise UserError(f"loss became {losses[bad[0]]} at step {pending[bad[0]][0]}: lower --lr, "
                         "keep --max_grad_norm on, or check the data")
     for (step, _, lr), loss in zip(pending, losses):
-        tracker.log_metrics({"train_loss": float(loss), "lr": lr}, step=step)
+        tracker.log_metrics({"train/loss": float(loss), "train/lr": lr}, step=step)
         state.curve.append([step, float(loss), lr])
     progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][2]:.2e}")
 
@@ -475,8 +475,8 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
             metrics, _, thresholds = evaluate(model, val_loader, val_features, val_examples, cfg, accelerator)
             value = metrics[metric_name]
             state.history.append({"epoch": epoch, "step": state.global_step, metric_name: value})
-            tracker.log_metrics({f"val_{k}": v for k, v in tracked_metrics(metrics).items()}, step=state.global_step,
-                                flush=True)
+            headline = (metric_name, *TASKS[cfg.task].headline)
+            tracker.log_metrics(tracked_metrics(metrics, "val", headline), step=state.global_step, flush=True)
             log.info("epoch %d step %d: val %s %.4f", epoch, state.global_step, metric_name, value)
             if on_validation:
                 on_validation(epoch, metrics)
@@ -542,6 +542,10 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
     return results
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, metric_name: str,
                   tracker: Tracker) -> None:
     """metrics.json, history.json; the test metrics and files to MLflow. Main process only."""
@@ -553,18 +557,22 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, m
     write_text_atomic(out_dir / "history.json", json.dumps(history))
     log.info("%s, best checkpoint (thresholds tuned on val):\n%s", cfg.task,
              summary_table(results, TASKS[cfg.task].headline))
+    headline = (metric_name, *TASKS[cfg.task].headline)
     for name in scored:
         if results[name]:
-            prefix = "best_val_" if name == "val" else name + "_"
-            tracker.log_metrics({prefix + k: v for k, v in tracked_metrics(results[name]).items()},
-                                step=state.global_step)
-    per = {name: (results[name] or {}).get("per_criterion_f1", {}) for name in ("val", "test")}
-    if per["test"] or per["val"]:  # one table to read them side by side (Artifacts tab)
-        criteria = list(per["test"] or per["val"])
+            tracker.log_metrics(tracked_metrics(results[name], "best_val" if name == "val" else name, headline,
+                                                per_criterion=name != "val"), step=state.global_step)
+    per = {name: (results[name] or {}).get("per_criterion_f1", {}) for name in scored}
+    if any(per.values()):  # one table to read them side by side (Artifacts tab)
+        criteria = list(next(v for v in per.values() if v))
         tracker.log_table({"criterion": criteria, **{f"{n}_f1": [per[n].get(c) for c in criteria] for n in per
                                                      if per[n]}}, "per_criterion_f1.json")
-    for f in ("config.yaml", "metrics.json", "splits.json"):
+    for f in ("config.yaml", "metrics.json", "splits.json", "history.json"):
         tracker.log_artifact(out_dir / f)
+    if tracker.enabled:
+        predictions = {n: read_jsonl(out_dir / PREDICTION_FILES[n]) for n in scored
+                       if (out_dir / PREDICTION_FILES[n]).is_file()}
+        log_figures(tracker, out_dir, results, history, predictions)
 
 
 def finish_best(best_dir: Path, cfg: Config, results: dict, splits: dict, tracker: Tracker) -> None:

@@ -218,6 +218,6 @@ def test_sigterm_ends_the_run_killed_and_the_resume_logs_no_step_twice(tmp_path)
     assert run.info.status == "KILLED"
     resumed = subprocess.run(argv + ["--resume", "true"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(steps) == len(set(steps)) and steps and max(steps) == json.loads(
         (tmp_path / "run" / "run_stats.json").read_text())["steps"]
