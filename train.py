@@ -344,13 +344,23 @@ def resolve_run(cfg: Config, accelerator) -> Config:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def check_output_dir(cfg: Config, out_dir: Path) -> None:
+def check_output_dir(cfg: Config, out_dir: Path, accelerator) -> None:
     """A run never replaces another silently: an output_dir that holds a run needs --resume or
     --overwrite_output_dir."""
     held = [f for f in (RUN_RECORD, "metrics.json") if (out_dir / f).exists()]
     if held and not (cfg.resume or cfg.overwrite_output_dir):
         raise UserError(f"--output_dir {out_dir}: holds a run ({held[0]}); continue it with --resume true, replace it "
                         "with --overwrite_output_dir true, or give another --output_dir (default: a new folder)")
+    if held and not cfg.resume and accelerator.is_main_process:  # replaced: nothing of the old run may pass for the
+        # new one's (its checkpoints/last above all)
+        log.info("--overwrite_output_dir: replacing the run in %s", out_dir)
+        for name in (RUN_RECORD, "metrics.json", "run_stats.json", "history.json", *PREDICTION_FILES.values()):
+            (out_dir / name).unlink(missing_ok=True)
+        for name in ("checkpoints", "figures"):  # renamed away first: a kill never leaves half a folder
+            if (out_dir / name).exists():
+                trash = out_dir / f".{name}.replaced-{os.getpid()}"
+                (out_dir / name).rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
 
 
 def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
@@ -397,7 +407,8 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
     best_dir, last_dir = out_dir / "checkpoints" / "best", out_dir / "checkpoints" / "last"
     with contextlib.ExitStack() as run_scope:  # the lock, then the MLflow run: released / ended however we leave
         run_scope.enter_context(output_dir_lock(out_dir, accelerator.is_main_process))
-        check_output_dir(cfg, out_dir)
+        check_output_dir(cfg, out_dir, accelerator)
+        accelerator.wait_for_everyone()
         resume_from = load_last(last_dir) if cfg.resume else None
         prepared, data_digest = start_run(cfg, accelerator, out_dir, resuming=resume_from is not None)
         model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator,
