@@ -70,8 +70,10 @@ def setup_logging(is_main: bool) -> None:
         force=True,
     )
     # accelerate logs every file of every save_state at INFO ("Sampler state for dataloader 1 saved in ...")
-    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "accelerate.accelerator", "accelerate.checkpointing"):
+    for noisy in ("alembic", "mlflow", "httpx", "accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # urllib3 warns at every retry of a request to a tracking server that went away; tracking.py says it once
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- seeds and hardware
