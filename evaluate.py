@@ -47,6 +47,7 @@ from metrics import (
     span_metrics,
 )
 from models import INPUT_KEYS, TASKS, featurize
+from tracking import data_sha256
 from utils import (
     UserError,
     check_writable,
@@ -55,6 +56,7 @@ from utils import (
     make_accelerator,
     run_main,
     setup_logging,
+    write_jsonl,
     write_text_atomic,
 )
 
@@ -281,10 +283,10 @@ def main(argv=None):
     if args.predict:
         predictions = predict_posts(model, tokenizer, cfg, extra, posts, accelerator)
         if accelerator.is_main_process:
-            write_jsonl_whole(predictions, Path(output))
+            write_jsonl(predictions, output)  # whole or not at all: a temp file, then os.replace
             log.info("wrote %d predictions to %s", len(predictions), output)
         return
-    corpus, post_ids = split_posts_of(cfg, checkpoint, args.split, args.data_dir)
+    corpus, post_ids, scored = split_posts_of(cfg, checkpoint, args.split, args.data_dir, extra.get("corpus_sha256"))
     examples = task.examples(corpus, post_ids, cfg)
     if not examples:
         raise UserError(f"split '{args.split}' has no examples for task {cfg.task}")
@@ -294,26 +296,10 @@ def main(argv=None):
     model, loader = accelerator.prepare(model, loader)
     metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     if accelerator.is_main_process:
-        log.info("%s on %s (%d examples, %d processes):\n%s", cfg.task, args.split, len(examples),
-                 accelerator.num_processes, format_metrics(metrics))
+        log.info("%s on %s (%d posts, %d examples, %d processes):\n%s", cfg.task, scored, len(post_ids),
+                 len(examples), accelerator.num_processes, format_metrics(metrics))
         if args.output:  # whole or not at all, like the predictions
-            write_text_atomic(Path(args.output), dumps({args.split: metrics}, indent=2))
-
-
-def write_jsonl_whole(rows, path: Path) -> None:
-    """JSON lines written whole or not at all: a temp file in the same folder, flushed to disk, then os.replace.
-    A kill at any instant leaves the old file (or none), never a torn one that looks complete."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(dumps(r) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            write_text_atomic(Path(args.output), dumps({scored: metrics}, indent=2))
 
 
 def saved_thresholds(extra: dict) -> dict:
@@ -321,9 +307,11 @@ def saved_thresholds(extra: dict) -> dict:
     return dict(extra.get("thresholds") or {})
 
 
-def split_posts_of(cfg, checkpoint: Path, split: str, data_dir=None) -> tuple:
-    """(corpus, post ids) of a split of the run: from its saved splits.json, or test_shift: every post of
-    its shifted corpus (--data_dir then names that corpus)."""
+def split_posts_of(cfg, checkpoint: Path, split: str, data_dir=None, trained_on: str | None = None) -> tuple:
+    """(corpus, post ids, what was scored) of a split of the run: from its saved splits.json, or test_shift: every
+    post of its shifted corpus (--data_dir then names that corpus). A --data_dir that is not the corpus the model
+    was trained on (its content digest, `trained_on`, differs) is scored whole: no post of it was trained on, and
+    the run's split lists other posts."""
     if split == "test_shift":
         shift_cfg = cfg if data_dir is None else dataclasses.replace(cfg, test_shift_dir=data_dir)
         corpus = data.load_shift_corpus(shift_cfg)
@@ -331,10 +319,26 @@ def split_posts_of(cfg, checkpoint: Path, split: str, data_dir=None) -> tuple:
             raise UserError("--split test_shift: this run has no shifted test set (no test_shift_dir, and not the "
                             "demo with demo_shift_posts > 0); give it as --data_dir")
         log.info("\n%s", data.format_report(corpus.report))
-        return corpus, sorted(corpus.posts)
+        return corpus, sorted(corpus.posts), "test_shift"
     corpus = data.load_corpus_from_config(cfg, data_dir if data_dir is not None else cfg.data_dir)
     log.info("\n%s", data.format_report(corpus.report))
-    return corpus, data.load_splits(checkpoint / "splits.json", corpus)[split]
+    if data_dir is not None and not same_corpus(cfg, data_dir, trained_on):
+        log.info("%s is not the corpus this model was trained on: scoring all %d of its posts", data_dir,
+                 len(corpus.posts))
+        return corpus, sorted(corpus.posts), "all"
+    post_ids = data.load_splits(checkpoint / "splits.json", corpus)[split]
+    log.info("scoring the %s split of the training run: %d of the corpus's %d posts (another labelled corpus: "
+             "--data_dir)", split, len(post_ids), len(corpus.posts))
+    return corpus, post_ids, split
+
+
+def same_corpus(cfg, data_dir, trained_on: str | None) -> bool:
+    """Whether --data_dir holds the corpus the model was trained on: by content (the digest the checkpoint
+    recorded), else, for a checkpoint without one, by the folder it points to."""
+    if trained_on is not None:
+        return data_sha256(dataclasses.replace(cfg, data_dir=str(data_dir), test_shift_dir=None,
+                                               splits_file=None)) == trained_on
+    return cfg.data_dir is not None and os.path.realpath(cfg.data_dir) == os.path.realpath(data_dir)
 
 
 def record_lines(path: Path) -> list[int]:

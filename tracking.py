@@ -46,6 +46,8 @@ def start_system_metrics(run_id: str, uri: str, resumed: bool):
     return monitor
 
 
+TRAIN_LOSS, TRAIN_LR = "1_train/loss", "1_train/lr"
+
 # A request to a tracking server gives up after about 30 s (2 retries, 10 s each, backoff 1-2 s), not MLflow's
 # default of minutes (7 retries, 120 s timeout): a run whose server went away finishes and writes its outputs.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -131,7 +133,7 @@ class Tracker:
             run_id = with_retries(lambda: self._create_run(cfg, parent_run_id), what, sqlite)
         else:
             self.client.update_run(run_id, status="RUNNING")
-            history = self.client.get_metric_history(run_id, "train/loss")
+            history = self.client.get_metric_history(run_id, TRAIN_LOSS)
             self.logged_up_to = max((m.step for m in history), default=-1)
         self.run_id = run_id
         if cfg.mlflow_system_metrics:
@@ -202,7 +204,7 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int, flush: bool = False):
         if not self.enabled:
             return
-        if "train/loss" in metrics and step <= self.logged_up_to:  # logged before the interruption: not twice
+        if TRAIN_LOSS in metrics and step <= self.logged_up_to:  # logged before the interruption: not twice
             return
         ts = int(time.time() * 1000)
         self.buffer += [(k, float(v), ts, step) for k, v in flatten(metrics).items()]
@@ -274,14 +276,21 @@ class Tracker:
 
 # --------------------------------------------------------------------------- what a run logs
 
+# MLflow's run page draws one chart section per key prefix, sorted as text: numbered, the training curves come first,
+# then the validation curve, then the best checkpoint's results (one point each).
+SECTIONS = {"train": "1_train", "val": "2_val", "best_val": "3_best_val", "test": "4_test",
+            "test_shift": "5_test_shift"}
+
+
 def tracked_metrics(metrics: dict, split: str, headline: tuple, per_criterion: bool = False) -> dict:
-    """What MLflow gets of one split's metrics, keyed by prefix so that its chart sections group them
-    (train/, val/, best_val/, test/, test_shift/): the task's headline metrics, and with `per_criterion` the F1 of
-    each criterion as <split>/f1/<CRITERION>. The long tail (the paper's per-symptom tables, ranking, single-span
-    and multi-sentence variants) is in metrics.json, an artifact of the run."""
-    out = {f"{split}/{k}": metrics[k] for k in headline if isinstance(metrics.get(k), (int, float))}
+    """What MLflow gets of one split's metrics, keyed <section>/<metric> (SECTIONS): the task's headline metrics
+    (counts left out), and with `per_criterion` the F1 of each criterion as <section>/f1/<CRITERION>. The long tail
+    (the paper's per-symptom tables, ranking, single-span and multi-sentence variants) is in metrics.json, an
+    artifact of the run."""
+    section = SECTIONS[split]
+    out = {f"{section}/{k}": metrics[k] for k in headline if isinstance(metrics.get(k), float)}
     if per_criterion:
-        out.update({f"{split}/f1/{c}": v for c, v in metrics.get("per_criterion_f1", {}).items()})
+        out.update({f"{section}/f1/{c}": v for c, v in metrics.get("per_criterion_f1", {}).items()})
     return out
 
 

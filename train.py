@@ -55,7 +55,7 @@ from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, pars
 from evaluate import evaluate, metric_names, summary_table
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
-from tracking import Tracker, data_sha256, log_figures, log_run_inputs, tracked_metrics
+from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, data_sha256, log_figures, log_run_inputs, tracked_metrics
 from utils import (
     UserError,
     dataloader_kwargs,
@@ -384,7 +384,7 @@ def log_losses(pending: list, state: LoopState, tracker: Tracker, progress) -> N
         raise UserError(f"loss became {losses[bad[0]]} at step {pending[bad[0]][0]}: lower --lr, "
                         "keep --max_grad_norm on, or check the data")
     for (step, _, lr), loss in zip(pending, losses):
-        tracker.log_metrics({"train/loss": float(loss), "train/lr": lr}, step=step)
+        tracker.log_metrics({TRAIN_LOSS: float(loss), TRAIN_LR: lr}, step=step)
         state.curve.append([step, float(loss), lr])
     progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][2]:.2e}")
 
@@ -411,6 +411,9 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         accelerator.wait_for_everyone()
         resume_from = load_last(last_dir) if cfg.resume else None
         prepared, data_digest = start_run(cfg, accelerator, out_dir, resuming=resume_from is not None)
+        # the training corpus alone, by content: evaluate.py --data_dir tells it from another corpus by this
+        corpus_digest = data_sha256(dataclasses.replace(cfg, test_shift_dir=None, splits_file=None)) \
+            if cfg.test_shift_dir or cfg.splits_file else data_digest
         model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator,
                                                                                            prepared)
         state = resume_state(accelerator, scheduler, resume_from, cfg) if resume_from else LoopState()
@@ -494,7 +497,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
             if improves(state.best, value, cfg):
                 state.best, state.bad_epochs, state.thresholds = value, 0, thresholds
                 info = {"thresholds": thresholds, "epoch": epoch, "step": state.global_step, metric_name: value,
-                        "val_metrics": metrics}
+                        "val_metrics": metrics, "corpus_sha256": corpus_digest}
                 save_best(accelerator, model, prepared.tokenizer, cfg, best_dir, info, prepared.splits)
             else:
                 state.bad_epochs += 1

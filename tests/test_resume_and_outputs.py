@@ -218,6 +218,29 @@ def test_sigterm_ends_the_run_killed_and_the_resume_logs_no_step_twice(tmp_path)
     assert run.info.status == "KILLED"
     resumed = subprocess.run(argv + ["--resume", "true"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "1_train/loss")]
     assert len(steps) == len(set(steps)) and steps and max(steps) == json.loads(
         (tmp_path / "run" / "run_stats.json").read_text())["steps"]
+
+
+def test_evaluate_on_another_labelled_corpus_scores_all_of_it(cli, finished_run, tmp_path):
+    """--data_dir of the training corpus scores its test split; a corpus with other content (here: the same posts,
+    one sentence reworded) is scored whole, since the run's split says nothing about it."""
+    import evaluate
+
+    folder, out = finished_run
+    best, splits = out / "checkpoints" / "best", json.loads((out / "splits.json").read_text())
+    code, err = cli(evaluate.main, ["--checkpoint", best, "--data_dir", f"{folder}/",
+                                    "--output", tmp_path / "same.json"])
+    assert code == 0, err
+    assert f"{len(splits['test'])} of the corpus's" in err
+    assert list(json.loads((tmp_path / "same.json").read_text())) == ["test"]
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    (other / "posts.csv").write_bytes((other / "posts.csv").read_bytes().replace(b"My cat is fine.", b"My cat is ok."))
+    code, err = cli(evaluate.main, ["--checkpoint", best, "--data_dir", other, "--output", tmp_path / "all.json"])
+    assert code == 0, err
+    n_posts = sum(len(ids) for ids in splits.values())
+    assert f"not the corpus this model was trained on: scoring all {n_posts} of its posts" in err
+    scored = json.loads((tmp_path / "all.json").read_text())["all"]
+    assert scored["n"] > json.loads((tmp_path / "same.json").read_text())["test"]["n"]
