@@ -37,7 +37,8 @@ class Config:
         help="what to train (models.TASKS)")
     data_dir: str | None = knob(None, 'ReDSM5 csv folder; None = the generated demo corpus', data=True, hpo=False)
     demo_posts: int = knob(1000, 'size of the demo corpus when data_dir is None', data=True, hpo=False, low=1)
-    demo_seed: int = knob(0, 'the demo corpus is a pure function of (demo_posts, demo_seed)', data=True, hpo=False)
+    demo_seed: int = knob(0, data=True, hpo=False, low=0, below=2**32,
+                          help="the demo corpus is a pure function of (demo_posts, demo_seed)")
     unit: typing.Literal["sentence", "post"] = knob("sentence", data=True, hpo=False,
         help="criteria examples: annotated sentence, or post x 9 criteria")
     include_negatives: bool = knob(False, data=True, hpo=False,
@@ -84,7 +85,7 @@ class Config:
     doc_stride: int = knob(64, 'overlap between consecutive windows of a long post', data=True, low=0)
     max_windows_per_post: int = knob(256, data=True, low=1,
         help="most windows one post (or one pair's text) is cut into; the rest of a longer text is not read, and "
-             "the load report counts what was cut (256 windows of 256 tokens: about 50k tokens)")
+             "a warning counts what was cut (256 windows of 256 tokens: about 50k tokens)")
     max_answer_tokens: int = knob(96, 'longest span the decoder may return', low=1)
     n_best: int = knob(5, 'span candidates kept per window', low=1)
     gradient_checkpointing: bool = knob(False, 'trade compute for memory')
@@ -123,7 +124,8 @@ class Config:
     skip_nonfinite: bool = knob(False, resume=True,
         help="skip a step whose loss is NaN/inf (costs a host sync per step) instead of stopping")
     # --- runtime
-    seed: int = knob(42, 'seeds the split, the initialisation and the batch order', data=True, hpo=False)
+    seed: int = knob(42, data=True, hpo=False, low=0, below=2**32,
+                     help="seeds the split, the initialisation and the batch order")
     deterministic: bool = knob(False, 'torch.use_deterministic_algorithms: exact repeats, slower', resume=True)
     cudnn_benchmark: bool = knob(True, 'let cuDNN pick the fastest kernels (GPU only)', resume=True)
     cudnn_attention: bool = knob(False, resume=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import io
 import json
 import logging
@@ -67,6 +68,11 @@ def read_csv(path: Path, required: list[str]) -> tuple[list[dict], int]:
     reader, start = csv.reader(io.StringIO(text, newline=""), strict=True), 1
     try:
         header = [h.strip() for h in next(reader, [])]
+        twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+        if twice is not None:  # a row dict keeps the last one: `post_id,text,text` would empty every text
+            where = [i + 1 for i, h in enumerate(header) if h == twice]
+            raise UserError(f"{path}: column '{twice}' appears {len(where)} times in the header (columns "
+                            f"{', '.join(map(str, where))}); rename or remove all but one")
         missing = [c for c in required if c not in header]
         if missing:
             raise UserError(f"{path}: missing column '{missing[0]}' (found: {', '.join(header)})")
@@ -218,11 +224,18 @@ def valid_annotations(ann_rows: list[dict], posts: dict, symptoms: set, dropped:
 
 def align_rows(rows: list[dict], posts: dict, fuzzy_threshold: float) -> Counter:
     """Set each row's start/end/align in its post; the count per alignment method."""
-    alignment, cache = Counter(), {}
+    alignment, cache, spans = Counter(), {}, {}
+
+    def split(pid: str, text: str) -> list:  # a post's sentences, found once (the fuzzy pass needs them)
+        if pid not in spans:
+            spans[pid] = sentence_spans(text)
+        return spans[pid]
+
     for r in rows:
-        ck = (r["post_id"], r["sentence_text"])
+        ck, pid = (r["post_id"], r["sentence_text"]), r["post_id"]
         if ck not in cache:
-            cache[ck] = align_sentence(r["sentence_text"], posts[r["post_id"]], fuzzy_threshold)
+            cache[ck] = align_sentence(r["sentence_text"], posts[pid], fuzzy_threshold,
+                                       functools.partial(split, pid))
         r["start"], r["end"], r["align"] = cache[ck]
         alignment[r["align"]] += 1
     return alignment
@@ -289,39 +302,52 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _normalized(text: str) -> tuple[str, list[int]]:
-    """Lower-cased text with whitespace runs collapsed, and each kept char's index in `text`."""
-    chars, index = [], []
-    for i, c in enumerate(text):
-        if c.isspace():
-            if chars and chars[-1] == " ":
-                continue
-            c = " "
-        chars.append(c.lower())
-        index.append(i)
-    return "".join(chars), index
-
-
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower().replace("\u2019", "'"))
 
 
-def align_sentence(sentence: str, post: str, threshold: float) -> tuple[int, int, str]:
-    """(start, end, method) of `sentence` in `post`: exact, then normalized, then fuzzy best sentence."""
+def _normalized_pattern(sentence: str) -> re.Pattern | None:
+    """The sentence as a pattern that matches it in a post up to case and the length of its whitespace runs."""
+    parts = sentence.split()
+    return re.compile(r"\s+".join(map(re.escape, parts)), re.IGNORECASE) if parts else None
+
+
+def _match_ratio(a: int, b: int, matches: int) -> float:
+    return 2.0 * matches / (a + b) if a + b else 1.0  # difflib's ratio of `matches` common items
+
+
+def align_sentence(sentence: str, post: str, threshold: float, split=None) -> tuple[int, int, str]:
+    """(start, end, method) of `sentence` in `post`: exact, then normalized (case and whitespace runs), then the fuzzy
+    best sentence of the post. `split`: sentence_spans, or a cached one (align_rows: once per post).
+
+    Linear in the post: the normalized match is one regex search, and the fuzzy pass compares word counts before it
+    builds a SequenceMatcher (a 50 MB post once took 47 s and 5.6 GB here, a char-by-char copy of it per sentence)."""
     sentence = sentence.strip()
     start = post.find(sentence)
     if start >= 0:
         return start, start + len(sentence), "exact"
-    norm_post, index = _normalized(post)
-    norm_sent = _normalized(sentence)[0].strip()
-    at = norm_post.find(norm_sent)
-    if at >= 0 and norm_sent:
-        return index[at], index[at + len(norm_sent) - 1] + 1, "normalized"
+    pattern = _normalized_pattern(sentence)
+    m = pattern.search(post) if pattern else None
+    if m:
+        return m.start(), m.end(), "normalized"
     best, best_span, words = 0.0, None, _words(sentence)
-    for s, e in sentence_spans(post):  # paraphrases keep words more than characters: compare word lists
-        matcher = difflib.SequenceMatcher(None, words, _words(post[s:e]), autojunk=False)
-        if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best and matcher.ratio() > best:
-            best, best_span = matcher.ratio(), (s, e)
+    counts = Counter(words)
+    for s, e in (split or sentence_spans)(post):
+        # paraphrases keep words more than characters: compare word lists. The bounds difflib's real_quick_ratio
+        # and quick_ratio give, computed here without a SequenceMatcher; the same choice as the matcher's own.
+        other = _words(post[s:e])
+        if _match_ratio(len(words), len(other), min(len(words), len(other))) <= best:
+            continue
+        avail, common = dict(counts), 0
+        for w in other:
+            n = avail.get(w, 0)
+            if n > 0:
+                avail[w], common = n - 1, common + 1
+        if _match_ratio(len(words), len(other), common) <= best:
+            continue
+        ratio = difflib.SequenceMatcher(None, words, other, autojunk=False).ratio()
+        if ratio > best:
+            best, best_span = ratio, (s, e)
     if best_span and best >= threshold:
         return best_span[0], best_span[1], "fuzzy"
     return -1, -1, "unaligned"
@@ -394,10 +420,19 @@ def load_splits(path: str | Path, corpus: Corpus) -> dict[str, list[str]]:
             if pid in seen:
                 raise UserError(f"{path}: post {pid!r} is in both '{seen[pid]}' and '{name}'")
             seen[pid] = name
+    unlisted = [p for p in corpus.posts if p not in seen]
+    if unlisted:  # a split file of a corpus that has grown since would otherwise train on less, silently
+        raise UserError(f"{path}: {len(unlisted)} of the corpus' {len(corpus.posts)} posts are in no split (first: "
+                        f"{unlisted[0]!r}); they would silently go unused (a corpus that grew since the file was "
+                        "made?): add them to a split, or drop --splits_file to split anew")
     missing = [p for p in seen if p not in corpus.posts]
     if missing:
         log.warning("%s: %d post ids are not in the corpus and are skipped", path, len(missing))
-    return {k: [p for p in splits[k] if p in corpus.posts] for k in ("train", "val", "test")}
+    out = {k: [p for p in splits[k] if p in corpus.posts] for k in ("train", "val", "test")}
+    empty = next((k for k in out if not out[k]), None)
+    if empty:
+        raise UserError(f"{path}: none of the posts of '{empty}' is in the corpus (every split needs posts)")
+    return out
 
 
 # --------------------------------------------------------------------------- examples per task
@@ -453,6 +488,12 @@ def main(argv=None):
     parser.add_argument("--data_dir", help="print the load report of this ReDSM5 folder")
     parser.add_argument("--fuzzy_threshold", type=float, default=0.3)
     args = parser.parse_args(argv)
+    if args.n_posts < 1:
+        raise UserError(f"--n_posts: must be >= 1, got {args.n_posts}")
+    if args.shift_posts < 0:
+        raise UserError(f"--shift_posts: must be >= 0 (0 = none), got {args.shift_posts}")
+    if not 0 <= args.fuzzy_threshold < 1:  # nan too: no comparison holds
+        raise UserError(f"--fuzzy_threshold: must be in [0, 1), got {args.fuzzy_threshold}")
     setup_logging(True)
     if args.make_demo:
         write_demo(args.make_demo, args.n_posts, args.seed, args.shift_posts)

@@ -54,44 +54,139 @@ def tag_tokens(offsets: np.ndarray, spans) -> list[int]:
     return np.flatnonzero(inside).tolist()
 
 
-def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int, windows: bool) -> list[dict]:
+MAX_WINDOWS_PER_POST = 256  # config.Config.max_windows_per_post's default
+CHUNK_CHARS = 100_000  # a long text is counted in pieces of about this many characters (cut at a space)
+
+
+def _pieces(text: str, start: int = 0):
+    """(offset, piece) of `text` from `start` on, each piece about CHUNK_CHARS long and cut at a space."""
+    while start < len(text):
+        end = min(len(text), start + CHUNK_CHARS)
+        if end < len(text):
+            space = text.rfind(" ", start + 1, end)
+            end = space if space > start else end
+        yield start, text[start:end]
+        start = end
+
+
+def cut_text(tokenizer, text: str, rooms: list[int], doc_stride: int, max_windows: int) -> list[tuple[str, int]]:
+    """Per window room (text tokens a window holds): (the text up to the end of what its first `max_windows` windows
+    read, the windows the whole text needs; 0: a short text, not counted).
+
+    Windows of `room` text tokens that overlap by `doc_stride` read room + (max_windows - 1) * (room - doc_stride)
+    tokens. A text with fewer UTF-8 bytes than that (every token holds at least one) is returned whole, untokenised.
+    A longer one is tokenised once, in pieces, never whole: one 50 MB post took 41 s and 6.6 GB in one call."""
+    keeps = [room + (max_windows - 1) * (room - doc_stride) for room in rooms]
+    if len(text) <= min(keeps) // 4 or len(text.encode("utf-8")) <= min(keeps):
+        long = set()
+    else:
+        long = {k for k in keeps if len(text.encode("utf-8")) > k}
+    if not long:
+        return [(text, 0)] * len(rooms)
+    backend, n_tokens, cuts = tokenizer.backend_tokenizer, 0, {}
+    pieces = list(_pieces(text))
+    for b in range(0, len(pieces), 16):  # 16 pieces at a time: the encodings of the whole text are never held
+        batch = pieces[b : b + 16]
+        for (offset, _), enc in zip(batch, backend.encode_batch([p for _, p in batch], add_special_tokens=False)):
+            for keep in long - set(cuts):
+                if n_tokens + len(enc) >= keep:
+                    cuts[keep] = offset + enc.offsets[keep - n_tokens - 1][1]
+            n_tokens += len(enc)
+    out = []
+    for room, keep in zip(rooms, keeps):
+        step = room - doc_stride
+        windows = 1 if n_tokens <= room else 1 + math.ceil((n_tokens - room) / step)
+        out.append((text[: cuts[keep]] if keep in cuts else text, windows))
+    return out
+
+
+def cut_texts(tokenizer, texts: list[str], rooms: list[int], doc_stride: int, max_windows: int) -> tuple[list, list]:
+    """cut_text of every text (each with its window's room): (texts, windows each whole text needs, 0 = short).
+    A text met again (pair encoding: a post once per criterion) is tokenised once."""
+    by_text: dict[str, list[int]] = {}
+    for t, r in zip(texts, rooms):
+        by_text.setdefault(t, [])
+        if r not in by_text[t]:
+            by_text[t].append(r)
+    done = {}
+    for t, rs in by_text.items():
+        for r, cut in zip(rs, cut_text(tokenizer, t, rs, doc_stride, max_windows)):
+            done[t, r] = cut
+    out = [done[t, r] for t, r in zip(texts, rooms)]
+    return [t for t, _ in out], [w for _, w in out]
+
+
+def keep_first_windows(enc, post_ids: list[str], max_windows: int, needed: list[int], pairs: bool) -> list[int]:
+    """Indices of the windows of `enc` (the overflowing windows of one text per post, or per (criterion, post) pair)
+    to keep: each text's first max_windows. One warning line counts what was cut: posts, and windows dropped
+    (counted on the whole texts)."""
+    seen, keep = [0] * len(post_ids), []
+    for i, t in enumerate(enc["overflow_to_sample_mapping"]):
+        seen[t] += 1
+        if seen[t] <= max_windows:
+            keep.append(i)
+    cut = [(pid, max(w, s) - max_windows) for pid, w, s in zip(post_ids, needed, seen) if max(w, s) > max_windows]
+    if cut:
+        of_pairs = f" ({len(cut)} (criterion, post) pairs)" if pairs else ""
+        log.warning("--max_windows_per_post %d: %d posts cut to their first %d windows%s, %d windows dropped (the "
+                    "rest of such a post is not read; first: post %s)", max_windows, len({p for p, _ in cut}),
+                    max_windows, of_pairs, sum(n for _, n in cut), cut[0][0])
+    return keep
+
+
+def featurize(tokenizer, examples: list[dict], max_length: int, doc_stride: int, windows: bool,
+              max_windows_per_post: int = MAX_WINDOWS_PER_POST) -> list[dict]:
     """Tokenise (criterion description, text) pairs into model inputs (`--encoding pair`).
 
     With `windows`, a long text becomes overlapping windows (`doc_stride` tokens of overlap;
     only the text is truncated), each with char offsets of its text tokens, the span targets
     (all gold spans wholly inside the window, else the null position 0) and a window label
     (1 if the pair is positive and the window holds evidence, or the pair has no usable span).
+    A text is read up to its first `max_windows_per_post` windows (one warning counts what was cut).
     """
     # Checked here: the tokenizer itself raises a bare Exception (no room) or panics (stride >= room).
-    longest = max((len(tokenizer(CRITERIA[c], add_special_tokens=False)["input_ids"])
-                   for c in {e["criterion"] for e in examples}), default=0)
+    lengths = {c: len(tokenizer(CRITERIA[c], add_special_tokens=False)["input_ids"])
+               for c in {e["criterion"] for e in examples}}
+    longest = max(lengths.values(), default=0)
     room = max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
     if room <= (doc_stride if windows else 0):
         stride = f", not more than --doc_stride {doc_stride}" if windows else ""
         raise UserError(f"--max_length {max_length}: leaves {room} text tokens beside the longest criterion "
                         f"description ({longest} tokens){stride}")
-    enc = tokenizer([CRITERIA[e["criterion"]] for e in examples], [e["text"] for e in examples],
+    if max_windows_per_post < 1:
+        raise UserError(f"--max_windows_per_post: must be >= 1, got {max_windows_per_post}")
+    texts, needed = [e["text"] for e in examples], [0] * len(examples)
+    if windows:
+        specials = tokenizer.num_special_tokens_to_add(pair=True)
+        texts, needed = cut_texts(tokenizer, texts, [max_length - lengths[e["criterion"]] - specials
+                                                     for e in examples], doc_stride, max_windows_per_post)
+    enc = tokenizer([CRITERIA[e["criterion"]] for e in examples], texts,
                     truncation="only_second", max_length=max_length, stride=doc_stride if windows else 0,
                     return_overflowing_tokens=windows, return_offsets_mapping=windows,
                     return_token_type_ids="token_type_ids" in tokenizer.model_input_names)
     spaced = windows and offsets_include_spaces(tokenizer)
+    kept = keep_first_windows(enc, [e.get("post_id", "?") for e in examples], max_windows_per_post, needed, True) \
+        if windows \
+        else range(len(enc["input_ids"]))
     features = []
-    for i, ids in enumerate(enc["input_ids"]):
+    for i in kept:
+        ids = enc["input_ids"][i]
         example_idx = enc["overflow_to_sample_mapping"][i] if windows else i
         ex = examples[example_idx]
-        f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "example_idx": example_idx, "label": ex["label"],
+        f = {"idx": len(features), "input_ids": np.asarray(ids, dtype=np.int32), "example_idx": example_idx,
+             "label": ex["label"],
              "criterion_id": SYMPTOMS.index(ex["criterion"])}
         if "token_type_ids" in enc:
             f["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
         if windows:
-            f["offsets"], ctx = _text_offsets(enc, i, 1, ex.get("post_id", "?"), ex["text"] if spaced else None)
+            f["offsets"], ctx = _text_offsets(enc, i, 1, ex.get("post_id", "?"), texts[example_idx] if spaced else None)
             f["starts"], f["ends"] = gold_tokens(f["offsets"], ctx, ex["spans"])
             f["tags"] = tag_tokens(f["offsets"], ex["spans"])
             f["start"], f["end"] = f["starts"][0], f["ends"][0]  # the first gold span (transformers' Trainer rows)
             f["label"] = int(f["start"] > 0) if ex["spans"] else ex["label"]
         features.append(f)
     if windows:
-        check_windows_cover_texts(tokenizer, examples, features)
+        check_windows_cover_texts(tokenizer, [{**e, "text": t} for e, t in zip(examples, texts)], features)
     return features
 
 
@@ -112,28 +207,35 @@ def trim_leading_spaces(offsets: np.ndarray, ctx: np.ndarray, text: str) -> None
             offsets[k, 0] += 1
 
 
-def featurize_posts(tokenizer, examples: list[dict], max_length: int, doc_stride: int) -> list[dict]:
+def featurize_posts(tokenizer, examples: list[dict], max_length: int, doc_stride: int,
+                    max_windows_per_post: int = MAX_WINDOWS_PER_POST) -> list[dict]:
     """`--encoding post`: each post's text alone, in overlapping windows; one feature per window carries the
     inputs once and the targets of all nine criteria (-1 / label -100 where the pair is not an example).
 
     The encoder then reads a post once instead of nine times; the per-criterion heads tell the criteria apart.
+    A post is read up to its first `max_windows_per_post` windows (one warning counts what was cut).
     """
     room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
     if room <= doc_stride:
         raise UserError(f"--max_length {max_length}: leaves {room} text tokens a window, not more than "
                         f"--doc_stride {doc_stride}")
+    if max_windows_per_post < 1:
+        raise UserError(f"--max_windows_per_post: must be >= 1, got {max_windows_per_post}")
     by_post: dict[str, dict[int, int]] = {}  # post_id -> {criterion index: example index}
     for i, ex in enumerate(examples):
         by_post.setdefault(ex["post_id"], {})[SYMPTOMS.index(ex["criterion"])] = i
-    posts = [{"post_id": pid, "text": examples[next(iter(pairs.values()))]["text"]} for pid, pairs in by_post.items()]
+    texts, needed = cut_texts(tokenizer, [examples[next(iter(pairs.values()))]["text"] for pairs in by_post.values()],
+                              [room] * len(by_post), doc_stride, max_windows_per_post)
+    posts = [{"post_id": pid, "text": text} for pid, text in zip(by_post, texts)]  # text: read up to its last window
     enc = tokenizer([p["text"] for p in posts], truncation=True, max_length=max_length, stride=doc_stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=False)
     features, n, spaced = [], len(SYMPTOMS), offsets_include_spaces(tokenizer)
-    for i, ids in enumerate(enc["input_ids"]):
-        post_idx = enc["overflow_to_sample_mapping"][i]
+    for i in keep_first_windows(enc, list(by_post), max_windows_per_post, needed, False):
+        ids, post_idx = enc["input_ids"][i], enc["overflow_to_sample_mapping"][i]
         post = posts[post_idx]
         offsets, ctx = _text_offsets(enc, i, 0, post["post_id"], post["text"] if spaced else None)
-        f = {"idx": i, "input_ids": np.asarray(ids, dtype=np.int32), "post_idx": post_idx, "offsets": offsets,
+        f = {"idx": len(features), "input_ids": np.asarray(ids, dtype=np.int32), "post_idx": post_idx,
+             "offsets": offsets,
              "example_idxs": np.full(n, -1, dtype=np.int64), "label": np.full(n, -100, dtype=np.int64),
              "starts": [[0]] * n, "ends": [[0]] * n, "tags": [[]] * n}
         for c, e in by_post[posts[post_idx]["post_id"]].items():

@@ -10,7 +10,9 @@ Every trial trains the base config (`--config` and train.py flags, seed included
 of the search space (`--space`, default configs/hpo/<task>.yaml) sampled by TPE, reports the
 validation metric that early stopping watches after each epoch (so the pruner can stop it), and
 returns that metric of its best checkpoint. A trial that fails (NaN loss, out of memory) is
-recorded as failed with its reason and the study goes on.
+recorded as failed with its reason and the study goes on; a study that ends with no complete trial
+and a failed one exits 2 with the first failure's reason. A study keeps the space it was created with:
+another --space on it is an error (give a new --study_name).
 
 --n_trials is the size of the study, not of this run: the same command run again after a kill
 adds only the missing trials (several workers can end a trial or two past it: each finishes the
@@ -23,12 +25,16 @@ storage share the study (trial n samples with seed + n, so no two draw alike). S
 for a few workers on one machine; for many workers or machines use PostgreSQL
 (--storage postgresql://user:password@host/db, needs psycopg2) or, without a database server, a
 journal file on a shared filesystem (--storage journal:outputs/hpo/journal.log; no heartbeat
-there: a dead worker's trial on another host stays RUNNING).
+there: a dead worker's trial on another host stays RUNNING; a partial last record, left by a worker
+killed while appending or a full disk, is dropped at the next start, the old file kept as .bak).
+A worker paused past the grace period (SIGSTOP) whose trial another worker failed and reran drops
+that trial with one warning and goes on.
 
-Outputs in outputs/hpo/<study>/ (or --output_dir): trial_<n>/ (a train.py run; its checkpoints/last
-is deleted, and all checkpoints of pruned or failed trials), best_config.yaml (a config
-`train.py --config` takes as is, reproducing the best trial), trials_history.json, hpo_history.png and
-hpo_importances.png (plots.plot_hpo). With MLflow on:
+Outputs in outputs/hpo/<study>/ (or --output_dir), one study per folder: study.json (its storage and
+name, written by its first worker; a study of another storage or name is refused there), trial_<n>/
+(a train.py run; its checkpoints/last is deleted, and all checkpoints of pruned or failed trials),
+best_config.yaml (a config `train.py --config` takes as is, reproducing the best trial),
+trials_history.json, hpo_history.png and hpo_importances.png (plots.plot_hpo). With MLflow on:
 one parent run per study and a nested run per trial.
 """
 from __future__ import annotations
@@ -134,14 +140,32 @@ def is_fatal(e: BaseException) -> bool:
     return isinstance(e, UserError) and str(e).startswith("--early_stopping_metric")
 
 
-def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, parent_run_id: str | None,
-              fatal: list | None = None) -> float:
-    """One trial. A fatal error (is_fatal) is also put in `fatal`: run_trials then stops the study and raises it."""
-    t0, pruning = time.perf_counter(), None
-    # Who runs it: a trial left RUNNING by a dead process of this host is recovered at the next start
-    trial.set_user_attr("worker_host", socket.gethostname())
-    trial.set_user_attr("worker_pid", os.getpid())
+def finished_elsewhere(e: BaseException) -> bool:
+    """Whether `e` says the trial was finished by someone else: a worker paused (SIGSTOP, a suspended laptop) past
+    the heartbeat's grace period wakes to find its trial marked failed, and rerun, by another worker."""
+    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError)
+
+
+def note(trial, key: str, value, lost: list | None = None) -> None:
+    """trial.set_user_attr, except on a trial finished elsewhere: then its number is put in `lost`, nothing raised."""
     try:
+        trial.set_user_attr(key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        if lost is not None and trial.number not in lost:
+            lost.append(trial.number)
+
+
+def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, parent_run_id: str | None,
+              fatal: list | None = None, lost: list | None = None) -> float:
+    """One trial. A fatal error (is_fatal) is also put in `fatal`: run_trials then stops the study and raises it.
+    A trial another worker finished meanwhile (finished_elsewhere) is put in `lost`: run_trials moves on."""
+    t0, pruning, lost = time.perf_counter(), None, [] if lost is None else lost
+    # Who runs it: a trial left RUNNING by a dead process of this host is recovered at the next start
+    note(trial, "worker_host", socket.gethostname(), lost)
+    note(trial, "worker_pid", os.getpid(), lost)
+    try:
+        if trial.number in lost:
+            raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is finished already")
         name = f"trial_{trial.number}"
         cfg = trial_config(base, sample_params(trial, space), study_dir / name, run_name=name)
         trial.set_user_attr("config", dataclasses.asdict(cfg))  # exactly what ran, whatever later workers' flags
@@ -153,15 +177,17 @@ def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, pa
             raise ValueError(f"val {metric} is {results['val'][metric]}")
         return results["val"][metric]
     except (Exception, KeyboardInterrupt) as e:
+        if finished_elsewhere(e) and trial.number not in lost:
+            lost.append(trial.number)
         if not isinstance(e, optuna.TrialPruned):
-            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
+            note(trial, "fail_reason", f"{type(e).__name__}: {e}"[:2000], lost)
         if fatal is not None and is_fatal(e):
             fatal.append(e)
         if pruning and pruning.steps_done:  # up to the last validation; a trial that failed before it: unknown
-            trial.set_user_attr("train_steps", pruning.steps_done)
+            note(trial, "train_steps", pruning.steps_done, lost)
         raise
     finally:
-        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+        note(trial, "seconds", round(time.perf_counter() - t0, 2), lost)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
 
@@ -191,7 +217,7 @@ def write_outputs(study, study_dir: Path, metric: str) -> dict:
                "search_space": study.user_attrs.get("search_space"), "trials": trials}
     study_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study_dir / "trials_history.json", json.dumps(summary, indent=2))
-    if best:
+    if best and isinstance(best[0].user_attrs.get("config"), dict):  # not a trial told from outside hpo.py
         config = {**best[0].user_attrs["config"], "output_dir": str(study_dir / "best"), "run_name": None}
         header = (f"# Best trial {best[0].number} of study {study.study_name}: val {metric} = {best[0].value:.6f}\n"
                   f"# Reproduce: python train.py --config {study_dir / 'best_config.yaml'}\n")
@@ -227,7 +253,8 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         self.seed, self.n_startup_trials, self.tpe = seed, n_startup_trials, None
 
     def before_trial(self, study, trial):  # called before any sampling for the trial
-        self.tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number, n_startup_trials=self.n_startup_trials)
+        seed = (self.seed + trial.number) % 2**32  # numpy takes 0 .. 2**32 - 1
+        self.tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
         self.tpe.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -253,10 +280,30 @@ def make_pruner(name: str, cfg: Config):
             "none": optuna.pruners.NopPruner}[name]()
 
 
-def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None]:
-    """(search space, params to try first) of a new study: the YAML, or the coarse study narrowed."""
+def as_stored(space: dict) -> dict:
+    """A space as Optuna stores a user attribute (JSON): what a study's stored space is compared with."""
+    return json.loads(json.dumps(space))
+
+
+def check_same_space(args, study, name: str) -> None:
+    """--space on an existing study: it must be the space the study was created from (the YAML of a coarse
+    study; the coarse space a fine study narrowed), or it is an error naming the study and the fields that differ."""
+    given = as_stored(load_space(args.space))
+    stored = study.user_attrs.get("space_given", study.user_attrs["search_space"] if args.stage == "coarse" else None)
+    if stored is None or given == stored:  # None: a fine study of an older version, its coarse space not stored
+        return
+    fields = sorted(k for k in set(given) | set(stored) if given.get(k) != stored.get(k))
+    raise UserError(f"--space {args.space}: differs from the search space study '{name}' was created with (fields "
+                    f"{', '.join(fields)}), and a study keeps its space: give a new --study_name to search this one, "
+                    "or leave --space out to continue the study")
+
+
+def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | None]:
+    """(search space, params to try first, the space it comes from) of a new study: the YAML, or the coarse study
+    narrowed (the coarse study's space, which a --space must then equal)."""
     if args.stage == "coarse":
-        return load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml"), None
+        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
+        return space, None, as_stored(space)
     coarse_name = args.coarse_study or f"{cfg.task}-coarse"
     try:
         coarse = optuna.load_study(study_name=coarse_name, storage=storage)
@@ -266,8 +313,13 @@ def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None]:
     top = best_trials(coarse, args.top_k)
     if not top:
         raise UserError(f"--stage fine: study '{coarse_name}' has no completed trial to narrow around")
-    space = coarse.user_attrs.get("search_space") or load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
-    return narrow_space(space, [t.params for t in top]), top[0].params
+    space = coarse.user_attrs.get("search_space")
+    if space is None:
+        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
+    elif args.space and as_stored(load_space(args.space)) != space:
+        raise UserError(f"--space {args.space}: differs from the search space of study '{coarse_name}', which the "
+                        "fine stage narrows: leave --space out (or run a coarse study over it first)")
+    return narrow_space(space, [t.params for t in top]), top[0].params, as_stored(space)
 
 
 def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
@@ -280,12 +332,14 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
         raise UserError(f"study '{name}' exists for task {study.user_attrs.get('task')} "
                         f"({study.direction.name.lower()}): choose another --study_name")
     if "search_space" not in study.user_attrs:  # a new study: its space is fixed now, for every worker and resume
-        space, first = study_space(args, cfg, storage)
+        space, first, given = study_space(args, cfg, storage)
         for key, value in {"task": cfg.task, "metric": metric, "base_config": dataclasses.asdict(cfg),
-                           "search_space": space}.items():  # search_space last: it marks the study as set up
-            study.set_user_attr(key, value)
+                           "space_given": given, "search_space": space}.items():  # search_space last: it marks
+            study.set_user_attr(key, value)                                       # the study as set up
         if first:
             study.enqueue_trial(first, skip_if_exists=True)  # the fine stage starts from the coarse optimum
+    elif args.space:  # a study keeps the space it was created with: another --space must not be silently ignored
+        check_same_space(args, study, name)
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if study.user_attrs["base_config"].get(k) != v}
     if changed:
         log.warning("base config differs from the one study '%s' was created with: %s", name, changed)
@@ -364,22 +418,64 @@ def run_trials(study, args, cfg: Config, space: dict, metric: str, study_dir: Pa
     if finished >= args.n_trials:
         return "FINISHED"
     record = functools.partial(after_trial, study_dir=study_dir, metric=metric, tracker=tracker)
-    fatal = []
+    fatal, lost, handled, started = [], [], set(), []
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    quiet = QuietLostTrials(lost)  # Optuna's own "Trial n failed" lines and traceback: our one warning instead
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    optuna_log.addFilter(quiet)
     try:
-        study.optimize(lambda t: objective(t, cfg, space, metric, study_dir, tracker.run_id, fatal),
-                       n_trials=args.n_trials - finished, timeout=args.timeout, catch=(Exception,),
-                       callbacks=[record, stop_at(args.n_trials), stop_on_fatal(fatal)], gc_after_trial=True)
-    except KeyboardInterrupt:
-        log.warning("interrupted: run the same command again to continue the study")
-        return "KILLED"
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            missing = args.n_trials - n_finished(study)
+            if missing <= 0 or (left is not None and left <= 0):
+                break
+            try:
+                study.optimize(lambda t: started.append(t.number) or objective(t, cfg, space, metric, study_dir,
+                                                                               tracker.run_id, fatal, lost),
+                               n_trials=missing, timeout=left, catch=(Exception,),
+                               callbacks=[record, stop_at(args.n_trials), stop_on_fatal(fatal)], gc_after_trial=True)
+            except KeyboardInterrupt:
+                log.warning("interrupted: run the same command again to continue the study")
+                return "KILLED"
+            except Exception as e:  # Optuna's own tell of a trial another worker finished (a ValueError) lands here
+                new = [n for n in lost if n not in handled]
+                if not new and isinstance(e, ValueError) and str(e).startswith("Cannot tell a") and started \
+                        and started[-1] not in handled:  # paused after the objective returned, before Optuna's tell
+                    new = [started[-1]]
+                if not new:
+                    raise
+                handled.update(new)
+                for number in new:
+                    log.warning("trial %d: another worker marked it failed and reran it while this worker was paused "
+                                "(its heartbeat went stale); its result is dropped, this worker goes on with the next "
+                                "trial", number)
+                    record(study, study.trials[number])
+                continue
+            break
+    finally:
+        optuna_log.removeFilter(quiet)
     if fatal:
         raise fatal[0]
     return "FINISHED"
 
 
+class QuietLostTrials(logging.Filter):
+    """Drops Optuna's log lines about trials another worker finished (`lost`): run_trials says it in one line."""
+
+    def __init__(self, lost: list):
+        super().__init__()
+        self.lost = lost
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} ") for n in self.lost)
+
+
 def finish_study(study, study_dir: Path, metric: str, tracker: Tracker, status: str) -> dict:
     """The final outputs and plots, logged to the parent run, which ends unless another worker is running."""
     summary = write_outputs(study, study_dir, metric)
+    if status == "FINISHED" and all_failed(summary):
+        status = "FAILED"
     c = summary["counts"]
     log.info("study %s: %d complete, %d pruned, %d failed, %d training steps in all", study.study_name,
              c["COMPLETE"], c["PRUNED"], c["FAIL"], summary["train_steps"])
@@ -395,13 +491,70 @@ def finish_study(study, study_dir: Path, metric: str, tracker: Tracker, status: 
     return summary
 
 
+STUDY_FILE = "study.json"  # in a study's folder: which study (storage, name) writes there
+
+
+def storage_identity(url: str) -> str:
+    """The storage as a study's folder records it: no password, file paths made absolute (a relative path and an
+    absolute one to the same file are one storage)."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
+            path, query = url[len(prefix):].partition("?")[::2]
+            return prefix + str(Path(path).resolve()) + (f"?{query}" if query else "")
+    return redact(url)
+
+
+def check_study_dir(study_dir: Path, storage: str, name: str, claim: bool = False) -> None:
+    """One study per folder. The first worker of a study records it (storage, name) in study_dir/study.json; a
+    study of another storage or name that targets the folder is refused, naming the folder and the other storage
+    (its trials would overwrite trial_<n>/, best_config.yaml and trials_history.json). With `claim`, the record is
+    written when there is none: whole, and never over another worker's (a hard link fails if the name exists)."""
+    me, path = {"storage": storage_identity(storage), "study_name": name}, study_dir / STUDY_FILE
+    if claim and not path.exists():
+        study_dir.mkdir(parents=True, exist_ok=True)
+        tmp = study_dir / f".{STUDY_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(me, indent=2) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # a worker started at the same moment recorded its study first: compare below
+            pass
+        finally:
+            tmp.unlink()
+    if not path.exists():
+        return
+    try:
+        other = json.loads(path.read_text())
+        other = {k: other[k] for k in me}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a study record (expected JSON with storage and study_name): remove it if the "
+                        "folder holds no other study") from None
+    if other != me:
+        raise UserError(f"{study_dir}: holds study '{other['study_name']}' of storage {other['storage']}, not "
+                        f"'{name}' of {me['storage']}: one study per folder (its trials would overwrite the other's); "
+                        "give another --output_dir or --study_name")
+
+
+def all_failed(summary: dict) -> str | None:
+    """The one-line error of a study with no complete trial and at least one failed one, else None."""
+    c = summary["counts"]
+    if c["COMPLETE"] or not c["FAIL"]:
+        return None
+    failed = [t for t in summary["trials"] if t["state"] == "FAIL"]
+    first = next((t for t in failed if not str(t["fail_reason"]).startswith("worker died")), failed[0])
+    reason = (str(first["fail_reason"]).strip().splitlines() or ["no reason recorded"])[0][:400]
+    return (f"study '{summary['study']}': no trial completed, {c['FAIL']} failed, so there is no best config; the "
+            f"first failure (trial {first['number']}): {reason}")
+
+
 def main(argv=None):
     cfg, args = parse_config(argv, prog="hpo.py", extra=add_hpo_flags, doc=__doc__)
     check_args(args, cfg)
     setup_logging(True)
     metric, name = train.main_metric(cfg), args.study_name or f"{cfg.task}-{args.stage}"
     study_dir = Path(cfg.output_dir) if cfg.output_dir != Config.output_dir else Path("outputs/hpo") / name
+    check_study_dir(study_dir, args.storage, name)  # before the storage is touched
     study, space = open_study(args, cfg, name, metric)
+    check_study_dir(study_dir, args.storage, name, claim=True)
     tracker = open_parent_run(args, cfg, study, study_dir, metric)
     try:
         status = run_trials(study, args, cfg, space, metric, study_dir, tracker)
@@ -411,6 +564,9 @@ def main(argv=None):
     summary = finish_study(study, study_dir, metric, tracker, status)
     if status == "KILLED":
         raise SystemExit(130)
+    failed = all_failed(summary)
+    if failed:  # exit 0 with no best config would look like success
+        raise UserError(failed)
     return summary
 
 

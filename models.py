@@ -61,8 +61,9 @@ TASKS = {
 def featurize(cfg: Config, tokenizer, examples: list[dict]) -> list[dict]:
     """Model inputs of `examples` as cfg's task and encoding read them (features.featurize / featurize_posts)."""
     if post_encoding(cfg):
-        return features.featurize_posts(tokenizer, examples, cfg.max_length, cfg.doc_stride)
-    return features.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, TASKS[cfg.task].windows(cfg))
+        return features.featurize_posts(tokenizer, examples, cfg.max_length, cfg.doc_stride, cfg.max_windows_per_post)
+    return features.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, TASKS[cfg.task].windows(cfg),
+                              cfg.max_windows_per_post)
 
 
 # --------------------------------------------------------------------------- tokenizer and encoder

@@ -41,7 +41,7 @@ from models import TASKS
 from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training, summary_markdown
 from storage import DEFAULT_STORAGE, make_storage
 from tracking import Tracker
-from utils import UserError, run_main, setup_logging
+from utils import UserError, run_main, setup_logging, write_text_atomic
 
 log = logging.getLogger("redsm5")
 
@@ -55,6 +55,7 @@ PUBLISHED_BASELINES = [
     ("Llama-3.2-1B + classification head", 0.544, 0.489),
 ]
 PUBLISHED_NOTE = "published, on the authors' own split, not rerun"
+MAX_BOOTSTRAP = 1_000_000
 
 
 def add_report_flags(parser) -> None:
@@ -174,13 +175,67 @@ def fold_splits(corpus: data.Corpus, k: int, seed: int, val_ratio: float = 0.1,
 # --------------------------------------------------------------------------- cross-validation
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rows of a JSONL file a run wrote; a line that is not a JSON object is a UserError naming file and line."""
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise UserError(f"{path}: line {i} is not JSON ({e})") from None
+        if not isinstance(rows[-1], dict):
+            raise UserError(f"{path}: line {i} is not a JSON object")
+    return rows
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object a run wrote; missing, damaged or not an object is a UserError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
+
+
+def incomplete_run(run_dir: Path, classify: bool) -> str | None:
+    """Why a run's outputs cannot be read back as a finished run, or None when they are whole: metrics.json,
+    history.json and run_stats.json are JSON objects, and every scored split's predictions file holds as many
+    rows as the split's metrics counted (`n` examples, `n_pairs` for span tasks), each a JSON object with the
+    fields the report reads. A kill or a full disk while train.py wrote them leaves a run that looks finished."""
+    try:
+        for name in ("history.json", "run_stats.json"):
+            read_json(run_dir / name)
+        saved = read_json(run_dir / "metrics.json")
+        for split, file in train.PREDICTION_FILES.items():
+            metrics = saved.get(split)
+            if split == "test_shift" and not metrics:
+                continue
+            if not isinstance(metrics, dict):
+                return f"metrics.json has no '{split}' metrics"
+            expected = metrics.get("n", metrics.get("n_pairs"))
+            if not isinstance(expected, int):
+                return f"metrics.json: '{split}' has no row count (n or n_pairs)"
+            if not (run_dir / file).is_file():
+                return f"{file} is missing"
+            rows = read_jsonl(run_dir / file)
+            if len(rows) != expected:
+                return f"{file} has {len(rows)} rows, its metrics counted {expected}"
+            need = ("label", "prob") if classify else ("pred_text", "gold_texts")
+            bad = next((i for i, r in enumerate(rows, 1) if any(k not in r for k in need)), None)
+            if bad is not None:
+                return f"{file}: line {bad} lacks one of {', '.join(need)}"
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def run_artifacts(run_dir: Path, classify: bool) -> dict:
     """One finished run read back: scalar test metrics, test rows (with `pred` at the threshold chosen
     on validation), its training history and MLflow run id."""
-    saved = json.loads((run_dir / "metrics.json").read_text())
+    saved = read_json(run_dir / "metrics.json")
     threshold = None
     if classify:
         val = read_jsonl(run_dir / "val_predictions.jsonl")
@@ -188,9 +243,9 @@ def run_artifacts(run_dir: Path, classify: bool) -> dict:
     metrics, rows = scored_split(saved["test"], run_dir / "predictions.jsonl", threshold)
     shift = scored_split(saved["test_shift"], run_dir / "shift_predictions.jsonl", threshold)[0] \
         if saved.get("test_shift") else None
-    run_stats = json.loads((run_dir / "run_stats.json").read_text())
+    run_stats = read_json(run_dir / "run_stats.json")
     return {"metrics": metrics, "shift_metrics": shift, "rows": rows, "mlflow_run_id": run_stats.get("mlflow_run_id"),
-            "history": json.loads((run_dir / "history.json").read_text())}
+            "history": read_json(run_dir / "history.json")}
 
 
 def scored_split(saved: dict, predictions: Path, threshold: float | None) -> tuple[dict, list[dict]]:
@@ -207,6 +262,15 @@ def _curve(name: str, rows: list[dict], **style) -> tuple:
     return name, [r["label"] for r in rows], [r["prob"] for r in rows], style
 
 
+def same_setting(name: str, saved: dict, now: dict) -> bool:
+    """Whether a field of a run's config.yaml is what this report asks for. config.yaml records what ran: a
+    mixed_precision of auto is saved as the precision it resolved to (train.resolve_run), and paths compare by
+    what they point to (train.same_setting)."""
+    if name == "mixed_precision" and now[name] == "auto":
+        return True
+    return train.same_setting(name, saved.get(name), now[name])
+
+
 def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = None) -> str:
     """Train one fold x seed. With --resume, a run that finished with this same config is read back
     as it is and one that stopped midway goes on from its last training state; a run of another
@@ -214,12 +278,16 @@ def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = No
     run_dir = Path(run_cfg.output_dir)
     if resume and (run_dir / "config.yaml").exists():
         saved, now = load_yaml_config(run_dir / "config.yaml"), dataclasses.asdict(run_cfg)
-        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k != "resume" and saved.get(k) != now[k]]
+        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
+                   if k != "resume" and not same_setting(k, saved, now)]
         if changed:
             raise UserError(f"{run_dir}: trained with other settings ({', '.join(changed[:3])}): "
                             "give another --output_dir, or drop --resume")
         if all((run_dir / f).exists() for f in ("history.json", "metrics.json", "predictions.jsonl")):
-            return "finished before, read back"  # history.json is written last
+            why = incomplete_run(run_dir, TASKS[run_cfg.task].classify)
+            if why is None:
+                return "finished before, read back"  # history.json is written last
+            log.warning("%s: its outputs are incomplete (%s): not finished, trained again", run_dir, why)
         if (run_dir / "checkpoints" / "last" / "COMPLETE").exists():
             train.train(dataclasses.replace(run_cfg, resume=True), parent_run_id=parent_run_id)
             return "resumed from its last state"
@@ -242,8 +310,8 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
         runs, baselines = train_folds(cfg, corpus, folds, seeds, parent, shift_ex)
         result = summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command)
         pngs = summary_plots(result, runs, baselines, out_dir)
-        (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-        (out_dir / "summary.md").write_text(summary_markdown(result, [p.name for p in pngs]))
+        write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2))
+        write_text_atomic(out_dir / "summary.md", summary_markdown(result, [p.name for p in pngs]))
         if parent.enabled:
             for prefix, summary in (("", result["summary"]), ("test_shift_", result.get("summary_test_shift"))):
                 parent.log_metrics({f"{prefix}{m}_{s}": v for m, d in (summary or {}).get("model", {}).items()
@@ -263,7 +331,7 @@ def train_folds(cfg: Config, corpus: data.Corpus, folds: list[dict], seeds: list
     out_dir, task = Path(cfg.output_dir), TASKS[cfg.task]
     runs, baselines = [], []
     for fold, split in enumerate(folds):
-        (out_dir / "splits" / f"fold{fold}.json").write_text(json.dumps(split))
+        write_text_atomic(out_dir / "splits" / f"fold{fold}.json", json.dumps(split))
         baselines.append(fold_baselines(corpus, split, cfg, shift_ex))
         for seed in seeds:
             name = f"fold{fold}-seed{seed}"
@@ -371,8 +439,11 @@ def main(argv=None):
         return hpo_plots(args, cfg)
     if args.cv_folds < 1:
         raise UserError(f"--cv_folds: must be >= 1, got {args.cv_folds}")
-    if args.n_bootstrap < 100:
-        raise UserError(f"--n_bootstrap: must be >= 100, got {args.n_bootstrap}")
+    if not 100 <= args.n_bootstrap <= MAX_BOOTSTRAP:  # resamples x runs are drawn at once: 1e9 would not fit
+        raise UserError(f"--n_bootstrap: must be between 100 and {MAX_BOOTSTRAP:,}, got {args.n_bootstrap}")
+    bad = next((s for s in args.seeds or [] if not 0 <= s < 2**32), None)
+    if bad is not None:  # numpy's generators take 0 .. 2**32 - 1
+        raise UserError(f"--seeds: each must be between 0 and 4294967295, got {bad}")
     seeds = list(dict.fromkeys(args.seeds or [cfg.seed]))
     if cfg.output_dir == Config.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=f"outputs/report/{cfg.task}-cv{args.cv_folds}")

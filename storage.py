@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import warnings
@@ -48,8 +49,10 @@ def _make_storage(url: str):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        Path(url[len("journal:"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     engine_kwargs = {}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +63,60 @@ def _make_storage(url: str):
             url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)),
             "optuna storage")
+
+
+def _last_line_start(fh, size: int) -> int:
+    """Where the last line of a file of `size` bytes starts (the byte after the newline before it, or 0)."""
+    end, block = size - 1, 1 << 16  # the newline that ends the last line (if any) is not its start
+    while end > 0:
+        fh.seek(max(0, end - block))
+        chunk = fh.read(end - max(0, end - block))
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            return max(0, end - block) + at + 1
+        end = max(0, end - block)
+    return 0
+
+
+def repair_journal(path: Path) -> int:
+    """Drop a partial last record of a journal file (no newline at its end, or not JSON: a worker killed while
+    appending, or a full disk) before Optuna opens it: Optuna would append the next record to that partial line
+    and fail on it at every later start. The file is rewritten whole without it (the old one kept as PATH.bak),
+    under the journal's own lock, so no worker appends meanwhile; one warning says what was dropped. Returns the
+    number of bytes dropped."""
+    import json
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    lock = JournalFileSymlinkLock(str(path))  # the lock JournalFileBackend takes to append
+    lock.acquire()
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            start = _last_line_start(fh, size)
+            fh.seek(start)
+            last = fh.read()
+            try:
+                whole = last.endswith(b"\n") and isinstance(json.loads(last), dict)
+            except ValueError:  # UnicodeDecodeError included
+                whole = False
+            if whole:
+                return 0
+            fh.seek(0)
+            kept = fh.read(start)
+        backup, tmp = path.with_name(path.name + ".bak"), path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, backup)
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+    finally:
+        lock.release()
+    shown = last[:60].decode("utf-8", errors="replace").replace("\n", " ").replace("\x00", "\\0")
+    log.warning("journal:%s: its last record was partial (%d bytes, %s: a worker killed while writing it, or a "
+                "full disk) and is dropped: %r...; the file as it was is in %s", path, len(last),
+                "not JSON" if last.endswith(b"\n") else "no newline at its end", shown, backup)
+    return len(last)
 
 
 def retry_at_start(make, what: str, more_errors: tuple = (), tries: int = 6):

@@ -603,9 +603,7 @@ def finish_best(best_dir: Path, cfg: Config, results: dict, splits: dict, tracke
 
         tracker.flush()
         try:
-            uri = log_model(found, tracker.run_id, tracker.uri, cfg.mlflow_register_model)
-            log.info("MLflow model %s%s", uri, f" (registered as {cfg.mlflow_register_model})"
-                     if cfg.mlflow_register_model else "")
+            log_model(found, tracker.run_id, tracker.uri, cfg.mlflow_register_model)  # it logs the model's URI
         except Exception as e:  # tracking is a side channel: the run's own outputs are written already
             log.warning("--mlflow_log_model: the model was not logged (%s)", str(e).splitlines()[0][:200])
             tracker.lost_items.append("model")

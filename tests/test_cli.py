@@ -446,7 +446,7 @@ def test_evaluate_output_not_writable_is_refused_before_loading(cli, tmp_path, n
 @pytest.mark.parametrize("content, needles", [
     ("post_id,text\n", ["no posts (a header and no rows)"]),
     ("post_id,text\n\n\n", ["no posts (a header and no rows)"]),
-    ("post_id,text\np1,\n,hello\n", ["no row has both a post_id and a text"]),
+    ("post_id,text\np1,\n,hello\n", ["no row has both a post_id and a visible text", "1 without post_id"]),
     ("post_id,text\np1,hello\np2,world\np1,again\n", ["post_id 'p1' on line 2 and again on line 4"]),
     ('post_id,text\np1,"two\nlines"\n\np2,x\n p1 ,again\n', ["post_id 'p1' on line 2 and again on line 6"]),
 ], ids=["header_only", "header_and_blank_lines", "no_usable_row", "duplicate_post_id", "duplicate_after_multiline"])
@@ -464,7 +464,7 @@ def test_predict_writes_strict_json_lines(cli, checkpoint, tmp_path):
     posts.write_text("post_id,text\np1,I can't sleep at night.\np2,\n")
     code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", posts, "--output", tmp_path / "p.jsonl"])
     assert code == 0, err
-    assert "1 rows without post_id or text skipped" in err
+    assert "1 rows skipped, not predicted: 0 without post_id, 1 with an empty text" in err
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
             for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == len(data.SYMPTOMS) and {r["post_id"] for r in rows} == {"p1"}

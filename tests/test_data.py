@@ -210,8 +210,12 @@ def test_kfold_splits_group_by_post(demo_corpus):
 def test_load_splits(tmp_path, quirky_dir):
     corpus = data.load_corpus(quirky_dir)
     path = tmp_path / "splits.json"
-    path.write_text(json.dumps({"train": ["p_main", "p_nl", "gone"], "val": ["p_dup"], "test": ["p_latin"]}))
-    assert data.load_splits(path, corpus) == {"train": ["p_main", "p_nl"], "val": ["p_dup"], "test": ["p_latin"]}
+    path.write_text(json.dumps({"train": ["p_main", "p_nl", "gone", "p_noann"], "val": ["p_dup"], "test": ["p_latin"]}))
+    assert data.load_splits(path, corpus) == {"train": ["p_main", "p_nl", "p_noann"], "val": ["p_dup"],
+                                              "test": ["p_latin"]}
+    path.write_text(json.dumps({"train": ["p_main", "p_nl"], "val": ["p_dup"], "test": ["p_latin"]}))
+    with pytest.raises(UserError, match=r"splits.json: 1 of the corpus' 5 posts are in no split \(first: 'p_noann'\)"):
+        data.load_splits(path, corpus)
     path.write_text(json.dumps({"train": ["p_main", "p_nl"], "val": ["p_dup"], "test": ["p_nl"]}))
     with pytest.raises(UserError, match=r"splits.json: post 'p_nl' is in both 'train' and 'test'"):
         data.load_splits(path, corpus)

@@ -158,8 +158,10 @@ def test_best_config_reproduces_best_trial_in_fresh_process(coarse_study):
     config_file = tmp / "coarse" / "best_config.yaml"
     config = load_yaml_config(config_file)
     trial_config = load_yaml_config(tmp / "coarse" / f"trial_{best['number']}" / "config.yaml")
-    assert {k: v for k, v in config.items() if k not in ("output_dir", "run_name")} == \
-           {k: v for k, v in trial_config.items() if k not in ("output_dir", "run_name")}
+    # config.yaml records what ran: mixed_precision auto as the precision it resolved to on this machine
+    assert config["mixed_precision"] == "auto" and trial_config["mixed_precision"] in ("no", "fp16", "bf16")
+    assert {k: v for k, v in config.items() if k not in ("output_dir", "run_name", "mixed_precision")} == \
+           {k: v for k, v in trial_config.items() if k not in ("output_dir", "run_name", "mixed_precision")}
     assert all(config[k] == v for k, v in best["params"].items())
     cfg, _ = parse_config(["--config", str(config_file)])  # accepted as is
     assert cfg.output_dir == str(tmp / "coarse" / "best")
@@ -251,9 +253,14 @@ def test_pruned_trial_stops_at_its_first_validation_and_counts_its_steps(tmp_pat
 
 
 def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path):
+    """Every trial fails: the study runs them all, records each reason, then exits 2 with the first one (not 0)."""
     space = write_space(tmp_path / "s.yaml", {"max_length": [64], "lr": {"low": 1e-4, "high": 1e-3}})
-    summary = hpo.main(TINY + ["--n_trials", "2", "--storage", f"sqlite:///{tmp_path}/o.db", "--space", str(space),
-                               "--output_dir", str(tmp_path / "study")])
+    with pytest.raises(UserError) as e:
+        hpo.main(TINY + ["--n_trials", "2", "--storage", f"sqlite:///{tmp_path}/o.db", "--space", str(space),
+                         "--output_dir", str(tmp_path / "study")])
+    assert str(e.value) == ("study 'criteria-coarse': no trial completed, 2 failed, so there is no best config; the "
+                            "first failure (trial 0): UserError: --doc_stride: must be below max_length/2 (32), got 64")
+    summary = history(tmp_path / "study")
     assert summary["counts"]["FAIL"] == 2 and summary["best_trial"] is None
     for t in summary["trials"]:
         assert t["fail_reason"] == "UserError: --doc_stride: must be below max_length/2 (32), got 64"

@@ -255,7 +255,7 @@ def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, m
     (["--cv_folds", "0"], "--cv_folds: must be >= 1"),
     (["--cv_folds", "40", "--demo_posts", "40"], "--cv_folds: must be 1 or between 2 and 20"),
     (["--seeds", "one"], "--seeds: invalid int value: 'one'"),
-    (["--n_bootstrap", "5"], "--n_bootstrap: must be >= 100"),
+    (["--n_bootstrap", "5"], "--n_bootstrap: must be between 100 and 1,000,000, got 5"),
     (["--cv_fold", "3"], "did you mean --cv_folds?"),
 ])
 def test_bad_flags_are_one_line_errors(cli, tmp_path, argv, needle):

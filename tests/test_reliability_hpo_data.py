@@ -1,0 +1,515 @@
+"""Issue 23's adversarial cases in hpo.py, storage.py, data.py, features.py, evaluate.py and report.py: each gives one
+`error:` line and exit code 2, a warning and the right file state, or the right numbers.
+
+HPO studies here train nothing: `train.train` is replaced by a stand-in that returns a validation metric (the real
+loop is in test_hpo.py), so a study of a few trials takes a second."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+
+import optuna
+import pytest
+import yaml
+from conftest import write_corpus
+from test_cli import assert_one_line_error
+
+import data
+import evaluate
+import features
+import hpo
+import models
+import report
+import storage
+import train
+from utils import UserError
+
+BASE = ["--task", "criteria", "--demo_posts", "40", "--mlflow", "false", "--threads", "1"]
+SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "batch_size": [8, 16]}
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """train.train replaced: val f1_macro = lr * 10 (so the best trial is known), 3 steps; `behaviour` per trial
+    number changes what a trial does (raise, or a callable run before it returns)."""
+    behaviour, calls = {}, []
+
+    def run(cfg, on_validation=None, parent_run_id=None):
+        number = int(cfg.run_name.split("_")[1])
+        calls.append(number)
+        what = behaviour.get(number, behaviour.get("all"))
+        if isinstance(what, Exception):
+            raise what
+        if callable(what):
+            what(on_validation)
+        return {"train": {"steps": 3}, "val": {"f1_macro": cfg.lr * 10}}
+
+    monkeypatch.setattr(hpo.train, "train", run)
+    monkeypatch.setattr(hpo, "step_budget", lambda cfg: (3, 6))  # two epochs of 3 steps: a report, no prune after
+    return behaviour, calls
+
+
+def space_file(tmp_path, space=SPACE, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def hpo_argv(tmp_path, storage_url, out="study", n=2, space=None, extra=()):
+    return [*BASE, "--storage", storage_url, "--space", space or space_file(tmp_path), "--n_trials", n,
+            "--output_dir", tmp_path / out, *extra]
+
+
+def states(tmp_path, out="study"):
+    return [t["state"] for t in json.loads((tmp_path / out / "trials_history.json").read_text())["trials"]]
+
+
+# --------------------------------------------------------------------------- 1. one study per output folder
+
+def test_second_storage_on_a_study_folder_is_refused(cli, tmp_path, fake_train):
+    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    code, err = cli(hpo.main, hpo_argv(tmp_path, a))
+    assert code == 0, err
+    record = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert record == {"storage": f"sqlite:///{tmp_path}/a.db", "study_name": "criteria-coarse"}
+    before = (tmp_path / "study" / "trials_history.json").read_bytes()
+    code, err = cli(hpo.main, hpo_argv(tmp_path, b))  # only --storage differs: the same outputs/hpo/<study>
+    assert_one_line_error(code, err, f"{tmp_path / 'study'}: holds study 'criteria-coarse' of storage {a}",
+                          f"not 'criteria-coarse' of {b}", "--output_dir")
+    assert (tmp_path / "study" / "trials_history.json").read_bytes() == before  # nothing overwritten
+    assert not (tmp_path / "b.db").exists()  # refused before that storage was opened
+    code, err = cli(hpo.main, hpo_argv(tmp_path, a, extra=["--study_name", "other"]))  # one storage, two studies
+    assert_one_line_error(code, err, "holds study 'criteria-coarse'", "not 'other' of")
+    # A second worker of the same study (here: the same file named by a relative path) shares the folder.
+    rel = f"sqlite:///{(tmp_path / 'a.db').relative_to(tmp_path.parent)}"
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path.parent)
+        code, err = cli(hpo.main, hpo_argv(tmp_path, rel, n=3))
+    assert code == 0, err
+    assert states(tmp_path) == ["COMPLETE"] * 3
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not a study record"),
+    ('{"storage": "sqlite:///x.db"}', "not a study record"),
+    ('{"storage": "journal:/elsewhere/j.log", "study_name": "criteria-coarse"}',
+     "holds study 'criteria-coarse' of storage journal:/elsewhere/j.log"),
+], ids=["damaged", "incomplete", "another_storage"])
+def test_study_record_problems(cli, tmp_path, fake_train, content, needle):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text(content)
+    code, err = cli(hpo.main, hpo_argv(tmp_path, f"sqlite:///{tmp_path}/a.db"))
+    assert_one_line_error(code, err, str(tmp_path / "study"), needle)
+    assert not (tmp_path / "study" / "trials_history.json").exists()
+
+
+def test_study_record_hides_the_password_and_resolves_paths():
+    assert hpo.storage_identity("postgresql://me:secret@db.example/hpo") == "postgresql://me:***@db.example/hpo"
+    assert hpo.storage_identity("journal:rel/j.log").startswith("journal:/")
+
+
+def test_claim_never_overwrites_another_workers_record(tmp_path):
+    study_dir = tmp_path / "s"
+    hpo.check_study_dir(study_dir, f"sqlite:///{tmp_path}/a.db", "s", claim=True)
+    first = (study_dir / "study.json").read_text()
+    with pytest.raises(UserError, match="holds study 's' of storage sqlite:///"):
+        hpo.check_study_dir(study_dir, f"sqlite:///{tmp_path}/b.db", "s", claim=True)
+    assert (study_dir / "study.json").read_text() == first
+    assert sorted(p.name for p in study_dir.iterdir()) == ["study.json"]  # no temp file left
+
+
+# --------------------------------------------------------------------------- 2. --space of an existing study
+
+def test_another_space_on_an_existing_study_is_refused(cli, tmp_path, fake_train):
+    url = f"sqlite:///{tmp_path}/o.db"
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=1))
+    assert code == 0, err
+    wider = space_file(tmp_path, {**SPACE, "lr": {"low": 1e-5, "high": 1e-1, "log": True}, "dropout": [0.0, 0.2]},
+                       "wider.yaml")
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2, space=wider))
+    assert_one_line_error(code, err, f"--space {wider}", "differs from the search space study 'criteria-coarse'",
+                          "fields dropout, lr", "give a new --study_name")
+    assert states(tmp_path) == ["COMPLETE"]  # nothing ran
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2))  # the same space again: the study goes on
+    assert code == 0, err
+    assert states(tmp_path) == ["COMPLETE"] * 2
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2, space=wider, out="fine", extra=["--stage", "fine"]))
+    assert_one_line_error(code, err, f"--space {wider}", "study 'criteria-coarse', which the fine stage narrows")
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=1, out="fine", extra=["--stage", "fine"]))
+    assert code == 0, err
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=1, space=wider, out="fine", extra=["--stage", "fine"]))
+    assert_one_line_error(code, err, "differs from the search space study 'criteria-fine' was created with")
+
+
+# --------------------------------------------------------------------------- 3. a journal ending in a partial record
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda raw: raw + raw.splitlines(True)[-1][:30], "no newline at its end"),  # a worker killed while appending
+    (lambda raw: raw + b"\x00" * 40, "no newline at its end"),  # a full disk / a crash: zeros, no newline
+    (lambda raw: raw + b'{"op_code": 5, "worker_id\n', "not JSON"),
+], ids=["truncated", "nul_bytes", "garbage_line"])
+def test_journal_with_a_partial_last_record_is_repaired(cli, tmp_path, fake_train, caplog, damage, why):
+    path = tmp_path / "journal.log"
+    url = f"journal:{path}"
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2))
+    assert code == 0, err
+    damaged = damage(path.read_bytes())
+    path.write_bytes(damaged)
+    kept = damaged[: damaged[:-1].rfind(b"\n") + 1]  # all but the last line
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=3))
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "its last record was partial" in line]
+    assert len(warnings) == 1 and why in warnings[0] and f"{path}.bak" in warnings[0], err
+    assert (tmp_path / "journal.log.bak").read_bytes() == damaged  # the file as it was
+    assert path.read_bytes().startswith(kept) and path.read_bytes().endswith(b"\n")
+    assert all(json.loads(line) for line in path.read_bytes().splitlines())
+    assert states(tmp_path) == ["COMPLETE"] * 3
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=3))  # and every later run: nothing to repair
+    assert code == 0 and "last record was partial" not in err, err
+
+
+def test_repair_journal_leaves_a_whole_file_alone(tmp_path):
+    path = tmp_path / "j.log"
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n')
+    assert storage.repair_journal(path) == 0 and not (tmp_path / "j.log.bak").exists()
+    path.write_bytes(b'{"a": 1}\n{"b"')  # a long file is read from its end, in blocks
+    assert storage.repair_journal(path) == 4 and path.read_bytes() == b'{"a": 1}\n'
+    path.write_bytes(b"x" * 200_000)  # one partial record and nothing else
+    assert storage.repair_journal(path) == 200_000 and path.read_bytes() == b""
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "j.log.lock").exists()
+
+
+# --------------------------------------------------------------------------- 4. a paused worker's trial rerun elsewhere
+
+def fail_elsewhere(pruning):
+    """What another worker does while this one is paused: marks its trial failed (stale heartbeat), queues a retry."""
+    trial = pruning.trial
+    study = optuna.load_study(study_name=trial.study.study_name, storage=trial.storage)
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    retry(study, study._storage.get_trial(trial._trial_id))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+@pytest.mark.parametrize("wakes", ["at_validation", "after_training"])
+def test_paused_worker_whose_trial_was_rerun_goes_on(cli, tmp_path, fake_train, wakes):
+    behaviour, calls = fake_train
+
+    def paused(pruning):
+        fail_elsewhere(pruning)
+        if wakes == "at_validation":
+            pruning(0, {"f1_macro": 0.5})  # trial.report: UpdateFinishedTrialError
+
+    behaviour[0] = paused
+    code, err = cli(hpo.main, hpo_argv(tmp_path, f"sqlite:///{tmp_path}/o.db", n=3))
+    assert code == 0, err
+    assert "Traceback" not in err and "UpdateFinishedTrialError" not in err, err
+    lines = [line for line in err.splitlines() if "another worker marked it failed" in line]
+    assert len(lines) == 1 and "trial 0:" in lines[0] and "WARNING" in lines[0], err
+    trials = json.loads((tmp_path / "study" / "trials_history.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]  # the study did not end short
+    assert trials[1]["retry_of"] == 0 and trials[1]["params"] == trials[0]["params"]
+    assert calls == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- 5. every trial failed
+
+@pytest.mark.parametrize("behaviour, expect", [
+    ({"all": ValueError("CUDA out of memory\nsecond line")}, "first failure (trial 0): ValueError: CUDA out of "
+                                                             "memory"),
+    ({0: ValueError("boom")}, None),  # one failed, one completed: a best config, exit 0
+], ids=["all_failed", "one_failed"])
+def test_a_study_without_a_complete_trial_exits_2(cli, tmp_path, fake_train, behaviour, expect):
+    fake_train[0].update(behaviour)
+    code, err = cli(hpo.main, hpo_argv(tmp_path, f"sqlite:///{tmp_path}/o.db", n=2))
+    if expect is None:
+        assert code == 0 and (tmp_path / "study" / "best_config.yaml").exists(), err
+        return
+    assert_one_line_error(code, err, "study 'criteria-coarse': no trial completed, 2 failed", "no best config",
+                          expect)
+    assert "second line" not in err.splitlines()[-1]
+    assert states(tmp_path) == ["FAIL", "FAIL"] and not (tmp_path / "study" / "best_config.yaml").exists()
+
+
+def test_trial_seeds_stay_in_numpys_range():
+    sampler = hpo.TrialSeededTPE(2**32 - 1, n_startup_trials=2)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)  # seeds 2**32 - 1, 0, 1: no ValueError
+    assert len(study.trials) == 3
+
+
+# --------------------------------------------------------------------------- 6. a column twice in a CSV header
+
+@pytest.mark.parametrize("file, header, column", [
+    ("posts.csv", "post_id,text,text", "text"),
+    ("posts.csv", "post_id, post_id ,text", "post_id"),
+    ("annotations.csv", "post_id,sentence_id,sentence_text,DSM5_symptom,status,status", "status"),
+])
+def test_a_column_twice_in_a_header_is_an_error(cli, tmp_path, file, header, column):
+    folder = write_corpus(tmp_path / "d", [("p1", "I cannot sleep.")], [("p1", "p1_0", "I cannot sleep.",
+                                                                           "SLEEP_ISSUES", "1")])
+    rows = (folder / file).read_text().splitlines()[1:]
+    (folder / file).write_text("\n".join([header] + [r + ",x" for r in rows]) + "\n")
+    code, err = cli(data.main, ["--data_dir", folder])
+    assert_one_line_error(code, err, f"{folder / file}: column '{column}' appears 2 times in the header")
+
+
+def test_a_column_twice_in_a_predict_file_and_empty_names_are_fine(cli, tmp_path):
+    posts = tmp_path / "new.csv"
+    posts.write_text("post_id,text,text\np1,I cannot sleep.,\n")
+    code, err = cli(evaluate.main, ["--checkpoint", tmp_path / "none", "--predict", posts, "--output",
+                                    tmp_path / "p.jsonl"])
+    assert_one_line_error(code, err, f"{posts}: column 'text' appears 2 times in the header (columns 2, 3)")
+    posts.write_text("post_id,text,,\np1,I cannot sleep.,,\n")  # unnamed trailing columns: nothing to overwrite
+    assert data.read_csv(posts, data.POST_COLUMNS)[0] == [{"post_id": "p1", "text": "I cannot sleep.", "": ""}]
+
+
+# --------------------------------------------------------------------------- 7. a splits file that leaves posts out
+
+def test_splits_file_that_leaves_posts_out_is_refused(cli, tmp_path):
+    corpus = data.load_corpus(None, demo_posts=96, demo_seed=0)
+    ids = sorted(corpus.posts)
+    assert len(ids) == 96
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ids[:14], "val": ids[14:17], "test": ids[17:20]}))
+    code, err = cli(train.main, ["--demo_posts", "96", "--mlflow", "false", "--splits_file", splits,
+                                 "--output_dir", tmp_path / "run", "--max_steps", "1"])
+    assert_one_line_error(code, err, f"{splits}: 76 of the corpus' 96 posts are in no split",
+                          "silently go unused", "drop --splits_file")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    splits.write_text(json.dumps({"train": ids[:80], "val": ids[80:88], "test": ids[88:]}))
+    assert [len(v) for v in data.load_splits(splits, corpus).values()] == [80, 8, 8]
+    splits.write_text(json.dumps({"train": ids, "val": ["gone1"], "test": ["gone2"]}))
+    with pytest.raises(UserError, match="none of the posts of 'val' is in the corpus"):
+        data.load_splits(splits, corpus)
+
+
+# --------------------------------------------------------------------------- 8. max_windows_per_post; a huge post
+
+@pytest.mark.parametrize("encoding", ["pair", "post"])
+def test_max_windows_per_post_keeps_the_first_windows_and_counts_the_rest(tiny_tokenizer, caplog, encoding):
+    text = " ".join(f"On day {i} we walked to the old store and bought {i} green apples." for i in range(60))
+    short = "I can’t sleep at night."
+    ex = [{"post_id": pid, "criterion": c, "text": t, "label": 0, "spans": [(0, 14)] if pid == "long" else []}
+          for pid, t in (("long", text), ("short", short)) for c in ("FATIGUE", "SLEEP_ISSUES")]
+
+    def run(max_windows):
+        if encoding == "pair":
+            return features.featurize(tiny_tokenizer, ex, 64, 16, True, max_windows)
+        return features.featurize_posts(tiny_tokenizer, ex, 64, 16, max_windows)
+
+    key = "example_idx" if encoding == "pair" else "post_idx"
+    with caplog.at_level(logging.WARNING, "redsm5"):
+        whole = run(10_000)
+        assert not [r for r in caplog.records if r.name == "redsm5"]
+        cut = run(3)
+    per_text = {k: [f for f in whole if f[key] == k] for k in {f[key] for f in whole}}
+    post_of = {k: ex[k if encoding == "pair" else 2 * k]["post_id"] for k in per_text}
+    assert all(len(fs) > 3 if post_of[k] == "long" else len(fs) == 1 for k, fs in per_text.items())
+    expected = [f for k, fs in sorted(per_text.items()) for f in fs[:3]]
+    assert [f["idx"] for f in cut] == list(range(len(cut)))  # positions in the list: what evaluate looks up
+    assert [(f[key], f["input_ids"].tolist(), f["offsets"].tolist()) for f in sorted(cut, key=lambda f: f["idx"])] \
+        == [(f[key], f["input_ids"].tolist(), f["offsets"].tolist()) for f in expected]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "redsm5"]
+    texts = "2 (criterion, post) pairs" if encoding == "pair" else None
+    dropped = sum(len(fs) - 3 for fs in per_text.values() if len(fs) > 3)
+    assert line.startswith("--max_windows_per_post 3: 1 posts cut to their first 3 windows")
+    assert f"{dropped} windows dropped" in line and "first: post long" in line
+    assert (texts in line) if texts else "pairs" not in line
+
+
+def test_cut_text_counts_the_windows_of_the_whole_text(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(features, "CHUNK_CHARS", 500)  # a long text counted in many pieces, never whole
+    text = " ".join(f"On day {i} we walked to the old store and bought {i} green apples." for i in range(200))
+    n_tokens = len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])
+    (cut, windows), = features.cut_text(tiny_tokenizer, text, [48], 16, 4)
+    assert windows == 1 + -(-(n_tokens - 48) // 32)
+    assert text.startswith(cut) and len(tiny_tokenizer(cut, add_special_tokens=False)["input_ids"]) == 48 + 3 * 32
+    assert features.cut_text(tiny_tokenizer, "Short one.", [48], 16, 4) == [("Short one.", 0)]
+
+
+def test_a_huge_post_aligns_like_a_small_one(tmp_path):
+    """Alignment was a char-by-char copy of the post per sentence (a 50 MB post: 47 s, 5.6 GB); now one regex
+    search, and the post's sentences split once. The spans must be the ones a small post gives."""
+    filler = "We walked to the old store and bought green apples. " * 40_000  # ~2 MB
+    tail = "Honestly I have not   slept properly in weeks. The end."
+    post = filler + tail
+    sentences = [("h1", "Honestly I have not   slept properly in weeks.", "SLEEP_ISSUES"),
+                 ("h2", "honestly i HAVE not slept\nproperly in weeks.", "FATIGUE"),
+                 ("h3", "I honestly have not been sleeping properly for weeks.", "DEPRESSED_MOOD")]
+    folder = write_corpus(tmp_path / "d", [("big", post), ("small", tail)],
+                          [(pid, sid, s, sym, "1") for pid in ("big", "small") for sid, s, sym in sentences])
+    corpus = data.load_corpus(folder)
+    got = {(r["post_id"], r["sentence_id"]): (r["start"], r["end"], r["align"]) for r in corpus.rows}
+    shift = len(filler)
+    for sid, method in (("h1", "exact"), ("h2", "normalized"), ("h3", "fuzzy")):
+        s, e, how = got["small", sid]
+        assert how == method and got["big", sid] == (s + shift, e + shift, method)
+        assert post[s + shift : e + shift] == "Honestly I have not   slept properly in weeks."
+
+
+# --------------------------------------------------------------------------- 9, 10. --predict input and output
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from checkpoint import save_checkpoint
+    from config import make_config
+
+    cfg = make_config(task="criteria", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64, doc_stride=16)
+    tokenizer = models.train_tiny_tokenizer(list(data.CRITERIA.values()) + ["I can’t sleep."], 200)
+    path = tmp_path_factory.mktemp("run") / "checkpoints" / "best"
+    save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {"null_threshold": None})
+    return path
+
+
+@pytest.mark.parametrize("content, needles, rows", [
+    ("post_id,text\np1,\u200b\u200b\u2060\np2,I can't sleep.\n,hello\np3,\n",
+     ["3 rows skipped, not predicted: 1 without post_id, 2 with an empty text or only invisible"], {"p2"}),
+    ("post_id,text\np1,\u200b\ufeff \u200c\np2,\u00ad\n", ["no row has both a post_id and a visible text",
+                                                           "0 without post_id, 2 with an empty text"], None),
+], ids=["some_invisible", "only_invisible"])
+def test_predict_skips_invisible_posts_like_training(cli, checkpoint, tmp_path, content, needles, rows):
+    posts, out = tmp_path / "new.csv", tmp_path / "p.jsonl"
+    posts.write_text(content, encoding="utf-8")
+    code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", posts, "--output", out])
+    if rows is None:
+        assert_one_line_error(code, err, str(posts), *needles)
+        assert not out.exists()
+        return
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "skipped" in line]
+    assert len(warned) == 1 and all(n in warned[0] for n in needles), err
+    predicted = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["post_id"] for r in predicted} == rows and len(predicted) == len(data.SYMPTOMS)
+
+
+def test_predictions_are_written_whole_or_not_at_all(cli, checkpoint, tmp_path, monkeypatch):
+    """A write that dies midway (a row that cannot be serialised, where a kill -9 would stop it) leaves the file
+    that was there untouched, and no temp file (scripts/kill_predict.py kills real runs)."""
+    posts, out = tmp_path / "new.csv", tmp_path / "p.jsonl"
+    posts.write_text("post_id,text\np1,I can't sleep.\n")
+    out.write_text("the old file\n")
+    real = evaluate.predict_posts
+    monkeypatch.setattr(evaluate, "predict_posts", lambda *a: real(*a)[:3] + [{"bad": object()}])
+    with pytest.raises(TypeError):
+        evaluate.main([str(a) for a in ["--checkpoint", checkpoint, "--predict", posts, "--output", out]])
+    assert out.read_text() == "the old file\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# --------------------------------------------------------------------------- 11. report.py reads back whole runs only
+
+REPORT = ["--task", "criteria", "--demo_posts", "60", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads",
+          "1", "--tiny_vocab", "300", "--max_length", "64", "--doc_stride", "16", "--batch_size", "16", "--max_steps",
+          "2", "--epochs", "1", "--threads", "1", "--demo_shift_posts", "20", "--mlflow", "false", "--cv_folds", "2",
+          "--seeds", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "cv"
+    report.main(REPORT + ["--output_dir", str(out)])
+    return out
+
+
+def cut_last_line(path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.rstrip(b"\n").rfind(b"\n") + 20])  # the last row torn 20 bytes in
+
+
+def drop_rows(path, n=3):
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-n]))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: cut_last_line(d / "predictions.jsonl"), "predictions.jsonl: line"),
+    (lambda d: drop_rows(d / "predictions.jsonl"), "predictions.jsonl has"),
+    (lambda d: drop_rows(d / "val_predictions.jsonl"), "val_predictions.jsonl has"),
+    (lambda d: (d / "shift_predictions.jsonl").unlink(), "shift_predictions.jsonl is missing"),
+    (lambda d: (d / "metrics.json").write_text('{"val": {"n": 3'), "metrics.json: not valid JSON"),
+    (lambda d: (d / "history.json").write_text("[1, 2"), "history.json: not valid JSON"),
+    (lambda d: (d / "predictions.jsonl").write_text('{"label": 1}\n' * json.loads(
+        (d / "metrics.json").read_text())["test"]["n"]), "lacks one of label, prob"),
+], ids=["torn_last_row", "rows_missing", "val_rows_missing", "shift_missing", "metrics_torn", "history_torn",
+        "rows_without_prob"])
+def test_incomplete_run_is_found(finished_report, tmp_path, damage, needle):
+    run_dir = shutil.copytree(finished_report / "fold1-seed1", tmp_path / "run")
+    assert report.incomplete_run(run_dir, classify=True) is None
+    damage(run_dir)
+    why = report.incomplete_run(run_dir, classify=True)
+    assert why is not None and needle in why, why
+
+
+def test_resume_retrains_a_run_whose_predictions_are_torn(finished_report, cli, monkeypatch):
+    out = finished_report
+    first = json.loads((out / "summary.json").read_text())
+    n_rows = len((out / "fold1-seed1" / "predictions.jsonl").read_text().splitlines())
+    cut_last_line(out / "fold1-seed1" / "predictions.jsonl")
+    calls, real_train = [], report.train.train
+
+    def train_and_record(cfg, **kwargs):
+        calls.append((cfg.output_dir, cfg.resume))
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(report.train, "train", train_and_record)
+    code, err = cli(report.main, REPORT + ["--output_dir", out, "--resume", "true"])
+    assert code == 0, err
+    assert [c[0] for c in calls] == [str(out / "fold1-seed1")]  # fold 0 read back, fold 1 trained again
+    warned = [line for line in err.splitlines() if "its outputs are incomplete" in line]
+    assert len(warned) == 1 and str(out / "fold1-seed1") in warned[0] and "line" in warned[0], err
+    assert len((out / "fold1-seed1" / "predictions.jsonl").read_text().splitlines()) == n_rows
+    again = json.loads((out / "summary.json").read_text())
+    assert again["summary"]["model"]["f1_macro"] == first["summary"]["model"]["f1_macro"]
+
+
+def test_metrics_output_is_replaced_whole(finished_report, tmp_path, monkeypatch):
+    """evaluate.py --output (metrics): written beside, then renamed; a failing last step leaves the old file."""
+    out = tmp_path / "m.json"
+    out.write_text("the old file\n")
+
+    def replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate.main(["--checkpoint", str(finished_report / "fold0-seed1" / "checkpoints" / "best"), "--output",
+                       str(out)])
+    assert out.read_text() == "the old file\n"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--n_bootstrap", "1000000000"], "--n_bootstrap: must be between 100 and 1,000,000, got 1000000000"),
+    (["--seeds", "1", "-3"], "--seeds: each must be between 0 and 4294967295, got -3"),
+    (["--seeds", "4294967296"], "--seeds: each must be between 0 and 4294967295"),
+])
+def test_report_numbers_out_of_range(cli, tmp_path, argv, needle):
+    code, err = cli(report.main, argv + ["--mlflow", "false", "--output_dir", tmp_path])
+    assert_one_line_error(code, err, needle)
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2\n')
+    with pytest.raises(UserError, match=r"p.jsonl: line 2 is not JSON"):
+        report.read_jsonl(path)
+    path.write_text('{"a": 1}\n[1]\n')
+    with pytest.raises(UserError, match=r"p.jsonl: line 2 is not a JSON object"):
+        report.read_jsonl(path)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--make_demo", "DIR", "--n_posts", "-5"], "--n_posts: must be >= 1, got -5"),
+    (["--make_demo", "DIR", "--n_posts", "0"], "--n_posts: must be >= 1, got 0"),
+    (["--make_demo", "DIR", "--shift_posts", "-1"], "--shift_posts: must be >= 0 (0 = none), got -1"),
+    (["--data_dir", "DIR", "--fuzzy_threshold", "nan"], "--fuzzy_threshold: must be in [0, 1), got nan"),
+    (["--data_dir", "DIR", "--fuzzy_threshold", "5"], "--fuzzy_threshold: must be in [0, 1), got 5.0"),
+])
+def test_data_cli_numbers_out_of_range(cli, tmp_path, argv, needle):
+    code, err = cli(data.main, [str(tmp_path / "demo") if a == "DIR" else a for a in argv])
+    assert_one_line_error(code, err, needle, only_line=True)
+    assert not (tmp_path / "demo").exists()
