@@ -23,7 +23,7 @@ does that at once for the RUNNING trials of processes of this host that are gone
 journal included), and those failed trials do not count toward --n_trials. Workers started N times on one
 storage share the study (trial n samples with seed + n, so no two draw alike). SQLite is fine
 for a few workers on one machine; for many workers or machines use PostgreSQL
-(--storage postgresql://user:password@host/db, needs psycopg2) or, without a database server, a
+(--storage postgresql://user:password@host/db, pip install -e '.[postgres]') or, without a database server, a
 journal file on a shared filesystem (--storage journal:outputs/hpo/journal.log; no heartbeat
 there: a dead worker's trial on another host stays RUNNING; a partial last record, left by a worker
 killed while appending or a full disk, is dropped at the next start, the old file kept as .bak).
@@ -347,6 +347,21 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
     return study, study.user_attrs["search_space"]
 
 
+PARENT_TAG = "hpo_study"  # storage and study name: what the parent runs of one study share
+
+
+def elect_parent_run(tracker: Tracker, study_key: str, settle_s: float = 2.0) -> str:
+    """Workers that start a study at the same moment each create a parent run; all of them then agree on the oldest
+    one. Each tags its run with the study, waits until the others' runs are visible (settle_s: they were created
+    within moments of each other), and takes the run created first (ties: the smaller id). A worker that starts
+    later finds the parent in the study's user attributes and never gets here."""
+    tracker.client.set_tag(tracker.run_id, PARENT_TAG, study_key)
+    time.sleep(settle_s)
+    experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    runs = tracker.client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{study_key}'")
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+
 def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> Tracker:
     """The study's MLflow run, one for all workers: the trials' runs nest under it. Not a `with` block:
     a worker that ends while another still runs trials leaves it open."""
@@ -359,11 +374,12 @@ def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> T
     tracker = retry_at_start(lambda: Tracker(parent_cfg, True, run_id=study.user_attrs.get("mlflow_parent_run_id")),
                              "MLflow tracking store", (MlflowException,))
     if tracker.enabled and "mlflow_parent_run_id" not in study.user_attrs:
-        study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
-        winner = study.user_attrs["mlflow_parent_run_id"]
-        if winner != tracker.run_id:  # a worker started at the same moment made one too: keep the last written
+        winner = elect_parent_run(tracker, f"{redact(args.storage)}#{name}")
+        if winner != tracker.run_id:  # a worker started at the same moment made one too: one parent per study
             tracker.client.delete_run(tracker.run_id)
+            tracker.ended = True
             tracker = Tracker(parent_cfg, True, run_id=winner)
+        study.set_user_attr("mlflow_parent_run_id", winner)
         tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": redact(args.storage),
                             "hpo.pruner": args.pruner, "hpo.metric": metric, "hpo.n_trials": args.n_trials})
         tracker.log_dict(study.user_attrs["search_space"], "search_space.json")

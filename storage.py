@@ -39,8 +39,10 @@ def make_storage(url: str):
         return _make_storage(url)
     except (ImportError, OSError, ValueError, sqlalchemy.exc.SQLAlchemyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, ImportError):
-            msg += " (PostgreSQL needs psycopg2, MySQL pymysql)"
+        if isinstance(e, ImportError):  # name the driver that is missing: SQLAlchemy picks it from the URL's scheme
+            driver = getattr(e, "name", None) or "its database driver"
+            hint = "pip install -e '.[postgres]'" if "psycopg" in driver else f"pip install {driver}"
+            msg = f"the driver {driver} is not installed: {hint}"
         raise UserError(f"--storage {redact(url)}: cannot open it ({redact(msg)[:300]}; expected sqlite:///PATH, "
                         "postgresql://user:password@host/db, mysql://..., or journal:PATH)") from None
 
