@@ -21,6 +21,7 @@ import torch
 import yaml
 
 import data
+from card import model_card
 from config import Config, load_yaml_config, make_config
 from models import TASKS, TaskModel, drop_pooler
 from utils import UserError, find_complete_dir, replace_dir
@@ -259,128 +260,12 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
     return model.eval(), tokenizer, cfg, extra
 
 
-# --------------------------------------------------------------------------- the model card
-
 TASK_TEXT = {
     "criteria": "DSM-5 criteria classification: for each (text, criterion) pair, whether the text shows that "
                 "symptom of major depression (status 1)",
     "evidence": "evidence extraction: the sentences of a post that are evidence for a given DSM-5 criterion",
     "joint": "criteria classification and evidence extraction with one model",
 }
-
-# The checkpoint's README.md. {front_matter} is the YAML block the Hugging Face hub reads
-# (https://huggingface.co/docs/hub/model-cards); {results} the metric tables of `card_metrics`.
-CARD_TEMPLATE = """{front_matter}# ReDSM5 {task} model
-
-**Not a diagnostic tool.** {task_text}, for research on annotated Reddit posts.
-
-## Model
-
-- encoder: {encoder}; {n_params:,} parameters (`encoder/`)
-- task heads: `heads.safetensors` ({heads})
-- run config: `config.yaml` (max_length {max_length}, lr {lr}, seed {seed})
-
-## Training data
-
-- {data}
-- post-level split (seed {seed}): {sizes} posts (`splits.json`)
-
-## Results
-{tested}
-{results}
-
-## How to load
-
-```python
-from transformers import AutoModel, AutoTokenizer
-
-encoder = AutoModel.from_pretrained("checkpoints/best/encoder")  # the fine-tuned encoder alone
-tokenizer = AutoTokenizer.from_pretrained("checkpoints/best/encoder")
-```
-
-The whole model (encoder and heads): `python evaluate.py --checkpoint checkpoints/best` (metrics) or \
-`--predict posts.csv` (predictions), or `checkpoint.load_checkpoint` in this repository.
-
-## Data access
-
-ReDSM5 is distributed by its authors under a data usage agreement. A model trained on it may memorise text of \
-the posts: share this checkpoint only as that agreement allows.
-
-## Intended use and limitations
-
-- Research on detecting DSM-5 depression symptoms in text. Not a diagnostic tool: it must not be used to \
-diagnose, screen or triage people, nor to make decisions about them.
-- Trained on Reddit posts in English with one team's annotations; it will not transfer reliably to other \
-platforms, languages or clinical text, and its errors are not spread evenly across symptoms.
-- The metrics above are from one split of a small corpus; see the per-criterion scores.
-
-## Licence
-
-`license: other`: not set here. The weights derive from the base encoder (its own licence) and from ReDSM5 \
-(its data usage agreement); set the licence before sharing.
-"""
-
-
-def card_front_matter(cfg: Config, metrics: dict) -> str:
-    """The YAML block the Hugging Face hub reads (https://huggingface.co/docs/hub/model-cards), with the test metrics
-    as a model-index (the hub's eval-results format)."""
-    meta = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
-            "tags": ["redsm5", "dsm-5", "depression", "mental-health", cfg.task],
-            # not ours to choose: the base encoder's licence and ReDSM5's data usage agreement decide it
-            "license": "other", "license_name": "redsm5-data-usage-agreement",
-            "datasets": ["redsm5" if cfg.data_dir is not None else "redsm5-synthetic-demo"]}
-    if cfg.model != "tiny":
-        meta["base_model"] = cfg.model
-    test = metrics.get("test") or {}
-    scores = [{"type": k, "name": k, "value": round(float(test[k]), 4)} for k in TASKS[cfg.task].headline
-              if isinstance(test.get(k), float) and test[k] == test[k]]
-    if scores:
-        meta["model-index"] = [{"name": f"redsm5-{cfg.task}", "results": [{
-            "task": {"type": "text-classification", "name": TASK_TEXT[cfg.task].split(":")[0]},
-            "dataset": {"type": meta["datasets"][0], "name": meta["datasets"][0], "split": "test"},
-            "metrics": scores}]}]
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
-
-
-def card_number(v) -> str:
-    return "–" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def card_metrics(metrics: dict, headline: tuple) -> list[str]:
-    """Markdown tables: the task's headline metrics on val, test (and test_shift), then the test (else val) F1 per
-    criterion."""
-    splits = [name for name in ("val", "test", "test_shift") if metrics.get(name)]
-    rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
-    for key in (k for k in headline if any(k in metrics[name] for name in splits)):
-        cells = [metrics[name].get(key) for name in splits]
-        rows.append(f"| {key} | " + " | ".join(card_number(v) for v in cells) + " |")
-    if "test_shift" in splits:
-        rows += ["", "test_shift: a second test set written with phrasing that no training post uses (the demo's "
-                 "held-out phrases, or `--test_shift_dir`)."]
-    per = (metrics.get("test") or metrics.get("val") or {}).get("per_criterion_f1")
-    if per:
-        rows += ["", f"F1 per criterion ({'test' if metrics.get('test') else 'val'}):", "",
-                 "| criterion | F1 |", "|---|---|"] + [f"| {c} | {v:.4f} |" for c, v in per.items()]
-    return rows
-
-
-def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
-    """README.md of a checkpoint (CARD_TEMPLATE). `metrics`: {"val": ..., "test": ...}; test is filled in once the
-    run has tested."""
-    two_encoders = cfg.task == "joint" and not cfg.shared_encoder
-    return CARD_TEMPLATE.format(
-        front_matter=card_front_matter(cfg, metrics), task=cfg.task, task_text=TASK_TEXT[cfg.task], n_params=n_params,
-        encoder=(f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained from "
-                 "scratch" if cfg.model == "tiny" else f"`{cfg.model}`, fine-tuned"),
-        heads=("one output pair per criterion" if cfg.criterion_heads else "shared")
-        + ("; a second encoder for the evidence in `span_encoder/`" if two_encoders else ""),
-        max_length=cfg.max_length, lr=cfg.lr, seed=cfg.seed,
-        data=(f"ReDSM5, from `{cfg.data_dir}`" if cfg.data_dir is not None else
-              f"synthetic demo corpus ({cfg.demo_posts} posts, seed {cfg.demo_seed}): generated, not real posts"),
-        sizes=" / ".join(f"{len(splits.get(n, []))} {n}" for n in ("train", "val", "test")),
-        tested="" if metrics.get("test") else "\n(Test metrics are added once the run has tested this checkpoint.)\n",
-        results="\n".join(card_metrics(metrics, TASKS[cfg.task].headline)))
-
 
 # --------------------------------------------------------------------------- during training: best and last
 

@@ -57,14 +57,24 @@ import yaml
 import train
 from config import Config, make_config, parse_config
 from evaluate import metric_names
+from hpo_tracking import close_trial_run, open_parent_run
 from plots import plot_hpo
-from search_space import load_space, narrow_space, sample_params
-from storage import DEFAULT_STORAGE, make_storage, recover_dead_trials, redact, retry_at_start
+from search_space import TrialSeededTPE, best_trials, check_same_space, sample_params, study_space
+from storage import (
+    DEFAULT_STORAGE,
+    QuietLostTrials,
+    check_study_dir,
+    finished_elsewhere,
+    make_storage,
+    newly_lost,
+    note,
+    recover_dead_trials,
+    redact,
+)
 from tracking import Tracker
 from utils import UserError, run_main, setup_logging, write_text_atomic
 
 log = logging.getLogger("redsm5")
-SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
 PRUNERS = ("median", "halving", "hyperband", "none")
 # Measured: 12 criteria trials on the demo (--epochs 3 --threads 1, seed 42): no pruning 2,736 training
 # steps, best val f1_macro 0.853; median 2,152 (5 pruned) 0.846; halving 2,188 (8) 0.853; hyperband 2,405 (7) 0.846.
@@ -100,11 +110,6 @@ def check_args(args, cfg: Config) -> None:
                             f"(choose from auto, {', '.join(valid)})")
 
 
-def best_trials(study, k: int) -> list:
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    return sorted(done, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:k]
-
-
 # --------------------------------------------------------------------------- trials
 
 def trial_config(base: Config, params: dict, output_dir: Path, run_name: str | None = None) -> Config:
@@ -138,21 +143,6 @@ class PruneAtValidation:
 def is_fatal(e: BaseException) -> bool:
     """A failure of the base config, not of the trial's sampled values: every trial would fail alike."""
     return isinstance(e, UserError) and str(e).startswith("--early_stopping_metric")
-
-
-def finished_elsewhere(e: BaseException) -> bool:
-    """Whether `e` says the trial was finished by someone else: a worker paused (SIGSTOP, a suspended laptop) past
-    the heartbeat's grace period wakes to find its trial marked failed, and rerun, by another worker."""
-    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError)
-
-
-def note(trial, key: str, value, lost: list | None = None) -> None:
-    """trial.set_user_attr, except on a trial finished elsewhere: then its number is put in `lost`, nothing raised."""
-    try:
-        trial.set_user_attr(key, value)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        if lost is not None and trial.number not in lost:
-            lost.append(trial.number)
 
 
 def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, parent_run_id: str | None,
@@ -225,51 +215,7 @@ def write_outputs(study, study_dir: Path, metric: str) -> dict:
     return summary
 
 
-def close_trial_run(tracker: Tracker, trial) -> None:
-    """Tag the trial's nested MLflow run and set its end status from the trial's state. train.py ends any
-    run that raised as FAILED, a pruned one included (KILLED here); a dead worker's run is still RUNNING."""
-    retried = trial.system_attrs.get("failed_trial")
-    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
-    for number, state in [(trial.number, trial.state.name)] + ([(retried, "FAIL")] if retried is not None else []):
-        for run in tracker.client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{tracker.run_id}' "
-                                                        f"and attributes.run_name = 'trial_{number}'"):
-            tracker.client.set_tag(run.info.run_id, "optuna.trial", str(number))
-            tracker.client.set_tag(run.info.run_id, "optuna.state", state)
-            if run.info.status != "FINISHED":
-                tracker.client.set_terminated(run.info.run_id, "KILLED" if state == "PRUNED" else "FAILED")
-
-
 # --------------------------------------------------------------------------- the study
-
-class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """TPE whose draws for trial n come from seed + n.
-
-    One seed per worker would make workers started together draw the same random startup
-    trials; seeded per trial, a study is a function of (seed, trial numbers, history) however
-    many workers run it.
-    """
-
-    def __init__(self, seed: int, n_startup_trials: int):
-        self.seed, self.n_startup_trials, self.tpe = seed, n_startup_trials, None
-
-    def before_trial(self, study, trial):  # called before any sampling for the trial
-        seed = (self.seed + trial.number) % 2**32  # numpy takes 0 .. 2**32 - 1
-        self.tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
-        self.tpe.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return self.tpe.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self.tpe.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, name, distribution):
-        return self.tpe.sample_independent(study, trial, name, distribution)
-
-    def after_trial(self, study, trial, state, values):
-        if self.tpe is not None:  # None: a trial told from outside optimize (recover_dead_trials)
-            self.tpe.after_trial(study, trial, state, values)
-
 
 def make_pruner(name: str, cfg: Config):
     """Pruning steps are epochs: trials with different batch sizes are compared after the same data."""
@@ -278,48 +224,6 @@ def make_pruner(name: str, cfg: Config):
             "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs,
                                                                 reduction_factor=3),
             "none": optuna.pruners.NopPruner}[name]()
-
-
-def as_stored(space: dict) -> dict:
-    """A space as Optuna stores a user attribute (JSON): what a study's stored space is compared with."""
-    return json.loads(json.dumps(space))
-
-
-def check_same_space(args, study, name: str) -> None:
-    """--space on an existing study: it must be the space the study was created from (the YAML of a coarse
-    study; the coarse space a fine study narrowed), or it is an error naming the study and the fields that differ."""
-    given = as_stored(load_space(args.space))
-    stored = study.user_attrs.get("space_given", study.user_attrs["search_space"] if args.stage == "coarse" else None)
-    if stored is None or given == stored:  # None: a fine study of an older version, its coarse space not stored
-        return
-    fields = sorted(k for k in set(given) | set(stored) if given.get(k) != stored.get(k))
-    raise UserError(f"--space {args.space}: differs from the search space study '{name}' was created with (fields "
-                    f"{', '.join(fields)}), and a study keeps its space: give a new --study_name to search this one, "
-                    "or leave --space out to continue the study")
-
-
-def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | None]:
-    """(search space, params to try first, the space it comes from) of a new study: the YAML, or the coarse study
-    narrowed (the coarse study's space, which a --space must then equal)."""
-    if args.stage == "coarse":
-        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
-        return space, None, as_stored(space)
-    coarse_name = args.coarse_study or f"{cfg.task}-coarse"
-    try:
-        coarse = optuna.load_study(study_name=coarse_name, storage=storage)
-    except KeyError:
-        raise UserError(f"--stage fine: no study '{coarse_name}' in {args.storage} (run --stage coarse first)") \
-            from None
-    top = best_trials(coarse, args.top_k)
-    if not top:
-        raise UserError(f"--stage fine: study '{coarse_name}' has no completed trial to narrow around")
-    space = coarse.user_attrs.get("search_space")
-    if space is None:
-        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
-    elif args.space and as_stored(load_space(args.space)) != space:
-        raise UserError(f"--space {args.space}: differs from the search space of study '{coarse_name}', which the "
-                        "fine stage narrows: leave --space out (or run a coarse study over it first)")
-    return narrow_space(space, [t.params for t in top]), top[0].params, as_stored(space)
 
 
 def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
@@ -345,45 +249,6 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
         log.warning("base config differs from the one study '%s' was created with: %s", name, changed)
     study.sampler = TrialSeededTPE(cfg.seed, n_startup_trials=min(10, max(4, args.n_trials // 3)))
     return study, study.user_attrs["search_space"]
-
-
-PARENT_TAG = "hpo_study"  # storage and study name: what the parent runs of one study share
-
-
-def elect_parent_run(tracker: Tracker, study_key: str, settle_s: float = 2.0) -> str:
-    """Workers that start a study at the same moment each create a parent run; all of them then agree on the oldest
-    one. Each tags its run with the study, waits until the others' runs are visible (settle_s: they were created
-    within moments of each other), and takes the run created first (ties: the smaller id). A worker that starts
-    later finds the parent in the study's user attributes and never gets here."""
-    tracker.client.set_tag(tracker.run_id, PARENT_TAG, study_key)
-    time.sleep(settle_s)
-    experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
-    runs = tracker.client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{study_key}'")
-    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
-
-
-def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> Tracker:
-    """The study's MLflow run, one for all workers: the trials' runs nest under it. Not a `with` block:
-    a worker that ends while another still runs trials leaves it open."""
-    name = study.study_name
-    parent_cfg = dataclasses.replace(cfg, run_name=f"hpo-{name}", output_dir=str(study_dir))
-    if not cfg.mlflow:
-        return Tracker(parent_cfg, False)
-    from mlflow.exceptions import MlflowException
-
-    tracker = retry_at_start(lambda: Tracker(parent_cfg, True, run_id=study.user_attrs.get("mlflow_parent_run_id")),
-                             "MLflow tracking store", (MlflowException,))
-    if tracker.enabled and "mlflow_parent_run_id" not in study.user_attrs:
-        winner = elect_parent_run(tracker, f"{redact(args.storage)}#{name}")
-        if winner != tracker.run_id:  # a worker started at the same moment made one too: one parent per study
-            tracker.client.delete_run(tracker.run_id)
-            tracker.ended = True
-            tracker = Tracker(parent_cfg, True, run_id=winner)
-        study.set_user_attr("mlflow_parent_run_id", winner)
-        tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": redact(args.storage),
-                            "hpo.pruner": args.pruner, "hpo.metric": metric, "hpo.n_trials": args.n_trials})
-        tracker.log_dict(study.user_attrs["search_space"], "search_space.json")
-    return tracker
 
 
 def after_trial(study, trial, study_dir: Path, metric: str, tracker: Tracker) -> None:
@@ -454,10 +319,7 @@ def run_trials(study, args, cfg: Config, space: dict, metric: str, study_dir: Pa
                 log.warning("interrupted: run the same command again to continue the study")
                 return "KILLED"
             except Exception as e:  # Optuna's own tell of a trial another worker finished (a ValueError) lands here
-                new = [n for n in lost if n not in handled]
-                if not new and isinstance(e, ValueError) and str(e).startswith("Cannot tell a") and started \
-                        and started[-1] not in handled:  # paused after the objective returned, before Optuna's tell
-                    new = [started[-1]]
+                new = newly_lost(e, lost, handled, started)
                 if not new:
                     raise
                 handled.update(new)
@@ -473,18 +335,6 @@ def run_trials(study, args, cfg: Config, space: dict, metric: str, study_dir: Pa
     if fatal:
         raise fatal[0]
     return "FINISHED"
-
-
-class QuietLostTrials(logging.Filter):
-    """Drops Optuna's log lines about trials another worker finished (`lost`): run_trials says it in one line."""
-
-    def __init__(self, lost: list):
-        super().__init__()
-        self.lost = lost
-
-    def filter(self, record) -> bool:
-        message = record.getMessage()
-        return not any(message.startswith(f"Trial {n} ") for n in self.lost)
 
 
 def finish_study(study, study_dir: Path, metric: str, tracker: Tracker, status: str) -> dict:
@@ -505,49 +355,6 @@ def finish_study(study, study_dir: Path, metric: str, tracker: Tracker, status: 
         if c["RUNNING"] == 0 or status == "KILLED":  # another worker still running keeps the parent open
             tracker.end(status)
     return summary
-
-
-STUDY_FILE = "study.json"  # in a study's folder: which study (storage, name) writes there
-
-
-def storage_identity(url: str) -> str:
-    """The storage as a study's folder records it: no password, file paths made absolute (a relative path and an
-    absolute one to the same file are one storage)."""
-    for prefix in ("sqlite:///", "journal:"):
-        if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
-            path, query = url[len(prefix):].partition("?")[::2]
-            return prefix + str(Path(path).resolve()) + (f"?{query}" if query else "")
-    return redact(url)
-
-
-def check_study_dir(study_dir: Path, storage: str, name: str, claim: bool = False) -> None:
-    """One study per folder. The first worker of a study records it (storage, name) in study_dir/study.json; a
-    study of another storage or name that targets the folder is refused, naming the folder and the other storage
-    (its trials would overwrite trial_<n>/, best_config.yaml and trials_history.json). With `claim`, the record is
-    written when there is none: whole, and never over another worker's (a hard link fails if the name exists)."""
-    me, path = {"storage": storage_identity(storage), "study_name": name}, study_dir / STUDY_FILE
-    if claim and not path.exists():
-        study_dir.mkdir(parents=True, exist_ok=True)
-        tmp = study_dir / f".{STUDY_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(me, indent=2) + "\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:  # a worker started at the same moment recorded its study first: compare below
-            pass
-        finally:
-            tmp.unlink()
-    if not path.exists():
-        return
-    try:
-        other = json.loads(path.read_text())
-        other = {k: other[k] for k in me}
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not a study record (expected JSON with storage and study_name): remove it if the "
-                        "folder holds no other study") from None
-    if other != me:
-        raise UserError(f"{study_dir}: holds study '{other['study_name']}' of storage {other['storage']}, not "
-                        f"'{name}' of {me['storage']}: one study per folder (its trials would overwrite the other's); "
-                        "give another --output_dir or --study_name")
 
 
 def all_failed(summary: dict) -> str | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import rundir
 import train
 from baselines import choose_threshold, fold_baselines, with_threshold
 from config import Config, load_yaml_config, parse_config
@@ -209,7 +210,7 @@ def incomplete_run(run_dir: Path, classify: bool) -> str | None:
         for name in ("history.json", "run_stats.json"):
             read_json(run_dir / name)
         saved = read_json(run_dir / "metrics.json")
-        for split, file in train.PREDICTION_FILES.items():
+        for split, file in rundir.PREDICTION_FILES.items():
             metrics = saved.get(split)
             if split == "test_shift" and not metrics:
                 continue
@@ -264,11 +265,11 @@ def _curve(name: str, rows: list[dict], **style) -> tuple:
 
 def same_setting(name: str, saved: dict, now: dict) -> bool:
     """Whether a field of a run's config.yaml is what this report asks for. config.yaml records what ran: a
-    mixed_precision of auto is saved as the precision it resolved to (train.resolve_run), and paths compare by
-    what they point to (train.same_setting)."""
+    mixed_precision of auto is saved as the precision it resolved to (rundir.resolve_run), and paths compare by
+    what they point to (rundir.same_setting)."""
     if name == "mixed_precision" and now[name] == "auto":
         return True
-    return train.same_setting(name, saved.get(name), now[name])
+    return rundir.same_setting(name, saved.get(name), now[name])
 
 
 def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = None) -> str:

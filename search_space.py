@@ -2,14 +2,21 @@
 
 A space maps Config fields to {low, high, log} or {choices}, with values parsed like the field's own
 (config.coerce); fields trials are compared on or write to (config.HPO_FIXED_FIELDS) cannot be searched.
+A study keeps the space it was created with (study_space: the YAML, or the coarse study's narrowed; a
+different --space on it is refused, check_same_space); trial n samples with seed + n (TrialSeededTPE).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-from config import HPO_FIXED_FIELDS, coerce
+import optuna
+
+from config import HPO_FIXED_FIELDS, Config, coerce
 from utils import UserError, read_yaml
+
+SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
 
 
 def parse_range(name: str, spec, source: str) -> dict:
@@ -75,3 +82,81 @@ def sample_params(trial, space: dict) -> dict:
         else:
             params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec["log"])
     return params
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE whose draws for trial n come from seed + n.
+
+    One seed per worker would make workers started together draw the same random startup
+    trials; seeded per trial, a study is a function of (seed, trial numbers, history) however
+    many workers run it.
+    """
+
+    def __init__(self, seed: int, n_startup_trials: int):
+        self.seed, self.n_startup_trials, self.tpe = seed, n_startup_trials, None
+
+    def before_trial(self, study, trial):  # called before any sampling for the trial
+        seed = (self.seed + trial.number) % 2**32  # numpy takes 0 .. 2**32 - 1
+        self.tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self.tpe.sample_independent(study, trial, name, distribution)
+
+    def after_trial(self, study, trial, state, values):
+        if self.tpe is not None:  # None: a trial told from outside optimize (recover_dead_trials)
+            self.tpe.after_trial(study, trial, state, values)
+
+
+def best_trials(study, k: int) -> list:
+    """The k best complete trials of a study, best first: the fine stage narrows around them."""
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    return sorted(done, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:k]
+
+
+def as_stored(space: dict) -> dict:
+    """A space as Optuna stores a user attribute (JSON): what a study's stored space is compared with."""
+    return json.loads(json.dumps(space))
+
+
+def check_same_space(args, study, name: str) -> None:
+    """--space on an existing study: it must be the space the study was created from (the YAML of a coarse
+    study; the coarse space a fine study narrowed), or it is an error naming the study and the fields that differ."""
+    given = as_stored(load_space(args.space))
+    stored = study.user_attrs.get("space_given", study.user_attrs["search_space"] if args.stage == "coarse" else None)
+    if stored is None or given == stored:  # None: a fine study of an older version, its coarse space not stored
+        return
+    fields = sorted(k for k in set(given) | set(stored) if given.get(k) != stored.get(k))
+    raise UserError(f"--space {args.space}: differs from the search space study '{name}' was created with (fields "
+                    f"{', '.join(fields)}), and a study keeps its space: give a new --study_name to search this one, "
+                    "or leave --space out to continue the study")
+
+
+def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | None]:
+    """(search space, params to try first, the space it comes from) of a new study: the YAML, or the coarse study
+    narrowed (the coarse study's space, which a --space must then equal)."""
+    if args.stage == "coarse":
+        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
+        return space, None, as_stored(space)
+    coarse_name = args.coarse_study or f"{cfg.task}-coarse"
+    try:
+        coarse = optuna.load_study(study_name=coarse_name, storage=storage)
+    except KeyError:
+        raise UserError(f"--stage fine: no study '{coarse_name}' in {args.storage} (run --stage coarse first)") \
+            from None
+    top = best_trials(coarse, args.top_k)
+    if not top:
+        raise UserError(f"--stage fine: study '{coarse_name}' has no completed trial to narrow around")
+    space = coarse.user_attrs.get("search_space")
+    if space is None:
+        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
+    elif args.space and as_stored(load_space(args.space)) != space:
+        raise UserError(f"--space {args.space}: differs from the search space of study '{coarse_name}', which the "
+                        "fine stage narrows: leave --space out (or run a coarse study over it first)")
+    return narrow_space(space, [t.params for t in top]), top[0].params, as_stored(space)

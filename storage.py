@@ -1,13 +1,17 @@
-"""Optuna storage for HPO studies: URLs (sqlite, PostgreSQL, journal files), retries at start, trials of dead workers.
+"""Optuna storage for HPO studies: URLs (sqlite, PostgreSQL, journal files), retries at start, the study's record in
+its folder, trials of dead and of paused workers.
 
 An RDB storage (sqlite, PostgreSQL, MySQL) records a heartbeat of every running trial every HEARTBEAT_S
 seconds: a trial whose heartbeat is GRACE_S old is marked failed and queued once more with the same
 parameters. A journal file (journal:PATH) has no heartbeat; for both, recover_dead_trials finds at once
 the RUNNING trials of processes of this host that are gone (by the worker_host and worker_pid user
-attributes hpo.py's trials set) and marks them dead_worker.
+attributes hpo.py's trials set) and marks them dead_worker. A worker paused past the grace period wakes
+to find its trial finished by another worker (finished_elsewhere): what it still writes to it is dropped.
+A study's folder holds one study: study.json records its storage (check_study_dir).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,6 +28,7 @@ from utils import UserError
 log = logging.getLogger("redsm5")
 DEFAULT_STORAGE = "sqlite:///outputs/hpo/optuna.db"
 HEARTBEAT_S, GRACE_S = 10, 30
+STUDY_FILE = "study.json"  # in a study's folder: which study (storage, name) writes there
 
 
 def redact(url: str) -> str:
@@ -86,8 +91,6 @@ def repair_journal(path: Path) -> int:
     and fail on it at every later start. The file is rewritten whole without it (the old one kept as PATH.bak),
     under the journal's own lock, so no worker appends meanwhile; one warning says what was dropped. Returns the
     number of bytes dropped."""
-    import json
-
     from optuna.storages.journal import JournalFileSymlinkLock
 
     if not path.is_file() or path.stat().st_size == 0:
@@ -136,6 +139,46 @@ def retry_at_start(make, what: str, more_errors: tuple = (), tries: int = 6):
             time.sleep(5)
 
 
+def storage_identity(url: str) -> str:
+    """The storage as a study's folder records it: no password, file paths made absolute (a relative path and an
+    absolute one to the same file are one storage)."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
+            path, query = url[len(prefix):].partition("?")[::2]
+            return prefix + str(Path(path).resolve()) + (f"?{query}" if query else "")
+    return redact(url)
+
+
+def check_study_dir(study_dir: Path, storage: str, name: str, claim: bool = False) -> None:
+    """One study per folder. The first worker of a study records it (storage, name) in study_dir/study.json; a
+    study of another storage or name that targets the folder is refused, naming the folder and the other storage
+    (its trials would overwrite trial_<n>/, best_config.yaml and trials_history.json). With `claim`, the record is
+    written when there is none: whole, and never over another worker's (a hard link fails if the name exists)."""
+    me, path = {"storage": storage_identity(storage), "study_name": name}, study_dir / STUDY_FILE
+    if claim and not path.exists():
+        study_dir.mkdir(parents=True, exist_ok=True)
+        tmp = study_dir / f".{STUDY_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(me, indent=2) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # a worker started at the same moment recorded its study first: compare below
+            pass
+        finally:
+            tmp.unlink()
+    if not path.exists():
+        return
+    try:
+        other = json.loads(path.read_text())
+        other = {k: other[k] for k in me}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a study record (expected JSON with storage and study_name): remove it if the "
+                        "folder holds no other study") from None
+    if other != me:
+        raise UserError(f"{study_dir}: holds study '{other['study_name']}' of storage {other['storage']}, not "
+                        f"'{name}' of {me['storage']}: one study per folder (its trials would overwrite the other's); "
+                        "give another --output_dir or --study_name")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -170,3 +213,42 @@ def recover_dead_trials(study) -> list[int]:
         log.warning("trial %d: its worker (pid %d on %s) is gone: marked failed and queued again", t.number, pid, host)
         recovered.append(t.number)
     return recovered
+
+
+def finished_elsewhere(e: BaseException) -> bool:
+    """Whether `e` says the trial was finished by someone else: a worker paused (SIGSTOP, a suspended laptop) past
+    the heartbeat's grace period wakes to find its trial marked failed, and rerun, by another worker."""
+    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError)
+
+
+def note(trial, key: str, value, lost: list | None = None) -> None:
+    """trial.set_user_attr, except on a trial finished elsewhere: then its number is put in `lost`, nothing raised."""
+    try:
+        trial.set_user_attr(key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        if lost is not None and trial.number not in lost:
+            lost.append(trial.number)
+
+
+def newly_lost(e: BaseException, lost: list, handled: set, started: list) -> list[int]:
+    """The trials that `e`, an error out of study.optimize, says another worker finished meanwhile and that were not
+    handled yet: those the objective put in `lost`, else, on Optuna's own tell of a trial another worker finished (a
+    ValueError), the last trial started (paused after the objective returned, before Optuna's tell). Empty: `e` is
+    another error."""
+    new = [n for n in lost if n not in handled]
+    if not new and isinstance(e, ValueError) and str(e).startswith("Cannot tell a") and started \
+            and started[-1] not in handled:
+        new = [started[-1]]
+    return new
+
+
+class QuietLostTrials(logging.Filter):
+    """Drops Optuna's log lines about trials another worker finished (`lost`): run_trials says it in one line."""
+
+    def __init__(self, lost: list):
+        super().__init__()
+        self.lost = lost
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} ") for n in self.lost)

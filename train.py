@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from collections import namedtuple
@@ -39,22 +35,29 @@ import numpy as np
 import torch
 
 import data
+from card import model_card
 from checkpoint import (
     LoopState,
     find_complete_dir,
     load_best,
     load_last,
     load_tokenizer,
-    model_card,
     resume_state,
     save_best,
     save_last,
-    save_tokenizer,
 )
-from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, parse_config, save_config
+from config import DATA_FIELDS, Config, parse_config
 from evaluate import evaluate, metric_names, summary_table
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
+from rundir import (
+    PREDICTION_FILES,
+    check_output_dir,
+    check_resume,
+    check_resumed_data,
+    resolve_run,
+    write_run_files,
+)
 from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, data_sha256, log_figures, log_run_inputs, tracked_metrics
 from utils import (
     UserError,
@@ -62,7 +65,6 @@ from utils import (
     dumps,
     make_accelerator,
     output_dir_lock,
-    replace_dir,
     run_main,
     set_seed,
     setup_logging,
@@ -191,96 +193,6 @@ def setup_process(cfg: Config, accelerator):
 
 
 RUN_RECORD = "run.json"  # what a run trains on, by content: what --resume compares before it continues
-PATH_FIELDS = ("data_dir", "splits_file", "test_shift_dir", "output_dir")
-
-
-def sha256_of(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def folder_sha256(folder: Path) -> str:
-    """A folder's files by name and content (the COMPLETE marker of a swapped-in folder left out)."""
-    return sha256_of([[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in sorted(folder.iterdir())
-                      if f.is_file() and f.name != "COMPLETE"])
-
-
-def same_setting(name: str, saved, now) -> bool:
-    """Paths compare by what they point to: `data/` and `./data` are one folder, and a run folder that was moved
-    resumes where it is now."""
-    if name in PATH_FIELDS and saved is not None and now is not None:
-        return os.path.realpath(saved) == os.path.realpath(now)
-    return saved == now
-
-
-def read_run_record(out_dir: Path) -> tuple[dict, dict]:
-    """(saved config, run.json) of the run to resume. Missing, empty or unreadable is a refusal, not a pass:
-    without them nothing says what the run trained on."""
-    config_file, record_file = out_dir / "config.yaml", out_dir / RUN_RECORD
-    for f in (config_file, record_file):
-        if not f.is_file() or f.stat().st_size == 0:
-            raise UserError(f"--resume: {f} is missing or empty: nothing records what this run trained on, so it "
-                            "cannot be continued safely; start a new run (another --output_dir, or no --resume)")
-    try:
-        saved = load_yaml_config(config_file)
-        record = json.loads(record_file.read_text())
-    except (UserError, ValueError) as e:
-        raise UserError(f"--resume: {config_file.parent}: its run record is damaged ({str(e)[:150]})") from None
-    missing = [k for k in DATA_FIELDS if k not in saved] + [k for k in RECORD_KEYS if k not in record]
-    if missing:
-        raise UserError(f"--resume: {config_file} / {record_file.name} lack {', '.join(missing[:4])}: the record of "
-                        "what this run trained on is incomplete; start a new run")
-    return saved, record
-
-
-RECORD_KEYS = ("data_sha256", "splits_sha256", "tokenizer_sha256")
-
-
-def check_resume(cfg: Config, out_dir: Path) -> dict:
-    """A resume must continue the same run: a changed seed would redraw the split (test posts trained on), changed
-    data content would put other posts in the test split, a changed model would mix two runs. Those are refused
-    (the settings, then the data by content); the harmless changes are logged. Returns the run record."""
-    saved, record = read_run_record(out_dir)
-    now = asdict(cfg)
-    changed = {k: (saved[k], now[k]) for k in now if k in saved and not same_setting(k, saved[k], now[k])}
-    refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUMABLE_FIELDS]
-    if refused:
-        raise UserError(f"--resume: {out_dir / 'config.yaml'} was trained with other settings "
-                        f"({', '.join(refused[:4])}); resume with the saved values, or give another --output_dir")
-    data_digest = data_sha256(cfg)  # after the settings: a wrong --data_dir is named as a changed setting
-    if record["data_sha256"] != data_digest:
-        raise UserError(f"--resume: the data changed since this run started (content sha256 "
-                        f"{record['data_sha256'][:12]} -> {data_digest[:12]}): its split would no longer keep test "
-                        "posts out of training; start a new run on the new data")
-    if len(changed) > 1:
-        log.info("resuming with changed settings: %s", {k: v for k, v in changed.items() if k != "resume"})
-    return record
-
-
-def check_resumed_data(prepared: PreparedData, out_dir: Path, record: dict) -> None:
-    """The split and the tokenizer a resume rebuilt or read back are the ones the run saved."""
-    if sha256_of(prepared.splits) != record["splits_sha256"] or not (out_dir / "splits.json").is_file() \
-            or json.loads((out_dir / "splits.json").read_text()) != prepared.splits:
-        raise UserError(f"--resume: {out_dir / 'splits.json'} differs from the split this run trained on (edited, "
-                        "damaged or missing); start a new run")
-    if folder_sha256(out_dir / "tokenizer") != record["tokenizer_sha256"]:
-        raise UserError(f"--resume: {out_dir / 'tokenizer'} differs from the tokenizer this run trained with "
-                        "(edited or damaged); start a new run")
-
-
-def write_run_files(cfg: Config, prepared: PreparedData, out_dir: Path, data_digest: str) -> None:
-    """A new run's record, each file whole or not at all: config.yaml, splits.json, tokenizer/, and last run.json
-    (the digests a resume compares). A resumed run rewrites none of them. Main process only."""
-    save_config(cfg, out_dir / "config.yaml")
-    write_text_atomic(out_dir / "splits.json", json.dumps(prepared.splits))
-    tmp = out_dir / "tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tokenizer(prepared.tokenizer, tmp, cfg.max_length)
-    replace_dir(tmp, out_dir / "tokenizer")
-    record = {"data_sha256": data_digest, "splits_sha256": sha256_of(prepared.splits),
-              "tokenizer_sha256": folder_sha256(out_dir / "tokenizer")}
-    write_text_atomic(out_dir / RUN_RECORD, json.dumps(record, indent=2))
-
-
 def start_run(cfg: Config, accelerator, out_dir: Path, resuming: bool) -> tuple[PreparedData, str]:
     """(prepared data, data digest): checked against the run's record on --resume, recorded for a new run."""
     if resuming:  # every process checks, so that all stop together
@@ -296,71 +208,6 @@ def start_run(cfg: Config, accelerator, out_dir: Path, resuming: bool) -> tuple[
     log.info("task %s: %d train / %d val / %d test examples (%d / %d / %d model inputs)", cfg.task, *sizes[::2],
              *sizes[1::2])
     return prepared, data_digest
-
-
-def new_run_dir(task: str) -> str:
-    """outputs/<task>/<date>_<time>, unique: a plain `python train.py` never lands on an earlier run."""
-    base = Path("outputs") / task / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return str(path)
-
-
-def resolve_run(cfg: Config, accelerator) -> Config:
-    """What actually runs, recorded in config.yaml: the folder of `--output_dir auto` (one name for all processes)
-    and the mixed precision the device gives. A setting that cannot apply here gets one warning line."""
-    changes = {}
-    if cfg.output_dir == "auto":
-        if cfg.resume:
-            raise UserError("--resume: give the --output_dir of the run to continue")
-        name = [new_run_dir(cfg.task)]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(name)
-        changes["output_dir"] = name[0]
-    cpu = accelerator.device.type == "cpu"
-    effective = "no" if cpu and accelerator.mixed_precision == "fp16" else accelerator.mixed_precision
-    notes = []
-    if cpu and accelerator.mixed_precision == "fp16":
-        notes.append("--mixed_precision fp16: not on a CPU (accelerate ignores it); this run trains in fp32")
-    if cpu and effective == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        notes.append("--mixed_precision bf16: this CPU has no bf16 instructions; autocast will be slower than fp32")
-    if cpu and cfg.cudnn_attention:
-        notes.append("--cudnn_attention: a GPU setting; no effect on a CPU")
-    if cpu and not cfg.tf32:
-        notes.append("--tf32 false: a GPU setting; no effect on a CPU")
-    for plugin in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # an accelerate config the launcher could not apply
-        if os.environ.get(f"ACCELERATE_USE_{plugin}", "").lower() == "true" and \
-                accelerator.distributed_type.name != plugin:
-            notes.append(f"the accelerate config asks for {plugin}, which does not apply here: this run is "
-                         f"{accelerator.distributed_type.name} on {accelerator.num_processes} process(es)")
-    for note in notes if accelerator.is_main_process else ():
-        log.warning(note)
-    if cfg.mixed_precision != effective:
-        changes["mixed_precision"] = effective
-    return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def check_output_dir(cfg: Config, out_dir: Path, accelerator) -> None:
-    """A run never replaces another silently: an output_dir that holds a run needs --resume or
-    --overwrite_output_dir."""
-    held = [f for f in (RUN_RECORD, "metrics.json") if (out_dir / f).exists()]
-    if held and not (cfg.resume or cfg.overwrite_output_dir):
-        raise UserError(f"--output_dir {out_dir}: holds a run ({held[0]}); continue it with --resume true, replace it "
-                        "with --overwrite_output_dir true, or give another --output_dir (default: a new folder)")
-    if held and not cfg.resume and accelerator.is_main_process:  # replaced: nothing of the old run may pass for the
-        # new one's (its checkpoints/last above all)
-        log.info("--overwrite_output_dir: replacing the run in %s", out_dir)
-        for name in (RUN_RECORD, "metrics.json", "run_stats.json", "history.json", *PREDICTION_FILES.values()):
-            (out_dir / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "figures"):  # renamed away first: a kill never leaves half a folder
-            if (out_dir / name).exists():
-                trash = out_dir / f".{name}.replaced-{os.getpid()}"
-                (out_dir / name).rename(trash)
-                shutil.rmtree(trash, ignore_errors=True)
 
 
 def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
@@ -532,10 +379,6 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
 
 
 # --------------------------------------------------------------------------- test and outputs
-
-PREDICTION_FILES = {"val": "val_predictions.jsonl", "test": "predictions.jsonl",
-                    "test_shift": "shift_predictions.jsonl"}
-
 
 def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict, out_dir: Path) -> dict:
     """Metrics of the best checkpoint on val, test and (when there is one) test_shift, all with the thresholds

@@ -127,11 +127,11 @@ def test_trial_seeded_sampler_same_draws_for_one_worker_or_two(tmp_path):
         trial = study.ask()
         return trial.number, search_space.sample_params(trial, space)
 
-    one = optuna.create_study(sampler=hpo.TrialSeededTPE(42, n_startup_trials=10))
+    one = optuna.create_study(sampler=search_space.TrialSeededTPE(42, n_startup_trials=10))
     alone = dict(draw(one) for _ in range(6))
     shared = storage.make_storage(f"sqlite:///{tmp_path}/o.db")
     workers = [optuna.create_study(storage=shared, study_name="s", load_if_exists=True,
-                                   sampler=hpo.TrialSeededTPE(42, n_startup_trials=10)) for _ in range(2)]
+                                   sampler=search_space.TrialSeededTPE(42, n_startup_trials=10)) for _ in range(2)]
     together = dict(draw(workers[i % 2]) for i in range(6))  # two workers asking in turn, nothing finished yet
     assert together == alone
     assert len({p["lr"] for p in alone.values()}) == 6  # a worker-wide seed would repeat the first draws

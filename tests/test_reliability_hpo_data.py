@@ -23,6 +23,7 @@ import features
 import hpo
 import models
 import report
+import search_space
 import storage
 import train
 from utils import UserError
@@ -107,16 +108,16 @@ def test_study_record_problems(cli, tmp_path, fake_train, content, needle):
 
 
 def test_study_record_hides_the_password_and_resolves_paths():
-    assert hpo.storage_identity("postgresql://me:secret@db.example/hpo") == "postgresql://me:***@db.example/hpo"
-    assert hpo.storage_identity("journal:rel/j.log").startswith("journal:/")
+    assert storage.storage_identity("postgresql://me:secret@db.example/hpo") == "postgresql://me:***@db.example/hpo"
+    assert storage.storage_identity("journal:rel/j.log").startswith("journal:/")
 
 
 def test_claim_never_overwrites_another_workers_record(tmp_path):
     study_dir = tmp_path / "s"
-    hpo.check_study_dir(study_dir, f"sqlite:///{tmp_path}/a.db", "s", claim=True)
+    storage.check_study_dir(study_dir, f"sqlite:///{tmp_path}/a.db", "s", claim=True)
     first = (study_dir / "study.json").read_text()
     with pytest.raises(UserError, match="holds study 's' of storage sqlite:///"):
-        hpo.check_study_dir(study_dir, f"sqlite:///{tmp_path}/b.db", "s", claim=True)
+        storage.check_study_dir(study_dir, f"sqlite:///{tmp_path}/b.db", "s", claim=True)
     assert (study_dir / "study.json").read_text() == first
     assert sorted(p.name for p in study_dir.iterdir()) == ["study.json"]  # no temp file left
 
@@ -237,7 +238,7 @@ def test_a_study_without_a_complete_trial_exits_2(cli, tmp_path, fake_train, beh
 
 
 def test_trial_seeds_stay_in_numpys_range():
-    sampler = hpo.TrialSeededTPE(2**32 - 1, n_startup_trials=2)
+    sampler = search_space.TrialSeededTPE(2**32 - 1, n_startup_trials=2)
     study = optuna.create_study(sampler=sampler)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)  # seeds 2**32 - 1, 0, 1: no ValueError
     assert len(study.trials) == 3
