@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import P_DUP, P_LATIN, P_MAIN, P_NL, write_corpus, write_quirky
 
+import alignment
 import data
 import demo
 import features
@@ -159,13 +160,14 @@ def test_structural_errors_name_file_and_column(tmp_path):
 
 def test_align_sentence_methods():
     post = "I can’t sleep.  Nothing   matters\nanymore. The weather was sunny on Tuesday."
-    assert data.align_sentence("I can’t sleep.", post, 0.3) == (0, 14, "exact")
-    s, e, how = data.align_sentence("nothing matters ANYMORE.", post, 0.3)
+    assert alignment.align_sentence("I can’t sleep.", post, 0.3) == (0, 14, "exact")
+    s, e, how = alignment.align_sentence("nothing matters ANYMORE.", post, 0.3)
     assert (post[s:e], how) == ("Nothing   matters\nanymore.", "normalized")
-    s, e, how = data.align_sentence("I can't really sleep.", post, 0.3)  # straight apostrophe: a paraphrase
+    s, e, how = alignment.align_sentence("I can't really sleep.", post, 0.3)  # straight apostrophe: a paraphrase
     assert (post[s:e], how) == ("I can’t sleep.", "fuzzy")
-    assert data.align_sentence("Quantum chromodynamics lectures.", post, 0.3) == (-1, -1, "unaligned")
-    assert data.sentence_spans("One. Two!\nThree? ") == [(0, 4), (5, 9), (10, 16)]
+    assert alignment.align_sentence("Quantum chromodynamics lectures.", post, 0.3) == (-1, -1, "unaligned")
+    assert alignment.sentence_spans("One. Two!\nThree? ") == [(0, 4), (5, 9), (10, 16)]
+    assert data.sentence_spans is alignment.sentence_spans  # decoding, evaluate, baselines import it from data
 
 
 # --------------------------------------------------------------------------- splits
