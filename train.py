@@ -365,7 +365,10 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
                             "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
                             "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
                             "skipped_nonfinite_steps": state.skipped_steps, "mlflow_run_id": tracker.run_id,
-                            "resumed": resume_from is not None}
+                            "resumed": resume_from is not None,
+                            "ran_with": {"device": accelerator.device.type, "mixed_precision": cfg.mixed_precision,
+                                         "distributed_type": accelerator.distributed_type.name,
+                                         "tf32": accelerator.device.type == "cuda" and cfg.tf32}}
         if accelerator.is_main_process:
             write_outputs(out_dir, cfg, results, state, metric_name, tracker)
             finish_best(best_dir, cfg, results, prepared.splits, tracker)
