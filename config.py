@@ -99,6 +99,9 @@ class Config:
     grad_accum: int = knob(1, 'micro-batches per optimizer step', low=1)
     lr: float | typing.Literal["auto"] = knob("auto",
         help="auto: 2e-3 for tiny (from scratch), 5e-5 fine-tuning a pretrained one")
+    head_lr: float | None = knob(None,
+        help="learning rate of the task heads, which start from random while a pretrained encoder does not; none: "
+             "the same as lr")
     weight_decay: float = knob(0.01, 'not applied to biases and LayerNorm weights')
     adam_beta1: float = knob(0.9, 'AdamW beta1')
     adam_beta2: float = knob(0.999, 'AdamW beta2')
@@ -167,6 +170,11 @@ class Config:
 # epochs, 0.762 at 8, pair encoding 0.617 at 4).
 AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": 5e-5},
                  "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3}}
+
+
+def pretrained(cfg) -> bool:
+    """Whether the encoder starts from trained weights (anything but the tiny encoder built from a config)."""
+    return cfg.model != "tiny"
 
 
 # The names of the earlier project's guide (TRAINING_INFRASTRUCTURE.md), which our users come from: each is named
@@ -380,8 +388,9 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--doc_stride: must be below max_length/2 ({cfg.max_length // 2}), got {cfg.doc_stride}")
     if cfg.tiny_hidden % cfg.tiny_heads:
         raise UserError(f"--tiny_heads: must divide --tiny_hidden {cfg.tiny_hidden}, got {cfg.tiny_heads}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr: must be > 0, got {cfg.lr}")
+    for name in ("lr", "head_lr"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise UserError(f"--{name}: must be > 0, got {getattr(cfg, name)}")
     if post_encoding(cfg) and not cfg.criterion_heads:
         raise UserError("--encoding post: needs --criterion_heads true (a window is read once for all nine criteria, "
                         "and only the per-criterion head outputs tell them apart)")

@@ -138,11 +138,17 @@ def check_same_space(args, study, name: str) -> None:
                     "or leave --space out to continue the study")
 
 
+def default_space(cfg: Config) -> Path:
+    """configs/hpo/<task>.yaml for the tiny encoder trained from scratch, <task>_pretrained.yaml for any other
+    --model: the rates that suit one wreck or starve the other."""
+    return SPACE_DIR / (f"{cfg.task}.yaml" if cfg.model == "tiny" else f"{cfg.task}_pretrained.yaml")
+
+
 def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | None]:
     """(search space, params to try first, the space it comes from) of a new study: the YAML, or the coarse study
     narrowed (the coarse study's space, which a --space must then equal)."""
     if args.stage == "coarse":
-        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
+        space = load_space(args.space or default_space(cfg))
         return space, None, as_stored(space)
     coarse_name = args.coarse_study or f"{cfg.task}-coarse"
     try:
@@ -155,7 +161,7 @@ def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | N
         raise UserError(f"--stage fine: study '{coarse_name}' has no completed trial to narrow around")
     space = coarse.user_attrs.get("search_space")
     if space is None:
-        space = load_space(args.space or SPACE_DIR / f"{cfg.task}.yaml")
+        space = load_space(args.space or default_space(cfg))
     elif args.space and as_stored(load_space(args.space)) != space:
         raise UserError(f"--space {args.space}: differs from the search space of study '{coarse_name}', which the "
                         "fine stage narrows: leave --space out (or run a coarse study over it first)")

@@ -175,3 +175,49 @@ def test_max_length_past_the_encoders_positions_is_a_user_error(folders):
         models.build_encoder(make_config(model=folders["roberta"], max_length=257), 600)
     for family in FAMILIES:  # RoBERTa's two offset positions are not counted; BERT's and ModernBERT's all are
         assert models.max_positions(models.build_encoder(make_config(model=folders[family]), 600)) == 256
+
+
+def test_the_optimizer_uses_the_encoder_and_head_rates(folders):
+    """The randomly initialised heads can learn at their own rate: read back from the optimizer's parameter groups
+    (and from the scheduler, which scales each group from its own initial rate)."""
+    import train
+
+    cfg = make_config(model=folders["bert"], task="joint", lr=2e-4, head_lr=1e-3)
+    model = models.build_model(cfg, models.build_tokenizer(cfg, []))
+    optimizer = train.make_optimizer(model, cfg)
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates == {"encoder": 2e-4, "encoder, no decay": 2e-4, "heads": 1e-3, "heads, no decay": 1e-3}
+    names = {id(p): n for n, p in model.named_parameters()}
+    heads = next(g for g in optimizer.param_groups if g["name"] == "heads")
+    assert {names[id(p)] for p in heads["params"]} == {"cls_head.weight", "span_head.weight"}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    scheduler = train.make_scheduler(cfg, optimizer, total_steps=100)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert {g["name"]: round(g["lr"] / g["initial_lr"], 6) for g in optimizer.param_groups}.keys() == rates.keys()
+    assert len({round(g["lr"] / g["initial_lr"], 6) for g in optimizer.param_groups}) == 1  # one schedule for all
+    same = train.make_optimizer(model, make_config(model=folders["bert"], task="joint", lr=2e-4))  # head_lr: as lr
+    assert {g["lr"] for g in same.param_groups} == {2e-4}
+
+
+def test_hpo_samples_from_the_pretrained_space_for_a_pretrained_model(folders, tmp_path):
+    """hpo.py --model <a save_pretrained folder> searches configs/hpo/<task>_pretrained.yaml (fine-tuning rates and
+    a head rate), --model tiny the from-scratch one."""
+    import optuna
+
+    import search_space
+
+    argv = ["--task", "criteria", "--model", folders["bert"], "--demo_posts", "40", "--max_steps", "1", "--epochs", "1",
+            "--threads", "1", "--mlflow", "false", "--demo_shift_posts", "0", "--max_length", "128",
+            "--doc_stride", "32",
+            "--n_trials", "2", "--storage", f"sqlite:///{tmp_path / 'o.db'}", "--output_dir", str(tmp_path / "s")]
+    hpo.main(argv)
+    space = search_space.load_space(search_space.SPACE_DIR / "criteria_pretrained.yaml")
+    study = optuna.load_study(study_name="criteria-coarse", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert len(study.trials) == 2
+    for trial in study.trials:
+        assert space["lr"]["low"] <= trial.params["lr"] <= space["lr"]["high"] <= 5e-4
+        assert space["head_lr"]["low"] <= trial.params["head_lr"] <= space["head_lr"]["high"]
+    assert search_space.default_space(make_config()).name == "criteria.yaml"
+    assert search_space.default_space(make_config(model=folders["bert"])).name == "criteria_pretrained.yaml"
