@@ -102,7 +102,7 @@ def test_pretrained_folder_trains_every_task(tmp_path, folders, family, task, en
     metric = models.TASKS[task].main_metric
     assert 0 <= results["test"][metric] <= 1
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
-    assert saved["lr"] == 5e-5 and saved["epochs"] == 3  # auto, resolved for a pretrained encoder
+    assert saved["lr"] == 2e-4 and saved["epochs"] == 3  # auto, resolved for a pretrained encoder
     assert saved["mixed_precision"] == "no"  # auto, recorded as what ran (fp32 on this CPU)
     rerun = make_config(**load_yaml_config(tmp_path / "run/config.yaml"))
     assert rerun == dataclasses.replace(cfg, mixed_precision="no")  # a rerun from it is this run
@@ -144,7 +144,7 @@ def test_evidence_span_decodes_to_exactly_its_gold_text(folders, family):
 def test_lr_and_epochs_follow_the_model(folders, tmp_path):
     assert (make_config().lr, make_config().epochs) == (2e-3, 4)  # tiny, from scratch: as before
     pretrained = make_config(model=folders["bert"])
-    assert (pretrained.lr, pretrained.epochs) == (5e-5, 3)
+    assert (pretrained.lr, pretrained.epochs) == (2e-4, 3)
     cfg, _ = parse_config(["--model", folders["bert"], "--lr", "3e-5", "--epochs", "auto"])
     assert (cfg.lr, cfg.epochs) == (3e-5, 3)
     with pytest.raises(UserError, match=r"--lr: invalid value 'fast' for 'lr' \(expected float or auto\)"):
