@@ -24,7 +24,7 @@ import data
 from card import model_card
 from config import Config, load_yaml_config, make_config
 from models import TASKS, TaskModel, drop_pooler
-from utils import UserError, find_complete_dir, replace_dir
+from utils import UserError, find_complete_dir, first_line, replace_dir
 
 log = logging.getLogger("redsm5")
 
@@ -126,18 +126,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found or path  # checkpoints written before the COMPLETE marker load as they are
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 def read_json_file(path: Path, what: str = "JSON file") -> dict:
     """A JSON object from `path`; a damaged file (not UTF-8, not JSON, not an object) is a UserError naming it."""
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a valid {what} ({_first_line(e)}): the checkpoint is damaged") from None
+        raise UserError(f"{path}: not a valid {what} ({first_line(e)}): the checkpoint is damaged") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or _first_line(e)})") from None
+        raise UserError(f"{path}: cannot read it ({e.strerror or first_line(e)})") from None
     if not isinstance(value, dict):
         raise UserError(f"{path}: not a valid {what} (expected a JSON object, got {type(value).__name__})")
     return value
@@ -151,7 +147,7 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path), "pt"):
             pass
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the weights ({_first_line(e)}): truncated or not a safetensors "
+        raise UserError(f"{path}: cannot read the weights ({first_line(e)}): truncated or not a safetensors "
                         "file") from None
 
 
@@ -180,7 +176,7 @@ def check_encoder_folder(folder: Path, cfg: Config) -> None:
     try:
         AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{folder / 'config.json'}: not a valid encoder config ({_first_line(e)})") from None
+        raise UserError(f"{folder / 'config.json'}: not a valid encoder config ({first_line(e)})") from None
     check_safetensors(folder / "model.safetensors")
 
 
@@ -194,7 +190,7 @@ def load_encoder(folder: Path, cfg: Config):
             encoder, info = AutoModel.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code,
                                                       output_loading_info=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: other shapes
-        raise UserError(f"{folder}: cannot build its encoder ({_first_line(e)[:150]})") from None
+        raise UserError(f"{folder}: cannot build its encoder ({first_line(e)[:150]})") from None
     problems = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
     problems += sorted(info["unexpected_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
     if problems:
@@ -209,7 +205,7 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # tokenizers raises plain Exceptions; any failure here means a broken folder
-        raise UserError(f"{folder}: cannot load the tokenizer ({_first_line(e)}): the checkpoint is damaged") \
+        raise UserError(f"{folder}: cannot load the tokenizer ({first_line(e)}): the checkpoint is damaged") \
             from None
 
 
@@ -245,13 +241,13 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
         model = TaskModel(TASKS[cfg.task], *encoders, dropout=cfg.dropout, criterion_heads=cfg.criterion_heads,
                           pooling=cfg.pooling, evidence_head=cfg.evidence_head)
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: cannot build a '{cfg.task}' model ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot build a '{cfg.task}' model ({first_line(e)})") from None
     check_safetensors(path / HEADS)
     heads = load_file(str(path / HEADS))
     try:
         missing, unexpected = model.load_state_dict(heads, strict=False)
     except RuntimeError as e:  # same names, other shapes
-        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model ({_first_line(e)[:150]})") \
+        raise UserError(f"{path / HEADS}: weights do not match a '{cfg.task}' model ({first_line(e)[:150]})") \
             from None
     missing = [k for k in missing if not k.startswith(tuple(n + "." for n in ENCODERS))]
     if missing or unexpected:
@@ -376,7 +372,7 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
         raise UserError(f"{resume_from}: cannot resume with --task {cfg.task} --model {cfg.model}: "
                         f"{' '.join(str(e).split())[:300]}") from None
     except Exception as e:  # a foreign file under an expected name: torch.load(weights_only=True) refuses pickles
-        raise UserError(f"{resume_from}: cannot read the training state ({type(e).__name__}: {_first_line(e)}); "
+        raise UserError(f"{resume_from}: cannot read the training state ({type(e).__name__}: {first_line(e)}); "
                         "a damaged or foreign file: start a new run") from None
     finally:
         accelerate_log.removeHandler(messages)
@@ -389,7 +385,7 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
     try:
         scheduler.load_state_dict(saved.pop("scheduler"))
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{resume_from / 'trainer_state.json'}: a damaged scheduler state ({_first_line(e)})") \
+        raise UserError(f"{resume_from / 'trainer_state.json'}: a damaged scheduler state ({first_line(e)})") \
             from None
     state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
     log.info("resumed from %s at epoch %d, batch %d, step %d", resume_from, state.epoch, state.batches_done,

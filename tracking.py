@@ -20,7 +20,7 @@ from pathlib import Path
 
 import data
 from config import Config
-from utils import UserError, system_info
+from utils import UserError, first_line, system_info
 
 log = logging.getLogger("redsm5")
 
@@ -52,10 +52,6 @@ TRAIN_LOSS, TRAIN_LR = "1_train/loss", "1_train/lr"
 # default of minutes (7 retries, 120 s timeout): a run whose server went away finishes and writes its outputs.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def with_retries(call, what: str, sqlite: bool, tries: int = 8):

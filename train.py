@@ -35,10 +35,8 @@ import numpy as np
 import torch
 
 import data
-from card import model_card
 from checkpoint import (
     LoopState,
-    find_complete_dir,
     load_best,
     load_last,
     load_tokenizer,
@@ -47,7 +45,7 @@ from checkpoint import (
     save_last,
 )
 from config import DATA_FIELDS, Config, parse_config
-from evaluate import evaluate, metric_names, summary_table
+from evaluate import evaluate, metric_names
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
 from rundir import (
@@ -55,14 +53,15 @@ from rundir import (
     check_output_dir,
     check_resume,
     check_resumed_data,
+    finish_best,
     resolve_run,
+    write_outputs,
     write_run_files,
 )
-from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, data_sha256, log_figures, log_run_inputs, tracked_metrics
+from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, data_sha256, log_run_inputs, tracked_metrics
 from utils import (
     UserError,
     dataloader_kwargs,
-    dumps,
     make_accelerator,
     output_dir_lock,
     run_main,
@@ -365,7 +364,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
         train_s = time.perf_counter() - t_train
 
         load_best(accelerator, model, best_dir)
-        results = test_best(model, prepared, cfg, accelerator, state.thresholds, out_dir)
+        results, predictions = test_best(model, prepared, cfg, accelerator, state.thresholds, out_dir)
         results["train"] = {"steps": state.global_step, "epochs_completed": state.epoch, "train_seconds": train_s,
                             "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
                             "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
@@ -375,7 +374,7 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
                                          "distributed_type": accelerator.distributed_type.name,
                                          "tf32": accelerator.device.type == "cuda" and cfg.tf32}}
         if accelerator.is_main_process:
-            write_outputs(out_dir, cfg, results, state, metric_name, tracker)
+            write_outputs(out_dir, cfg, results, predictions, state, metric_name, tracker)
             finish_best(best_dir, cfg, results, prepared.splits, tracker)
             tracker.flush()  # what MLflow did not get is known only now
             results["train"].update(tracker.unlogged())
@@ -388,10 +387,11 @@ def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str 
 
 # --------------------------------------------------------------------------- test and outputs
 
-def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict, out_dir: Path) -> dict:
-    """Metrics of the best checkpoint on val, test and (when there is one) test_shift, all with the thresholds
-    tuned on val; predictions written as JSONL."""
-    results = {"val": None, "test": None}
+def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict,
+              out_dir: Path) -> tuple[dict, dict]:
+    """(metrics, predictions) of the best checkpoint on val, test and (when there is one) test_shift, all with the
+    thresholds tuned on val; the predictions also written as JSONL."""
+    results, all_predictions = {"val": None, "test": None}, {}
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
     for name in [n for n in PREDICTION_FILES if n in prepared.features]:
         examples, feats = prepared.features[name]
@@ -401,63 +401,10 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
                                                       prepared.tokenizer.pad_token_id, **dl_kwargs))
         metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
                                            desc=f"score {name}")
-        results[name] = metrics
+        results[name], all_predictions[name] = metrics, predictions
         if accelerator.is_main_process:  # validation predictions too: report.py chooses its decision threshold on them
             write_jsonl(predictions, out_dir / PREDICTION_FILES[name])
-    return results
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def write_outputs(out_dir: Path, cfg: Config, results: dict, state: LoopState, metric_name: str,
-                  tracker: Tracker) -> None:
-    """metrics.json, history.json; the test metrics and files to MLflow. Main process only."""
-    # metrics.json holds only what the model scored, so reruns can be compared bit for bit; timings go beside it.
-    scored = [n for n in PREDICTION_FILES if n in ("val", "test") or results.get(n)]  # test_shift when there is one
-    write_text_atomic(out_dir / "metrics.json", dumps({n: results[n] for n in scored}, indent=2))
-    history = {"metric": metric_name, "val": state.history,  # training curves, also without MLflow
-               "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.curve]}
-    write_text_atomic(out_dir / "history.json", json.dumps(history))
-    log.info("%s, best checkpoint (thresholds tuned on val):\n%s", cfg.task,
-             summary_table(results, TASKS[cfg.task].headline))
-    headline = (metric_name, *TASKS[cfg.task].headline)
-    for name in scored:
-        if results[name]:
-            tracker.log_metrics(tracked_metrics(results[name], "best_val" if name == "val" else name, headline,
-                                                per_criterion=name != "val"), step=state.global_step)
-    per = {name: (results[name] or {}).get("per_criterion_f1", {}) for name in scored}
-    if any(per.values()):  # one table to read them side by side (Artifacts tab)
-        criteria = list(next(v for v in per.values() if v))
-        tracker.log_table({"criterion": criteria, **{f"{n}_f1": [per[n].get(c) for c in criteria] for n in per
-                                                     if per[n]}}, "per_criterion_f1.json")
-    for f in ("config.yaml", "metrics.json", "splits.json", "history.json"):
-        tracker.log_artifact(out_dir / f)
-    if tracker.enabled:
-        predictions = {n: read_jsonl(out_dir / PREDICTION_FILES[n]) for n in scored
-                       if (out_dir / PREDICTION_FILES[n]).is_file()}
-        log_figures(tracker, out_dir, results, history, predictions)
-
-
-def finish_best(best_dir: Path, cfg: Config, results: dict, splits: dict, tracker: Tracker) -> None:
-    """The best checkpoint's model card rewritten with its test metrics; the card to the run's artifacts, and, when
-    asked (--mlflow_log_model), the checkpoint as a pyfunc model (mlflow_model.py). Main process only."""
-    found = find_complete_dir(best_dir)
-    if found is None:
-        return
-    n_params = json.loads((found / "checkpoint.json").read_text()).get("encoder_parameters", 0)
-    write_text_atomic(found / "README.md", model_card(cfg, results, n_params, splits))
-    tracker.log_artifact(found / "README.md")
-    if cfg.mlflow_log_model and tracker.enabled and tracker.failure is None:
-        from mlflow_model import log_model
-
-        tracker.flush()
-        try:
-            log_model(found, tracker.run_id, tracker.uri, cfg.mlflow_register_model)  # it logs the model's URI
-        except Exception as e:  # tracking is a side channel: the run's own outputs are written already
-            log.warning("--mlflow_log_model: the model was not logged (%s)", str(e).splitlines()[0][:200])
-            tracker.lost_items.append("model")
+    return results, all_predictions
 
 
 def main(argv=None):

@@ -38,6 +38,11 @@ class UserError(Exception):
     """Bad input from the user: reported as one line and exit code 2, never a traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one line of an error message: its first line, at most 200 characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def run_main(main, argv=None) -> None:
     """Entry-point wrapper: user errors are one line on stderr and exit code 2; Ctrl-C (130) and SIGTERM (143) one
     line too, after the run has unwound (no traceback)."""

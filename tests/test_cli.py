@@ -16,11 +16,9 @@ from conftest import ROOT, write_corpus, write_quirky
 
 import data
 import evaluate
-import models
 import train
 import utils
-from checkpoint import load_checkpoint, save_checkpoint
-from config import make_config
+from checkpoint import load_checkpoint
 from utils import UserError
 
 
@@ -218,16 +216,6 @@ def test_a_second_run_on_a_busy_output_dir_names_the_holder(cli, tmp_path):
 
 
 # --------------------------------------------------------------------------- checkpoints (evaluate.py)
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A real (untrained) criteria checkpoint of a very small model, as train.py saves it."""
-    cfg = make_config(task="criteria", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64, doc_stride=16)
-    tokenizer = models.train_tiny_tokenizer(list(data.CRITERIA.values()) + ["I can’t sleep."], 200)
-    path = tmp_path_factory.mktemp("run") / "checkpoints" / "best"
-    save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {"null_threshold": None})
-    return path
-
 
 def copy_checkpoint(src, dst):
     import shutil

@@ -21,7 +21,6 @@ import data
 import evaluate
 import features
 import hpo
-import models
 import report
 import search_space
 import storage
@@ -355,18 +354,6 @@ def test_a_huge_post_aligns_like_a_small_one(tmp_path):
 
 
 # --------------------------------------------------------------------------- 9, 10. --predict input and output
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from checkpoint import save_checkpoint
-    from config import make_config
-
-    cfg = make_config(task="criteria", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64, doc_stride=16)
-    tokenizer = models.train_tiny_tokenizer(list(data.CRITERIA.values()) + ["I can’t sleep."], 200)
-    path = tmp_path_factory.mktemp("run") / "checkpoints" / "best"
-    save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {"null_threshold": None})
-    return path
-
 
 @pytest.mark.parametrize("content, needles, rows", [
     ("post_id,text\np1,\u200b\u200b\u2060\np2,I can't sleep.\n,hello\np3,\n",

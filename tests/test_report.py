@@ -7,6 +7,7 @@ import pytest
 
 import baselines
 import data
+import intervals
 import metrics
 import report
 
@@ -19,42 +20,42 @@ TINY = ["--task", "criteria", "--demo_posts", "60", "--tiny_hidden", "16", "--ti
 # --------------------------------------------------------------------------- statistics
 
 def test_bootstrap_ci_hand_computed():
-    assert report.bootstrap_ci([0.7] * 5) == (0.7, 0.7)  # no spread, no width
+    assert intervals.bootstrap_ci([0.7] * 5) == (0.7, 0.7)  # no spread, no width
     # [0, 1]: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5% points are 0 and 1
-    assert report.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    assert intervals.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
     # [0, 0, 0, 1]: the mean is k/4 with k ~ Binomial(4, 1/4); P(k = 0) = 0.32 > 2.5%, P(k >= 3) = 5.1%, P(k = 4) = 0.4%
-    assert report.bootstrap_ci([0.0, 0.0, 0.0, 1.0]) == (0.0, 0.75)
-    assert report.bootstrap_ci([1.0, 2.0, 4.0], seed=3) == report.bootstrap_ci([1.0, 2.0, 4.0], seed=3)  # seeded
+    assert intervals.bootstrap_ci([0.0, 0.0, 0.0, 1.0]) == (0.0, 0.75)
+    assert intervals.bootstrap_ci([1.0, 2.0, 4.0], seed=3) == intervals.bootstrap_ci([1.0, 2.0, 4.0], seed=3)  # seeded
 
 
 def test_bootstrap_ci_matches_normal_theory_and_narrows_with_n():
     rng = np.random.default_rng(0)
     small, large = rng.normal(10, 2, 25), rng.normal(10, 2, 400)
-    lo, hi = report.bootstrap_ci(large)
+    lo, hi = intervals.bootstrap_ci(large)
     half = 1.96 * large.std(ddof=1) / np.sqrt(len(large))
     assert lo < large.mean() < hi
     assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
-    assert np.subtract(*report.bootstrap_ci(small)[::-1]) > 3 * (hi - lo)  # sqrt(400/25) = 4x wider, give or take
+    assert np.subtract(*intervals.bootstrap_ci(small)[::-1]) > 3 * (hi - lo)  # sqrt(400/25) = 4x wider, give or take
 
 
 def test_corrected_t_interval_hand_computed():
     # mean 0.9, s = 0.1, n = 3, n_test/n_train = 0.5: half width t(2, 0.975) * sqrt((1/3 + 0.5) * 0.01)
-    low, high = report.corrected_t_ci([0.8, 0.9, 1.0], 0.5)
+    low, high = intervals.corrected_t_ci([0.8, 0.9, 1.0], 0.5)
     assert (low, high) == pytest.approx((0.9 - 4.302653 * 0.0912871, 0.9 + 4.302653 * 0.0912871), abs=1e-6)
-    no_overlap = report.corrected_t_ci([0.8, 0.9, 1.0], 0.0)  # independent runs: the plain t interval
+    no_overlap = intervals.corrected_t_ci([0.8, 0.9, 1.0], 0.0)  # independent runs: the plain t interval
     assert no_overlap == pytest.approx((0.9 - 4.302653 * 0.1 / 3**0.5, 0.9 + 4.302653 * 0.1 / 3**0.5), abs=1e-6)
-    d = report.summarize([0.8, 0.9, 1.0], n_boot=2000, test_train_ratio=0.5)
+    d = intervals.summarize([0.8, 0.9, 1.0], n_boot=2000, test_train_ratio=0.5)
     # wider than the bootstrap
     assert d["ci_corrected_low"] == pytest.approx(low) and d["ci_corrected_low"] < d["ci_low"]
-    assert "ci_corrected_low" not in report.summarize([0.8, 0.9], n_boot=2000)  # one split: no correction
+    assert "ci_corrected_low" not in intervals.summarize([0.8, 0.9], n_boot=2000)  # one split: no correction
 
 
 def test_summarize_skips_missing_values():
-    s = report.summarize([0.8, None, 0.9, float("nan"), 1.0])
+    s = intervals.summarize([0.8, None, 0.9, float("nan"), 1.0])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)  # sample std (ddof 1)
     assert s["ci_low"] <= 0.9 <= s["ci_high"]
-    assert report.summarize([0.5])["std"] == 0.0 and report.summarize([])["mean"] is None
-    runs = report.summarize_runs([{"f1": 0.5, "n": 10, "cm": [[1]]}, {"f1": 0.7, "auroc": 0.9}])
+    assert intervals.summarize([0.5])["std"] == 0.0 and intervals.summarize([])["mean"] is None
+    runs = intervals.summarize_runs([{"f1": 0.5, "n": 10, "cm": [[1]]}, {"f1": 0.7, "auroc": 0.9}])
     assert list(runs) == ["f1", "auroc"] and runs["auroc"]["n"] == 1  # floats only: counts and matrices are not metrics
 
 
