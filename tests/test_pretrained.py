@@ -141,10 +141,16 @@ def test_evidence_span_decodes_to_exactly_its_gold_text(folders, family):
         assert (ex["post_id"], ex["criterion"], got) in annotated  # and it is the annotated sentence's text
 
 
-def test_lr_and_epochs_follow_the_model(folders, tmp_path):
-    assert (make_config().lr, make_config().epochs) == (2e-3, 4)  # tiny, from scratch: as before
+def test_lr_epochs_and_batch_size_follow_the_model(folders, tmp_path):
+    assert (make_config().lr, make_config().epochs, make_config().batch_size) == (2e-3, 4, 32)  # tiny: as before
     pretrained = make_config(model=folders["bert"])
-    assert (pretrained.lr, pretrained.epochs) == (2e-4, 3)
+    assert (pretrained.lr, pretrained.epochs, pretrained.batch_size) == (2e-4, 3, 32)
+    # batch 8 where a pretrained encoder reads post windows (a ninth of the examples of pair encoding)
+    for task, encoding, tiny_batch, pretrained_batch in [("criteria", "post", 32, 32), ("evidence", "post", 32, 8),
+                                                         ("joint", "post", 32, 8), ("joint", "pair", 32, 32)]:
+        assert make_config(task=task, encoding=encoding).batch_size == tiny_batch
+        assert make_config(model=folders["bert"], task=task, encoding=encoding).batch_size == pretrained_batch
+    assert make_config(model=folders["bert"], task="joint", batch_size=16).batch_size == 16  # a set value wins
     cfg, _ = parse_config(["--model", folders["bert"], "--lr", "3e-5", "--epochs", "auto"])
     assert (cfg.lr, cfg.epochs) == (3e-5, 3)
     with pytest.raises(UserError, match=r"--lr: invalid value 'fast' for 'lr' \(expected float or auto\)"):
