@@ -259,7 +259,11 @@ class TaskModel(nn.Module):
         """criteria: cross-entropy of the status (weighted by class_weights when given). evidence, span head: the
         mean span loss of start and end; tag head: BCE of "inside an evidence sentence" over the text tokens.
         joint: w_c * criteria + w_e * evidence. Under `--encoding post` every criterion of a window counts
-        (labels -100 and pair_mask drop the (window, criterion) rows that are not examples)."""
+        (labels -100 and pair_mask drop the (window, criterion) rows that are not examples).
+        joint's tag BCE is balanced: (mean over evidence tokens + mean over the rest) / 2. Its rows are every
+        criterion of a window, most without evidence, so about 1% of its tokens are positive, and the plain mean
+        taught a pretrained encoder to say "no evidence" everywhere (MiniLM test combined 0.536 -> 0.892, tiny
+        0.761 -> see results/2026-12-05_pretrained-post-level.md)."""
         criteria_loss = evidence_loss = None
         if self.cls_head is not None:
             logits = out["cls_logits"].float()
@@ -271,7 +275,12 @@ class TaskModel(nn.Module):
         elif self.span_head is not None:
             mask = context_mask if pair_mask is None else context_mask.unsqueeze(1) & pair_mask.unsqueeze(-1)
             bce = F.binary_cross_entropy_with_logits(out["tag_logits"].float(), tag_targets.float(), reduction="none")
-            evidence_loss = (bce * mask).sum() / mask.sum().clamp(min=1)
+            if self.cls_head is None:
+                evidence_loss = (bce * mask).sum() / mask.sum().clamp(min=1)
+            else:  # joint: the mean over evidence tokens and the mean over the others, halved (see loss())
+                pos, neg = mask & tag_targets.bool(), mask & ~tag_targets.bool()
+                evidence_loss = ((bce * pos).sum() / pos.sum().clamp(min=1)
+                                 + (bce * neg).sum() / neg.sum().clamp(min=1)) / 2
         if evidence_loss is None:
             return criteria_loss
         if criteria_loss is None:

@@ -100,7 +100,9 @@ def test_each_loss_weight_scales_its_part_of_the_joint_loss(evidence_head):
     if evidence_head == "tag":
         bce = torch.nn.functional.binary_cross_entropy_with_logits(out["tag_logits"], (starts | ends).float(),
                                                                    reduction="none")
-        evidence = (bce * context).sum() / context.sum()
+        gold = starts | ends  # balanced: the mean over evidence tokens and over the rest, halved
+        evidence = ((bce * (context & gold)).sum() / (context & gold).sum()
+                    + (bce * (context & ~gold)).sum() / (context & ~gold).sum()) / 2
     else:
         def nll(logits, gold):  # one gold position per row: plain cross-entropy
             return torch.nn.functional.cross_entropy(logits, gold.float().argmax(1))
@@ -109,6 +111,20 @@ def test_each_loss_weight_scales_its_part_of_the_joint_loss(evidence_head):
     torch.testing.assert_close(loss_of(3.0, 1.0)["loss"], 3 * ce + evidence)
     torch.testing.assert_close(loss_of(1.0, 0.5)["loss"], ce + 0.5 * evidence)
     torch.testing.assert_close(loss_of(0.0, 2.0)["loss"], 2 * evidence)
+
+
+def test_the_evidence_task_tag_loss_is_the_plain_mean_over_text_tokens():
+    """Only joint balances its tag BCE (most of its rows have no evidence); evidence's rows all have some."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 5))
+    context = torch.ones_like(ids, dtype=torch.bool)
+    context[:, 0] = False
+    tags = torch.zeros(2, 5, dtype=torch.bool)
+    tags[0, 2], tags[1, 3:] = True, True
+    model = TaskModel(TASKS["evidence"], Identity(8), dropout=0.0, evidence_head="tag").eval()
+    out = model(ids, torch.ones_like(ids), criterion_ids=torch.tensor([1, 2]), context_mask=context, tag_targets=tags)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out["tag_logits"], tags.float(), reduction="none")
+    torch.testing.assert_close(out["loss"], bce[context].mean())
 
 
 def test_criteria_loss_uses_the_class_weights_and_no_targets_means_no_loss():
