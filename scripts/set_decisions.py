@@ -26,13 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from config import post_encoding  # noqa: E402
-from decoding import (  # noqa: E402
-    pair_rows, sentence_scores, sentences_of_spans, tune_sentence_threshold)
+from decoding import pair_rows, sentence_scores, sentences_of_spans, tune_sentence_threshold  # noqa: E402
 from evaluate import make_accelerator, model_outputs  # noqa: E402
 from features import make_loader  # noqa: E402
 from metrics import best_threshold, sentence_set_metrics  # noqa: E402
 from models import TASKS, featurize  # noqa: E402
-
 
 SET_RULES = ("absolute", "per_criterion", "relative", "zero")
 
