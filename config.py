@@ -172,7 +172,7 @@ class Config:
 # steps (a window carries all nine criteria), and at 4 epochs joint is under-trained (test combined 0.687 at 4
 # epochs, 0.762 at 8, pair encoding 0.617 at 4).
 # pretrained_post: a pretrained encoder there. Batch 8 gives it 4x the optimizer steps of batch 32 at the same
-# compute (an epoch of evidence: 33 steps -> 130): evidence test / test_shift sentence_f1 0.803 / 0.691 -> 0.981 /
+# compute (an epoch of evidence: 33 steps -> 129): evidence test / test_shift sentence_f1 0.803 / 0.691 -> 0.981 /
 # 0.876 (results/2026-12-05_pretrained-post-level.md).
 AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": 2e-4, "pretrained_post": 2e-4},
                  "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3, "pretrained_post": 3},

@@ -11,7 +11,7 @@ Rules (a sentence's score is the one evaluate.py decodes: the mean tag logit of 
   absolute      score > t, t tuned on validation (the best sentence when none passes)
   per_criterion score > t_c, one t per criterion tuned on its validation pairs (the global t for a criterion with
                 fewer than 10 of them)
-  relative      score >= best score of the pair - m, m tuned on validation
+  relative      score > best score of the pair - m, m tuned on validation
   zero          score > 0: the tag head's own "inside evidence" decision at p = 0.5, nothing tuned
 Prints one Markdown table of sentence_f1 / set_exact_match per rule and scored set (the pairs with gold evidence).
 """
@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
+import decoding  # noqa: E402
 from checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from config import post_encoding  # noqa: E402
 from decoding import pair_rows, sentence_scores, sentences_of_spans, tune_sentence_threshold  # noqa: E402
@@ -37,19 +38,13 @@ SET_RULES = ("absolute", "per_criterion", "relative", "zero")
 
 def decode_sets(scores, decision: dict, criteria) -> list[set[int]]:
     """Each pair's evidence sentences by `decision` (tune_set_decision); the best sentence when none passes (every
-    scored pair has gold evidence). The "absolute" rule is decoding.decode_sets, what evaluate.py does."""
-    out = []
-    for s, criterion in zip(scores, criteria):
-        top = s.max() if len(s) else -np.inf
-        if decision["rule"] == "relative":
-            chosen = set(np.flatnonzero(s >= top - decision["margin"]).tolist()) if np.isfinite(top) else set()
-        else:
-            chosen = set(np.flatnonzero(s > decision.get("per_criterion", {}).get(criterion,
-                                                                               decision["threshold"])).tolist())
-        if not chosen and np.isfinite(top):
-            chosen = {int(np.argmax(s))}
-        out.append(chosen)
-    return out
+    scored pair has gold evidence). The absolute rules are decoding.decode_sets, what evaluate.py does, at the
+    pair's threshold."""
+    if decision["rule"] == "relative":
+        return [decoding.decode_sets([s], s.max() - decision["margin"] if len(s) else 0.0, True)[0]
+                for s in scores]
+    per = decision.get("per_criterion", {})
+    return [decoding.decode_sets([s], per.get(c, decision["threshold"]), True)[0] for s, c in zip(scores, criteria)]
 
 
 def tune_set_decision(rule: str, scores, gold_sets, criteria) -> dict:
