@@ -3,7 +3,7 @@
 `sentence_spans` splits a text into sentences; `align_sentence` finds one annotated sentence in its post (exact,
 then up to case and whitespace, then the fuzzy best sentence); `align_rows` does it for a corpus' annotation rows,
 once per (post, sentence). data.py's `build_corpus` calls it; decoding and evaluation split texts with
-`sentence_spans` (as `data.sentence_spans`).
+`sentence_spans`.
 """
 from __future__ import annotations
 

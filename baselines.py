@@ -18,9 +18,9 @@ import re
 
 import numpy as np
 
+import alignment
 import data
 from config import Config
-from evaluate import has_post_pairs
 from metrics import (
     best_threshold,
     classification_metrics,
@@ -31,6 +31,7 @@ from metrics import (
     tune_thresholds,
 )
 from models import TASKS
+from scoring import has_post_pairs
 
 # --------------------------------------------------------------------------- the decision threshold
 
@@ -89,7 +90,7 @@ def bow_probs(train_ex: list[dict], *others: list[dict]) -> list[np.ndarray]:
 
 
 def first_sentence(text: str) -> str:
-    spans = data.sentence_spans(text)
+    spans = alignment.sentence_spans(text)
     return text[spans[0][0] : spans[0][1]] if spans else ""
 
 

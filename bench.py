@@ -13,7 +13,7 @@ trains --steps timed optimizer steps after --warmup untimed ones, then evaluates
 inputs (taken from the training split: throughput only), with the same features (train.py's
 prepare_data), model config and initial weights, AdamW and schedule, batch sizes, seed and threads:
   ours            features.make_loader + TaskModel (loss in forward) + accelerate: train.py's loop;
-                  evaluate.model_outputs
+                  scoring.model_outputs
   trainer_best    transformers.Trainer, dynamic padding, length-grouped batches; Trainer.predict
   trainer_padded  Trainer, inputs padded to max_length at tokenisation (run_glue's classic default)
 Each run is a fresh process: its peak RSS and time to first step are its own. Speed-ups compare real
@@ -75,29 +75,25 @@ def endless(loader):
 
 
 class OurLoop:
-    """train.py's training step (as train.train runs it: forward with its loss, backward, clip, optimizer step,
-    then the scheduler) on batches drawn epoch after epoch; the losses read on the host once per log_every steps,
-    as train.py logs them."""
+    """train.py's training step itself (train.train_step: forward with its loss, backward, clip, optimizer and
+    scheduler step) on batches drawn epoch after epoch, its loss read on the host at every optimizer step
+    (train.step_loss), as train.train does."""
 
     def __init__(self, model, optimizer, scheduler, train_loader, accelerator, cfg):
         self.model, self.optimizer, self.scheduler, self.accelerator, self.cfg = (model, optimizer, scheduler,
                                                                                   accelerator, cfg)
-        self.batches, self.losses = endless(train_loader), []
+        self.batches, self.losses, self.steps = endless(train_loader), [], 0
 
     def step(self) -> None:
-        model, accelerator = self.model, self.accelerator
-        with accelerator.accumulate(model):
-            loss = model(**next(self.batches))["loss"]
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and self.cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-            self.scheduler.step()
-        self.losses.append(loss.detach())
-        if len(self.losses) % self.cfg.log_every == 0:
-            torch.stack(self.losses[-self.cfg.log_every:]).cpu()  # train.py's one host sync per log_every steps
+        from train import step_loss, train_step
+
+        loss, _ = train_step(self.model, next(self.batches), self.optimizer, self.scheduler, self.accelerator,
+                             self.cfg)
+        self.losses += [loss] if loss is not None else []
+        if self.accelerator.sync_gradients and self.losses:
+            self.steps += 1
+            step_loss(self.losses, self.steps)
+            self.losses = []
 
 
 def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
@@ -122,9 +118,9 @@ def prepare_ours(job, cfg, model, tokenizer, train_feats) -> tuple:
 
 
 def time_our_eval(model, eval_feats, accelerator, cfg, pad: int, dl_kwargs: dict) -> tuple[np.ndarray, list]:
-    """(wall and CPU seconds, batch shapes) of evaluate.model_outputs over eval_feats, after a warm-up."""
-    from evaluate import model_outputs
+    """(wall and CPU seconds, batch shapes) of scoring.model_outputs over eval_feats, after a warm-up."""
     from features import make_loader
+    from scoring import model_outputs
 
     warm = eval_feats[: 2 * cfg.eval_batch_size]
     warm_loader = make_loader(warm, cfg.eval_batch_size, False, pad, **dl_kwargs)
@@ -153,7 +149,7 @@ def profile_our_steps(loop: OurLoop, recorder: BatchRecorder, first: int) -> dic
 
 
 def run_ours(job, cfg, model, tokenizer, train_feats, eval_feats, t_process) -> dict:
-    """train.py's loop with timestamps, then evaluate.model_outputs."""
+    """train.py's loop with timestamps, then scoring.model_outputs."""
     loop, recorder, dl_kwargs = prepare_ours(job, cfg, model, tokenizer, train_feats)
     total, sync_at, step_ends = job["warmup"] + job["steps"], edges(job), []
     loop.model.train()

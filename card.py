@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from config import Config
+from config import Config, pretrained
 from models import TASKS
 
 TASK_TEXT = {
@@ -77,7 +77,7 @@ def card_front_matter(cfg: Config, metrics: dict) -> str:
             # not ours to choose: the base encoder's licence and ReDSM5's data usage agreement decide it
             "license": "other", "license_name": "redsm5-data-usage-agreement",
             "datasets": ["redsm5" if cfg.data_dir is not None else "redsm5-synthetic-demo"]}
-    if cfg.model != "tiny":
+    if pretrained(cfg):
         meta["base_model"] = cfg.model
     test = metrics.get("test") or {}
     scores = [{"type": k, "name": k, "value": round(float(test[k]), 4)} for k in TASKS[cfg.task].headline
@@ -119,7 +119,7 @@ def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
     return CARD_TEMPLATE.format(
         front_matter=card_front_matter(cfg, metrics), task=cfg.task, task_text=TASK_TEXT[cfg.task], n_params=n_params,
         encoder=(f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained from "
-                 "scratch" if cfg.model == "tiny" else f"`{cfg.model}`, fine-tuned"),
+                 "scratch" if not pretrained(cfg) else f"`{cfg.model}`, fine-tuned"),
         heads=("one output pair per criterion" if cfg.criterion_heads else "shared")
         + ("; a second encoder for the evidence in `span_encoder/`" if two_encoders else ""),
         max_length=cfg.max_length, lr=cfg.lr, seed=cfg.seed,

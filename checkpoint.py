@@ -21,8 +21,7 @@ import torch
 import yaml
 
 import data
-from card import model_card
-from config import Config, load_yaml_config, make_config
+from config import Config, load_yaml_config, make_config, post_encoding
 from models import TASKS, TaskModel, drop_pooler
 from utils import UserError, find_complete_dir, first_line, replace_dir
 
@@ -110,8 +109,8 @@ def label_map(cfg: Config, model: TaskModel) -> dict:
             row["evidence_head_rows"] = list(range(per_token * i, per_token * (i + 1)))  # start, end / tag
         rows.append(row)
     return {"criteria": rows, "pooling": cfg.pooling, "evidence_head": cfg.evidence_head if per_token else None,
-            "encoding": cfg.encoding, "input": "[CLS] criterion description [SEP] text [SEP]" if cfg.encoding == "pair"
-            or cfg.task == "criteria" and cfg.unit == "sentence" else "[CLS] text [SEP], every criterion's rows read"}
+            "encoding": cfg.encoding, "input": "[CLS] text [SEP], every criterion's rows read" if post_encoding(cfg)
+            else "[CLS] criterion description [SEP] text [SEP]"}
 
 
 # --------------------------------------------------------------------------- loading, with damaged-file checks
@@ -256,13 +255,6 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
     return model.eval(), tokenizer, cfg, extra
 
 
-TASK_TEXT = {
-    "criteria": "DSM-5 criteria classification: for each (text, criterion) pair, whether the text shows that "
-                "symptom of major depression (status 1)",
-    "evidence": "evidence extraction: the sentences of a post that are evidence for a given DSM-5 criterion",
-    "joint": "criteria classification and evidence extraction with one model",
-}
-
 # --------------------------------------------------------------------------- during training: best and last
 
 @dataclass
@@ -280,16 +272,17 @@ class LoopState:
     skipped_steps: int = 0  # non-finite losses skipped
 
 
-def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: dict, splits: dict) -> None:
-    """The best model so far as an evaluate.py checkpoint (Hugging Face layout, save_checkpoint) with a
-    model card of its validation metrics, swapped in whole by replace_dir."""
+def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: dict, splits: dict,
+              card=None) -> None:
+    """The best model so far as an evaluate.py checkpoint (Hugging Face layout, save_checkpoint), swapped in whole by
+    replace_dir; with `card` (card.model_card), its model card of the validation metrics."""
     weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
     if accelerator.is_main_process:
         tmp = best_dir.with_name(best_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("encoder."))}
-        card = model_card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits)
-        save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=card)
+        text = card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits) if card else None
+        save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=text)
         (tmp / "splits.json").write_text(json.dumps(splits))
         replace_dir(tmp, best_dir)
 
@@ -350,7 +343,7 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
 
     Every file is checked first, and anything damaged is an error that names it. That includes the random states,
     which accelerate skips with an INFO line when it cannot read them: the resumed run would then silently differ
-    from an uninterrupted one (measured: test f1_macro 0.611 against 0.547), and --resume promises the same run."""
+    from an uninterrupted one, and --resume promises the same run."""
     saved = read_json_file(resume_from / "trainer_state.json", "trainer_state.json")
     missing = [k for k in ("scheduler", "epoch", "batches_done", "global_step") if k not in saved]
     if missing:

@@ -162,18 +162,10 @@ class Config:
         help="with --mlflow_log_model, also register it in the model registry under this name")
 
 
-# What `auto` means, per field. The tiny encoder learns from scratch and takes a large rate (2e-3: the model table
-# on the demo, results/). A pretrained encoder is fine-tuned, and 2e-3 wrecks its weights (on an independent
-# templated corpus: MiniLM at 2e-3 collapses to the majority class, f1_macro 0.443). At the 800 training posts of the
-# demo, 5e-5 (BERT's fine-tuning grid) under-trains its randomly initialised heads in 3 epochs; 2e-4 for everything
-# measured better on all three tasks (results/2026-12-05_pretrained-defaults.md: criteria test / test_shift f1_macro
-# 0.833 / 0.698 -> 0.900 / 0.794; evidence exact_match 0.385 -> 0.880; joint paper_macro_f1 0.042 -> 0.090).
-# tiny_post: tiny under --encoding post on a post-level task. An epoch then has a ninth of pair encoding's optimizer
-# steps (a window carries all nine criteria), and at 4 epochs joint is under-trained (test combined 0.687 at 4
-# epochs, 0.762 at 8, pair encoding 0.617 at 4).
-# pretrained_post: a pretrained encoder there. Batch 8 gives it 4x the optimizer steps of batch 32 at the same
-# compute (an epoch of evidence: 33 steps -> 129): evidence test / test_shift sentence_f1 0.803 / 0.691 -> 0.981 /
-# 0.876 (results/2026-12-05_pretrained-post-level.md).
+# What `auto` means, per model kind (a pretrained encoder, or tiny, under pair or post encoding): the tiny encoder
+# learns from scratch and takes a large rate; a pretrained one is fine-tuned. Chosen on the demo, each by the runs on
+# its results page: results/2026-12-05_pretrained-defaults.md (lr), results/2026-12-05_pretrained-post-level.md
+# (batch 8 under post encoding), results/2026-12-02_post-encoding-and-evidence-sets.md (tiny_post epochs).
 AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": 2e-4, "pretrained_post": 2e-4},
                  "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3, "pretrained_post": 3},
                  "batch_size": {"tiny": 32, "tiny_post": 32, "pretrained": 32, "pretrained_post": 8}}
@@ -364,15 +356,21 @@ def make_config(**overrides) -> Config:
     return cfg
 
 
+def sentence_unit(cfg: Config) -> bool:
+    """Whether the examples are single annotated sentences (criteria --unit sentence); every other setting reads
+    whole posts, one (post, criterion) pair per criterion. The one place this is derived."""
+    return cfg.task == "criteria" and cfg.unit == "sentence"
+
+
 def post_encoding(cfg: Config) -> bool:
     """`--encoding post` applies to the post-level examples; criteria of single sentences always reads pairs."""
-    return cfg.encoding == "post" and not (cfg.task == "criteria" and cfg.unit == "sentence")
+    return cfg.encoding == "post" and not sentence_unit(cfg)
 
 
 def resolve_auto(cfg: Config) -> Config:
     """`auto` fields replaced by the number for this model (AUTO_DEFAULTS), once, here: config.yaml, MLflow params
     and HPO's best_config.yaml then carry the number, and a rerun from config.yaml is the same run."""
-    kind = ("tiny" if cfg.model == "tiny" else "pretrained") + ("_post" if post_encoding(cfg) else "")
+    kind = ("pretrained" if pretrained(cfg) else "tiny") + ("_post" if post_encoding(cfg) else "")
     chosen = {name: values[kind] for name, values in AUTO_DEFAULTS.items() if getattr(cfg, name) == "auto"}
     return dataclasses.replace(cfg, **chosen) if chosen else cfg
 
@@ -408,7 +406,7 @@ def validate_config(cfg: Config) -> None:
     if cfg.mlflow and cfg.mlflow_system_metrics and importlib.util.find_spec("psutil") is None:
         raise UserError("--mlflow_system_metrics: needs psutil (pip install psutil, or the 'system-metrics' extra: "
                         "pip install -e '.[system-metrics]'); or run without it")
-    if cfg.model != "tiny" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
+    if pretrained(cfg) and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"--model {cfg.model}: a folder without config.json (not a save_pretrained model folder)")
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data import SYMPTOMS, sentence_spans
+from alignment import sentence_spans
+from data import SYMPTOMS
 from metrics import best_threshold, sentence_set_metrics, span_scores
 
 

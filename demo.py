@@ -12,7 +12,6 @@ item of each phrase list is held out: part "main" (train/val/test) never uses th
 """
 from __future__ import annotations
 
-import csv
 import functools
 import itertools
 import random
@@ -21,8 +20,6 @@ import string
 from pathlib import Path
 
 DEMO_PHRASES = Path(__file__).resolve().parent / "configs" / "demo_corpus.yaml"
-POST_COLUMNS = ["post_id", "text"]
-ANNOTATION_COLUMNS = ["post_id", "sentence_id", "sentence_text", "DSM5_symptom", "status", "explanation"]
 PARTS = ("main", "shift")
 HARD_NEGATIVE_POSTS = 0.7  # share of posts with 1-3 hard negatives (of symptoms the post does not show)
 
@@ -234,20 +231,3 @@ def make_demo(n_posts: int = 1000, seed: int = 0, part: str = "main") -> tuple[l
                                 "explanation": expl})
         posts.append({"post_id": post_id, "text": " ".join(sentences)})
     return posts, annotations
-
-
-def write_demo(out_dir: str | Path, n_posts: int, seed: int, shift_posts: int = 0) -> None:
-    """posts.csv + annotations.csv of the demo corpus in out_dir; with shift_posts, the shifted corpus
-    (held-out phrasing) in out_dir/shift/, in the same format."""
-    out_dir = Path(out_dir)
-    for folder, n, part in ((out_dir, n_posts, "main"), (out_dir / "shift", shift_posts, "shift")):
-        if not n:
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        posts, annotations = make_demo(n, seed, part)
-        for name, rows, cols in (("posts.csv", posts, POST_COLUMNS),
-                                 ("annotations.csv", annotations, ANNOTATION_COLUMNS)):
-            with open(folder / name, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=cols)
-                writer.writeheader()
-                writer.writerows(rows)

@@ -1,4 +1,4 @@
-"""Optuna hyperparameter search over train.py's own training loop: one trial = one `train.train` in process.
+"""Optuna hyperparameter search over train.py's own training loop: one trial = one `runner.run` in process.
 
     python hpo.py --task criteria --n_trials 20                     # coarse study over configs/hpo/criteria.yaml
     python hpo.py --task criteria --n_trials 20 --stage fine        # narrowed around the best trials of criteria-coarse
@@ -48,17 +48,18 @@ import os
 import shutil
 import socket
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import optuna
 import torch
 import yaml
 
+import runner
 import train
-from config import Config, make_config, parse_config
-from evaluate import metric_names
-from hpo_tracking import close_trial_run, open_parent_run
+from config import DATA_FIELDS, Config, make_config, parse_config
 from plots import plot_hpo
+from scoring import metric_names
 from search_space import TrialSeededTPE, best_trials, check_same_space, sample_params, study_space
 from storage import (
     DEFAULT_STORAGE,
@@ -70,15 +71,14 @@ from storage import (
     note,
     recover_dead_trials,
     redact,
+    retry_at_start,
 )
 from tracking import Tracker
 from utils import UserError, run_main, setup_logging, write_text_atomic
 
 log = logging.getLogger("redsm5")
 PRUNERS = ("median", "halving", "hyperband", "none")
-# Measured: 12 criteria trials on the demo (--epochs 3 --threads 1, seed 42): no pruning 2,736 training
-# steps, best val f1_macro 0.853; median 2,152 (5 pruned) 0.846; halving 2,188 (8) 0.853; hyperband 2,405 (7) 0.846.
-DEFAULT_PRUNER = "median"
+DEFAULT_PRUNER = "median"  # the fewest steps at about the best value: results/2026-12-02_hpo-pruners.md
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")  # trial states that count toward --n_trials (but see counts_toward_n_trials)
 
 
@@ -110,6 +110,21 @@ def check_args(args, cfg: Config) -> None:
                             f"(choose from auto, {', '.join(valid)})")
 
 
+# --------------------------------------------------------------------------- the data, prepared once per setting
+
+DataKey = namedtuple("DataKey", DATA_FIELDS)  # every Config field tagged data=True: none can be missing from the key
+_DATA_CACHE: dict = {}  # one setting at a time: features of big corpora are large
+
+
+def prepared_data(cfg: Config) -> train.PreparedData:
+    """train.prepare_data, reused by every trial of the same data setting in this process."""
+    key = DataKey(*(getattr(cfg, name) for name in DataKey._fields))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = train.prepare_data(cfg)
+    return _DATA_CACHE[key]
+
+
 # --------------------------------------------------------------------------- trials
 
 def trial_config(base: Config, params: dict, output_dir: Path, run_name: str | None = None) -> Config:
@@ -118,22 +133,15 @@ def trial_config(base: Config, params: dict, output_dir: Path, run_name: str | N
                           "resume": False})
 
 
-def step_budget(cfg: Config) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps in all) as train.train counts them in one process."""
-    _, _, features, _ = train.prepare_data(cfg)  # cached: the trial is using it
-    return train.step_budget(cfg, math.ceil(len(features["train"][1]) / cfg.batch_size))
-
-
 class PruneAtValidation:
-    """train.train's `on_validation` of one trial: reports the watched metric to Optuna after each
+    """runner.run's `on_validation` of one trial: reports the watched metric to Optuna after each
     epoch, prunes there, and keeps the optimizer steps trained up to that validation."""
 
     def __init__(self, trial, cfg: Config, metric: str):
         self.trial, self.cfg, self.metric, self.steps_done = trial, cfg, metric, 0
 
-    def __call__(self, epoch: int, metrics: dict) -> None:
-        per_epoch, total = step_budget(self.cfg)
-        self.steps_done = min((epoch + 1) * per_epoch, total)
+    def __call__(self, epoch: int, metrics: dict, step: int, total: int) -> None:
+        self.steps_done = step
         self.trial.report(metrics[self.metric], epoch)
         # After the last validation training is over: pruning then would only throw its result away.
         if self.steps_done < total and self.trial.should_prune():
@@ -160,8 +168,8 @@ def objective(trial, base: Config, space: dict, metric: str, study_dir: Path, pa
         cfg = trial_config(base, sample_params(trial, space), study_dir / name, run_name=name)
         trial.set_user_attr("config", dataclasses.asdict(cfg))  # exactly what ran, whatever later workers' flags
         pruning = PruneAtValidation(trial, cfg, metric)
-        # parent_run_id: train.train nests its MLflow run under the study's
-        results = train.train(cfg, on_validation=pruning, parent_run_id=parent_run_id)
+        # parent_run_id: the trial's MLflow run nests under the study's; the data is prepared once per setting
+        results = runner.run(cfg, on_validation=pruning, parent_run_id=parent_run_id, prepare=prepared_data)
         trial.set_user_attr("train_steps", results["train"]["steps"])
         if not math.isfinite(results["val"][metric]):
             raise ValueError(f"val {metric} is {results['val'][metric]}")
@@ -367,6 +375,61 @@ def all_failed(summary: dict) -> str | None:
     reason = (str(first["fail_reason"]).strip().splitlines() or ["no reason recorded"])[0][:400]
     return (f"study '{summary['study']}': no trial completed, {c['FAIL']} failed, so there is no best config; the "
             f"first failure (trial {first['number']}): {reason}")
+
+
+# --------------------------------------------------------------------------- a study's MLflow runs
+
+PARENT_TAG = "hpo_study"  # storage and study name: what the parent runs of one study share
+
+
+def elect_parent_run(tracker: Tracker, study_key: str, settle_s: float = 2.0) -> str:
+    """Workers that start a study at the same moment each create a parent run; all of them then agree on the oldest
+    one. Each tags its run with the study, waits until the others' runs are visible (settle_s: they were created
+    within moments of each other), and takes the run created first (ties: the smaller id). A worker that starts
+    later finds the parent in the study's user attributes and never gets here."""
+    tracker.client.set_tag(tracker.run_id, PARENT_TAG, study_key)
+    time.sleep(settle_s)
+    experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    runs = tracker.client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{study_key}'")
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+
+def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> Tracker:
+    """The study's MLflow run, one for all workers: the trials' runs nest under it. Not a `with` block:
+    a worker that ends while another still runs trials leaves it open."""
+    name = study.study_name
+    parent_cfg = dataclasses.replace(cfg, run_name=f"hpo-{name}", output_dir=str(study_dir))
+    if not cfg.mlflow:
+        return Tracker(parent_cfg, False)
+    from mlflow.exceptions import MlflowException
+
+    tracker = retry_at_start(lambda: Tracker(parent_cfg, True, run_id=study.user_attrs.get("mlflow_parent_run_id")),
+                             "MLflow tracking store", (MlflowException,))
+    if tracker.enabled and "mlflow_parent_run_id" not in study.user_attrs:
+        winner = elect_parent_run(tracker, f"{redact(args.storage)}#{name}")
+        if winner != tracker.run_id:  # a worker started at the same moment made one too: one parent per study
+            tracker.client.delete_run(tracker.run_id)
+            tracker.ended = True
+            tracker = Tracker(parent_cfg, True, run_id=winner)
+        study.set_user_attr("mlflow_parent_run_id", winner)
+        tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": redact(args.storage),
+                            "hpo.pruner": args.pruner, "hpo.metric": metric, "hpo.n_trials": args.n_trials})
+        tracker.log_dict(study.user_attrs["search_space"], "search_space.json")
+    return tracker
+
+
+def close_trial_run(tracker: Tracker, trial) -> None:
+    """Tag the trial's nested MLflow run and set its end status from the trial's state. train.py ends any
+    run that raised as FAILED, a pruned one included (KILLED here); a dead worker's run is still RUNNING."""
+    retried = trial.system_attrs.get("failed_trial")
+    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    for number, state in [(trial.number, trial.state.name)] + ([(retried, "FAIL")] if retried is not None else []):
+        for run in tracker.client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{tracker.run_id}' "
+                                                        f"and attributes.run_name = 'trial_{number}'"):
+            tracker.client.set_tag(run.info.run_id, "optuna.trial", str(number))
+            tracker.client.set_tag(run.info.run_id, "optuna.state", state)
+            if run.info.status != "FINISHED":
+                tracker.client.set_terminated(run.info.run_id, "KILLED" if state == "PRUNED" else "FAILED")
 
 
 def main(argv=None):

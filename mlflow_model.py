@@ -66,8 +66,7 @@ class ReDSM5Model(mlflow.pyfunc.PythonModel):
 
 
 def posts_of(model_input) -> dict[str, str]:
-    """post_id -> text of a predict input, read as evaluate.read_posts reads a --predict CSV: ids stripped, a post_id
-    twice is an error, rows without an id or a visible text are skipped (one warning), and none left is an error."""
+    """post_id -> text of a predict input, read as a --predict CSV is (data.posts_to_predict)."""
     import data
 
     if isinstance(model_input, dict):
@@ -80,28 +79,8 @@ def posts_of(model_input) -> dict[str, str]:
                          f"and text, one row per post (got columns: {', '.join(map(str, frame.columns)) or 'none'})")
     if frame.empty:
         raise BadInput("model input has no rows: give a DataFrame with columns post_id and text, one row per post")
-    posts, no_id, no_text = {}, 0, 0
-    for pid, text in zip(frame["post_id"], frame["text"]):
-        pid = "" if pd.isna(pid) else str(pid).strip()
-        text = "" if not isinstance(text, str) else text
-        if not pid:
-            no_id += 1
-        elif pid in posts:
-            raise BadInput(f"model input has post_id '{pid}' twice (predictions are keyed by post_id: give each "
-                             "post its own)")
-        elif not data.visible(text):
-            no_text += 1
-            posts[pid] = None
-        else:
-            posts[pid] = text
-    posts = {k: v for k, v in posts.items() if v is not None}
-    if not posts:
-        raise BadInput(f"model input has no row with both a post_id and a visible text ({no_id} without post_id, "
-                         f"{no_text} with an empty text or only invisible characters)")
-    if no_id or no_text:
-        log.warning("model input: %d rows skipped, not predicted: %d without post_id, %d with an empty text or only "
-                    "invisible (zero-width) characters", no_id + no_text, no_id, no_text)
-    return posts
+    return data.posts_to_predict([(None if pd.isna(pid) else pid, text) for pid, text in
+                                  zip(frame["post_id"], frame["text"])], "model input", error=BadInput)
 
 
 # --------------------------------------------------------------------------- logging to a run

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import data
 import features
-from config import Config, post_encoding
+from config import Config, post_encoding, pretrained, sentence_unit
 from utils import UserError
 
 log = logging.getLogger("redsm5")
@@ -37,11 +37,11 @@ class Task:
 
 
 def _criteria_examples(corpus, post_ids, cfg):
-    return data.sentence_examples(corpus, post_ids) if cfg.unit == "sentence" else data.post_examples(corpus, post_ids)
+    return data.sentence_examples(corpus, post_ids) if sentence_unit(cfg) else data.post_examples(corpus, post_ids)
 
 
 TASKS = {
-    "criteria": Task(_criteria_examples, lambda cfg: cfg.unit == "post", classify=True, spans=False,
+    "criteria": Task(_criteria_examples, lambda cfg: not sentence_unit(cfg), classify=True, spans=False,
                      main_metric="f1_macro",
                      headline=("f1_macro", "f1", "precision", "recall", "auroc", "accuracy", "paper_micro_f1",
                                "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned", "n")),
@@ -142,7 +142,7 @@ def model_source(name: str) -> str:
 
 
 def build_tokenizer(cfg: Config, train_texts):
-    if cfg.model == "tiny":
+    if not pretrained(cfg):
         return train_tiny_tokenizer(list(data.CRITERIA.values()) + list(train_texts), cfg.tiny_vocab)
     from transformers import AutoTokenizer
 
@@ -170,7 +170,7 @@ def max_positions(encoder) -> int | None:
 def build_encoder(cfg: Config, vocab_size: int):
     from transformers import AutoModel
 
-    if cfg.model == "tiny":  # sized to fit: max_position_embeddings >= max_length
+    if not pretrained(cfg):  # sized to fit: max_position_embeddings >= max_length
         return drop_pooler(AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa"))
     try:
         encoder = AutoModel.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
@@ -260,10 +260,9 @@ class TaskModel(nn.Module):
         mean span loss of start and end; tag head: BCE of "inside an evidence sentence" over the text tokens.
         joint: w_c * criteria + w_e * evidence. Under `--encoding post` every criterion of a window counts
         (labels -100 and pair_mask drop the (window, criterion) rows that are not examples).
-        joint's tag BCE is balanced: (mean over evidence tokens + mean over the rest) / 2. Its rows are every
-        criterion of a window, most without evidence, so about 1% of its tokens are positive, and the plain mean
-        taught a pretrained encoder to say "no evidence" everywhere (MiniLM test combined 0.536 -> 0.892, tiny
-        0.761 -> see results/2026-12-05_pretrained-post-level.md)."""
+        joint's tag BCE is balanced: (mean over evidence tokens + mean over the rest) / 2: about 1% of its tokens
+        are evidence, and the plain mean teaches "no evidence" everywhere
+        (results/2026-12-05_pretrained-post-level.md)."""
         criteria_loss = evidence_loss = None
         if self.cls_head is not None:
             logits = out["cls_logits"].float()

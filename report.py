@@ -9,7 +9,7 @@
 Folds are by post and stratified by the post's symptom profile (`data.kfold_splits`): fold k is the
 test set, a stratified slice of the other folds (val_ratio of all posts) the validation set, the rest
 trains. Folds depend on --seed only, so --seeds vary the training (initialisation, batch order), not
-the data. Each fold x seed is one `train.train` in output_dir/fold{k}-seed{s}/ and an MLflow run nested
+the data. Each fold x seed is one `runner.run` in output_dir/fold{k}-seed{s}/ and an MLflow run nested
 under one parent run. output_dir then holds summary.json and summary.md (its tables written by plots.py):
 for every test metric the mean, standard deviation, a percentile-bootstrap 95% interval of the mean over
 the runs (it treats them as independent, a lower bound) and, with k >= 2 folds, the corrected resampled
@@ -33,7 +33,7 @@ import numpy as np
 
 import data
 import rundir
-import train
+import runner
 from baselines import choose_threshold, fold_baselines, with_threshold
 from config import Config, load_yaml_config, parse_config
 from intervals import summarize_runs
@@ -244,9 +244,9 @@ def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = No
                 return "finished before, read back"  # history.json is written last
             log.warning("%s: its outputs are incomplete (%s): not finished, trained again", run_dir, why)
         if (run_dir / "checkpoints" / "last" / "COMPLETE").exists():
-            train.train(dataclasses.replace(run_cfg, resume=True), parent_run_id=parent_run_id)
+            runner.run(dataclasses.replace(run_cfg, resume=True), parent_run_id=parent_run_id)
             return "resumed from its last state"
-    train.train(run_cfg, parent_run_id=parent_run_id)
+    runner.run(run_cfg, parent_run_id=parent_run_id)
     return "trained"
 
 

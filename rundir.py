@@ -1,5 +1,5 @@
-"""The run folder: where a run goes, what it records of itself, what a resume checks before it continues, and
-what a finished run leaves there (metrics.json, history.json, the best checkpoint's card, MLflow's copies).
+"""The run folder: where a run goes, what it records of itself, and what a resume checks before it continues
+(what a finished run leaves there: runner.py).
 
 A new run gets a folder of its own (`--output_dir auto`: outputs/<task>/<date>_<time>); a folder that holds a run
 is continued only with --resume and replaced only with --overwrite_output_dir. A run records config.yaml,
@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
-from card import model_card
-from checkpoint import find_complete_dir, save_tokenizer
+from checkpoint import read_json_file, save_tokenizer
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, save_config
-from evaluate import summary_table
-from models import TASKS
-from tracking import Tracker, data_sha256, log_figures, tracked_metrics
-from utils import UserError, dumps, replace_dir, write_text_atomic
+from data import data_sha256
+from utils import UserError, replace_dir, write_text_atomic
 
 log = logging.getLogger("redsm5")
 
@@ -128,6 +125,11 @@ def write_run_files(cfg: Config, prepared, out_dir: Path, data_digest: str) -> N
     write_text_atomic(out_dir / RUN_RECORD, json.dumps(record, indent=2))
 
 
+def saved_run_id(last_dir: Path) -> str | None:
+    """The MLflow run that a resumed run continues: the one its training state recorded."""
+    return read_json_file(last_dir / "trainer_state.json", "trainer_state.json").get("run_id")
+
+
 def new_run_dir(task: str) -> str:
     """outputs/<task>/<date>_<time>, unique: a plain `python train.py` never lands on an earlier run."""
     base = Path("outputs") / task / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -191,52 +193,3 @@ def check_output_dir(cfg: Config, out_dir: Path, accelerator) -> None:
                 trash = out_dir / f".{name}.replaced-{os.getpid()}"
                 (out_dir / name).rename(trash)
                 shutil.rmtree(trash, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- what a finished run leaves
-
-def write_outputs(out_dir: Path, cfg: Config, results: dict, predictions: dict, state, metric_name: str,
-                  tracker: Tracker) -> None:
-    """metrics.json, history.json; the test metrics and files to MLflow. Main process only."""
-    # metrics.json holds only what the model scored, so reruns can be compared bit for bit; timings go beside it.
-    scored = [n for n in PREDICTION_FILES if n in ("val", "test") or results.get(n)]  # test_shift when there is one
-    write_text_atomic(out_dir / "metrics.json", dumps({n: results[n] for n in scored}, indent=2))
-    history = {"metric": metric_name, "val": state.history,  # training curves, also without MLflow
-               "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.curve]}
-    write_text_atomic(out_dir / "history.json", json.dumps(history))
-    log.info("%s, best checkpoint (thresholds tuned on val):\n%s", cfg.task,
-             summary_table(results, TASKS[cfg.task].headline))
-    headline = (metric_name, *TASKS[cfg.task].headline)
-    for name in scored:
-        if results[name]:
-            tracker.log_metrics(tracked_metrics(results[name], "best_val" if name == "val" else name, headline,
-                                                per_criterion=name != "val"), step=state.global_step)
-    per = {name: (results[name] or {}).get("per_criterion_f1", {}) for name in scored}
-    if any(per.values()):  # one table to read them side by side (Artifacts tab)
-        criteria = list(next(v for v in per.values() if v))
-        tracker.log_table({"criterion": criteria, **{f"{n}_f1": [per[n].get(c) for c in criteria] for n in per
-                                                     if per[n]}}, "per_criterion_f1.json")
-    for f in ("config.yaml", "metrics.json", "splits.json", "history.json"):
-        tracker.log_artifact(out_dir / f)
-    if tracker.enabled:
-        log_figures(tracker, out_dir, results, history, predictions)
-
-
-def finish_best(best_dir: Path, cfg: Config, results: dict, splits: dict, tracker: Tracker) -> None:
-    """The best checkpoint's model card rewritten with its test metrics; the card to the run's artifacts, and, when
-    asked (--mlflow_log_model), the checkpoint as a pyfunc model (mlflow_model.py). Main process only."""
-    found = find_complete_dir(best_dir)
-    if found is None:
-        return
-    n_params = json.loads((found / "checkpoint.json").read_text()).get("encoder_parameters", 0)
-    write_text_atomic(found / "README.md", model_card(cfg, results, n_params, splits))
-    tracker.log_artifact(found / "README.md")
-    if cfg.mlflow_log_model and tracker.enabled and tracker.failure is None:
-        from mlflow_model import log_model
-
-        tracker.flush()
-        try:
-            log_model(found, tracker.run_id, tracker.uri, cfg.mlflow_register_model)  # it logs the model's URI
-        except Exception as e:  # tracking is a side channel: the run's own outputs are written already
-            log.warning("--mlflow_log_model: the model was not logged (%s)", str(e).splitlines()[0][:200])
-            tracker.lost_items.append("model")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from config import HPO_FIXED_FIELDS, Config, coerce
+from config import HPO_FIXED_FIELDS, Config, coerce, pretrained
 from utils import UserError, read_yaml
 
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
@@ -141,7 +141,7 @@ def check_same_space(args, study, name: str) -> None:
 def default_space(cfg: Config) -> Path:
     """configs/hpo/<task>.yaml for the tiny encoder trained from scratch, <task>_pretrained.yaml for any other
     --model: the rates that suit one wreck or starve the other."""
-    return SPACE_DIR / (f"{cfg.task}.yaml" if cfg.model == "tiny" else f"{cfg.task}_pretrained.yaml")
+    return SPACE_DIR / (f"{cfg.task}_pretrained.yaml" if pretrained(cfg) else f"{cfg.task}.yaml")
 
 
 def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | None]:

@@ -17,13 +17,12 @@ import os
 import re
 import shutil
 import socket
-import time
 import warnings
 from pathlib import Path
 
 import optuna
 
-from utils import UserError
+from utils import UserError, retry
 
 log = logging.getLogger("redsm5")
 DEFAULT_STORAGE = "sqlite:///outputs/hpo/optuna.db"
@@ -124,19 +123,12 @@ def repair_journal(path: Path) -> int:
     return len(last)
 
 
-def retry_at_start(make, what: str, more_errors: tuple = (), tries: int = 6):
+def retry_at_start(make, what: str, more_errors: tuple = ()):
     """Workers started together race to create a fresh database (tables, schema migrations): the losers retry."""
     import sqlalchemy.exc
 
     errors = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, *more_errors)
-    for attempt in range(tries):
-        try:
-            return make()
-        except errors as e:
-            if attempt == tries - 1:
-                raise
-            log.warning("%s not ready (%s): retrying in 5 s", what, str(e).splitlines()[0][:150])
-            time.sleep(5)
+    return retry(make, lambda e: isinstance(e, errors), tries=6, wait_s=lambda n: 5, what=what)
 
 
 def storage_identity(url: str) -> str:

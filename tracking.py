@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import data
 from config import Config
-from utils import UserError, first_line, system_info
+from utils import UserError, first_line, retry, system_info
 
 log = logging.getLogger("redsm5")
 
@@ -54,19 +53,18 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIME
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-def with_retries(call, what: str, sqlite: bool, tries: int = 8):
+def open_store(call, what: str, sqlite: bool):
     """call() at the start of a run. Several processes that open a new sqlite store at once race on creating its
     schema (duplicate column, table already exists, an alembic step that another process took): retried. Anything
     else (a bad URI, an unreachable server) is one line naming the store."""
-    for attempt in range(tries):
-        try:
-            return call()
-        except Exception as e:  # mlflow, sqlalchemy and alembic raise their own types
-            racing = sqlite or any(w in str(e) for w in ("already exists", "UNIQUE constraint", "duplicate"))
-            if not racing or attempt == tries - 1:
-                raise UserError(f"{what}: cannot open the MLflow store ({first_line(e)}); "
-                                "or run with --mlflow false") from None
-            time.sleep(0.3 * (attempt + 1))
+    def racing(e: Exception) -> bool:
+        return sqlite or any(w in str(e) for w in ("already exists", "UNIQUE constraint", "duplicate"))
+
+    try:
+        return retry(call, racing, tries=8, wait_s=lambda n: 0.3 * (n + 1))
+    except Exception as e:
+        raise UserError(f"{what}: cannot open the MLflow store ({first_line(e)}); or run with --mlflow false") \
+            from None
 
 
 # The experiment's kind, as MLflow 3's UI reads it: a model-training experiment (runs, charts, models), not the GenAI
@@ -124,9 +122,9 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         sqlite, what = self.uri.startswith("sqlite:"), f"--tracking_uri {self.uri}"
         # a bad URI or unreachable store fails here, before training, not mid-run
-        self.client = with_retries(lambda: self._open(MlflowClient), what, sqlite)
+        self.client = open_store(lambda: self._open(MlflowClient), what, sqlite)
         if run_id is None:
-            run_id = with_retries(lambda: self._create_run(cfg, parent_run_id), what, sqlite)
+            run_id = open_store(lambda: self._create_run(cfg, parent_run_id), what, sqlite)
         else:
             self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, TRAIN_LOSS)
@@ -314,28 +312,9 @@ def log_figures(tracker: Tracker, out_dir: Path, results: dict, history: dict, p
     return pngs
 
 
-def data_sha256(cfg: Config) -> str:
-    """The content digest of what a run trains and tests on: the demo corpus by the rows its parameters generate,
-    a data folder by its two CSV files (and --test_shift_dir's, and --splits_file's bytes). train.py compares it
-    on --resume; MLflow's dataset input shows it."""
-    digest = hashlib.sha256()
-    if cfg.data_dir is None:
-        posts, annotations = data.make_demo(cfg.demo_posts, cfg.demo_seed)
-        digest.update(json.dumps([cfg.demo_posts, cfg.demo_seed, posts, annotations], sort_keys=True).encode())
-    else:
-        for f in data.find_files(cfg.data_dir):  # posts, then annotations
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
-    if cfg.test_shift_dir is not None:
-        for f in data.find_files(cfg.test_shift_dir):
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
-    if cfg.splits_file is not None and Path(cfg.splits_file).is_file():
-        digest.update(hashlib.sha256(Path(cfg.splits_file).read_bytes()).digest())
-    return digest.hexdigest()
-
-
 def dataset_input(cfg: Config, report: dict, sha256: str) -> dict:
     """The run's data as an MLflow dataset input (Tracker.log_dataset): the demo corpus by its parameters, a data
-    folder by its path, both with the content digest of data_sha256."""
+    folder by its path, both with the content digest of data.data_sha256."""
     if cfg.data_dir is None:
         name, source_type = f"demo-{cfg.demo_posts}-seed{cfg.demo_seed}", "code"
         source = {"tags": {"mlflow.source.name": f"demo:n_posts={cfg.demo_posts},seed={cfg.demo_seed}"}}

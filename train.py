@@ -6,93 +6,44 @@
     python train.py --config configs/optimized.yaml --data_dir path/to/redsm5 --model bert-base-uncased
     python train.py --output_dir outputs/run --resume      # continue a killed run from checkpoints/last
 
-A run writes to output_dir: config.yaml, splits.json, metrics.json ({"val", "test"} and "test_shift"
-when there is a shifted test set: the demo's held-out phrasing, or --test_shift_dir), predictions.jsonl
-(and val_predictions.jsonl, shift_predictions.jsonl), history.json (loss and lr per logged step, validation
-metric per epoch), run_stats.json (timings, MLflow run id), checkpoints/best (what evaluate.py loads:
-a Hugging Face encoder/ folder, heads.safetensors, a README.md model card), checkpoints/last (for --resume),
-and one MLflow run (params, the data as a dataset input, loss and lr per step, validation metrics per epoch,
-test metrics per criterion, artifacts).
-
-Reading order: the data, tokenised once per setting -> the optimizer and schedule -> the setup around the loop
--> `train`: the epoch and step loops in one view (forward, which returns the loss; backward; clip; step;
-validation) -> testing the best checkpoint and writing the outputs.
+This file is the training path alone: the data, tokenised once -> the optimizer and schedule -> `train_step`
+(forward, which returns the loss; backward; clip; step) -> `train`, the epoch loop around it with validation,
+the best checkpoint and its test. It tracks and records nothing but through the hooks its caller gives:
+runner.py makes it a run (the output folder and its lock, resume, MLflow, the files a run leaves, listed
+there), and `main` below is that run from the command line.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
 import math
 import sys
 import time
 from collections import namedtuple
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 import data
-from checkpoint import (
-    LoopState,
-    load_best,
-    load_last,
-    load_tokenizer,
-    resume_state,
-    save_best,
-    save_last,
-)
-from config import DATA_FIELDS, Config, parse_config
-from evaluate import evaluate, metric_names
+from checkpoint import LoopState, load_best, load_tokenizer, resume_state, save_best
+from config import Config, parse_config
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
-from rundir import (
-    PREDICTION_FILES,
-    check_output_dir,
-    check_resume,
-    check_resumed_data,
-    finish_best,
-    resolve_run,
-    write_outputs,
-    write_run_files,
-)
-from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, data_sha256, log_run_inputs, tracked_metrics
-from utils import (
-    UserError,
-    dataloader_kwargs,
-    make_accelerator,
-    output_dir_lock,
-    run_main,
-    set_seed,
-    setup_logging,
-    system_info,
-    write_jsonl,
-    write_text_atomic,
-)
+from scoring import evaluate, metric_names
+from utils import UserError, dataloader_kwargs, make_accelerator, run_main, set_seed, setup_logging
 
 log = logging.getLogger("redsm5")
 
-# --------------------------------------------------------------------------- data, tokenised once per setting
+# --------------------------------------------------------------------------- data, tokenised once
 
-# The cache key: the values of every Config field tagged data=True (config.DATA_FIELDS), so a field that
-# affects the data cannot be missing from it.
-DataKey = namedtuple("DataKey", DATA_FIELDS)
 # features: {split: (examples, features)} for train, val, test and, when there is one, test_shift
 PreparedData = namedtuple("PreparedData", ["splits", "tokenizer", "features", "report"])
-_DATA_CACHE: dict[DataKey, PreparedData] = {}  # reused by every HPO trial in this process
-
-
-def data_key(cfg: Config) -> DataKey:
-    return DataKey(*(getattr(cfg, name) for name in DataKey._fields))
 
 
 def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedData:
-    """Load, split and tokenise; cached per DataKey. A resumed run gives the tokenizer it saved, read back."""
-    key = data_key(cfg)
-    if key in _DATA_CACHE and saved_tokenizer is None:
-        return _DATA_CACHE[key]
+    """Load, split and tokenise. A resumed run gives the tokenizer it saved, read back."""
     corpus = data.load_corpus_from_config(cfg)
     log.info("\n%s", data.format_report(corpus.report))
     if cfg.splits_file:
@@ -121,9 +72,7 @@ def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedDa
         train_texts = {corpus.posts[p] for p in splits["train"]} | {e["text"] for e in examples["train"]}
         tokenizer = build_tokenizer(cfg, sorted(train_texts))
     features = {name: (ex, featurize(cfg, tokenizer, ex)) for name, ex in examples.items()}
-    _DATA_CACHE.clear()  # one setting at a time: features of big corpora are large
-    _DATA_CACHE[key] = PreparedData(splits, tokenizer, features, report)
-    return _DATA_CACHE[key]
+    return PreparedData(splits, tokenizer, features, report)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -196,24 +145,6 @@ def setup_process(cfg: Config, accelerator):
     return accelerator
 
 
-RUN_RECORD = "run.json"  # what a run trains on, by content: what --resume compares before it continues
-def start_run(cfg: Config, accelerator, out_dir: Path, resuming: bool) -> tuple[PreparedData, str]:
-    """(prepared data, data digest): checked against the run's record on --resume, recorded for a new run."""
-    if resuming:  # every process checks, so that all stop together
-        record = check_resume(cfg, out_dir)
-        data_digest = record["data_sha256"]
-        prepared = prepare_data(cfg, saved_tokenizer=out_dir / "tokenizer")
-        check_resumed_data(prepared, out_dir, record)
-    else:
-        prepared, data_digest = prepare_data(cfg), data_sha256(cfg)
-        if accelerator.is_main_process:
-            write_run_files(cfg, prepared, out_dir, data_digest)
-    sizes = [len(x) for name in ("train", "val", "test") for x in prepared.features[name]]
-    log.info("task %s: %d train / %d val / %d test examples (%d / %d / %d model inputs)", cfg.task, *sizes[::2],
-             *sizes[1::2])
-    return prepared, data_digest
-
-
 def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
     """(model, optimizer, scheduler, train loader, val loader, total optimizer steps), prepared by accelerate."""
     train_features = prepared.features["train"][1]
@@ -227,173 +158,150 @@ def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
     return model, optimizer, make_scheduler(cfg, optimizer, total_steps), train_loader, val_loader, total_steps
 
 
-def log_losses(pending: list, state: LoopState, tracker: Tracker, progress) -> None:
-    """Move the pending (step, loss, lr) to the host in one sync; a non-finite loss stops the run naming its step."""
-    losses = torch.stack([loss for _, loss, _ in pending]).float().cpu().numpy()
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if len(bad):
-        raise UserError(f"loss became {losses[bad[0]]} at step {pending[bad[0]][0]}: lower --lr, "
-                        "keep --max_grad_norm on, or check the data")
-    for (step, _, lr), loss in zip(pending, losses):
-        tracker.log_metrics({TRAIN_LOSS: float(loss), TRAIN_LR: lr}, step=step)
-        state.curve.append([step, float(loss), lr])
-    progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][2]:.2e}")
+def _nothing(*args, **kwargs) -> None:
+    return None
 
 
-# --------------------------------------------------------------------------- the run
+@dataclass
+class Hooks:
+    """What the caller does beside the loop, each optional: runner.py logs to MLflow and the console and saves
+    checkpoints/last there; hpo.py prunes at validation."""
+    logged: Callable = _nothing  # (step, train loss, lr) after every optimizer step
+    validated: Callable = _nothing  # (epoch, val metrics, step, total steps) after every validation
+    save_state: Callable = _nothing  # (state, scheduler) every --save_every steps and after every epoch
+    best_info: dict = field(default_factory=dict)  # more for the best checkpoint's checkpoint.json
+    card: Callable | None = None  # (cfg, metrics, n_params, splits) -> the best checkpoint's README.md
 
-def train(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | None = None) -> dict:
-    """Train, validate each epoch, keep the best checkpoint, test it. Returns {"val", "test", ["test_shift",]
-    "train"}. `on_validation(epoch, val_metrics)` is called after every validation (HPO prunes there).
-    `parent_run_id` nests this run's MLflow run under another (an HPO study, a cross-validation).
-    A run that raises is ended in MLflow as KILLED (Ctrl-C) or FAILED, not left RUNNING.
-    """
+
+# --------------------------------------------------------------------------- the step and the loop
+
+def train_step(model, batch, optimizer, scheduler, accelerator, cfg: Config) -> tuple[torch.Tensor | None, float]:
+    """One micro-batch: forward (the model returns its loss), backward, clip, step. Returns (the detached loss, or
+    None when --skip_nonfinite skipped it; the rate the optimizer step used).
+
+    Under gradient accumulation accelerate's wrapped optimizer and scheduler skip step() and zero_grad() on every
+    micro-batch but the last of an accumulation (accelerator.sync_gradients); the gradients add up meanwhile."""
+    with accelerator.accumulate(model):
+        loss = model(**batch)["loss"]
+        # every process must agree, or DDP would wait for the skipped backward: a sync per step, only when asked
+        skip = cfg.skip_nonfinite and accelerator.gather(~torch.isfinite(loss.detach()).reshape(1)).any()
+        if not skip:
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+    return (None if skip else loss.detach()), lr
+
+
+def step_loss(micro_losses: list[torch.Tensor], step: int) -> float:
+    """The loss of one optimizer step (the mean of its micro-batches), on the host: one sync per step. A
+    non-finite loss stops the run at that step, naming it."""
+    loss = torch.stack(micro_losses).mean().float().item()
+    if not math.isfinite(loss):
+        raise UserError(f"loss became {loss} at step {step}: lower --lr, keep --max_grad_norm on, or check the data")
+    return loss
+
+
+def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resume_from: Path | None = None,
+          hooks: Hooks | None = None) -> tuple[dict, dict, LoopState]:
+    """Train, validate each epoch, keep the best checkpoint (out_dir/checkpoints/best), test it. Returns (metrics
+    {"val", "test", ["test_shift",] "train"}, predictions per split, the loop state). `resume_from`: a
+    checkpoints/last to continue from."""
     from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    t_start, metric_name = time.perf_counter(), main_metric(cfg)
-    accelerator = setup_process(cfg, accelerator)
-    cfg = resolve_run(cfg, accelerator)
-    out_dir = Path(cfg.output_dir)
-    best_dir, last_dir = out_dir / "checkpoints" / "best", out_dir / "checkpoints" / "last"
-    with contextlib.ExitStack() as run_scope:  # the lock, then the MLflow run: released / ended however we leave
-        run_scope.enter_context(output_dir_lock(out_dir, accelerator.is_main_process))
-        check_output_dir(cfg, out_dir, accelerator)
-        accelerator.wait_for_everyone()
-        resume_from = load_last(last_dir) if cfg.resume else None
-        prepared, data_digest = start_run(cfg, accelerator, out_dir, resuming=resume_from is not None)
-        # the training corpus alone, by content: evaluate.py --data_dir tells it from another corpus by this
-        corpus_digest = data_sha256(dataclasses.replace(cfg, test_shift_dir=None, splits_file=None)) \
-            if cfg.test_shift_dir or cfg.splits_file else data_digest
-        model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator,
-                                                                                           prepared)
-        state = resume_state(accelerator, scheduler, resume_from, cfg) if resume_from else LoopState()
-        tracker = run_scope.enter_context(Tracker(cfg, accelerator.is_main_process, run_id=state.run_id,
-                                                  parent_run_id=parent_run_id))
-        state.run_id = tracker.run_id
-        if not resume_from:
-            log_run_inputs(tracker, cfg, prepared.report, data_digest)
-        log.info("run folder %s; %s", out_dir, tracker.where())
-        # log lines go above the bar, not into it; no bar (its \r frames) where stderr is a file: a line instead
-        run_scope.enter_context(logging_redirect_tqdm())
-        bar = accelerator.is_main_process and sys.stderr.isatty()
-        progress = run_scope.enter_context(tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.task}",
-                                                mininterval=2, disable=not bar))
-        last_line = time.perf_counter()
-        micro_losses, pending = [], []  # losses of the optimizer step under way; (step, loss, lr) not yet logged
-        samples, first_step_s = 0, None
-        t_train, stop = time.perf_counter(), state.global_step >= total_steps
-        model.train()
-        while not stop and state.epoch < cfg.epochs:
-            epoch = state.epoch
-            train_loader.set_epoch(epoch)  # accelerate's loader passes it on to our sampler at each new iterator
-            batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done \
-                else train_loader
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss = model(**batch)["loss"]
-                    # every process must agree, or DDP would wait for the skipped backward: a sync per step, only
-                    # when asked
-                    if cfg.skip_nonfinite and accelerator.gather(~torch.isfinite(loss.detach()).reshape(1)).any():
-                        log.warning("loss %s: step skipped", loss.item())
-                        state.skipped_steps += 1
-                    else:
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
-                        micro_losses.append(loss.detach())
-                    optimizer.zero_grad(set_to_none=True)
-                state.batches_done += 1
-                samples += len(batch["input_ids"])
-                if not accelerator.sync_gradients:  # inside a gradient accumulation
-                    continue
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
-                if not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                state.global_step += 1
-                if first_step_s is None:
-                    first_step_s = time.perf_counter() - t_start
-                    log.info("first optimizer step %.1f s after start", first_step_s)
-                if micro_losses:
-                    pending.append((state.global_step, torch.stack(micro_losses).mean(), lr))
-                micro_losses = []
-                if pending and (state.global_step % cfg.log_every == 0 or state.global_step == total_steps):
-                    log_losses(pending, state, tracker, progress)  # one host sync per log_every steps
-                    pending = []
-                    if not bar and time.perf_counter() - last_line > 30:  # a log file gets a line every 30 s
-                        last_line = time.perf_counter()
-                        log.info("step %d/%d: loss %.4f, lr %.2e", *state.curve[-1][:1], total_steps,
-                                 *state.curve[-1][1:])
-                progress.update(1)
-                if cfg.save_every and state.global_step % cfg.save_every == 0 and state.global_step < total_steps:
-                    tracker.flush()  # the MLflow history of a resumed run then has no hole
-                    save_last(accelerator, last_dir, state, scheduler, cfg.keep_checkpoints)
-                if state.global_step >= total_steps:
-                    break
-            budget_spent = state.global_step >= total_steps
-            if not (budget_spent and state.batches_done < len(train_loader)):  # the epoch ran to its end
-                state.epoch, state.batches_done = epoch + 1, 0
-
-            # validation; the thresholds tuned on it (null answer, evidence sentences, per symptom) go with the best
-            val_examples, val_features = prepared.features["val"]
-            metrics, _, thresholds = evaluate(model, val_loader, val_features, val_examples, cfg, accelerator)
-            value = metrics[metric_name]
-            state.history.append({"epoch": epoch, "step": state.global_step, metric_name: value})
-            headline = (metric_name, *TASKS[cfg.task].headline)
-            tracker.log_metrics(tracked_metrics(metrics, "val", headline), step=state.global_step, flush=True)
-            log.info("epoch %d step %d: val %s %.4f", epoch, state.global_step, metric_name, value)
-            if on_validation:
-                on_validation(epoch, metrics)
-            if improves(state.best, value, cfg):
-                state.best, state.bad_epochs, state.thresholds = value, 0, thresholds
-                info = {"thresholds": thresholds, "epoch": epoch, "step": state.global_step, metric_name: value,
-                        "val_metrics": metrics, "corpus_sha256": corpus_digest}
-                save_best(accelerator, model, prepared.tokenizer, cfg, best_dir, info, prepared.splits)
+    hooks, metric_name, t_start = hooks or Hooks(), main_metric(cfg), time.perf_counter()
+    best_dir = out_dir / "checkpoints" / "best"
+    model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator, prepared)
+    state = resume_state(accelerator, scheduler, resume_from, cfg) if resume_from else LoopState()
+    # no bar (its \r frames) where stderr is a file: runner.py's log line instead
+    progress = tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.task}", mininterval=2,
+                    disable=not (accelerator.is_main_process and sys.stderr.isatty()))
+    micro_losses, samples, first_step_s = [], 0, None
+    t_train, stop = time.perf_counter(), state.global_step >= total_steps
+    model.train()
+    while not stop and state.epoch < cfg.epochs:
+        epoch = state.epoch
+        train_loader.set_epoch(epoch)  # accelerate's loader passes it on to our sampler at each new iterator
+        batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done \
+            else train_loader
+        for batch in batches:
+            loss, lr = train_step(model, batch, optimizer, scheduler, accelerator, cfg)
+            if loss is None:
+                log.warning("non-finite loss: step skipped (--skip_nonfinite)")
+                state.skipped_steps += 1
             else:
-                state.bad_epochs += 1
-            accelerator.wait_for_everyone()
-            model.train()  # evaluate() left it in eval mode
-            stop = budget_spent or (cfg.patience > 0 and state.bad_epochs >= cfg.patience)
-            if stop and not budget_spent:
-                log.info("early stopping after epoch %d: val %s has not improved by more than %g for %d epochs "
-                         "(best %.4f)", epoch, metric_name, cfg.min_delta, state.bad_epochs, state.best)
-            tracker.flush()
-            save_last(accelerator, last_dir, state, scheduler, cfg.keep_checkpoints)
-        progress.close()
-        train_s = time.perf_counter() - t_train
+                micro_losses.append(loss)
+            state.batches_done += 1
+            samples += len(batch["input_ids"])
+            if not accelerator.sync_gradients:  # inside a gradient accumulation
+                continue
+            state.global_step += 1
+            if first_step_s is None:
+                first_step_s = time.perf_counter() - t_start
+                log.info("first optimizer step %.1f s after start", first_step_s)
+            if micro_losses:
+                state.curve.append([state.global_step, step_loss(micro_losses, state.global_step), lr])
+                hooks.logged(*state.curve[-1])
+                if state.global_step % cfg.log_every == 0:
+                    progress.set_postfix(loss=f"{state.curve[-1][1]:.4f}", lr=f"{lr:.2e}")
+            micro_losses = []
+            progress.update(1)
+            if cfg.save_every and state.global_step % cfg.save_every == 0 and state.global_step < total_steps:
+                hooks.save_state(state, scheduler)
+            if state.global_step >= total_steps:
+                break
+        budget_spent = state.global_step >= total_steps
+        if not (budget_spent and state.batches_done < len(train_loader)):  # the epoch ran to its end
+            state.epoch, state.batches_done = epoch + 1, 0
 
-        load_best(accelerator, model, best_dir)
-        results, predictions = test_best(model, prepared, cfg, accelerator, state.thresholds, out_dir)
-        results["train"] = {"steps": state.global_step, "epochs_completed": state.epoch, "train_seconds": train_s,
-                            "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
-                            "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
-                            "skipped_nonfinite_steps": state.skipped_steps, "mlflow_run_id": tracker.run_id,
-                            "resumed": resume_from is not None,
-                            "ran_with": {"device": accelerator.device.type, "mixed_precision": cfg.mixed_precision,
-                                         "distributed_type": accelerator.distributed_type.name,
-                                         "tf32": accelerator.device.type == "cuda" and cfg.tf32}}
-        if accelerator.is_main_process:
-            write_outputs(out_dir, cfg, results, predictions, state, metric_name, tracker)
-            finish_best(best_dir, cfg, results, prepared.splits, tracker)
-            tracker.flush()  # what MLflow did not get is known only now
-            results["train"].update(tracker.unlogged())
-            write_text_atomic(out_dir / "run_stats.json", json.dumps({**results["train"], "system": system_info()},
-                                                                     indent=2))
-            tracker.log_artifact(out_dir / "run_stats.json")
-            log.info("done: %s (metrics.json, predictions.jsonl, checkpoints/best); %s", out_dir, tracker.where())
-    return results
+        # validation; the thresholds tuned on it (null answer, evidence sentences, per symptom) go with the best
+        val_examples, val_features = prepared.features["val"]
+        metrics, _, thresholds = evaluate(model, val_loader, val_features, val_examples, cfg, accelerator)
+        value = metrics[metric_name]
+        state.history.append({"epoch": epoch, "step": state.global_step, metric_name: value})
+        log.info("epoch %d step %d: val %s %.4f", epoch, state.global_step, metric_name, value)
+        hooks.validated(epoch, metrics, state.global_step, total_steps)
+        if improves(state.best, value, cfg):
+            state.best, state.bad_epochs, state.thresholds = value, 0, thresholds
+            info = {"thresholds": thresholds, "epoch": epoch, "step": state.global_step, metric_name: value,
+                    "val_metrics": metrics, **hooks.best_info}
+            save_best(accelerator, model, prepared.tokenizer, cfg, best_dir, info, prepared.splits, hooks.card)
+        else:
+            state.bad_epochs += 1
+        accelerator.wait_for_everyone()
+        model.train()  # evaluate() left it in eval mode
+        stop = budget_spent or (cfg.patience > 0 and state.bad_epochs >= cfg.patience)
+        if stop and not budget_spent:
+            log.info("early stopping after epoch %d: val %s has not improved by more than %g for %d epochs "
+                     "(best %.4f)", epoch, metric_name, cfg.min_delta, state.bad_epochs, state.best)
+        hooks.save_state(state, scheduler)
+    progress.close()
+    train_s = time.perf_counter() - t_train
+
+    load_best(accelerator, model, best_dir)
+    results, predictions = test_best(model, prepared, cfg, accelerator, state.thresholds)
+    results["train"] = {"steps": state.global_step, "epochs_completed": state.epoch, "train_seconds": train_s,
+                        "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
+                        "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
+                        "skipped_nonfinite_steps": state.skipped_steps}
+    return results, predictions, state
 
 
-# --------------------------------------------------------------------------- test and outputs
+# --------------------------------------------------------------------------- test
 
-def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict,
-              out_dir: Path) -> tuple[dict, dict]:
+SPLITS_SCORED = ("val", "test", "test_shift")
+
+
+def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict) -> tuple[dict, dict]:
     """(metrics, predictions) of the best checkpoint on val, test and (when there is one) test_shift, all with the
-    thresholds tuned on val; the predictions also written as JSONL."""
+    thresholds tuned on val."""
     results, all_predictions = {"val": None, "test": None}, {}
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
-    for name in [n for n in PREDICTION_FILES if n in prepared.features]:
+    for name in [n for n in SPLITS_SCORED if n in prepared.features]:
         examples, feats = prepared.features[name]
         if not examples:
             continue
@@ -402,18 +310,17 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
         metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
                                            desc=f"score {name}")
         results[name], all_predictions[name] = metrics, predictions
-        if accelerator.is_main_process:  # validation predictions too: report.py chooses its decision threshold on them
-            write_jsonl(predictions, out_dir / PREDICTION_FILES[name])
     return results, all_predictions
 
 
 def main(argv=None):
+    from runner import run  # the run around the loop: output folder, resume, MLflow, outputs
+
     cfg, _ = parse_config(argv, prog="train.py", doc=__doc__)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
-    changed = {k: v for k, v in asdict(cfg).items() if v != getattr(Config, k)}
-    log.info("config (non-default fields): %s", changed)
-    train(cfg, accelerator)
+    log.info("config (non-default fields): %s", {k: v for k, v in vars(cfg).items() if v != getattr(Config, k)})
+    run(cfg, accelerator)
 
 
 if __name__ == "__main__":

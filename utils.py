@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,21 @@ def run_main(main, argv=None) -> None:
         sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def retry(call, retryable, tries: int, wait_s, what: str | None = None):
+    """call(), again while `retryable(error)` says the error is a race between processes that start together (a
+    fresh store's schema being created by another), at most `tries` times; the last error is raised. `wait_s(n)`:
+    the seconds before retry n + 1; `what`: a warning line naming it at each retry."""
+    for attempt in range(tries):
+        try:
+            return call()
+        except Exception as e:  # mlflow, sqlalchemy and alembic raise their own types
+            if not retryable(e) or attempt == tries - 1:
+                raise
+            if what:
+                log.warning("%s not ready (%s): retrying in %g s", what, first_line(e)[:150], wait_s(attempt))
+            time.sleep(wait_s(attempt))
 
 
 def setup_logging(is_main: bool) -> None:

@@ -23,15 +23,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import alignment  # noqa: E402
 import data  # noqa: E402
 import decoding  # noqa: E402
 from checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from config import post_encoding  # noqa: E402
 from decoding import pair_rows, sentence_scores, sentences_of_spans, tune_sentence_threshold  # noqa: E402
-from evaluate import make_accelerator, model_outputs  # noqa: E402
 from features import make_loader  # noqa: E402
 from metrics import best_threshold, sentence_set_metrics  # noqa: E402
 from models import TASKS, featurize  # noqa: E402
+from scoring import model_outputs  # noqa: E402
+from utils import make_accelerator  # noqa: E402
 
 SET_RULES = ("absolute", "per_criterion", "relative", "zero")
 
@@ -79,7 +81,7 @@ def scored_pairs(model, tokenizer, cfg, corpus, post_ids, accelerator):
     if post_encoding(cfg):
         out, features = pair_rows(out, features)
     texts = [e["text"] for e in examples]
-    split = {t: data.sentence_spans(t) for t in set(texts)}
+    split = {t: alignment.sentence_spans(t) for t in set(texts)}
     scores = sentence_scores(features, out, texts, split)
     gold = [sentences_of_spans(t, e["spans"], split[t]) for e, t in zip(examples, texts)]
     keep = [i for i, g in enumerate(gold) if g]

@@ -169,7 +169,8 @@ def summary(posts: list[dict]) -> dict:
         "posts": n, "no_symptom": n - len(symptomatic), "positives": pos, "pairs": pairs,
         "symptoms_per_symptomatic_post": sum(symptomatic) / max(len(symptomatic), 1),
         "symptoms_per_post_counts": Counter(per_post),
-        "mean_words": statistics.mean(lengths) if lengths else 0, "median_words": statistics.median(lengths) if lengths else 0,
+        "mean_words": statistics.mean(lengths) if lengths else 0,
+        "median_words": statistics.median(lengths) if lengths else 0,
         "max_words": lengths[-1] if lengths else 0, "over_700": sum(x > 700 for x in lengths),
         "over_1500": sum(x > 1500 for x in lengths), "set_sizes": set_sizes, "hard_negative_posts": hard,
         "posts_with_a_sentence_for_two_symptoms": multi,
@@ -296,6 +297,105 @@ def stats(args) -> int:
     return 0
 
 
+def blind(args) -> int:
+    """The second annotator's files: n random posts, each sentence numbered as the splitter cuts it, no label."""
+    import random
+    posts, _ = load_drafts(Path(args.drafts))
+    posts = sorted((p for p in posts if p.get("sentences")), key=lambda p: p["post_id"])
+    picked = sorted(random.Random(args.seed).sample(posts, min(args.n, len(posts))), key=lambda p: p["post_id"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for b in range(0, len(picked), 10):
+        with open(out / f"posts_{b // 10 + 1:02d}.txt", "w", encoding="utf-8") as f:
+            for p in picked[b:b + 10]:
+                f.write(f"=== POST {p['post_id']}\n")
+                f.write("".join(f"[{i}] {s}\n" for i, s in enumerate(p["sentences"])))
+                f.write("=== END\n\n")
+    print(f"wrote {len(picked)} posts of {len(posts)} to {out}")
+    return 0
+
+
+def read_answers(path: Path) -> dict[str, dict[str, set[int]]]:
+    """post_id -> {symptom: sentence indices} from the second annotator's 'post_id | SYMPTOM | 0, 3' lines
+    ('post_id | NONE' for a post with no symptom)."""
+    out = {}
+    for f in sorted(path.glob("answers_*.txt")):
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            parts = [x.strip() for x in line.split("|")]
+            if len(parts) < 2 or not parts[0]:
+                continue
+            labels = out.setdefault(parts[0], {})
+            if parts[1] == "NONE":
+                continue
+            if parts[1] not in SYMPTOMS:
+                raise SystemExit(f"{f}:{n}: unknown symptom {parts[1]!r}")
+            idx = {int(x) for x in re.findall(r"\d+", parts[2])} if len(parts) > 2 else set()
+            labels.setdefault(parts[1], set()).update(idx)
+    return out
+
+
+def kappa(a: list[int], b: list[int]) -> float:
+    """Cohen's kappa of two binary label lists."""
+    n = len(a)
+    po = sum(x == y for x, y in zip(a, b)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    return (po - pe) / (1 - pe) if pe < 1 else float("nan")
+
+
+def agreement(args) -> int:
+    """Per-symptom Cohen's kappa at the post level and agreement on evidence sentences, first annotation (the
+    corpus) against the blind second one."""
+    posts = {p["post_id"]: p for p in read_corpus(Path(args.data_dir))}
+    second = read_answers(Path(args.answers))
+    ids = sorted(set(second) & set(posts))
+    print(f"posts compared: {len(ids)} (answers for {len(second)}; {len(set(second) - set(posts))} unknown ids)")
+    first = {}
+    for pid in ids:
+        ev = defaultdict(set)
+        for lab in posts[pid]["labels"]:
+            if lab["status"] == "1":
+                ev[lab["symptom"]].add(lab["index"])
+        first[pid] = ev
+    n_sent = {pid: len(sentence_spans(posts[pid]["text"])) for pid in ids}
+    print("| symptom | first: posts | second: posts | both | kappa (post level) | sentence F1 where both | "
+          "sentence kappa |\n|---|---|---|---|---|---|---|")
+    all_a, all_b, sa_all, sb_all = [], [], [], []
+    for s in SYMPTOMS:
+        a = [int(s in first[p]) for p in ids]
+        b = [int(s in second[p]) for p in ids]
+        both = [p for p in ids if s in first[p] and s in second[p]]
+        tp = sum(len(first[p][s] & second[p][s]) for p in both)
+        den = sum(len(first[p][s]) + len(second[p][s]) for p in both)
+        sa = [int(i in first[p].get(s, ())) for p in ids for i in range(n_sent[p])]
+        sb = [int(i in second[p].get(s, ())) for p in ids for i in range(n_sent[p])]
+        all_a += a
+        all_b += b
+        sa_all += sa
+        sb_all += sb
+        f1 = f"{2 * tp / den:.2f}" if den else "-"
+        print(f"| {s} | {sum(a)} | {sum(b)} | {len(both)} | {kappa(a, b):.2f} | {f1} | {kappa(sa, sb):.2f} |")
+    print(f"| all nine (pooled cells) | {sum(all_a)} | {sum(all_b)} | | {kappa(all_a, all_b):.2f} | | "
+          f"{kappa(sa_all, sb_all):.2f} |")
+    none_a = [int(not first[p]) for p in ids]
+    none_b = [int(not second[p]) for p in ids]
+    print(f"posts with no symptom: first {sum(none_a)}, second {sum(none_b)}, kappa {kappa(none_a, none_b):.2f}")
+    if args.out:
+        with open(args.out, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["post_id", "DSM5_symptom", "first_sentence_ids", "second_sentence_ids", "agree"])
+            for p in ids:
+                for s in SYMPTOMS:
+                    fa, sb = first[p].get(s), second[p].get(s)
+                    if fa is None and sb is None:
+                        continue
+                    w.writerow([p, s, " ".join(f"{p}_{i}" for i in sorted(fa or ())),
+                                " ".join(f"{p}_{i}" for i in sorted(sb or ())),
+                                "post and sentences" if fa == sb else "post" if fa and sb else "no"])
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -307,8 +407,17 @@ def main(argv=None) -> int:
     b.add_argument("--out", required=True)
     s = sub.add_parser("stats")
     s.add_argument("--data_dir", required=True)
+    bl = sub.add_parser("blind")
+    bl.add_argument("--drafts", required=True)
+    bl.add_argument("--out", required=True)
+    bl.add_argument("--n", type=int, default=150)
+    bl.add_argument("--seed", type=int, default=0)
+    ag = sub.add_parser("agreement")
+    ag.add_argument("--data_dir", required=True)
+    ag.add_argument("--answers", required=True)
+    ag.add_argument("--out")
     args = ap.parse_args(argv)
-    return {"check": check, "build": build, "stats": stats}[args.cmd](args)
+    return {"check": check, "build": build, "stats": stats, "blind": blind, "agreement": agreement}[args.cmd](args)
 
 
 if __name__ == "__main__":

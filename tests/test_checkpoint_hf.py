@@ -12,9 +12,10 @@ from conftest import write_quirky
 
 import checkpoint
 import data
+import demo
 import models
+import runner
 import tracking
-import train
 from config import make_config
 from tracking import Tracker
 from utils import UserError
@@ -33,7 +34,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
         mp.setattr(sys, "argv", ARGV)
-        results = train.train(cfg)
+        results = runner.run(cfg)
     return cfg, results, Path(cfg.output_dir)
 
 
@@ -128,7 +129,7 @@ def test_mlflow_run_has_the_dataset_per_criterion_metrics_and_description(traine
     run_id = json.loads((out / "run_stats.json").read_text())["mlflow_run_id"]
     run = client(cfg).get_run(run_id)
     (dataset_input,) = run.inputs.dataset_inputs
-    posts, annotations = data.make_demo(150, 0)
+    posts, annotations = demo.make_demo(150, 0)
     digest = hashlib.sha256(json.dumps([150, 0, posts, annotations], sort_keys=True).encode()).hexdigest()
     assert dataset_input.dataset.name == "demo-150-seed0" and dataset_input.dataset.digest == digest[:16]
     assert json.loads(dataset_input.dataset.source) == {"tags": {"mlflow.source.name": "demo:n_posts=150,seed=0"}}
@@ -166,12 +167,12 @@ def test_dataset_digest_tells_data_apart(tmp_path):
     report = data.load_corpus_from_config(cfg).report
     expected = hashlib.sha256(b"".join(hashlib.sha256((folder / f).read_bytes()).digest()
                                        for f in ("posts.csv", "annotations.csv"))).hexdigest()
-    first = tracking.dataset_input(cfg, report, tracking.data_sha256(cfg))
+    first = tracking.dataset_input(cfg, report, data.data_sha256(cfg))
     assert first["digest"] == expected[:16] and first["source"] == {"uri": str(folder.resolve())}
     assert first["name"] == "d" and first["profile"] == {"posts": 5, "annotations": 9}
     (folder / "annotations.csv").write_bytes((folder / "annotations.csv").read_bytes().replace(b"comma.", b"comma!"))
-    assert tracking.dataset_input(cfg, report, tracking.data_sha256(cfg))["digest"] != first["digest"]
-    demo = [tracking.data_sha256(make_config(demo_posts=60, demo_seed=s)) for s in (0, 0, 1)]
+    assert tracking.dataset_input(cfg, report, data.data_sha256(cfg))["digest"] != first["digest"]
+    demo = [data.data_sha256(make_config(demo_posts=60, demo_seed=s)) for s in (0, 0, 1)]
     assert demo[0] == demo[1] != demo[2]
 
 
@@ -182,7 +183,7 @@ def test_dataset_inputs_in_the_store_differ_between_data(tmp_path):
         with Tracker(cfg, True) as tracker:
             demo = make_config(demo_posts=40, demo_seed=seed)
             tracker.log_dataset(**tracking.dataset_input(demo, {"posts_kept": 40, "annotations_kept": 1},
-                                                         tracking.data_sha256(demo)))
+                                                         data.data_sha256(demo)))
             ids.append(tracker.run_id)
     names, digests = zip(*[(d.dataset.name, d.dataset.digest) for i in ids
                            for d in client(cfg).get_run(i).inputs.dataset_inputs])
@@ -207,12 +208,11 @@ def test_the_checkpoint_describes_itself(tmp_path):
     from transformers import AutoTokenizer
 
     import data
-    import train
 
     cfg = make_config(task="joint", demo_posts=40, tiny_hidden=16, tiny_layers=1, tiny_heads=1, tiny_vocab=300,
                       max_length=96, doc_stride=16, batch_size=8, demo_shift_posts=0, epochs=1, max_steps=2,
                       mlflow=False, output_dir=str(tmp_path / "run"))
-    results = train.train(cfg)
+    results = runner.run(cfg)
     best = tmp_path / "run" / "checkpoints" / "best"
     tokenizer = AutoTokenizer.from_pretrained(best / "encoder")
     assert tokenizer.model_max_length == 96

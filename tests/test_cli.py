@@ -15,6 +15,7 @@ import yaml
 from conftest import ROOT, write_corpus, write_quirky
 
 import data
+import demo
 import evaluate
 import train
 import utils
@@ -331,7 +332,7 @@ def test_make_demo_script_writes_a_corpus_that_loads_cleanly(tmp_path):
     assert shift.report["posts_kept"] == 200 and shift.report["dropped"] == {} and min(shift.posts) == "shift_00000"
     corpus = data.load_corpus(tmp_path / "demo")
     rep = corpus.report
-    posts, anns = data.make_demo(60, 5)
+    posts, anns = demo.make_demo(60, 5)
     assert rep["dropped"] == {} and rep["posts_kept"] == rep["posts_read"] == 60
     assert rep["annotations_kept"] == rep["annotations_read"] == len(anns)
     assert rep["alignment"]["exact"] == len(anns)

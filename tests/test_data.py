@@ -167,7 +167,7 @@ def test_align_sentence_methods():
     assert (post[s:e], how) == ("I can’t sleep.", "fuzzy")
     assert alignment.align_sentence("Quantum chromodynamics lectures.", post, 0.3) == (-1, -1, "unaligned")
     assert alignment.sentence_spans("One. Two!\nThree? ") == [(0, 4), (5, 9), (10, 16)]
-    assert data.sentence_spans is alignment.sentence_spans  # decoding, evaluate, baselines import it from data
+    assert alignment.sentence_spans is alignment.sentence_spans  # decoding, evaluate, baselines import it from data
 
 
 # --------------------------------------------------------------------------- splits
@@ -238,9 +238,9 @@ def test_load_splits(tmp_path, quirky_dir):
 # --------------------------------------------------------------------------- demo corpus
 
 def test_make_demo_is_deterministic_and_self_consistent():
-    posts, anns = data.make_demo(300, seed=3)
-    assert (posts, anns) == data.make_demo(300, seed=3)
-    assert data.make_demo(300, seed=4)[0] != posts
+    posts, anns = demo.make_demo(300, seed=3)
+    assert (posts, anns) == demo.make_demo(300, seed=3)
+    assert demo.make_demo(300, seed=4)[0] != posts
     assert len(posts) == 300 and len({p["post_id"] for p in posts}) == 300
     text = {p["post_id"]: p["text"] for p in posts}
     for a in anns:
@@ -250,8 +250,8 @@ def test_make_demo_is_deterministic_and_self_consistent():
     with_symptom = {a["post_id"] for a in anns if a["status"] == 1}
     assert 0.15 < 1 - len(with_symptom) / 300 < 0.35  # about a quarter of posts have no symptom
     assert any(a["status"] == 0 for a in anns)  # hard negatives exist
-    shift_posts, shift_anns = data.make_demo(300, seed=3, part="shift")
-    assert (shift_posts, shift_anns) == data.make_demo(300, seed=3, part="shift") and shift_posts != posts
+    shift_posts, shift_anns = demo.make_demo(300, seed=3, part="shift")
+    assert (shift_posts, shift_anns) == demo.make_demo(300, seed=3, part="shift") and shift_posts != posts
     shift_text = {p["post_id"]: p["text"] for p in shift_posts}
     assert all(shift_text[a["post_id"]].count(a["sentence_text"]) == 1 for a in shift_anns)
     corpus = data.build_corpus(posts, [{k: str(v) for k, v in a.items()} for a in anns])
@@ -270,7 +270,7 @@ def _forms(entries) -> set[str]:
 
 def test_held_out_phrasing_never_in_main_corpus_and_only_it_in_shift():
     main, shift = demo.pieces("main"), demo.pieces("shift")
-    main_text = "\n".join(p["text"] for p in data.make_demo(1000, 0)[0]).lower()
+    main_text = "\n".join(p["text"] for p in demo.make_demo(1000, 0)[0]).lower()
     for sym, s in shift["symptoms"].items():
         held = [c.lower() for entry in s["cores"] + s["denials"] for c, _, _ in entry]
         held += [t.lower() for t in s["topics"]]
@@ -278,7 +278,7 @@ def test_held_out_phrasing_never_in_main_corpus_and_only_it_in_shift():
         leaked = [h for h in held if h in main_text]
         assert not leaked, (sym, leaked)
     assert not [r for r, _ in shift["relatives"] if r in main_text]  # "my dad", "my coworker"
-    posts, anns = data.make_demo(300, 0, "shift")
+    posts, anns = demo.make_demo(300, 0, "shift")
     assert {p["post_id"][:6] for p in posts} == {"shift_"}
     for a in anns:  # every annotated sentence is written from held-out pieces of its symptom only
         s, text = shift["symptoms"][a["DSM5_symptom"]], a["sentence_text"].lower()
@@ -291,7 +291,7 @@ def test_held_out_phrasing_never_in_main_corpus_and_only_it_in_shift():
 
 def test_demo_hard_negatives_of_every_kind():
     pc = demo.pieces("main")
-    posts, anns = data.make_demo(1000, 0)
+    posts, anns = demo.make_demo(1000, 0)
     why = Counter(a["explanation"] for a in anns if a["status"] == 0)
     denial_why = {w for s in pc["symptoms"].values() for w in s["negative_explanations"]}
     counts = {kind: why[text] for kind, text in pc["kind_explanations"].items()}
@@ -319,10 +319,10 @@ def test_demo_third_person_and_past_forms():
 
 def test_write_demo_same_seed_same_bytes(tmp_path):
     for name in ("a", "b"):
-        demo.write_demo(tmp_path / name, 200, 7, shift_posts=50)
+        data.write_demo(tmp_path / name, 200, 7, shift_posts=50)
     for f in ("posts.csv", "annotations.csv", "shift/posts.csv", "shift/annotations.csv"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    demo.write_demo(tmp_path / "c", 200, 8, shift_posts=50)
+    data.write_demo(tmp_path / "c", 200, 8, shift_posts=50)
     assert (tmp_path / "c/shift/posts.csv").read_bytes() != (tmp_path / "a/shift/posts.csv").read_bytes()
 
 

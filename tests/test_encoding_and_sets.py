@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import alignment
 import data
 import decoding
 import metrics
@@ -100,7 +101,7 @@ def test_two_sentence_gold_decodes_to_exactly_those_sentences(tiny_tokenizer, en
     assert [len(g) for g in golds] == [2, 1]
     threshold = decoding.tune_sentence_threshold(scores, golds, at_least_one=True)
     sets = decoding.decode_sets(scores, threshold, at_least_one=True)
-    sentences = data.sentence_spans(text)
+    sentences = alignment.sentence_spans(text)
     assert [[text[slice(*sentences[k])] for k in sorted(s)] for s in sets] == [[FIRST, SECOND], [SLEEP]]
     m = metrics.sentence_set_metrics(golds, sets)
     assert (m["sentence_precision"], m["sentence_recall"], m["sentence_f1"], m["set_exact_match"]) == (1, 1, 1, 1)

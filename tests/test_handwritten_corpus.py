@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import alignment
 import data
 
 DIR = Path(__file__).resolve().parents[1] / "corpora" / "handwritten"
@@ -32,7 +33,7 @@ def test_loads_whole_and_aligns_exactly(corpus):
 
 
 def test_every_annotation_is_the_sentence_its_id_names(corpus):
-    spans = {pid: data.sentence_spans(text) for pid, text in corpus.posts.items()}
+    spans = {pid: alignment.sentence_spans(text) for pid, text in corpus.posts.items()}
     assert all(3 <= len(s) <= 14 for s in spans.values())
     for r in corpus.rows:
         pid, index = re.fullmatch(r"(hw_\d{3})_(\d+)", r["sentence_id"]).groups()

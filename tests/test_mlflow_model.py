@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 import evaluate
 import mlflow_model
-import train
+import runner
 from config import make_config
 
 POSTS = [("p1", "I can't sleep at night. I feel worthless and tired all day."),
@@ -36,7 +36,7 @@ def logged(tmp_path_factory):
     cfg = make_config(task="joint", demo_posts=40, tiny_hidden=16, tiny_layers=1, tiny_heads=1, tiny_vocab=300,
                       max_length=96, doc_stride=16, batch_size=8, demo_shift_posts=0, epochs=1, max_steps=2,
                       mlflow=False, output_dir=str(tmp / "run"))
-    train.train(cfg)
+    runner.run(cfg)
     previous = os.environ.get("MLFLOW_TRACKING_URI")  # log_model sets mlflow's URI (and this variable) globally
     uri = f"sqlite:///{tmp}/m.db"
     client = MlflowClient(uri)

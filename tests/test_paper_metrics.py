@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report, f1_score
 
+import alignment
 import data
 import decoding
-import evaluate
 import metrics
+import scoring
 from config import Config
 
 DM, ANH, APP = 0, 1, 2  # columns of DEPRESSED_MOOD, ANHEDONIA, APPETITE_CHANGE; NO_SYMPTOMS is column 9
@@ -131,11 +132,11 @@ def test_post_level_metrics_tunes_applies_or_leaves_out():
 
 def test_metric_names_hold_the_paper_and_sentence_metrics():
     for cfg in (Config(task="criteria", unit="post"), Config(task="joint")):
-        names = evaluate.metric_names(cfg)
+        names = scoring.metric_names(cfg)
         assert {"paper_micro_f1", "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned"} <= set(names)
-    assert "paper_micro_f1" not in evaluate.metric_names(Config(task="criteria"))  # sentence unit: no posts
-    assert {"sentence_f1", "set_exact_match"} <= set(evaluate.metric_names(Config(task="evidence")))
-    assert "sentence_f1" in evaluate.metric_names(Config(task="joint"))
+    assert "paper_micro_f1" not in scoring.metric_names(Config(task="criteria"))  # sentence unit: no posts
+    assert {"sentence_f1", "set_exact_match"} <= set(scoring.metric_names(Config(task="evidence")))
+    assert "sentence_f1" in scoring.metric_names(Config(task="joint"))
 
 
 # --------------------------------------------------------------------------- evidence as a set of sentences
@@ -144,7 +145,7 @@ TEXT = "I slept badly. We ate pizza. I am always tired.\nThe end."
 
 
 def test_sentences_of_spans():
-    spans = data.sentence_spans(TEXT)
+    spans = alignment.sentence_spans(TEXT)
     assert [TEXT[s:e] for s, e in spans] == ["I slept badly.", "We ate pizza.", "I am always tired.", "The end."]
     gold = [spans[0], spans[2]]  # a two-sentence gold, as data.align_sentence gives it
     assert decoding.sentences_of_spans(TEXT, gold) == [0, 2]

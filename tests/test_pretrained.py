@@ -16,6 +16,7 @@ import decoding
 import evaluate
 import hpo
 import models
+import runner
 import train
 from config import load_yaml_config, make_config, parse_config
 from features import featurize
@@ -97,7 +98,7 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pretrained_folder_trains_every_task(tmp_path, folders, family, task, encoding):
     cfg = make_config(**RUN, model=folders[family], task=task, encoding=encoding, output_dir=str(tmp_path / "run"))
-    results = train.train(cfg)
+    results = runner.run(cfg)
     assert results["train"]["steps"] == 2
     metric = models.TASKS[task].main_metric
     assert 0 <= results["test"][metric] <= 1
@@ -186,7 +187,6 @@ def test_max_length_past_the_encoders_positions_is_a_user_error(folders):
 def test_the_optimizer_uses_the_encoder_and_head_rates(folders):
     """The randomly initialised heads can learn at their own rate: read back from the optimizer's parameter groups
     (and from the scheduler, which scales each group from its own initial rate)."""
-    import train
 
     cfg = make_config(model=folders["bert"], task="joint", lr=2e-4, head_lr=1e-3)
     model = models.build_model(cfg, models.build_tokenizer(cfg, []))

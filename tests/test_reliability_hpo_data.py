@@ -1,7 +1,7 @@
 """Issue 23's adversarial cases in hpo.py, storage.py, data.py, features.py, evaluate.py and report.py: each gives one
 `error:` line and exit code 2, a warning and the right file state, or the right numbers.
 
-HPO studies here train nothing: `train.train` is replaced by a stand-in that returns a validation metric (the real
+HPO studies here train nothing: `runner.run` is replaced by a stand-in that returns a validation metric (the real
 loop is in test_hpo.py), so a study of a few trials takes a second."""
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "batch_size": [8, 16]}
 
 @pytest.fixture
 def fake_train(monkeypatch):
-    """train.train replaced: val f1_macro = lr * 10 (so the best trial is known), 3 steps; `behaviour` per trial
+    """runner.run replaced: val f1_macro = lr * 10 (so the best trial is known), 3 steps; `behaviour` per trial
     number changes what a trial does (raise, or a callable run before it returns)."""
     behaviour, calls = {}, []
 
-    def run(cfg, on_validation=None, parent_run_id=None):
+    def run(cfg, on_validation=None, parent_run_id=None, prepare=None):
         number = int(cfg.run_name.split("_")[1])
         calls.append(number)
         what = behaviour.get(number, behaviour.get("all"))
@@ -47,8 +47,7 @@ def fake_train(monkeypatch):
             what(on_validation)
         return {"train": {"steps": 3}, "val": {"f1_macro": cfg.lr * 10}}
 
-    monkeypatch.setattr(hpo.train, "train", run)
-    monkeypatch.setattr(hpo, "step_budget", lambda cfg: (3, 6))  # two epochs of 3 steps: a report, no prune after
+    monkeypatch.setattr(hpo.runner, "run", run)
     return behaviour, calls
 
 
@@ -203,7 +202,7 @@ def test_paused_worker_whose_trial_was_rerun_goes_on(cli, tmp_path, fake_train, 
     def paused(pruning):
         fail_elsewhere(pruning)
         if wakes == "at_validation":
-            pruning(0, {"f1_macro": 0.5})  # trial.report: UpdateFinishedTrialError
+            pruning(0, {"f1_macro": 0.5}, 3, 6)  # trial.report: UpdateFinishedTrialError
 
     behaviour[0] = paused
     code, err = cli(hpo.main, hpo_argv(tmp_path, f"sqlite:///{tmp_path}/o.db", n=3))
@@ -438,13 +437,13 @@ def test_resume_retrains_a_run_whose_predictions_are_torn(finished_report, cli, 
     first = json.loads((out / "summary.json").read_text())
     n_rows = len((out / "fold1-seed1" / "predictions.jsonl").read_text().splitlines())
     cut_last_line(out / "fold1-seed1" / "predictions.jsonl")
-    calls, real_train = [], report.train.train
+    calls, real_train = [], report.runner.run
 
     def train_and_record(cfg, **kwargs):
         calls.append((cfg.output_dir, cfg.resume))
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(report.train, "train", train_and_record)
+    monkeypatch.setattr(report.runner, "run", train_and_record)
     code, err = cli(report.main, REPORT + ["--output_dir", out, "--resume", "true"])
     assert code == 0, err
     assert [c[0] for c in calls] == [str(out / "fold1-seed1")]  # fold 0 read back, fold 1 trained again

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import write_quirky
 
+import runner
 import train
 from checkpoint import load_checkpoint
 from config import make_config
@@ -163,7 +164,7 @@ def test_a_tracking_store_that_stops_answering_does_not_stop_training(tmp_path, 
 
     small = dict(demo_posts=40, tiny_hidden=16, tiny_layers=1, tiny_heads=1, tiny_vocab=300, max_length=96,
                  doc_stride=16, batch_size=8, demo_shift_posts=0, epochs=2, log_every=1, deterministic=True)
-    untracked = train.train(make_config(**small, mlflow=False, output_dir=str(tmp_path / "plain")))
+    untracked = runner.run(make_config(**small, mlflow=False, output_dir=str(tmp_path / "plain")))
     calls = {"n": 0}
     real = mlflow.tracking.MlflowClient.log_batch
 
@@ -176,7 +177,7 @@ def test_a_tracking_store_that_stops_answering_does_not_stop_training(tmp_path, 
     monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_batch", dies_after_three)
     cfg = make_config(**small, mlflow=True, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                       output_dir=str(tmp_path / "tracked"))
-    tracked = train.train(cfg)
+    tracked = runner.run(cfg)
     assert tracked["test"] == untracked["test"] and tracked["val"] == untracked["val"]
     stats = json.loads((tmp_path / "tracked" / "run_stats.json").read_text())
     assert stats["mlflow_failure"].startswith("metrics: Connection refused")

@@ -11,7 +11,7 @@ import pytest
 import checkpoint
 import evaluate
 import models
-import train
+import runner
 from checkpoint import load_checkpoint
 from config import make_config
 from utils import UserError
@@ -23,7 +23,7 @@ SMALL = dict(demo_posts=150, tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_v
 
 def run(tmp_path, name, **overrides):
     cfg = make_config(**{**SMALL, "output_dir": str(tmp_path / name), **overrides})
-    return cfg, train.train(cfg)
+    return cfg, runner.run(cfg)
 
 
 @pytest.mark.parametrize("task,options", [("criteria", {}), ("evidence", {}), ("joint", {}),
