@@ -213,6 +213,7 @@ def check(args) -> int:
         print("  " + e)
     print("== shape")
     print_summary(summary(mine))
+    steer(summary(mine))
     runs = shared_runs(posts)
     ids = {p["post_id"] for p in mine}
     hits = {pid: r for pid, r in runs.items() if pid in ids}
@@ -222,6 +223,34 @@ def check(args) -> int:
         for other, gram in hits[pid][:20]:
             print(f"  {pid}: '{gram}' also in {other}")
     return 1 if mine_errors else 0
+
+
+QUOTA = {"posts": 132, "DEPRESSED_MOOD": 29, "WORTHLESSNESS": 28, "SUICIDAL_THOUGHTS": 15, "FATIGUE": 11,
+         "ANHEDONIA": 11, "SLEEP_ISSUES": 9, "COGNITIVE_ISSUES": 5, "APPETITE_CHANGE": 4, "PSYCHOMOTOR": 3}
+
+
+def steer(s: dict) -> None:
+    """Lines that tell a writer where its posts so far drift from the brief's shape (pro rata of 132 posts)."""
+    n = s["posts"]
+    if not n:
+        return
+    share = n / QUOTA["posts"]
+    notes = []
+    tot = max(sum(s["set_sizes"].values()), 1)
+    if s["set_sizes"][1] / tot < 0.42:
+        notes.append(f"only {s['set_sizes'][1] / tot:.0%} of your (post, symptom) pairs have ONE evidence sentence: "
+                     "target about 50%; make most of your next pairs a single sentence")
+    if s["mean_words"] < 270:
+        notes.append(f"mean length {s['mean_words']:.0f} words is below the target (about 300): write the long posts "
+                     "of the brief (351-700, 701-1500, 1501-2000 words) in your next batches")
+    for k in SYMPTOMS:
+        due = QUOTA[k] * share
+        if s["positives"][k] < due - 2:
+            notes.append(f"{k}: {s['positives'][k]} positive posts, {due:.0f} due by now (quota {QUOTA[k]})")
+    if s["symptoms_per_symptomatic_post"] > 1.22:
+        notes.append("too many posts with several symptoms: most symptomatic posts should show exactly one")
+    for line in notes:
+        print("!! " + line)
 
 
 def build(args) -> int:
@@ -298,20 +327,25 @@ def stats(args) -> int:
 
 
 def blind(args) -> int:
-    """The second annotator's files: n random posts, each sentence numbered as the splitter cuts it, no label."""
+    """The second annotator's files: n post ids drawn at random (seed) from all writers' planned ids, in groups of 10
+    ordered by post number (the early ones are written first); a group's file, each sentence numbered as the splitter
+    cuts it and no label, is written once all its posts exist. Run it again as the writers go on."""
     import random
-    posts, _ = load_drafts(Path(args.drafts))
-    posts = sorted((p for p in posts if p.get("sentences")), key=lambda p: p["post_id"])
-    picked = sorted(random.Random(args.seed).sample(posts, min(args.n, len(posts))), key=lambda p: p["post_id"])
+
+    planned = [f"w{w}_{i:03d}" for w in range(1, args.writers + 1) for i in range(1, args.per_writer + 1)]
+    picked = sorted(random.Random(args.seed).sample(planned, args.n), key=lambda pid: (pid.split("_")[1], pid))
+    posts = {p["post_id"]: p for p in load_drafts(Path(args.drafts))[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for b in range(0, len(picked), 10):
-        with open(out / f"posts_{b // 10 + 1:02d}.txt", "w", encoding="utf-8") as f:
-            for p in picked[b:b + 10]:
-                f.write(f"=== POST {p['post_id']}\n")
-                f.write("".join(f"[{i}] {s}\n" for i, s in enumerate(p["sentences"])))
+        path, group = out / f"posts_{b // 10 + 1:02d}.txt", picked[b:b + 10]
+        if path.exists() or not all(pid in posts for pid in group):
+            continue
+        with open(path, "w", encoding="utf-8") as f:
+            for pid in group:
+                f.write(f"=== POST {pid}\n" + "".join(f"[{i}] {x}\n" for i, x in enumerate(posts[pid]["sentences"])))
                 f.write("=== END\n\n")
-    print(f"wrote {len(picked)} posts of {len(posts)} to {out}")
+        print(f"wrote {path}")
     return 0
 
 
@@ -411,6 +445,8 @@ def main(argv=None) -> int:
     bl.add_argument("--drafts", required=True)
     bl.add_argument("--out", required=True)
     bl.add_argument("--n", type=int, default=150)
+    bl.add_argument("--writers", type=int, default=8)
+    bl.add_argument("--per_writer", type=int, default=132)
     bl.add_argument("--seed", type=int, default=0)
     ag = sub.add_parser("agreement")
     ag.add_argument("--data_dir", required=True)
