@@ -106,7 +106,7 @@ def test_predict_inputs_and_errors(logged):
         model.predict(None, frame([]))
     with pytest.raises(ValueError, match="post_id 'p1' twice"):
         model.predict(None, frame([POSTS[0], POSTS[0]]))
-    with pytest.raises(ValueError, match="no row with both a post_id and a visible text"):
+    with pytest.raises(ValueError, match="no row has both a post_id and a visible text"):
         model.predict(None, frame([("p1", " \u200b ")]))
 
 
@@ -170,7 +170,7 @@ def test_mlflow_models_serve(logged):
             assert r["evidence_sentence_texts"] == list(e["evidence_sentence_texts"])  # lists come back as lists
             assert r["evidence_sentences"] == [list(s) for s in e["evidence_sentences"]]
         status, body = post_json(url, {"dataframe_split": {"columns": ["post_id", "text"], "data": [["p1", " "]]}})
-        assert status == 400 and "no row with both a post_id and a visible text" in body["message"]
+        assert status == 400 and "no row has both a post_id and a visible text" in body["message"]
     finally:
         server.terminate()  # mlflow passes SIGTERM on to its uvicorn
         try:
