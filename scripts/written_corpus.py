@@ -419,6 +419,8 @@ def agreement(args) -> int:
             w = csv.writer(f)
             w.writerow(["post_id", "DSM5_symptom", "first_sentence_ids", "second_sentence_ids", "agree"])
             for p in ids:
+                if not first[p] and not second[p]:  # both: no symptom (the post was compared all the same)
+                    w.writerow([p, "NONE", "", "", "post and sentences"])
                 for s in SYMPTOMS:
                     fa, sb = first[p].get(s), second[p].get(s)
                     if fa is None and sb is None:
