@@ -14,11 +14,11 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import logging
 import os
 from pathlib import Path
 
-import alignment
 import data
 from checkpoint import load_checkpoint, resolve_checkpoint
 from config import _Parser, sentence_unit
@@ -96,7 +96,8 @@ def split_posts_of(cfg, checkpoint: Path, split: str, data_dir=None, trained_on:
     """(corpus, post ids, what was scored) of a split of the run: from its saved splits.json, or test_shift: every
     post of its shifted corpus (--data_dir then names that corpus). A --data_dir that is not the corpus the model
     was trained on (its content digest, `trained_on`, differs) is scored whole: no post of it was trained on, and
-    the run's split lists other posts."""
+    the run's split lists other posts; but a post whose id the model trained or validated on (its splits.json) is
+    never scored as new, whatever the digest says (a copy of the training corpus, rewritten)."""
     if split == "test_shift":
         shift_cfg = cfg if data_dir is None else dataclasses.replace(cfg, test_shift_dir=data_dir)
         corpus = data.load_shift_corpus(shift_cfg)
@@ -108,9 +109,20 @@ def split_posts_of(cfg, checkpoint: Path, split: str, data_dir=None, trained_on:
     corpus = data.load_corpus_from_config(cfg, data_dir if data_dir is not None else cfg.data_dir)
     log.info("\n%s", data.format_report(corpus.report))
     if data_dir is not None and not same_corpus(cfg, data_dir, trained_on):
+        saved = json.loads((checkpoint / "splits.json").read_text()) if (checkpoint / "splits.json").is_file() else {}
+        seen = set(saved.get("train", [])) | set(saved.get("val", []))
+        post_ids = sorted(set(corpus.posts) - seen)
+        if not post_ids:
+            raise UserError(f"--data_dir {data_dir}: every post has an id the model trained or validated on (its "
+                            "splits.json): nothing new to score; without --data_dir the run's test split is scored")
+        if len(post_ids) < len(corpus.posts):
+            log.warning("%s: %d of its %d posts have ids the model trained or validated on (its splits.json): left "
+                        "out; scoring the other %d", data_dir, len(corpus.posts) - len(post_ids), len(corpus.posts),
+                        len(post_ids))
+            return corpus, post_ids, "unseen"
         log.info("%s is not the corpus this model was trained on: scoring all %d of its posts", data_dir,
                  len(corpus.posts))
-        return corpus, sorted(corpus.posts), "all"
+        return corpus, post_ids, "all"
     post_ids = data.load_splits(checkpoint / "splits.json", corpus)[split]
     log.info("scoring the %s split of the training run: %d of the corpus's %d posts (another labelled corpus: "
              "--data_dir)", split, len(post_ids), len(corpus.posts))
@@ -148,47 +160,41 @@ def read_posts(path: Path) -> dict[str, str]:
 
 
 def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[dict]:
-    """Per post and criterion: probability (criteria, joint) and evidence span (evidence, joint).
+    """Per post and criterion: probability and decisions (criteria --unit post, joint: `pred` at 0.5, `pred_tuned` at
+    `threshold_tuned`, the symptom's threshold chosen on validation) and the evidence sentences (evidence; joint only
+    where a decision calls the criterion present). `posts_csv`: a CSV path or
+    read_posts' dict.
 
-    A sentence-unit criteria model scores each sentence of the post; the post's probability is
-    its most positive sentence, which is also returned as the evidence. `posts_csv`: a CSV path or read_posts' dict.
-    """
+    A criteria model of --unit sentence is refused: it learned the status of annotated (criterion, sentence) pairs
+    and never met a post's other sentences, so scoring every sentence of a new post says "present" almost everywhere
+    (results/2026-12-06_predict-and-newcomer.md)."""
+    if sentence_unit(cfg):
+        raise UserError("--predict: this checkpoint is a criteria model of --unit sentence: it classifies annotated "
+                        "(criterion, sentence) pairs and was never trained on a post's other sentences, so it cannot "
+                        "score new posts; train --task criteria --unit post (or --task joint) for post predictions")
     posts = posts_csv if isinstance(posts_csv, dict) else read_posts(Path(posts_csv))
-    by_sentence = sentence_unit(cfg)
-    examples = []
-    for pid, text in posts.items():
-        for symptom in data.SYMPTOMS:
-            if by_sentence:
-                examples += [{"post_id": pid, "criterion": symptom, "text": text[s:e], "label": 0, "spans": [],
-                              "char_span": (s, e)} for s, e in alignment.sentence_spans(text)]
-            else:
-                examples.append({"post_id": pid, "criterion": symptom, "text": text, "label": 0, "spans": []})
+    examples = [{"post_id": pid, "criterion": symptom, "text": text, "label": 0, "spans": []}
+                for pid, text in posts.items() for symptom in data.SYMPTOMS]
     features = featurize(cfg, tokenizer, examples)
     loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id)
     model, loader = accelerator.prepare(model, loader)
     _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
-    out, tuned = {}, saved_thresholds(extra).get("paper_thresholds") or {}
+    rows, tuned = [], saved_thresholds(extra).get("paper_thresholds") or {}
     for ex, p in zip(examples, preds):
-        key = (ex["post_id"], ex["criterion"])
         row = {"post_id": ex["post_id"], "criterion": ex["criterion"]}
-        if by_sentence:
-            if key not in out or p["prob"] > out[key]["prob"]:
-                s, e = ex["char_span"]
-                out[key] = {**row, "prob": p["prob"], "pred": p["pred"], "evidence_text": ex["text"],
-                            "evidence_start": s, "evidence_end": e}
-            continue
         for k in ("prob", "pred"):
             if k in p:
                 row[k] = p[k]
         if "prob" in p and tuned:  # at the symptom's threshold chosen on validation (post-level tasks)
-            row["pred_tuned"] = int(p["prob"] >= tuned[ex["criterion"]])
-        if "pred_text" in p:
+            row.update(threshold_tuned=tuned[ex["criterion"]], pred_tuned=int(p["prob"] >= tuned[ex["criterion"]]))
+        # evidence: every pair; joint: the pairs that either decision (0.5, or the tuned threshold) calls present
+        present = row.get("pred", 1) or row.get("pred_tuned", 0)
+        if "pred_text" in p and present:
             row.update(evidence_text=p["pred_text"], evidence_start=p["pred_start"], evidence_end=p["pred_end"],
                        span_score=p["span_score"], null_score=p["null_score"],
                        evidence_sentences=p["pred_sentence_spans"], evidence_sentence_texts=p["pred_sentence_texts"])
-        out[key] = row
-    return list(out.values())
-
+        rows.append(row)
+    return rows
 
 if __name__ == "__main__":
     run_main(main)

@@ -125,13 +125,15 @@ def cli(capsys):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A real (untrained) criteria checkpoint of a very small model, as train.py saves it."""
+    """A real (untrained) criteria checkpoint of a very small model, as train.py saves it: --unit post, the criteria
+    model that scores whole posts (--predict)."""
     import data
     import models
     from checkpoint import save_checkpoint
     from config import make_config
 
-    cfg = make_config(task="criteria", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64, doc_stride=16)
+    cfg = make_config(task="criteria", unit="post", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64,
+                      doc_stride=16)
     tokenizer = models.train_tiny_tokenizer(list(data.CRITERIA.values()) + ["I can’t sleep."], 200)
     path = tmp_path_factory.mktemp("run") / "checkpoints" / "best"
     save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {"null_threshold": None})

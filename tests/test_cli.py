@@ -448,6 +448,24 @@ def test_predict_file_content_problems(cli, checkpoint, tmp_path, content, needl
     assert not (tmp_path / "p.jsonl").exists()
 
 
+def test_predict_refuses_a_sentence_unit_model(cli, tmp_path):
+    """A criteria model of --unit sentence never saw a post's unannotated sentences: it cannot score new posts."""
+    import models
+    from checkpoint import save_checkpoint
+    from config import make_config
+
+    cfg = make_config(task="criteria", unit="sentence", tiny_hidden=16, tiny_layers=1, tiny_heads=1, max_length=64,
+                      doc_stride=16)
+    tokenizer = models.train_tiny_tokenizer(list(data.CRITERIA.values()) + ["I can't sleep."], 200)
+    path = tmp_path / "best"
+    save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, path, {})
+    (tmp_path / "new.csv").write_text("post_id,text\np1,I can't sleep at night.\n")
+    code, err = cli(evaluate.main, ["--checkpoint", path, "--predict", tmp_path / "new.csv", "--output",
+                                    tmp_path / "p.jsonl"])
+    assert_one_line_error(code, err, "--predict", "criteria model of --unit sentence", "--unit post")
+    assert not (tmp_path / "p.jsonl").exists()
+
+
 def test_predict_writes_strict_json_lines(cli, checkpoint, tmp_path):
     posts = tmp_path / "new.csv"
     posts.write_text("post_id,text\np1,I can't sleep at night.\np2,\n")

@@ -442,3 +442,26 @@ def test_a_text_the_tokenizer_reads_as_nothing_is_a_user_error(tiny_tokenizer):
     ex = [{"post_id": "p9", "criterion": "SLEEP_ISSUES", "text": "\u200b", "label": 0, "spans": []}]
     with pytest.raises(UserError, match="post p9: the tokenizer gives its text no token"):
         features.featurize(tiny_tokenizer, ex, 96, 16, windows=True)
+
+
+def test_a_rewritten_training_corpus_is_never_scored_as_new_posts(tmp_path):
+    """`data.py --make_demo` with the training seed writes the training corpus as CSVs: its digest differs from the
+    built-in demo's (CSV bytes against JSON rows), but the posts the model trained or validated on are left out, so
+    what is scored is the run's own test split."""
+    import evaluate
+    from config import make_config
+
+    cfg = make_config(demo_posts=60, demo_seed=0, demo_shift_posts=0)
+    corpus = data.load_corpus_from_config(cfg)
+    splits = data.split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
+    ckpt = tmp_path / "best"
+    ckpt.mkdir()
+    (ckpt / "splits.json").write_text(json.dumps(splits))
+    data.write_demo(tmp_path / "copy", 60, 0)
+    trained_on = data.data_sha256(cfg)
+    assert data.data_sha256(make_config(data_dir=str(tmp_path / "copy"))) != trained_on  # the digest cannot tell
+    _, post_ids, scored = evaluate.split_posts_of(cfg, ckpt, "test", tmp_path / "copy", trained_on)
+    assert (sorted(post_ids), scored) == (sorted(splits["test"]), "unseen")
+    (ckpt / "splits.json").write_text(json.dumps({**splits, "train": splits["train"] + splits["test"]}))
+    with pytest.raises(data.UserError, match="every post has an id the model trained or validated on"):
+        evaluate.split_posts_of(cfg, ckpt, "test", tmp_path / "copy", trained_on)
