@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from config import Config, pretrained
+from config import Config, pretrained, sentence_unit
 from models import TASKS
 
 TASK_TEXT = {
@@ -15,12 +15,21 @@ TASK_TEXT = {
     "joint": "criteria classification and evidence extraction with one model",
 }
 
+UNIT_TEXT = {
+    True: "an annotated sentence. Each score says whether one sentence that annotators marked for a criterion shows "
+          "it (the status of an annotation row); the model never saw a post's other sentences, so its scores are "
+          "not post-level predictions, and `evaluate.py --predict` refuses it (train `--unit post` for those).",
+    False: "the post. Each score says whether the whole post shows the criterion (its windows read together); "
+           "`evaluate.py --predict` gives one row per (post, criterion).",
+}
 
 # The checkpoint's README.md. {front_matter} is the YAML block the Hugging Face hub reads
 # (https://huggingface.co/docs/hub/model-cards); {results} the metric tables of `card_metrics`.
 CARD_TEMPLATE = """{front_matter}# ReDSM5 {task} model
 
 **Not a diagnostic tool.** {task_text}, for research on annotated Reddit posts.
+
+**Unit of its scores:** {unit}
 
 ## Model
 
@@ -118,6 +127,7 @@ def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
     two_encoders = cfg.task == "joint" and not cfg.shared_encoder
     return CARD_TEMPLATE.format(
         front_matter=card_front_matter(cfg, metrics), task=cfg.task, task_text=TASK_TEXT[cfg.task], n_params=n_params,
+        unit=UNIT_TEXT[sentence_unit(cfg)],
         encoder=(f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained from "
                  "scratch" if not pretrained(cfg) else f"`{cfg.model}`, fine-tuned"),
         heads=("one output pair per criterion" if cfg.criterion_heads else "shared")

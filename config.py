@@ -375,6 +375,14 @@ def resolve_auto(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **chosen) if chosen else cfg
 
 
+def changed_fields(cfg: Config) -> dict:
+    """The fields a run sets away from the defaults: an `auto` field counts only when it differs from what `auto`
+    gives this model (a bare `python train.py` then shows {})."""
+    auto = resolve_auto(dataclasses.replace(cfg, **{name: "auto" for name in AUTO_DEFAULTS}))
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if v != getattr(Config, k) and not (getattr(Config, k) == "auto" and v == getattr(auto, k))}
+
+
 def validate_config(cfg: Config) -> None:
     floats = [f.name for f in dataclasses.fields(Config) if isinstance(getattr(cfg, f.name), float)]
     for name in floats:  # nan passes every comparison below, so it is refused first
@@ -406,6 +414,9 @@ def validate_config(cfg: Config) -> None:
     if cfg.mlflow and cfg.mlflow_system_metrics and importlib.util.find_spec("psutil") is None:
         raise UserError("--mlflow_system_metrics: needs psutil (pip install psutil, or the 'system-metrics' extra: "
                         "pip install -e '.[system-metrics]'); or run without it")
+    if cfg.mlflow_log_model and sentence_unit(cfg):
+        raise UserError("--mlflow_log_model: a criteria model of --unit sentence cannot score posts (it classifies "
+                        "annotated sentences), so it makes no servable model; train --unit post (or --task joint)")
     if pretrained(cfg) and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"--model {cfg.model}: a folder without config.json (not a save_pretrained model folder)")
 

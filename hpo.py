@@ -48,6 +48,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -248,6 +249,9 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
         for key, value in {"task": cfg.task, "metric": metric, "base_config": dataclasses.asdict(cfg),
                            "space_given": given, "search_space": space}.items():  # search_space last: it marks
             study.set_user_attr(key, value)                                       # the study as set up
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, stable since
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([f"val {metric}"])  # optuna-dashboard's name of the objective: not "Objective 0"
         if first:
             study.enqueue_trial(first, skip_if_exists=True)  # the fine stage starts from the coarse optimum
     elif args.space:  # a study keeps the space it was created with: another --space must not be silently ignored

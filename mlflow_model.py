@@ -157,6 +157,12 @@ def log_model(best_dir: Path, run_id: str, tracking_uri: str, register_name: str
         else:
             os.environ[bar] = old_bar
     uri = f"runs:/{run_id}/model"
+    # MLflow 3 lists a logged model in the run's "Logged models" and the experiment's Models tab, not under the
+    # run's Artifacts: a pointer there says where it is and how to load or serve it
+    mlflow.MlflowClient(tracking_uri).log_dict(run_id, {
+        "model_uri": info.model_uri, "runs_uri": uri, "model_id": logged.model_id,
+        "load": f'mlflow.pyfunc.load_model("{uri}").predict(pandas.DataFrame({{"post_id": [...], "text": [...]}}))',
+        "serve": f"mlflow models serve -m {uri} --env-manager local"}, "model.json")
     log.info("logged %s to MLflow as %s (%s)", best_dir, uri, info.model_uri)
     if register_name:
         version = mlflow.register_model(info.model_uri, register_name)

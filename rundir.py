@@ -23,7 +23,7 @@ import torch
 from checkpoint import read_json_file, save_tokenizer
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, save_config
 from data import data_sha256
-from utils import UserError, replace_dir, write_text_atomic
+from utils import UserError, code_version, replace_dir, write_text_atomic
 
 log = logging.getLogger("redsm5")
 
@@ -121,7 +121,7 @@ def write_run_files(cfg: Config, prepared, out_dir: Path, data_digest: str) -> N
     save_tokenizer(prepared.tokenizer, tmp, cfg.max_length)
     replace_dir(tmp, out_dir / "tokenizer")
     record = {"data_sha256": data_digest, "splits_sha256": sha256_of(prepared.splits),
-              "tokenizer_sha256": folder_sha256(out_dir / "tokenizer")}
+              "tokenizer_sha256": folder_sha256(out_dir / "tokenizer"), "code_version": code_version()}
     write_text_atomic(out_dir / RUN_RECORD, json.dumps(record, indent=2))
 
 

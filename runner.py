@@ -45,7 +45,7 @@ from rundir import (
 )
 from scoring import summary_table
 from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, log_figures, log_run_inputs, tracked_metrics
-from utils import dumps, output_dir_lock, system_info, write_jsonl, write_text_atomic
+from utils import code_version, dumps, output_dir_lock, system_info, write_jsonl, write_text_atomic
 
 log = logging.getLogger("redsm5")
 
@@ -106,6 +106,8 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
     out_dir = Path(cfg.output_dir)
     best_dir, last_dir = out_dir / "checkpoints" / "best", out_dir / "checkpoints" / "last"
     with contextlib.ExitStack() as scope:  # the lock, then the MLflow run: released / ended however we leave
+        scope.push(lambda kind, e, tb: setattr(e, "run_dir", out_dir) if kind and issubclass(kind, KeyboardInterrupt)
+                   else None)  # a stopped run says where it is (train.main tells how to resume it)
         scope.enter_context(output_dir_lock(out_dir, accelerator.is_main_process))
         check_output_dir(cfg, out_dir, accelerator)
         accelerator.wait_for_everyone()
@@ -131,8 +133,8 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
             finish_best(best_dir, cfg, results, prepared.splits, tracker)
             tracker.flush()  # what MLflow did not get is known only now
             results["train"].update(tracker.unlogged())
-            write_text_atomic(out_dir / "run_stats.json", json.dumps({**results["train"], "system": system_info()},
-                                                                     indent=2))
+            write_text_atomic(out_dir / "run_stats.json", json.dumps({**results["train"], "system": system_info(),
+                                                                      "code_version": code_version()}, indent=2))
             tracker.log_artifact(out_dir / "run_stats.json")
             log.info("done: %s (metrics.json, predictions.jsonl, checkpoints/best); %s", out_dir, tracker.where())
     return results
@@ -151,7 +153,8 @@ def write_outputs(out_dir: Path, cfg: Config, results: dict, predictions: dict, 
     history = {"metric": metric_name, "val": state.history,  # training curves, also without MLflow
                "steps": [dict(zip(("step", "train_loss", "lr"), row)) for row in state.curve]}
     write_text_atomic(out_dir / "history.json", json.dumps(history))
-    log.info("%s, best checkpoint (thresholds tuned on val):\n%s", cfg.task,
+    tuned = ", ".join(sorted(k for k, v in state.thresholds.items() if v not in (None, {}))) or "none: 0.5"
+    log.info("%s, best checkpoint (thresholds tuned on val: %s):\n%s", cfg.task, tuned,
              summary_table(results, TASKS[cfg.task].headline))
     headline = (metric_name, *TASKS[cfg.task].headline)
     for name in scored:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from config import Config
-from utils import UserError, first_line, retry, system_info
+from utils import UserError, code_version, first_line, retry, system_info
 
 log = logging.getLogger("redsm5")
 
@@ -152,7 +152,8 @@ class Tracker:
                 self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
         tags = {"mlflow.runName": cfg.run_name or f"{cfg.task}-{Path(cfg.output_dir).name}",
                 "mlflow.note.content": f"`{shlex.join(sys.argv)}`",  # the run's description: its command
-                "mlflow.source.name": Path(sys.argv[0]).name, "mlflow.source.type": "LOCAL"}
+                "mlflow.source.name": Path(sys.argv[0]).name, "mlflow.source.type": "LOCAL",
+                "mlflow.source.git.commit": code_version()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = self.client.create_run(exp_id, tags=tags).info.run_id
@@ -255,6 +256,10 @@ class Tracker:
             if self.monitor is not None:
                 self.monitor.finish()  # its last samples, while the run is still RUNNING
             self._send(f"run status {status}", lambda: self.client.set_terminated(self.run_id, status=status))
+            if self.failure is not None:  # the store stopped answering: the run shows RUNNING there, say so
+                log.warning("MLflow run %s stays RUNNING in %s (the store did not answer); once it answers, end it "
+                            "with: python -c \"import mlflow; mlflow.MlflowClient('%s').set_terminated('%s', '%s')\"",
+                            self.run_id, self.uri, self.uri, self.run_id, status)
 
     def __enter__(self):
         return self

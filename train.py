@@ -28,7 +28,7 @@ import torch
 
 import data
 from checkpoint import LoopState, load_best, load_tokenizer, resume_state, save_best
-from config import Config, parse_config
+from config import Config, changed_fields, parse_config
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
 from scoring import evaluate, metric_names
@@ -315,12 +315,21 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
 
 def main(argv=None):
     from runner import run  # the run around the loop: output folder, resume, MLflow, outputs
+    from utils import find_complete_dir
 
     cfg, _ = parse_config(argv, prog="train.py", doc=__doc__)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
-    log.info("config (non-default fields): %s", {k: v for k, v in vars(cfg).items() if v != getattr(Config, k)})
-    run(cfg, accelerator)
+    log.info("config (non-default fields): %s", changed_fields(cfg))
+    try:
+        run(cfg, accelerator)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the one line run_main prints says whether it can resume
+        out = getattr(e, "run_dir", None)
+        if out is not None and find_complete_dir(out / "checkpoints" / "last") is not None:
+            e.note = f"continue it with: python train.py --output_dir {out} --resume true (and the same flags)"
+        elif out is not None:
+            e.note = f"no training state was saved yet in {out}: nothing to resume, start it again"
+        raise
 
 
 if __name__ == "__main__":

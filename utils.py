@@ -52,7 +52,8 @@ def run_main(main, argv=None) -> None:
         main(argv)
     except KeyboardInterrupt as e:
         code, how = (143, "stopped by SIGTERM") if isinstance(e, Terminated) else (130, "interrupted")
-        print(f"error: {how}; a training run continues from its checkpoints/last with --resume", file=sys.stderr)
+        note = getattr(e, "note", None)  # what the entry point can say of it (train.py: how to resume, if it can)
+        print(f"error: {how}" + (f"; {note}" if note else ""), file=sys.stderr)
         sys.exit(code)
     except UserError as e:
         # a line from a binary or UTF-16 file must not put NULs and control bytes on the terminal
@@ -140,6 +141,37 @@ def system_info() -> dict:
     return info
 
 
+def cpu_threads(threads: int, processes: int) -> int:
+    """torch's CPU threads per process: --threads when given; else OMP_NUM_THREADS when the user set it (a shared
+    server's convention); else this machine's cores shared among its processes, never more threads than cores.
+    Under `accelerate launch` OMP_NUM_THREADS is the launcher's (1 when not told --cpu: one core of many), so
+    there the cores are shared; --threads sets it."""
+    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # accelerate launch sets it, and OMP_NUM_THREADS with it
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if threads:
+        return threads
+    if omp.isdigit() and int(omp) > 0 and not launched:
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
+
+
+def code_version() -> str:
+    """The commit of this code: `<sha>`, `<sha>+local changes` when tracked files differ from it, or `not a git
+    checkout` (a copy without .git, or no git on the machine). Recorded in run.json, run_stats.json and MLflow."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return f"{sha}+local changes" if dirty else sha
+
+
 def make_accelerator(cfg=None):
     """An Accelerator for this machine. Without CUDA it is told `cpu=True`: otherwise
     `accelerate launch --multi_gpu --num_processes 2` on a CPU box starts two independent
@@ -156,11 +188,7 @@ def make_accelerator(cfg=None):
         use_cudnn_attention(cfg.cudnn_attention if cfg is not None else False)
         torch.set_float32_matmul_precision("high" if cfg is None or cfg.tf32 else "highest")
     if cfg is not None and accelerator.device.type == "cpu":
-        # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1: one core of many. By default share
-        # the cores among this machine's processes instead, never more threads than cores.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(cfg.threads or max(1, cores // local))
+        torch.set_num_threads(cpu_threads(cfg.threads, accelerator.num_processes))
     return accelerator
 
 

@@ -16,6 +16,7 @@ import demo
 import models
 import runner
 import tracking
+import utils
 from config import make_config
 from tracking import Tracker
 from utils import UserError
@@ -27,9 +28,10 @@ ARGV = ["train.py", "--run_name", "two words", "--max_steps", "6"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tracked criteria run, with the system-metrics sampler (every 0.2 s) and the checkpoint logged."""
+    """One tracked criteria run (--unit post: a model that scores posts), with the system-metrics sampler (every
+    0.2 s) and the checkpoint logged."""
     tmp = tmp_path_factory.mktemp("hf")
-    cfg = make_config(**SMALL, output_dir=str(tmp / "run"), tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+    cfg = make_config(**SMALL, unit="post", output_dir=str(tmp / "run"), tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
                       mlflow_system_metrics=True, mlflow_log_model=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
@@ -113,6 +115,7 @@ def test_model_card(trained):
     assert meta["library_name"] == "transformers" and meta["license"] == "other" and "criteria" in meta["tags"]
     assert body.startswith("# ReDSM5 criteria model") and "**Not a diagnostic tool.**" in body
     assert "synthetic demo corpus (150 posts, seed 0)" in body and "data usage agreement" in body
+    assert "**Unit of its scores:** the post." in body  # --unit post; a sentence-unit card says so (test_card_unit)
     assert 'AutoModel.from_pretrained("checkpoints/best/encoder")' in body and "evaluate.py --checkpoint" in body
     test = json.loads((out / "metrics.json").read_text())["test"]
     assert f"| f1_macro | {results['val']['f1_macro']:.4f} | {test['f1_macro']:.4f} |" in body
@@ -142,6 +145,11 @@ def test_mlflow_run_has_the_dataset_per_criterion_metrics_and_description(traine
     # keyed by prefix, so that MLflow's chart sections group them; the long tail stays in metrics.json
     sections = sorted({k.split("/")[0] for k in metrics if not k.startswith("system/")})  # the UI's order
     assert sections == ["1_train", "2_val", "3_best_val", "4_test", "5_test_shift"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()  # the names the README documents
+    named = {"1_train/loss", "1_train/lr", "4_test/f1/<CRITERION>"} | {f"{s}/" for s in sections[1:]}
+    assert all(f"`{name}`" in readme for name in named)
+    assert {"1_train/loss", "1_train/lr", "4_test/f1/FATIGUE"} <= set(metrics) and \
+        all(any(k.startswith(f"{s}/") for k in metrics) for s in sections)
     assert len([k for k in metrics if not k.startswith("system/")]) <= 60  # 82 before, in one alphabetical list
     artifacts = {a.path for a in client(cfg).list_artifacts(run_id, "figures")}
     assert {"figures/training.png", "figures/confusion_test.png", "figures/pr_roc.png",
@@ -151,6 +159,7 @@ def test_mlflow_run_has_the_dataset_per_criterion_metrics_and_description(traine
     assert experiment.artifact_location.startswith(Path(cfg.tracking_uri[len("sqlite:///"):]).parent.as_uri())
     assert run.data.tags["mlflow.note.content"] == f"`{shlex.join(ARGV)}`"  # "`train.py ... 'two words' ...`"
     assert run.data.tags["mlflow.source.name"] == "train.py"
+    assert run.data.tags["mlflow.source.git.commit"] == utils.code_version()  # the code that ran
     assert any(k.startswith("system/cpu_utilization") for k in metrics)  # --mlflow_system_metrics
     import mlflow
 
@@ -231,3 +240,11 @@ def test_the_checkpoint_describes_itself(tmp_path):
     scores = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert scores["combined"] == round(results["test"]["combined"], 4)
     assert scores["f1_macro"] == round(results["test"]["f1_macro"], 4)
+
+
+def test_card_unit_says_what_a_score_is():
+    import card
+
+    sentence, post = (card.model_card(make_config(unit=u), {}, 0, {}) for u in ("sentence", "post"))
+    assert "**Unit of its scores:** an annotated sentence." in sentence and "not post-level predictions" in sentence
+    assert "**Unit of its scores:** the post." in post

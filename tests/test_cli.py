@@ -53,6 +53,7 @@ QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--ti
     (["--lr", "-1"], ["--lr", "must be > 0"]),
     (["--task", "foo"], ["--task", "'foo'", "criteria, evidence, joint"]),
     (["--unit", "word"], ["--unit", "sentence, post"]),
+    (["--mlflow_log_model", "true"], ["--mlflow_log_model", "criteria model of --unit sentence", "--unit post"]),
     (["--mlflow", "maybe"], ["--mlflow", "expected bool"]),
     (["--val_ratio", "1.5"], ["--val_ratio", "[0, 1)"]),
     (["--batch_size", "0"], ["--batch_size", ">= 1"]),
@@ -502,3 +503,24 @@ def test_error_lines_never_print_control_bytes(cli, tmp_path):
     code, err = cli(main, [])
     assert_one_line_error(code, err, "bad row 'p\\x001\\x07' in x.csv")
     assert "\x00" not in err
+
+
+def test_a_bare_run_logs_no_non_default_field():
+    from config import changed_fields, parse_config
+
+    assert changed_fields(parse_config([])[0]) == {}  # `auto` resolved to its own value is not a change
+    assert changed_fields(parse_config(["--lr", "1e-3", "--task", "joint"])[0]) == {"task": "joint", "lr": 1e-3}
+    assert changed_fields(parse_config(["--model", "minilm"])[0]) == {"model": "minilm"}
+
+
+def test_a_run_stopped_before_any_saved_state_says_there_is_nothing_to_resume(cli, tmp_path, monkeypatch):
+    import models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models.TaskModel, "loss", interrupted)
+    code, err = cli(train.main, [*QUICK, "--output_dir", tmp_path / "run"])
+    assert code == 130
+    assert_one_line_error(code, err, "error: interrupted; no training state was saved yet in",
+                          str(tmp_path / "run"), "nothing to resume")

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -182,6 +183,9 @@ def test_trial_records_and_cleanup(coarse_study):
         assert (trial_dir / "checkpoints" / "best" / "heads.safetensors").exists()
         assert not (trial_dir / "checkpoints" / "last").exists()  # trials are never resumed
     assert summary["train_steps"] == 12
+    _, storage, _ = coarse_study
+    study = optuna.load_study(study_name="criteria-coarse", storage=storage)
+    assert study.metric_names == ["val f1_macro"]  # optuna-dashboard's label of the objective
 
 
 def test_fine_stage_narrows_around_coarse_best_and_starts_there(coarse_study):

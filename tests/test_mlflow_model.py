@@ -73,6 +73,11 @@ def test_logged_model_is_in_the_run_and_tmp(logged):
                                                         "safetensors", "scikit-learn", "numpy", "pyyaml", "pandas"}
     inputs = logged.pyfunc.metadata.signature.inputs.input_names()
     assert inputs == ["post_id", "text"]
+    # the run's Artifacts (where MLflow 3 does not list a logged model) point to it
+    pointer = Path(logged.client.download_artifacts(logged.run_id, "model.json", str(logged.tmp)))
+    pointer = json.loads(pointer.read_text())
+    assert pointer["runs_uri"] == logged.model_uri and pointer["model_id"] == output.model_id
+    assert pointer["serve"] == f"mlflow models serve -m {logged.model_uri} --env-manager local"
 
 
 def test_pyfunc_predict_equals_evaluate_predict(logged, cli):
@@ -87,7 +92,13 @@ def test_pyfunc_predict_equals_evaluate_predict(logged, cli):
     assert len(got) == 3 * 9
     for g, e in zip(got, expected):
         assert abs(g["prob"] - e["prob"]) < 1e-6
-        assert (g["pred"], g["pred_tuned"]) == (e["pred"], e["pred_tuned"])
+        assert (g["pred"], g["pred_tuned"], g["threshold_tuned"]) == (e["pred"], e["pred_tuned"], e["threshold_tuned"])
+        assert e["pred_tuned"] == int(e["prob"] >= e["threshold_tuned"])
+        # evidence only where a decision calls the criterion present (joint)
+        assert ("evidence_sentences" in e) == bool(e["pred"] or e["pred_tuned"])
+        if "evidence_sentences" not in e:
+            assert not isinstance(g["evidence_sentences"], list) and pd.isna(g["evidence_text"])
+            continue
         assert list(g["evidence_sentence_texts"]) == e["evidence_sentence_texts"]
         assert [list(s) for s in g["evidence_sentences"]] == e["evidence_sentences"]
         assert g["evidence_text"] == e["evidence_text"]
@@ -167,6 +178,9 @@ def test_mlflow_models_serve(logged):
         assert [(r["post_id"], r["criterion"]) for r in rows] == [(r["post_id"], r["criterion"]) for r in expected]
         for r, e in zip(rows, expected):
             assert abs(r["prob"] - e["prob"]) < 1e-6
+            if isinstance(e["evidence_sentences"], float):  # NaN: no decision calls it present, no evidence
+                assert r.get("evidence_sentences") is None or pd.isna(r["evidence_sentences"])
+                continue
             assert r["evidence_sentence_texts"] == list(e["evidence_sentence_texts"])  # lists come back as lists
             assert r["evidence_sentences"] == [list(s) for s in e["evidence_sentences"]]
         status, body = post_json(url, {"dataframe_split": {"columns": ["post_id", "text"], "data": [["p1", " "]]}})

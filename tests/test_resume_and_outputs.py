@@ -157,7 +157,7 @@ def test_a_yaml_alias_bomb_is_reported_by_size(cli, tmp_path):
     assert "invalid value (a list of 7 items) for 'lr'" in line and len(line) < 300
 
 
-def test_a_tracking_store_that_stops_answering_does_not_stop_training(tmp_path, monkeypatch):
+def test_a_tracking_store_that_stops_answering_does_not_stop_training(tmp_path, monkeypatch, caplog):
     """After the first failed request the tracker warns once and goes quiet; the run finishes, its metrics equal an
     untracked run's, and run_stats.json says what was not logged."""
     import mlflow.tracking
@@ -183,6 +183,9 @@ def test_a_tracking_store_that_stops_answering_does_not_stop_training(tmp_path, 
     assert stats["mlflow_failure"].startswith("metrics: Connection refused")
     assert stats["mlflow_unlogged_metric_points"] > 0
     assert calls["n"] == 4  # one failed request, then none
+    # its end was not logged either: the run shows RUNNING in the store, and a line says how to end it
+    assert "run status FINISHED" in stats["mlflow_unlogged"]
+    assert f"MLflow run {stats['mlflow_run_id']} stays RUNNING" in caplog.text and "set_terminated" in caplog.text
 
 
 def test_three_runs_starting_on_a_new_tracking_store_all_start(tmp_path):
@@ -213,7 +216,9 @@ def test_sigterm_ends_the_run_killed_and_the_resume_logs_no_step_twice(tmp_path)
     err = seen + proc.stderr.read()
     proc.wait(timeout=120)
     assert proc.returncode == 143, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM; continue it with: python train.py --output_dir {tmp_path / 'run'} --resume true "
+        "(and the same flags)")
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("redsm5").experiment_id])
     assert run.info.status == "KILLED"

@@ -1,6 +1,7 @@
 """End-to-end: a small run leaves every output, evaluate.py reproduces it, resume equals no crash."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import checkpoint
 import evaluate
 import models
 import runner
+import utils
 from checkpoint import load_checkpoint
 from config import make_config
 from utils import UserError
@@ -45,6 +47,10 @@ def test_run_outputs_and_evaluate_reproduces_test_metrics(tmp_path, task, option
     assert not set(splits["train"]) & set(splits["test"]) and not set(splits["val"]) & set(splits["test"])
     saved = json.loads((out / "metrics.json").read_text())
     assert results["train"]["steps"] == 6 and set(saved) == {"val", "test", "test_shift"}
+    version = utils.code_version()  # the code that ran: a commit of this checkout (its sha, 40 hex digits)
+    assert re.fullmatch(r"[0-9a-f]{40}(\+local changes)?", version)
+    for f in ("run.json", "run_stats.json"):
+        assert json.loads((out / f).read_text())["code_version"] == version, f
     assert list(saved["test_shift"]) == list(saved["test"])  # the shifted set is scored with the same metrics
     evaluate.main(["--checkpoint", str(out / "checkpoints/best"), "--output", str(tmp_path / "eval.json")])
     again = json.loads((tmp_path / "eval.json").read_text())["test"]
@@ -201,13 +207,15 @@ def test_nonfinite_loss_skipped_when_asked_and_states_kept(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("threads,local,expected", [(0, None, "cores"), (0, "2", "half"), (3, "2", 3)])
 def test_cpu_threads_share_the_cores_among_local_processes(monkeypatch, threads, local, expected):
-    """`accelerate launch` sets OMP_NUM_THREADS=1; by default each process gets its share of the cores instead."""
+    """`accelerate launch` sets OMP_NUM_THREADS=1 (and ACCELERATE_DYNAMO_BACKEND); by default each process gets its
+    share of the cores instead. OMP_NUM_THREADS set by the user, outside a launcher: tests/test_utils.py."""
     import torch
 
     from utils import make_accelerator
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
     if local:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
     before = torch.get_num_threads()

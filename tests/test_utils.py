@@ -88,3 +88,32 @@ def test_write_text_atomic_replaces_the_file_and_leaves_no_temp(tmp_path):
     write_text_atomic(path, "new")
     assert path.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+@pytest.mark.parametrize("env, threads, processes, expected", [
+    ({"OMP_NUM_THREADS": "1"}, 0, 1, 1),  # a shared server's convention is kept
+    ({"OMP_NUM_THREADS": "3"}, 2, 1, 2),  # --threads wins
+    ({"OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "NO"}, 0, 1, None),  # the launcher's 1: cores shared
+    ({}, 0, 1, None),
+])
+def test_cpu_threads_follow_threads_then_omp_num_threads(monkeypatch, env, threads, processes, expected):
+    import os
+
+    import utils
+
+    for key in ("OMP_NUM_THREADS", "ACCELERATE_DYNAMO_BACKEND", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cores = len(os.sched_getaffinity(0))
+    assert utils.cpu_threads(threads, processes) == (cores if expected is None else expected)
+
+
+def test_code_version_outside_a_checkout(tmp_path):
+    import importlib.util
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "utils.py", tmp_path / "utils_copy.py")
+    spec = importlib.util.spec_from_file_location("utils_copy", tmp_path / "utils_copy.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.code_version() == "not a git checkout"
