@@ -524,3 +524,25 @@ def test_a_run_stopped_before_any_saved_state_says_there_is_nothing_to_resume(cl
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         f"error: interrupted; no training state was saved yet in {tmp_path / 'run'}: nothing to resume, start it again")
+
+
+PRESETS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "demo_corpus.yaml")  # not: phrases
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads(preset):
+    from config import parse_config
+
+    parse_config(["--config", str(ROOT / "configs" / preset)])
+
+
+def test_the_authors_preset_is_their_recipe():
+    """examples/bert.ipynb of eliseobao/redsm5: post level, 512 tokens truncated, batch 8, constant 2e-5, no warmup,
+    no clipping, 5 epochs, no early stopping."""
+    from config import parse_config
+
+    cfg, _ = parse_config(["--config", str(ROOT / "configs" / "redsm5_authors.yaml"), "--model", "minilm"])
+    assert (cfg.task, cfg.unit, cfg.max_length, cfg.max_windows_per_post, cfg.batch_size) == ("criteria", "post", 512,
+                                                                                             1, 8)
+    assert (cfg.lr, cfg.head_lr, cfg.scheduler, cfg.warmup_ratio, cfg.max_grad_norm) == (2e-5, None, "constant", 0, 0)
+    assert (cfg.epochs, cfg.patience, cfg.weight_decay) == (5, 0, 0.01)
