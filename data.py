@@ -162,34 +162,6 @@ def visible(text: str) -> bool:
     return bool(text.translate(_INVISIBLE).strip())
 
 
-def posts_to_predict(rows, where: str, error=UserError, line_of=None) -> dict[str, str]:
-    """post_id -> text of posts given to predict on ((post_id, text) rows of a --predict CSV or of a served
-    DataFrame): ids stripped; a post_id twice is an error (predictions are keyed by it); rows without an id or a
-    visible text (empty, or only zero-width characters: no token, as training drops them) are skipped and counted in
-    one warning; none left is an error. `error`: the exception to raise; `line_of(i)`: where row i is in the file."""
-    posts, first, no_id, no_text = {}, {}, 0, 0
-    for i, (pid, text) in enumerate(rows):
-        pid = "" if pid is None else str(pid).strip()
-        if not pid:
-            no_id += 1
-            continue
-        if pid in first:
-            at = f" on line {line_of(first[pid])} and again on line {line_of(i)}" if line_of else " twice"
-            raise error(f"{where}: post_id '{pid}'{at} (predictions are keyed by post_id: give each post its own)")
-        first[pid] = i
-        if isinstance(text, str) and visible(text):
-            posts[pid] = text
-        else:
-            no_text += 1
-    if not posts:
-        raise error(f"{where}: no row has both a post_id and a visible text ({no_id} without post_id, {no_text} "
-                    "with an empty text or only invisible characters)")
-    if no_id or no_text:
-        log.warning("%s: %d rows skipped, not predicted: %d without post_id, %d with an empty text or only invisible "
-                    "(zero-width) characters", where, no_id + no_text, no_id, no_text)
-    return posts
-
-
 def valid_posts(post_rows: list[dict], dropped: Counter) -> dict[str, str]:
     """post_id -> text; the first copy of a duplicated id wins, every other row dropped is counted."""
     posts = {}

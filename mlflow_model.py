@@ -66,8 +66,7 @@ class ReDSM5Model(mlflow.pyfunc.PythonModel):
 
 
 def posts_of(model_input) -> dict[str, str]:
-    """post_id -> text of a predict input, read as a --predict CSV is (data.posts_to_predict)."""
-    import data
+    """post_id -> text of a predict input, read as a --predict CSV is (evaluate.posts_to_predict)."""
 
     if isinstance(model_input, dict):
         scalars = all(not isinstance(v, (list, tuple, pd.Series)) for v in model_input.values())
@@ -79,7 +78,9 @@ def posts_of(model_input) -> dict[str, str]:
                          f"and text, one row per post (got columns: {', '.join(map(str, frame.columns)) or 'none'})")
     if frame.empty:
         raise BadInput("model input has no rows: give a DataFrame with columns post_id and text, one row per post")
-    return data.posts_to_predict([(None if pd.isna(pid) else pid, text) for pid, text in
+    from evaluate import posts_to_predict
+
+    return posts_to_predict([(None if pd.isna(pid) else pid, text) for pid, text in
                                   zip(frame["post_id"], frame["text"])], "model input", error=BadInput)
 
 
