@@ -7,6 +7,7 @@ the length-grouped sampler and `make_loader`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -69,6 +70,23 @@ def _pieces(text: str, start: int = 0):
         start = end
 
 
+@contextlib.contextmanager
+def untruncated(backend):
+    """The tokenizers backend with its own truncation and padding off, then put back. A tokenizer.json may carry
+    them (all-MiniLM-L6-v2's: truncate and pad to 128): a piece of a long text would count as 128 tokens, and a
+    post cut to its first window would keep several windows' worth of text."""
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        yield backend
+    finally:
+        if truncation:
+            backend.enable_truncation(**truncation)
+        if padding:
+            backend.enable_padding(**padding)
+
+
 def cut_text(tokenizer, text: str, rooms: list[int], doc_stride: int, max_windows: int) -> list[tuple[str, int]]:
     """Per window room (text tokens a window holds): (the text up to the end of what its first `max_windows` windows
     read, the windows the whole text needs; 0: a short text, not counted).
@@ -83,15 +101,16 @@ def cut_text(tokenizer, text: str, rooms: list[int], doc_stride: int, max_window
         long = {k for k in keeps if len(text.encode("utf-8")) > k}
     if not long:
         return [(text, 0)] * len(rooms)
-    backend, n_tokens, cuts = tokenizer.backend_tokenizer, 0, {}
+    n_tokens, cuts = 0, {}
     pieces = list(_pieces(text))
-    for b in range(0, len(pieces), 16):  # 16 pieces at a time: the encodings of the whole text are never held
-        batch = pieces[b : b + 16]
-        for (offset, _), enc in zip(batch, backend.encode_batch([p for _, p in batch], add_special_tokens=False)):
-            for keep in long - set(cuts):
-                if n_tokens + len(enc) >= keep:
-                    cuts[keep] = offset + enc.offsets[keep - n_tokens - 1][1]
-            n_tokens += len(enc)
+    with untruncated(tokenizer.backend_tokenizer) as backend:
+        for b in range(0, len(pieces), 16):  # 16 pieces at a time: the encodings of the whole text are never held
+            batch = pieces[b : b + 16]
+            for (offset, _), enc in zip(batch, backend.encode_batch([p for _, p in batch], add_special_tokens=False)):
+                for keep in long - set(cuts):
+                    if n_tokens + len(enc) >= keep:
+                        cuts[keep] = offset + enc.offsets[keep - n_tokens - 1][1]
+                n_tokens += len(enc)
     out = []
     for room, keep in zip(rooms, keeps):
         step = room - doc_stride

@@ -332,6 +332,24 @@ def test_cut_text_counts_the_windows_of_the_whole_text(tiny_tokenizer, monkeypat
     assert features.cut_text(tiny_tokenizer, "Short one.", [48], 16, 4) == [("Short one.", 0)]
 
 
+def test_cut_text_ignores_the_truncation_a_tokenizer_json_carries(tiny_tokenizer):
+    """all-MiniLM-L6-v2's tokenizer.json truncates and pads to 128: counted with it, every piece of a long text was
+    128 tokens, and --max_windows_per_post 1 kept several windows' worth of text (and the run stopped)."""
+    text = " ".join(f"On day {i} we walked to the old store and bought {i} green apples." for i in range(60))
+    backend = tiny_tokenizer.backend_tokenizer
+    whole = features.cut_text(tiny_tokenizer, text, [48], 16, 1)
+    backend.enable_truncation(8)
+    backend.enable_padding(length=8)
+    try:
+        assert features.cut_text(tiny_tokenizer, text, [48], 16, 1) == whole
+        assert backend.truncation["max_length"] == 8 and backend.padding["length"] == 8  # put back
+    finally:
+        backend.no_truncation()
+        backend.no_padding()
+    (cut, windows), = whole
+    assert len(tiny_tokenizer(cut, add_special_tokens=False)["input_ids"]) == 48 and windows > 1
+
+
 def test_a_huge_post_aligns_like_a_small_one(tmp_path):
     """Alignment was a char-by-char copy of the post per sentence (a 50 MB post: 47 s, 5.6 GB); now one regex
     search, and the post's sentences split once. The spans must be the ones a small post gives."""
