@@ -110,7 +110,9 @@ class Config:
     scheduler: typing.Literal["cosine", "linear", "constant"] = knob("linear", 'learning-rate schedule after warmup')
     warmup_ratio: float = knob(0.06, 'fraction of optimizer steps spent warming up', low=0, below=1)
     max_grad_norm: float = knob(1.0, 'gradient clipping on sync steps; 0 disables')
-    class_weights: bool = knob(False, 'criteria: weight CE by inverse class frequency')
+    class_weights: bool = knob(False, 'criteria, joint: weight CE by inverse class frequency, pooled over the criteria')
+    criterion_weights: bool = knob(False, "criteria, joint: weight each criterion's CE by the inverse frequencies of "
+                                   "its own two classes in the training inputs (a rare symptom's positives weigh more)")
     loss_weight_criteria: float = knob(1.0, 'joint: w_c')
     loss_weight_evidence: float = knob(1.0, 'joint: w_e')
     mixed_precision: typing.Literal["auto", "no", "fp16", "bf16"] = knob("auto", 'auto = what `accelerate launch` says')
@@ -394,6 +396,8 @@ def validate_config(cfg: Config) -> None:
             raise UserError(f"--{name}: must be in [{low}, {below}), got {value}")
         if low is not None and value < low:
             raise UserError(f"--{name}: must be >= {low}, got {value}")
+    if cfg.class_weights and cfg.criterion_weights:
+        raise UserError("--class_weights and --criterion_weights: choose one (pooled or per-criterion weights)")
     if cfg.val_ratio + cfg.test_ratio >= 1:
         raise UserError(f"--val_ratio + --test_ratio: must leave posts to train on, got "
                         f"{cfg.val_ratio} + {cfg.test_ratio} >= 1")

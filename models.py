@@ -252,13 +252,16 @@ class TaskModel(nn.Module):
                 out["tag_logits"] = logits.squeeze(-1)
         evidence_targets = start_targets if self.per_token == 2 else tag_targets
         if (self.cls_head is None or labels is not None) and (self.span_head is None or evidence_targets is not None):
-            out["loss"] = self.loss(out, labels, start_targets, end_targets, tag_targets, context_mask, pair_mask)
+            out["loss"] = self.loss(out, labels, start_targets, end_targets, tag_targets, context_mask, pair_mask,
+                                    criterion_ids)
         return out
 
-    def loss(self, out, labels, start_targets, end_targets, tag_targets, context_mask, pair_mask) -> torch.Tensor:
-        """criteria: cross-entropy of the status (weighted by class_weights when given). evidence, span head: the
-        mean span loss of start and end; tag head: BCE of "inside an evidence sentence" over the text tokens.
-        joint: w_c * criteria + w_e * evidence. Under `--encoding post` every criterion of a window counts
+    def loss(self, out, labels, start_targets, end_targets, tag_targets, context_mask, pair_mask,
+             criterion_ids=None) -> torch.Tensor:
+        """criteria: cross-entropy of the status (weighted by class_weights when given: (2,) pooled, or (9, 2) each
+        criterion's own, read by the row's criterion; a weighted mean either way, as F.cross_entropy's). evidence,
+        span head: the mean span loss of start and end; tag head: BCE of "inside an evidence sentence" over the text
+        tokens. joint: w_c * criteria + w_e * evidence. Under `--encoding post` every criterion of a window counts
         (labels -100 and pair_mask drop the (window, criterion) rows that are not examples).
         joint's tag BCE is balanced: (mean over evidence tokens + mean over the rest) / 2: about 1% of its tokens
         are evidence, and the plain mean teaches "no evidence" everywhere
@@ -266,8 +269,15 @@ class TaskModel(nn.Module):
         criteria_loss = evidence_loss = None
         if self.cls_head is not None:
             logits = out["cls_logits"].float()
-            criteria_loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), weight=self.class_weights,
-                                            ignore_index=-100)
+            if self.class_weights is None or self.class_weights.dim() == 1:
+                criteria_loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), weight=self.class_weights,
+                                                ignore_index=-100)
+            else:  # per criterion: a pair's from criterion_ids, a post window's (batch, criteria) from the column
+                criteria = criterion_ids if logits.dim() == 2 else torch.arange(labels.shape[-1], device=labels.device)
+                y = labels.clamp(min=0)
+                weight = self.class_weights[criteria.expand_as(labels), y] * (labels != -100)
+                nll = F.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), reduction="none")
+                criteria_loss = (nll * weight.reshape(-1)).sum() / weight.sum().clamp(min=1e-12)
         if self.span_head is not None and self.per_token == 2:
             evidence_loss = (span_loss(out["start_logits"], start_targets, pair_mask)
                              + span_loss(out["end_logits"], end_targets, pair_mask)) / 2

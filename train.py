@@ -114,12 +114,24 @@ def make_scheduler(cfg: Config, optimizer, total_steps: int):
 
 
 def make_class_weights(cfg: Config, train_features: list[dict]) -> torch.Tensor | None:
-    """Inverse class frequencies of the training inputs, when asked (classification tasks only)."""
-    if not (cfg.class_weights and TASKS[cfg.task].classify):
+    """Inverse class frequencies of the training inputs, when asked (classification tasks only): pooled over the
+    criteria (--class_weights, shape (2,)), or each criterion's own two classes (--criterion_weights, shape (9, 2):
+    n_c / (2 n_c,k), so a symptom's classes weigh the same within it, however rare its positives)."""
+    if not ((cfg.class_weights or cfg.criterion_weights) and TASKS[cfg.task].classify):
         return None
-    labels = np.concatenate([np.ravel(f["label"]) for f in train_features])
-    counts = np.bincount(labels[labels >= 0], minlength=2).clip(min=1)  # -100: not a pair (--encoding post)
-    return torch.tensor(counts.sum() / (2 * counts), dtype=torch.float)
+    labels = [np.ravel(f["label"]) for f in train_features]
+    if cfg.class_weights:
+        flat = np.concatenate(labels)
+        counts = np.bincount(flat[flat >= 0], minlength=2).clip(min=1)  # -100: not a pair (--encoding post)
+        return torch.tensor(counts.sum() / (2 * counts), dtype=torch.float)
+    counts = np.zeros((len(data.SYMPTOMS), 2))
+    for f, y in zip(train_features, labels):  # a pair's one label, or a post window's nine (one per criterion)
+        criteria = [f["criterion_id"]] if "criterion_id" in f else range(len(data.SYMPTOMS))
+        for c, label in zip(criteria, y):
+            if label >= 0:
+                counts[c, label] += 1
+    counts = counts.clip(min=1)
+    return torch.tensor(counts.sum(1, keepdims=True) / (2 * counts), dtype=torch.float)
 
 
 def improves(best: float | None, value: float, cfg: Config) -> bool:

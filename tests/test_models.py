@@ -1,4 +1,5 @@
 """Task heads: each (criterion, text) pair reads the outputs of its own criterion."""
+import numpy as np
 import pytest
 import torch
 
@@ -6,6 +7,7 @@ import data
 import features
 from config import make_config
 from models import TASKS, TaskModel, build_encoder, tiny_encoder_config
+from utils import UserError
 
 
 class Identity(torch.nn.Module):
@@ -127,6 +129,24 @@ def test_the_evidence_task_tag_loss_is_the_plain_mean_over_text_tokens():
     torch.testing.assert_close(out["loss"], bce[context].mean())
 
 
+def test_criteria_loss_reads_each_rows_criterion_weights_under_pair_and_post_encoding():
+    torch.manual_seed(0)
+    weights = torch.rand(9, 2) * 5 + 0.1  # (criterion, class)
+    model = TaskModel(TASKS["criteria"], Identity(8), dropout=0.0, class_weights=weights).eval()
+    ids = torch.randint(0, 50, (4, 5))
+    crit, labels = torch.tensor([8, 0, 3, 3]), torch.tensor([1, 0, 0, 1])  # pairs: one criterion a row
+    out = model(ids, torch.ones_like(ids), criterion_ids=crit, labels=labels)
+    logp, w = out["cls_logits"].log_softmax(-1), weights[crit, labels]
+    torch.testing.assert_close(out["loss"], -(w * logp[torch.arange(4), labels]).sum() / w.sum())
+    labels = torch.full((2, 9), -100)  # post windows: nine criteria a row, -100 where the pair is not an example
+    labels[0, [0, 5]], labels[1, [5, 8]] = torch.tensor([1, 0]), torch.tensor([1, 1])
+    out = model(ids[:2], torch.ones_like(ids[:2]), labels=labels)
+    logp = out["cls_logits"].log_softmax(-1)  # (2, 9, 2)
+    rows = [(0, 0, 1), (0, 5, 0), (1, 5, 1), (1, 8, 1)]
+    by_hand = -sum(weights[c, y] * logp[b, c, y] for b, c, y in rows) / sum(weights[c, y] for _, c, y in rows)
+    torch.testing.assert_close(out["loss"], by_hand)
+
+
 def test_criteria_loss_uses_the_class_weights_and_no_targets_means_no_loss():
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (4, 5))
@@ -139,3 +159,23 @@ def test_criteria_loss_uses_the_class_weights_and_no_targets_means_no_loss():
     torch.testing.assert_close(out["loss"], by_hand)
     assert "class_weights" not in model.state_dict()  # from the training labels, not saved with the weights
     assert "loss" not in model(ids, torch.ones_like(ids), criterion_ids=torch.tensor([0, 1, 2, 3]))
+
+
+def test_criterion_weights_count_each_criterions_classes_in_the_training_inputs():
+    import train
+
+    cfg = make_config(task="criteria", unit="post", criterion_weights=True)
+    pairs = [{"criterion_id": 0, "label": 1}, {"criterion_id": 0, "label": 0}, {"criterion_id": 0, "label": 0},
+             {"criterion_id": 0, "label": 0}, {"criterion_id": 2, "label": 1}]
+    weights = train.make_class_weights(cfg, pairs)
+    assert weights.shape == (9, 2)
+    torch.testing.assert_close(weights[0], torch.tensor([4 / 6, 4 / 2]))  # 3 negatives, 1 positive
+    torch.testing.assert_close(weights[2], torch.tensor([1.0, 1.0]))  # a missing class counts as 1
+    window = np.full(9, -100)
+    window[[0, 4]] = [1, 0]  # post encoding: the nine criteria of a window, -100 where not an example
+    weights = train.make_class_weights(cfg, pairs + [{"label": window}])
+    torch.testing.assert_close(weights[0], torch.tensor([5 / 6, 5 / 4]))
+    torch.testing.assert_close(weights[4], torch.tensor([2 / 2, 2 / 2]))
+    assert train.make_class_weights(make_config(task="evidence", criterion_weights=True), pairs) is None
+    with pytest.raises(UserError, match="choose one"):
+        make_config(class_weights=True, criterion_weights=True)
