@@ -187,6 +187,37 @@ def test_unit_post_report_has_the_paper_table(tmp_path, cli):
 
 
 
+def test_compare_runs_the_other_recipe_on_the_same_folds_and_pairs_the_differences(tmp_path, cli):
+    recipe = tmp_path / "theirs.yaml"
+    recipe.write_text("lr: 1.0e-5\nscheduler: constant\nwarmup_ratio: 0.0\n")
+    out = tmp_path / "post"
+    code, err = cli(report.main, TINY + ["--unit", "post", "--encoding", "post", "--max_length", "96", "--cv_folds",
+                                         "2", "--seeds", "3", "--output_dir", out, "--mlflow", "false",
+                                         "--compare", recipe])
+    assert code == 0, err
+    theirs_dir = out / "vs-theirs"
+    ours, theirs = (report.json.loads((d / "summary.json").read_text()) for d in (out, theirs_dir))
+    for k in (0, 1):  # the same folds: the same test posts
+        assert (out / "splits" / f"fold{k}.json").read_text() == (theirs_dir / "splits" / f"fold{k}.json").read_text()
+    saved = report.load_yaml_config(theirs_dir / "fold0-seed3" / "config.yaml")
+    assert (saved["lr"], saved["scheduler"], saved["unit"], saved["tiny_hidden"], saved["seed"]) == \
+        (1e-5, "constant", "post", 16, 3)  # the file's keys on top of this report's flags
+    cmp = report.json.loads((out / "compare-theirs.json").read_text())
+    assert cmp["runs"] == ["fold0-seed3", "fold1-seed3"]
+    d = [a["metrics"]["paper_macro_f1"] - b["metrics"]["paper_macro_f1"] for a, b in zip(ours["runs"], theirs["runs"])]
+    row = cmp["metrics"]["paper_macro_f1"]
+    assert row["per_run"] == [round(v, 4) for v in d] and row["difference"] == pytest.approx(np.mean(d))
+    ratio = np.mean([f["test"] / f["train"] for f in ours["folds"]])
+    assert (row["ci_corrected_low"], row["ci_corrected_high"]) == pytest.approx(intervals.corrected_t_ci(d, ratio))
+    psy = [a["per_symptom"]["paper_per_symptom"]["PSYCHOMOTOR"] for a in ours["runs"]]
+    assert cmp["per_label"]["paper_per_symptom"]["PSYCHOMOTOR"]["ours"] == pytest.approx(np.mean(psy))
+    md = (out / "compare-theirs.md").read_text()
+    assert "| metric | majority class | bag-of-words LR | theirs | ours | ours - theirs [corrected 95% CI] |" in md
+    assert f" | {row['theirs']:.3f} | {row['ours']:.3f} | {row['difference']:+.3f} [" in md
+    code, err = cli(report.main, TINY + ["--output_dir", tmp_path / "x", "--compare", tmp_path / "missing.yaml"])
+    assert code == 2 and "missing.yaml" in err and not (tmp_path / "x").exists()  # refused before any training
+
+
 def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
     out = tmp_path / "cv"
     code, err = cli(report.main, TINY + ["--cv_folds", "2", "--seeds", "1", "--output_dir", out,
@@ -248,7 +279,9 @@ def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, m
     assert code == 0, err
     assert calls == [(str(out / "fold1-seed1"), True)]  # fold 0 read back, fold 1 resumed
     again = report.json.loads((out / "summary.json").read_text())
-    assert again["runs"] == first["runs"] and again["summary"] == first["summary"]
+    timeless = lambda runs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in runs]  # noqa: E731
+    assert timeless(again["runs"]) == timeless(first["runs"]) and again["summary"] == first["summary"]
+    assert again["runs"][0]["train_seconds"] == first["runs"][0]["train_seconds"]  # fold 0 read back as it was
     code, err = cli(report.main, argv + ["--resume", "true", "--lr", "0.01"])
     assert code == 2 and "fold0-seed1: trained with other settings (lr 0.002 -> 0.01)" in err.splitlines()[-1], err
 
