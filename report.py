@@ -227,10 +227,11 @@ def _curve(name: str, rows: list[dict], **style) -> tuple:
 def same_setting(name: str, saved: dict, now: dict) -> bool:
     """Whether a field of a run's config.yaml is what this report asks for. config.yaml records what ran: a
     mixed_precision of auto is saved as the precision it resolved to (rundir.resolve_run), and paths compare by
-    what they point to (rundir.same_setting)."""
+    what they point to (rundir.same_setting). A field the file lacks was added after the run: it ran as the
+    field's default does (a new field's default keeps the old behaviour)."""
     if name == "mixed_precision" and now[name] == "auto":
         return True
-    return rundir.same_setting(name, saved.get(name), now[name])
+    return rundir.same_setting(name, saved.get(name, getattr(Config, name)), now[name])
 
 
 def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = None) -> str:
