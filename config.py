@@ -99,7 +99,8 @@ class Config:
     eval_batch_size: int = knob(64, 'per process', resume=True, low=1)
     grad_accum: int = knob(1, 'micro-batches per optimizer step', low=1)
     lr: float | typing.Literal["auto"] = knob("auto",
-        help="auto: 2e-3 for tiny (from scratch), 2e-4 fine-tuning a pretrained one")
+        help="auto: 2e-3 for tiny (from scratch); a pretrained encoder's by its width (AUTO_LR_BY_WIDTH): 2e-4 up "
+             "to 384 (measured), 3e-5 up to 768, 1e-5 wider (published)")
     head_lr: float | None = knob(None,
         help="learning rate of the task heads, which start from random while a pretrained encoder does not; none: "
              "the same as lr")
@@ -168,9 +169,37 @@ class Config:
 # learns from scratch and takes a large rate; a pretrained one is fine-tuned. Chosen on the demo, each by the runs on
 # its results page: results/2026-12-05_pretrained-defaults.md (lr), results/2026-12-05_pretrained-post-level.md
 # (batch 8 under post encoding), results/2026-12-02_post-encoding-and-evidence-sets.md (tiny_post epochs).
-AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": 2e-4, "pretrained_post": 2e-4},
+AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": None, "pretrained_post": None},  # by width
                  "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3, "pretrained_post": 3},
                  "batch_size": {"tiny": 32, "tiny_post": 32, "pretrained": 32, "pretrained_post": 8}}
+
+
+# `lr: auto` of a pretrained encoder follows its width (hidden_size in its config.json): (up to this width, rate,
+# where the rate comes from). Never above what the encoder family's own authors fine-tuned at, but where a
+# measurement justifies it (MiniLM-L6). Sources and the table: results/2026-12-06_encoder-rates.md.
+AUTO_LR_BY_WIDTH = [
+    (384, 2e-4, "measured on MiniLM-L6 (6 x 384): results/2026-12-05_pretrained-defaults.md (demo) and "
+                "results/2026-12-06_written-corpus-first-measurement.md (written corpus)"),
+    (768, 3e-5, "published for 12 x 768 encoders, not measured here: the top of RoBERTa-base's and DeBERTa-v3-base's "
+                "grids, inside BERT-base's (2e-5 to 5e-5); results/2026-12-06_encoder-rates.md"),
+    (None, 1e-5, "published for 24 x 1024 encoders, not measured here: RoBERTa-large 1e-5 to 3e-5, DeBERTa-v3-large "
+                 "5e-6 to 1e-5; results/2026-12-06_encoder-rates.md"),
+]
+UNKNOWN_WIDTH = "its config.json could not be read, so the rate published for 12 x 768 encoders, not measured here"
+
+
+def auto_lr(cfg) -> tuple[float, str]:
+    """(rate, where it comes from) of `lr: auto` for this config's encoder."""
+    if not pretrained(cfg):
+        return AUTO_DEFAULTS["lr"]["tiny"], "tiny, trained from scratch: results/2026-12-02_single-split-defaults.md"
+    from models import encoder_shape  # lazy: models imports this module
+
+    shape = encoder_shape(cfg.model)
+    if shape is None:
+        return AUTO_LR_BY_WIDTH[1][1], UNKNOWN_WIDTH
+    layers, width = shape
+    rate, source = next((r, src) for top, r, src in AUTO_LR_BY_WIDTH if top is None or width <= top)
+    return rate, f"{layers} x {width}: {source}"
 
 
 def pretrained(cfg) -> bool:
@@ -374,6 +403,8 @@ def resolve_auto(cfg: Config) -> Config:
     and HPO's best_config.yaml then carry the number, and a rerun from config.yaml is the same run."""
     kind = ("pretrained" if pretrained(cfg) else "tiny") + ("_post" if post_encoding(cfg) else "")
     chosen = {name: values[kind] for name, values in AUTO_DEFAULTS.items() if getattr(cfg, name) == "auto"}
+    if chosen.get("lr", 0) is None:
+        chosen["lr"] = auto_lr(cfg)[0]
     return dataclasses.replace(cfg, **chosen) if chosen else cfg
 
 

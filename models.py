@@ -7,6 +7,7 @@ batch holds targets, with one branch per head: the place to change a loss.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -139,6 +140,22 @@ def model_source(name: str) -> str:
         raise UserError(f"--model {name}: {path} has no config.json (a damaged install? pip install --force-reinstall "
                         f"{pip_name})")
     return str(path)
+
+
+@functools.lru_cache(maxsize=32)
+def encoder_shape(name: str) -> tuple[int, int] | None:
+    """(layers, width) of a pretrained encoder, from its config.json (a short name's package folder, a local folder,
+    or the Hugging Face cache; nothing is downloaded); None where it cannot be read."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_source(name), local_files_only=True).to_dict()
+    except (OSError, ValueError, UserError):
+        return None
+    width = next((config[k] for k in ("hidden_size", "dim", "d_model") if isinstance(config.get(k), int)), None)
+    layers = next((config[k] for k in ("num_hidden_layers", "n_layers", "num_layers")
+                   if isinstance(config.get(k), int)), None)
+    return (layers, width) if width else None
 
 
 def build_tokenizer(cfg: Config, train_texts):

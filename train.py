@@ -28,7 +28,7 @@ import torch
 
 import data
 from checkpoint import LoopState, load_best, load_tokenizer, resume_state, save_best
-from config import Config, changed_fields, parse_config
+from config import Config, auto_lr, changed_fields, parse_config
 from features import make_loader
 from models import TASKS, build_model, build_tokenizer, featurize
 from scoring import evaluate, metric_names
@@ -333,6 +333,8 @@ def main(argv=None):
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     log.info("config (non-default fields): %s", changed_fields(cfg))
+    if "lr" not in changed_fields(cfg):
+        log.info("lr %g (auto): %s", cfg.lr, auto_lr(cfg)[1])
     try:
         run(cfg, accelerator)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the one line run_main prints says whether it can resume

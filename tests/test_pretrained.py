@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import config
 import data
 import decoding
 import evaluate
@@ -34,11 +35,12 @@ def _texts():
     return list(data.CRITERIA.values()) + list(data.load_corpus(demo_posts=N_POSTS).posts.values())
 
 
-def bert_folder(path):
+def bert_folder(path, **shape):
     from transformers import BertConfig, BertModel, BertTokenizer
 
     tokenizer = BertTokenizer(vocab=models.train_tiny_tokenizer(_texts(), 600).get_vocab())
-    BertModel(BertConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **TINY)).save_pretrained(path)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **{**TINY, **shape})
+    BertModel(config).save_pretrained(path)
     return tokenizer
 
 
@@ -160,6 +162,28 @@ def test_lr_epochs_and_batch_size_follow_the_model(folders, tmp_path):
     assert (parse_config(["--config", str(tmp_path / "c.yaml")])[0].lr) == 2e-3
     trial = hpo.trial_config(pretrained, {"lr": 1.5e-4}, tmp_path / "t")  # a sampled rate wins over auto
     assert (trial.lr, trial.epochs) == (1.5e-4, 3)
+
+
+@pytest.mark.parametrize("width,rate,source", [(384, 2e-4, "1 x 384: measured on MiniLM-L6"),
+                                               (768, 3e-5, "1 x 768: published for 12 x 768 encoders"),
+                                               (1024, 1e-5, "1 x 1024: published for 24 x 1024 encoders")])
+def test_lr_auto_follows_the_encoders_width(tmp_path, width, rate, source, capfd, monkeypatch):
+    """`--model` of each width (one layer: the rule reads the width): `lr: auto` read back from the optimizer's
+    parameter groups, and the console line of train.py says where the rate came from."""
+    folder = tmp_path / f"w{width}"
+    bert_folder(folder, hidden_size=width, num_attention_heads=4).save_pretrained(folder)
+    cfg = make_config(**RUN, model=str(folder), task="criteria")
+    model = models.build_model(cfg, models.build_tokenizer(cfg, []))
+    assert {g["lr"] for g in train.make_optimizer(model, cfg).param_groups} == {rate}
+    assert make_config(model=str(folder), lr=5e-5).lr == 5e-5  # a set rate wins
+    monkeypatch.setattr(runner, "run", lambda cfg, accelerator: None)  # the console line, not the training
+    train.main(["--model", str(folder), "--mlflow", "false"])
+    assert f"INFO lr {rate:g} (auto): {source}" in capfd.readouterr().err
+
+
+def test_lr_auto_of_an_encoder_whose_config_cannot_be_read_is_the_base_sized_rate():
+    cfg = make_config(model="no-such-org/no-such-encoder-h29")
+    assert cfg.lr == 3e-5 and config.auto_lr(cfg)[1].startswith("its config.json could not be read")
 
 
 def test_minilm_short_name_resolves_to_the_installed_package(tmp_path, monkeypatch):
