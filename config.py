@@ -100,7 +100,7 @@ class Config:
     grad_accum: int = knob(1, 'micro-batches per optimizer step', low=1)
     lr: float | typing.Literal["auto"] = knob("auto",
         help="auto: 2e-3 for tiny (from scratch); a pretrained encoder's by its width (AUTO_LR_BY_WIDTH): 2e-4 up "
-             "to 384 (measured), 3e-5 up to 768, 1e-5 wider (published)")
+             "to 384 (measured), 2e-5 up to 768, 1e-5 wider (published)")
     head_lr: float | None = knob(None,
         help="learning rate of the task heads, which start from random while a pretrained encoder does not; none: "
              "the same as lr")
@@ -174,16 +174,20 @@ AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": None, "pr
                  "batch_size": {"tiny": 32, "tiny_post": 32, "pretrained": 32, "pretrained_post": 8}}
 
 
-# `lr: auto` of a pretrained encoder follows its width (hidden_size in its config.json): (up to this width, rate,
-# where the rate comes from). Never above what the encoder family's own authors fine-tuned at, but where a
-# measurement justifies it (MiniLM-L6). Sources and the table: results/2026-12-06_encoder-rates.md.
+# `lr: auto` of a pretrained encoder follows its width (hidden_size in its config.json): the first row whose width
+# bound (and model_type, where one is named) fits gives (rate, where it comes from). Never above what the encoder
+# family's own authors fine-tuned at, but where a measurement justifies it (MiniLM-L6). Sources, and the table
+# behind the rule: results/2026-12-06_encoder-rates.md.
 AUTO_LR_BY_WIDTH = [
-    (384, 2e-4, "measured on MiniLM-L6 (6 x 384): results/2026-12-05_pretrained-defaults.md (demo) and "
-                "results/2026-12-06_written-corpus-first-measurement.md (written corpus)"),
-    (768, 3e-5, "published for 12 x 768 encoders, not measured here: the top of RoBERTa-base's and DeBERTa-v3-base's "
-                "grids, inside BERT-base's (2e-5 to 5e-5); results/2026-12-06_encoder-rates.md"),
-    (None, 1e-5, "published for 24 x 1024 encoders, not measured here: RoBERTa-large 1e-5 to 3e-5, DeBERTa-v3-large "
-                 "5e-6 to 1e-5; results/2026-12-06_encoder-rates.md"),
+    (384, None, 2e-4, "measured on MiniLM-L6 (6 x 384): results/2026-12-05_pretrained-defaults.md (demo) and "
+                      "results/2026-12-06_written-corpus-first-measurement.md (written corpus)"),
+    (768, None, 2e-5, "published for 12 x 768 encoders, not measured here: inside BERT-base's (2e-5 to 5e-5) and "
+                      "RoBERTa-base's (1e-5 to 3e-5) grids, below DeBERTa-v3-base's (2.5e-5) and ModernBERT-base's "
+                      "(up to 8e-5), the ReDSM5 authors' own; results/2026-12-06_encoder-rates.md"),
+    (None, "deberta-v2", 6e-6, "published for DeBERTa-v3-large (its model card's MNLI run), not measured here; "
+                               "results/2026-12-06_encoder-rates.md"),
+    (None, None, 1e-5, "published for 24 x 1024 encoders, not measured here: the bottom of RoBERTa-large's grid "
+                       "(1e-5 to 3e-5), below BERT-large's (2e-5 to 5e-5); results/2026-12-06_encoder-rates.md"),
 ]
 UNKNOWN_WIDTH = "its config.json could not be read, so the rate published for 12 x 768 encoders, not measured here"
 
@@ -196,9 +200,10 @@ def auto_lr(cfg) -> tuple[float, str]:
 
     shape = encoder_shape(cfg.model)
     if shape is None:
-        return AUTO_LR_BY_WIDTH[1][1], UNKNOWN_WIDTH
-    layers, width = shape
-    rate, source = next((r, src) for top, r, src in AUTO_LR_BY_WIDTH if top is None or width <= top)
+        return AUTO_LR_BY_WIDTH[1][2], UNKNOWN_WIDTH
+    layers, width, model_type = shape
+    rate, source = next((r, src) for top, family, r, src in AUTO_LR_BY_WIDTH
+                        if (top is None or width <= top) and family in (None, model_type))
     return rate, f"{layers} x {width}: {source}"
 
 

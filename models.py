@@ -143,9 +143,9 @@ def model_source(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def encoder_shape(name: str) -> tuple[int, int] | None:
-    """(layers, width) of a pretrained encoder, from its config.json (a short name's package folder, a local folder,
-    or the Hugging Face cache; nothing is downloaded); None where it cannot be read."""
+def encoder_shape(name: str) -> tuple[int, int, str] | None:
+    """(layers, width, model_type) of a pretrained encoder, from its config.json (a short name's package folder, a
+    local folder, or the Hugging Face cache; nothing is downloaded); None where it cannot be read."""
     try:
         from transformers import AutoConfig
 
@@ -155,7 +155,7 @@ def encoder_shape(name: str) -> tuple[int, int] | None:
     width = next((config[k] for k in ("hidden_size", "dim", "d_model") if isinstance(config.get(k), int)), None)
     layers = next((config[k] for k in ("num_hidden_layers", "n_layers", "num_layers")
                    if isinstance(config.get(k), int)), None)
-    return (layers, width) if width else None
+    return (layers, width, config.get("model_type")) if width else None
 
 
 def build_tokenizer(cfg: Config, train_texts):

@@ -165,7 +165,7 @@ def test_lr_epochs_and_batch_size_follow_the_model(folders, tmp_path):
 
 
 @pytest.mark.parametrize("width,rate,source", [(384, 2e-4, "1 x 384: measured on MiniLM-L6"),
-                                               (768, 3e-5, "1 x 768: published for 12 x 768 encoders"),
+                                               (768, 2e-5, "1 x 768: published for 12 x 768 encoders"),
                                                (1024, 1e-5, "1 x 1024: published for 24 x 1024 encoders")])
 def test_lr_auto_follows_the_encoders_width(tmp_path, width, rate, source, capfd, monkeypatch):
     """`--model` of each width (one layer: the rule reads the width): `lr: auto` read back from the optimizer's
@@ -183,7 +183,7 @@ def test_lr_auto_follows_the_encoders_width(tmp_path, width, rate, source, capfd
 
 def test_lr_auto_of_an_encoder_whose_config_cannot_be_read_is_the_base_sized_rate():
     cfg = make_config(model="no-such-org/no-such-encoder-h29")
-    assert cfg.lr == 3e-5 and config.auto_lr(cfg)[1].startswith("its config.json could not be read")
+    assert cfg.lr == 2e-5 and config.auto_lr(cfg)[1].startswith("its config.json could not be read")
 
 
 def test_minilm_short_name_resolves_to_the_installed_package(tmp_path, monkeypatch):
@@ -251,3 +251,12 @@ def test_hpo_samples_from_the_pretrained_space_for_a_pretrained_model(folders, t
         assert space["head_lr"]["low"] <= trial.params["head_lr"] <= space["head_lr"]["high"]
     assert search_space.default_space(make_config()).name == "criteria.yaml"
     assert search_space.default_space(make_config(model=folders["bert"])).name == "criteria_pretrained.yaml"
+
+
+@pytest.mark.parametrize("shape,rate", [((24, 1024, "roberta"), 1e-5), ((24, 1024, "deberta-v2"), 6e-6),
+                                        ((12, 768, "deberta-v2"), 2e-5), ((12, 384, "bert"), 2e-4),
+                                        ((6, 512, "bert"), 2e-5)])
+def test_lr_auto_rule_by_width_and_family(monkeypatch, shape, rate):
+    monkeypatch.setattr(models, "encoder_shape", lambda name: shape)
+    cfg = make_config(model="some/encoder")
+    assert cfg.lr == rate and config.auto_lr(cfg)[1].startswith(f"{shape[0]} x {shape[1]}: ")
