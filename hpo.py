@@ -255,7 +255,7 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
         if first:
             study.enqueue_trial(first, skip_if_exists=True)  # the fine stage starts from the coarse optimum
     elif args.space:  # a study keeps the space it was created with: another --space must not be silently ignored
-        check_same_space(args, study, name)
+        check_same_space(args, study, name, cfg)
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if study.user_attrs["base_config"].get(k) != v}
     if changed:
         log.warning("base config differs from the one study '%s' was created with: %s", name, changed)

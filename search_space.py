@@ -7,27 +7,36 @@ different --space on it is refused, check_same_space); trial n samples with seed
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import optuna
 
-from config import HPO_FIXED_FIELDS, Config, coerce, pretrained
+from config import AUTO_DEFAULTS, HPO_FIXED_FIELDS, Config, coerce, pretrained, resolve_auto
 from utils import UserError, read_yaml
 
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
 
 
-def parse_range(name: str, spec, source: str) -> dict:
-    """One entry of a search space, checked against the Config field: {low, high, log} or {choices}."""
+def parse_range(name: str, spec, source: str, cfg: Config | None = None) -> dict:
+    """One entry of a search space, checked against the Config field: {low, high, log} or {choices}. With
+    `times_auto: true`, low and high are multiples of what `auto` gives this field for cfg's encoder (lr: the rate
+    config.auto_lr takes from the encoder's width), so one space suits MiniLM and bert-base alike."""
     if isinstance(spec, list):
         spec = {"choices": spec}
     if name in HPO_FIXED_FIELDS:
         raise UserError(f"{source}: '{name}' cannot be searched (trials are compared on it or write to it)")
     keys = set(spec) if isinstance(spec, dict) else set()
-    if not (keys == {"choices"} or {"low", "high"} <= keys <= {"low", "high", "log"}):
-        raise UserError(f"{source}: expected a list of choices or {{low, high[, log]}}, got {spec!r}")
+    if not (keys == {"choices"} or {"low", "high"} <= keys <= {"low", "high", "log", "times_auto"}):
+        raise UserError(f"{source}: expected a list of choices or {{low, high[, log, times_auto]}}, got {spec!r}")
+    if spec.get("times_auto", False) is not False:
+        if spec["times_auto"] is not True or name not in AUTO_DEFAULTS or cfg is None:
+            raise UserError(f"{source}: times_auto must be true, on a field with an auto value "
+                            f"({', '.join(AUTO_DEFAULTS)})")
+        base = getattr(resolve_auto(dataclasses.replace(cfg, **{name: "auto"})), name)
+        spec = {k: v * base if k in ("low", "high") else v for k, v in spec.items() if k != "times_auto"}
     if "choices" in spec:
         if not spec["choices"]:
             raise UserError(f"{source}: no choices")
@@ -42,12 +51,13 @@ def parse_range(name: str, spec, source: str) -> dict:
     return {"low": low, "high": high, "log": log_scale}
 
 
-def load_space(path: str | Path) -> dict:
+def load_space(path: str | Path, cfg: Config | None = None) -> dict:
+    """A space file, its `times_auto` ranges made absolute for cfg's encoder."""
     path = Path(path)
     raw = read_yaml(path, "search space")
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: expected a mapping of config fields to ranges or choices")
-    return {name: parse_range(name, spec, f"{path}: {name}") for name, spec in raw.items()}
+    return {name: parse_range(name, spec, f"{path}: {name}", cfg) for name, spec in raw.items()}
 
 
 def narrow_space(space: dict, best_params: list[dict], margin: float = 0.1) -> dict:
@@ -125,10 +135,10 @@ def as_stored(space: dict) -> dict:
     return json.loads(json.dumps(space))
 
 
-def check_same_space(args, study, name: str) -> None:
+def check_same_space(args, study, name: str, cfg: Config | None = None) -> None:
     """--space on an existing study: it must be the space the study was created from (the YAML of a coarse
     study; the coarse space a fine study narrowed), or it is an error naming the study and the fields that differ."""
-    given = as_stored(load_space(args.space))
+    given = as_stored(load_space(args.space, cfg))
     stored = study.user_attrs.get("space_given", study.user_attrs["search_space"] if args.stage == "coarse" else None)
     if stored is None or given == stored:  # None: a fine study of an older version, its coarse space not stored
         return
@@ -148,7 +158,7 @@ def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | N
     """(search space, params to try first, the space it comes from) of a new study: the YAML, or the coarse study
     narrowed (the coarse study's space, which a --space must then equal)."""
     if args.stage == "coarse":
-        space = load_space(args.space or default_space(cfg))
+        space = load_space(args.space or default_space(cfg), cfg)
         return space, None, as_stored(space)
     coarse_name = args.coarse_study or f"{cfg.task}-coarse"
     try:
@@ -161,8 +171,8 @@ def study_space(args, cfg: Config, storage) -> tuple[dict, dict | None, dict | N
         raise UserError(f"--stage fine: study '{coarse_name}' has no completed trial to narrow around")
     space = coarse.user_attrs.get("search_space")
     if space is None:
-        space = load_space(args.space or default_space(cfg))
-    elif args.space and as_stored(load_space(args.space)) != space:
+        space = load_space(args.space or default_space(cfg), cfg)
+    elif args.space and as_stored(load_space(args.space, cfg)) != space:
         raise UserError(f"--space {args.space}: differs from the search space of study '{coarse_name}', which the "
                         "fine stage narrows: leave --space out (or run a coarse study over it first)")
     return narrow_space(space, [t.params for t in top]), top[0].params, as_stored(space)

@@ -71,7 +71,7 @@ def test_space_values_are_parsed_like_config_values(tmp_path):
     ({"scheduler": {"low": 0, "high": 1}}, "invalid value 0 for 'scheduler'"),
     ({"class_weights": {"low": False, "high": True}}, "not numeric"),
     ({"batch_size": [16, "big"]}, "invalid value 'big' for 'batch_size'"),
-    ({"lr": {"low": 1e-4}}, "expected a list of choices or {low, high[, log]}"),
+    ({"lr": {"low": 1e-4}}, "expected a list of choices or {low, high[, log, times_auto]}"),
     ({"dropout": []}, "no choices"),
 ])
 def test_bad_space_is_a_user_error_naming_file_and_field(tmp_path, entry, message):

@@ -243,11 +243,15 @@ def test_hpo_samples_from_the_pretrained_space_for_a_pretrained_model(folders, t
             "--doc_stride", "32",
             "--n_trials", "2", "--storage", f"sqlite:///{tmp_path / 'o.db'}", "--output_dir", str(tmp_path / "s")]
     hpo.main(argv)
-    space = search_space.load_space(search_space.SPACE_DIR / "criteria_pretrained.yaml")
+    space = search_space.load_space(search_space.SPACE_DIR / "criteria_pretrained.yaml",
+                                    make_config(model=folders["bert"]))
     study = optuna.load_study(study_name="criteria-coarse", storage=f"sqlite:///{tmp_path / 'o.db'}")
     assert len(study.trials) == 2
+    assert (space["lr"]["low"], space["lr"]["high"]) == pytest.approx((5e-5, 5e-4))  # 32 wide: 0.25 to 2.5 x 2e-4
+    assert study.user_attrs["search_space"]["lr"] == {"low": space["lr"]["low"], "high": space["lr"]["high"],
+                                                      "log": True}  # stored absolute
     for trial in study.trials:
-        assert space["lr"]["low"] <= trial.params["lr"] <= space["lr"]["high"] <= 5e-4
+        assert space["lr"]["low"] <= trial.params["lr"] <= space["lr"]["high"]
         assert space["head_lr"]["low"] <= trial.params["head_lr"] <= space["head_lr"]["high"]
     assert search_space.default_space(make_config()).name == "criteria.yaml"
     assert search_space.default_space(make_config(model=folders["bert"])).name == "criteria_pretrained.yaml"
@@ -260,3 +264,15 @@ def test_lr_auto_rule_by_width_and_family(monkeypatch, shape, rate):
     monkeypatch.setattr(models, "encoder_shape", lambda name: shape)
     cfg = make_config(model="some/encoder")
     assert cfg.lr == rate and config.auto_lr(cfg)[1].startswith(f"{shape[0]} x {shape[1]}: ")
+
+
+def test_pretrained_search_space_is_centred_on_the_encoders_own_rate(monkeypatch):
+    import search_space
+
+    monkeypatch.setattr(models, "encoder_shape", lambda name: (12, 768, "roberta"))
+    space = search_space.load_space(search_space.SPACE_DIR / "joint_pretrained.yaml", make_config(model="x/base"))
+    assert (space["lr"]["low"], space["lr"]["high"]) == pytest.approx((5e-6, 5e-5))  # 0.25 to 2.5 x 2e-5
+    assert space["head_lr"] == {"low": 1e-4, "high": 5e-3, "log": True}  # heads start from random: as before
+    with pytest.raises(UserError, match="times_auto must be true, on a field with an auto value"):
+        search_space.parse_range("dropout", {"low": 0.1, "high": 2, "times_auto": True}, "s.yaml: dropout",
+                                 make_config())
