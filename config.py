@@ -104,6 +104,8 @@ class Config:
     head_lr: float | None = knob(None,
         help="learning rate of the task heads, which start from random while a pretrained encoder does not; none: "
              "the same as lr")
+    layer_decay: float = knob(1.0, "layer-wise rate decay: encoder layer l of L trains at lr * layer_decay ** (L - l), "
+                              "its embeddings at lr * layer_decay ** L; 1 = one rate (not measured to help yet)")
     weight_decay: float = knob(0.01, 'not applied to biases and LayerNorm weights')
     adam_beta1: float = knob(0.9, 'AdamW beta1')
     adam_beta2: float = knob(0.999, 'AdamW beta2')
@@ -441,6 +443,8 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--doc_stride: must be below max_length/2 ({cfg.max_length // 2}), got {cfg.doc_stride}")
     if cfg.tiny_hidden % cfg.tiny_heads:
         raise UserError(f"--tiny_heads: must divide --tiny_hidden {cfg.tiny_hidden}, got {cfg.tiny_heads}")
+    if not 0 < cfg.layer_decay <= 1:
+        raise UserError(f"--layer_decay: must be in (0, 1], got {cfg.layer_decay}")
     for name in ("lr", "head_lr"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UserError(f"--{name}: must be > 0, got {getattr(cfg, name)}")

@@ -276,3 +276,22 @@ def test_pretrained_search_space_is_centred_on_the_encoders_own_rate(monkeypatch
     with pytest.raises(UserError, match="times_auto must be true, on a field with an auto value"):
         search_space.parse_range("dropout", {"low": 0.1, "high": 2, "times_auto": True}, "s.yaml: dropout",
                                  make_config())
+
+
+def test_layer_decay_gives_each_encoder_layer_its_rate(tmp_path):
+    folder = tmp_path / "three"
+    bert_folder(folder, num_hidden_layers=3).save_pretrained(folder)
+    cfg = make_config(model=str(folder), task="criteria", lr=1e-3, head_lr=4e-3, layer_decay=0.5)
+    model = models.build_model(cfg, models.build_tokenizer(cfg, []))
+    rate = {id(p): g["lr"] for g in train.make_optimizer(model, cfg).param_groups for p in g["params"]}
+    by_name = {n: rate[id(p)] for n, p in model.named_parameters()}
+    assert by_name["encoder.embeddings.word_embeddings.weight"] == 1e-3 * 0.5 ** 3
+    assert by_name["encoder.encoder.layer.0.attention.self.query.weight"] == 1e-3 * 0.5 ** 2
+    assert by_name["encoder.encoder.layer.0.output.LayerNorm.bias"] == 1e-3 * 0.5 ** 2
+    assert by_name["encoder.encoder.layer.2.output.dense.weight"] == 1e-3
+    assert by_name["cls_head.weight"] == 4e-3
+    assert len(by_name) == len(list(model.parameters()))  # every parameter in one group
+    one = train.make_optimizer(model, make_config(model=str(folder), task="criteria", lr=1e-3))
+    assert [g["name"] for g in one.param_groups] == ["encoder", "encoder, no decay", "heads", "heads, no decay"]
+    with pytest.raises(UserError, match=r"--layer_decay: must be in \(0, 1\], got 1.5"):
+        make_config(layer_decay=1.5)
