@@ -254,6 +254,9 @@ def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = No
         if (run_dir / "checkpoints" / "last" / "COMPLETE").exists():
             runner.run(dataclasses.replace(run_cfg, resume=True), parent_run_id=parent_run_id)
             return "resumed from its last state"
+        # stopped before its first training state was saved: this report's own run, of this config: start it again
+        runner.run(dataclasses.replace(run_cfg, overwrite_output_dir=True), parent_run_id=parent_run_id)
+        return "stopped before its first saved state: trained again"
     runner.run(run_cfg, parent_run_id=parent_run_id)
     return "trained"
 

@@ -287,6 +287,15 @@ def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, m
     assert again["runs"][0]["train_seconds"] == first["runs"][0]["train_seconds"]  # fold 0 read back as it was
     code, err = cli(report.main, argv + ["--resume", "true", "--lr", "0.01"])
     assert code == 2 and "fold0-seed1: trained with other settings (lr 0.002 -> 0.01)" in err.splitlines()[-1], err
+    import shutil
+
+    shutil.rmtree(out / "fold1-seed1" / "checkpoints")  # fold 1 died before its first training state was saved
+    (out / "fold1-seed1" / "metrics.json").unlink()
+    calls.clear()
+    code, err = cli(report.main, argv + ["--resume", "true"])
+    assert code == 0, err
+    assert calls == [(str(out / "fold1-seed1"), False)]  # trained again, from the start, in its own folder
+    assert timeless(report.json.loads((out / "summary.json").read_text())["runs"]) == timeless(first["runs"])
 
 
 @pytest.mark.parametrize("argv, needle", [
