@@ -69,6 +69,18 @@ QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--ti
     (["--tiny_layers", "0"], ["--tiny_layers", "must be >= 1"]),
     (["--val_ratio", "0.5", "--test_ratio", "0.5"], ["--val_ratio + --test_ratio", "0.5 + 0.5 >= 1"]),
     (["--output_dir", ""], ["--output_dir", "must not be empty"]),
+    # one range per field, from its knob, refused before anything is prepared or written (issue 31)
+    (["--weight_decay", "-0.5"], ["--weight_decay: must be >= 0, got -0.5"]),
+    (["--max_grad_norm", "-1"], ["--max_grad_norm: must be >= 0, got -1.0"]),
+    (["--min_delta", "-5"], ["--min_delta: must be >= 0, got -5.0"]),
+    (["--loss_weight_evidence", "-1"], ["--loss_weight_evidence: must be >= 0, got -1.0"]),
+    (["--demo_shift_posts", "-5"], ["--demo_shift_posts: must be >= 0, got -5"]),
+    (["--adam_beta1", "1.5"], ["--adam_beta1: must be in [0, 1), got 1.5"]),
+    (["--adam_beta2", "1"], ["--adam_beta2: must be in [0, 1), got 1.0"]),
+    (["--adam_eps", "-1"], ["--adam_eps: must be > 0, got -1.0"]),
+    (["--adam_eps", "0"], ["--adam_eps: must be > 0, got 0.0"]),
+    (["--head_lr", "0"], ["--head_lr: must be > 0, got 0.0"]),
+    (["--mlflow_register_model", "m"], ["--mlflow_register_model m", "add --mlflow_log_model true"]),
 ])
 def test_bad_flags(cli, argv, needles):
     code, err = cli(train.main, argv)

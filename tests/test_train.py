@@ -13,6 +13,7 @@ import checkpoint
 import evaluate
 import models
 import runner
+import train
 import utils
 from checkpoint import load_checkpoint
 from config import make_config
@@ -135,6 +136,11 @@ def test_two_processes_evaluate_like_one(tmp_path):
     assert two == one  # the same batches on both sides, so the same numbers, bit for bit
 
 
+def every_epoch_improves(best, value, cfg) -> bool:
+    """train.improves for tests that need a new best checkpoint saved at every epoch (--min_delta may not be < 0)."""
+    return True
+
+
 def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
     real_save = checkpoint.save_checkpoint
     calls = {"n": 0}
@@ -148,8 +154,9 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
         return real_save(model, tokenizer, cfg, path, extra, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", killed_on_second_save)
-    with pytest.raises(KeyboardInterrupt):  # min_delta < 0: every epoch counts as a new best
-        run(tmp_path, "torn", epochs=3, patience=0, min_delta=-1.0)
+    monkeypatch.setattr(train, "improves", every_epoch_improves)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "torn", epochs=3, patience=0)
     best = tmp_path / "torn/checkpoints/best"
     recorded = json.loads((best / "checkpoint.json").read_text())
     assert recorded["epoch"] == 0
@@ -235,7 +242,8 @@ def test_kill_inside_a_folder_swap_resumes_to_the_same_metrics(tmp_path, monkeyp
     uninterrupted one."""
     import shutil
 
-    common = dict(epochs=3, patience=0, min_delta=-1.0, deterministic=True)  # min_delta < 0: every epoch a new best
+    common = dict(epochs=3, patience=0, deterministic=True)
+    monkeypatch.setattr(train, "improves", every_epoch_improves)  # a new best at every epoch: best is saved each time
     _, full = run(tmp_path, "full", **common)
     real_rename, real_rmtree, seen = Path.rename, shutil.rmtree, {"n": 0}
 
