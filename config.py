@@ -233,6 +233,8 @@ def shown(value) -> str:
 def coerce(name: str, value, source: str):
     """Check `value` against the type of field `name`; strings from the command line are parsed."""
     fields = config_fields()
+    if not isinstance(name, str):  # YAML reads the keys `1:`, `true:` and `null:` as an int, a bool and None
+        raise UserError(f"{source}: config key {name!r} ({type(name).__name__}) is not a field name")
     if name not in fields:
         if name in SEED_SECTIONS and isinstance(value, dict):
             inner = [seed_hint(f"{name}.{k}", False) or f"{name}.{k} has no counterpart" for k in value]

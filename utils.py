@@ -222,6 +222,8 @@ def read_yaml(path: str | Path, what: str = "config"):
         raise UserError(f"{path}: not a text (UTF-8) {what} file") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML composes nested lists recursively: thousands of `[` exhaust the stack
+        raise UserError(f"{path}: nested too deeply to read (thousands of levels): not a {what} file") from None
 
 
 def json_safe(obj):

@@ -106,6 +106,9 @@ def test_bad_paths_in_flags(cli, tmp_path):
     ("task: foo\n", ["'task'", "criteria, evidence, joint"]),
     ("- epochs\n", ["expected a mapping"]),
     ("epochs: [unclosed\n", ["not valid YAML"]),
+    ("1: 2\nepochs: 1\n", ["config key 1 (int) is not a field name"]),
+    ("null: 2\n", ["config key None (NoneType) is not a field name"]),
+    ("lr: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply to read", "not a config file"]),
 ])
 def test_bad_config_files(cli, tmp_path, content, needles):
     path = tmp_path / "bad.yaml"
