@@ -317,12 +317,12 @@ def main(argv=None):
     from runner import run  # the run around the loop: output folder, resume, MLflow, outputs
     from utils import find_complete_dir
 
-    cfg, _ = parse_config(argv, prog="train.py", doc=__doc__)
+    cfg, args = parse_config(argv, prog="train.py", doc=__doc__)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     log.info("config (non-default fields): %s", changed_fields(cfg))
     try:
-        run(cfg, accelerator)
+        run(cfg, accelerator, config_file=args.config)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the one line run_main prints says whether it can resume
         out = getattr(e, "run_dir", None)
         if out is not None and find_complete_dir(out / "checkpoints" / "last") is not None:

@@ -448,6 +448,26 @@ def test_evaluate_output_not_writable_is_refused_before_loading(cli, tmp_path, n
     assert_one_line_error(code, err, f"--output {output}", *needles)
 
 
+@pytest.mark.parametrize("target", ["predict", "predict_by_another_name", "checkpoint_file", "data_file"])
+def test_evaluate_output_that_is_one_of_its_inputs_is_refused(cli, checkpoint, tmp_path, target):
+    """`--predict posts.csv --output posts.csv` replaced the input with the predictions (issue 31)."""
+    posts = tmp_path / "new.csv"
+    posts.write_text("post_id,text\np1,I cannot sleep.\n")
+    (tmp_path / "link.csv").symlink_to(posts)
+    data = write_quirky(tmp_path / "data")
+    output, flag, read = {"predict": (posts, "--predict", posts),
+                          "predict_by_another_name": (tmp_path / "link.csv", "--predict", posts),
+                          "checkpoint_file": (checkpoint / "checkpoint.json", "--checkpoint",
+                                              checkpoint / "checkpoint.json"),
+                          "data_file": (data / "posts.csv", "--data_dir", data / "posts.csv")}[target]
+    before = read.read_bytes()
+    argv = ["--checkpoint", checkpoint, "--output", output] + (["--predict", posts] if flag == "--predict" else
+                                                                ["--data_dir", data])
+    code, err = cli(evaluate.main, argv)
+    assert_one_line_error(code, err, f"--output {output}: is the {flag} file", "give another file")
+    assert read.read_bytes() == before
+
+
 @pytest.mark.parametrize("content, needles", [
     ("post_id,text\n", ["no posts (a header and no rows)"]),
     ("post_id,text\n\n\n", ["no posts (a header and no rows)"]),

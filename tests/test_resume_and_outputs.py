@@ -250,3 +250,41 @@ def test_evaluate_on_another_labelled_corpus_never_scores_trained_posts_as_new(c
     assert f"{n_seen} of its {n_posts} posts have ids the model trained or validated on" in err
     scored = json.loads((tmp_path / "all.json").read_text())["unseen"]
     assert scored["n"] == json.loads((tmp_path / "same.json").read_text())["test"]["n"]
+
+
+def test_a_run_never_writes_inside_another_run_or_a_checkpoint(cli, finished_run, tmp_path):
+    """`--output_dir <run>/checkpoints/best` exited 0 and rewrote that checkpoint's config.yaml and splits.json
+    (issue 31): a folder in another run's folder, or a checkpoint folder anywhere, is refused before anything is
+    written there (not even the lock file), also with --overwrite_output_dir."""
+    folder, out = finished_run
+    best = out / "checkpoints" / "best"
+    copied = tmp_path / "models" / "best"  # a checkpoint outside any run: the folder itself says what it is
+    shutil.copytree(best, copied)
+    before = {f: f.read_bytes() for f in best.rglob("*") if f.is_file()}
+    for target, needle in [(best, f"is the checkpoint folder {best}"), (out / "extra", f"another run, {out}"),
+                           (copied, f"is the checkpoint folder {copied}"),
+                           (copied / "encoder" / "new", f"is inside the checkpoint folder {copied / 'encoder'}")]:
+        for overwrite in ("false", "true"):
+            code, err = cli(train.main, ["--data_dir", folder, "--output_dir", target, *QUICK,
+                                         "--overwrite_output_dir", overwrite])
+            line = one_error_line(code, err)
+            assert f"--output_dir {target}: " in line and needle in line, line
+    assert {f: f.read_bytes() for f in best.rglob("*") if f.is_file()} == before
+    assert not (out / "extra").exists() and not (copied / "encoder" / "new").exists()
+    assert not (best / ".lock").exists() and not (copied / ".lock").exists()
+
+
+def test_a_run_never_writes_its_config_over_the_config_file_it_reads(cli, tmp_path):
+    """`--config mine/config.yaml --output_dir mine` replaced the user's hand-written file with the resolved config
+    (issue 31): refused in one line, the file as it was; the same file drives a run in another folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    text = "# tried first: a short run\nepochs: 1\nmax_steps: 2\n"
+    (mine / "config.yaml").write_text(text)
+    line = one_error_line(*cli(train.main, ["--config", mine / "config.yaml", "--output_dir", mine, *QUICK[:-4]]))
+    assert f"--config {mine / 'config.yaml'}: is the config.yaml this run writes in --output_dir {mine}" in line
+    assert (mine / "config.yaml").read_text() == text and not (mine / ".lock").exists()
+    code, err = cli(train.main, ["--config", mine / "config.yaml", "--output_dir", tmp_path / "run", *QUICK[:-4]])
+    assert code == 0, err
+    assert (mine / "config.yaml").read_text() == text
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["max_steps"] == 2
