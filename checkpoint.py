@@ -380,6 +380,11 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{resume_from / 'trainer_state.json'}: a damaged scheduler state ({first_line(e)})") \
             from None
+    # The schedule is this run's, built for its budget; the state gives only the position. The saved rate is the old
+    # budget's (0.0 at its end), so it is recomputed at that position: a resume with a longer --max_steps or --epochs
+    # then trains at the rates of an uninterrupted run of the new budget, not at the old schedule's end.
+    scheduler.last_epoch -= 1
+    scheduler.step()
     state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
     log.info("resumed from %s at epoch %d, batch %d, step %d", resume_from, state.epoch, state.batches_done,
              state.global_step)

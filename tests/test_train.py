@@ -122,6 +122,27 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed["train"]["steps"] == full["train"]["steps"]
 
 
+@pytest.mark.parametrize("first,longer", [(dict(epochs=1, max_steps=3), dict(epochs=1, max_steps=6)),
+                                          (dict(epochs=1), dict(epochs=2))], ids=["max_steps", "epochs"])
+def test_resume_with_a_longer_budget_follows_the_new_schedule(tmp_path, first, longer):
+    """--max_steps 3 -> 6 on resume trained step 4 at lr 0.0, the end of the 3-step schedule (issue 31): from the
+    resumed step on, the rates are an uninterrupted run's of the new budget (warmup included: 1 step of 3, 2 of 6)."""
+    small = dict(demo_posts=60, demo_shift_posts=0, warmup_ratio=0.34, scheduler="linear")
+    rates = {}
+    for name, budgets in (("resumed", [first, longer]), ("uninterrupted", [longer])):
+        for i, budget in enumerate(budgets):
+            cfg, results = run(tmp_path, name, **small, **budget, resume=i > 0)
+        steps = json.loads((Path(cfg.output_dir) / "history.json").read_text())["steps"]
+        assert [s["step"] for s in steps] == list(range(1, results["train"]["steps"] + 1))
+        rates[name] = [s["lr"] for s in steps]
+    resumed_at = 3 if "max_steps" in first else len(rates["resumed"]) // 2
+    assert len(rates["resumed"]) == len(rates["uninterrupted"]) > resumed_at
+    assert rates["resumed"][resumed_at:] == rates["uninterrupted"][resumed_at:]
+    assert rates["resumed"][resumed_at] > 0  # was 0.0: the old schedule's end
+    if "max_steps" in first:  # linear, warmup 1 step of 3: 0, 2e-3, 1e-3; then warmup 2 of 6: (6 - 3) / (6 - 2) x 2e-3
+        assert rates["resumed"] == pytest.approx([0.0, 2e-3, 1e-3, 1.5e-3, 1e-3, 0.5e-3])
+
+
 def test_two_processes_evaluate_like_one(tmp_path):
     cfg, results = run(tmp_path, "ddp", task="joint", epochs=1, max_steps=4)
     ckpt = Path(cfg.output_dir) / "checkpoints/best"
