@@ -63,6 +63,10 @@ def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedDa
     for name in ("train", "val"):
         if not examples[name]:
             raise UserError(f"the {name} split has no examples for task '{cfg.task}' (too little data?)")
+    for name in [n for n in ("test", "test_shift") if n in examples and not examples[n]]:  # the model is still made
+        log.warning("the %s split has no examples for task '%s' (%d posts, none with what the task reads): it is not "
+                    "scored, metrics.json has %s: null; for a score, raise --test_ratio or choose other posts "
+                    "(--splits_file)", name, cfg.task, len(splits.get(name, [])), name)
     if task.classify and not any(e["label"] for e in examples["train"]):
         log.warning("the train split has no positive example for task '%s' (no evidence annotation kept?): "
                     "the model can only learn 'no'", cfg.task)

@@ -143,6 +143,34 @@ def test_resume_with_a_longer_budget_follows_the_new_schedule(tmp_path, first, l
         assert rates["resumed"] == pytest.approx([0.0, 2e-3, 1e-3, 1.5e-3, 1e-3, 0.5e-3])
 
 
+@pytest.mark.parametrize("task", ["criteria", "evidence"])
+def test_an_empty_test_split_is_skipped_with_a_warning(tmp_path, caplog, task):
+    """A test split without examples for the task (--test_ratio 0.01 of 30 posts: one post, unannotated; a splits
+    file whose test posts have no evidence) was an IndexError in the tokenizer (issue 31). The run trains and
+    validates, says in a warning that test is not scored, and metrics.json has test: null."""
+    import data
+
+    small = dict(task=task, demo_posts=30, demo_shift_posts=0, epochs=1, max_steps=2)
+    corpus = data.load_corpus_from_config(make_config(**small))
+    evidence = {r["post_id"] for r in corpus.rows if r["status"] == 1}
+    if task == "criteria":
+        small["test_ratio"] = 0.01
+        annotated = {r["post_id"] for r in corpus.rows}
+        assert [p in annotated for p in data.split_posts(corpus, 42, 0.1, 0.01)["test"]] == [False]
+    else:
+        ids = sorted(corpus.posts)
+        test = [p for p in ids if p not in evidence][:3]
+        rest = [p for p in ids if p not in test]
+        (tmp_path / "splits.json").write_text(json.dumps({"train": rest[5:], "val": rest[:5], "test": test}))
+        small["splits_file"] = str(tmp_path / "splits.json")
+    cfg, results = run(tmp_path, "run", **small)
+    out = Path(cfg.output_dir)
+    assert results["test"] is None and 0 <= results["val"][train.main_metric(cfg)] <= 1
+    assert json.loads((out / "metrics.json").read_text())["test"] is None
+    assert not (out / "predictions.jsonl").exists() and (out / "val_predictions.jsonl").exists()
+    assert f"the test split has no examples for task '{task}'" in caplog.text and "test: null" in caplog.text
+
+
 def test_two_processes_evaluate_like_one(tmp_path):
     cfg, results = run(tmp_path, "ddp", task="joint", epochs=1, max_steps=4)
     ckpt = Path(cfg.output_dir) / "checkpoints/best"
