@@ -5,7 +5,7 @@ checkpoints/best/ is a folder the Hugging Face tools read: encoder/ (and span_en
 encoders) is a save_pretrained folder with its tokenizer, so AutoModel / AutoTokenizer.from_pretrained load the
 fine-tuned encoder alone; heads.safetensors holds the task heads; config.yaml, checkpoint.json, splits.json and a
 README.md model card describe the run. checkpoints/last/ is accelerate's save_state plus trainer_state.json.
-Both are written under a temporary name and swapped in whole (utils.replace_dir).
+Both are written under a temporary name and swapped in whole (utils.folder_written_whole).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import yaml
 import data
 from config import Config, load_yaml_config, make_config, post_encoding
 from models import TASKS, TaskModel, drop_pooler
-from utils import UserError, find_complete_dir, first_line, replace_dir
+from utils import UserError, find_complete_dir, first_line, folder_written_whole
 
 log = logging.getLogger("redsm5")
 
@@ -275,16 +275,15 @@ class LoopState:
 def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: dict, splits: dict,
               card=None) -> None:
     """The best model so far as an evaluate.py checkpoint (Hugging Face layout, save_checkpoint), swapped in whole by
-    replace_dir; with `card` (card.model_card), its model card of the validation metrics."""
+    folder_written_whole; with `card` (card.model_card), its model card of the validation metrics."""
     weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
     if accelerator.is_main_process:
-        tmp = best_dir.with_name(best_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("encoder."))}
-        text = card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits) if card else None
-        save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=text)
-        (tmp / "splits.json").write_text(json.dumps(splits))
-        replace_dir(tmp, best_dir)
+        with folder_written_whole(best_dir) as tmp:
+            info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items()
+                                                      if k.startswith("encoder."))}
+            text = card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits) if card else None
+            save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=text)
+            (tmp / "splits.json").write_text(json.dumps(splits))
 
 
 def load_best(accelerator, model, best_dir: Path) -> None:
@@ -300,24 +299,24 @@ def load_best(accelerator, model, best_dir: Path) -> None:
 
 
 def save_last(accelerator, path: Path, state: LoopState, scheduler, keep: int = 1) -> None:
-    """Full training state for --resume, swapped in whole by replace_dir.
+    """Full training state for --resume, swapped in whole (folder_written_whole).
 
     accelerate writes weights as safetensors and optimizer/RNG states as tensors that it reads back
     with torch.load(weights_only=True); the scheduler and loop state go to JSON. Nothing is unpickled.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "scheduler": scheduler.state_dict()},
-                                                           indent=2))
-        replace_dir(tmp, path)
-        if keep > 1:  # older states stay as step-N copies, for rolling back by hand
-            shutil.copytree(path, path.with_name(f"step-{state.global_step:07d}"), dirs_exist_ok=True)
-            for stale in sorted(path.parent.glob("step-*"))[: -(keep - 1)]:
-                shutil.rmtree(stale)
+    main = accelerator.is_main_process
+    with folder_written_whole(path, main) as tmp:
+        accelerator.wait_for_everyone()  # the stale dst.tmp is gone before anyone writes
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if main:
+            (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "scheduler": scheduler.state_dict()},
+                                                               indent=2))
+        accelerator.wait_for_everyone()  # every process's files are in before the swap
+    if main and keep > 1:  # older states stay as step-N copies, for rolling back by hand
+        with folder_written_whole(path.with_name(f"step-{state.global_step:07d}")) as tmp:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+        for stale in sorted(path.parent.glob("step-*"))[: -(keep - 1)]:
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
 
 

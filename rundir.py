@@ -23,7 +23,7 @@ import torch
 from checkpoint import read_json_file, save_tokenizer
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, save_config
 from data import data_sha256
-from utils import UserError, code_version, replace_dir, write_text_atomic
+from utils import UserError, code_version, folder_written_whole, write_text_atomic
 
 log = logging.getLogger("redsm5")
 
@@ -116,10 +116,8 @@ def write_run_files(cfg: Config, prepared, out_dir: Path, data_digest: str) -> N
     (the digests a resume compares). A resumed run rewrites none of them. Main process only."""
     save_config(cfg, out_dir / "config.yaml")
     write_text_atomic(out_dir / "splits.json", json.dumps(prepared.splits))
-    tmp = out_dir / "tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tokenizer(prepared.tokenizer, tmp, cfg.max_length)
-    replace_dir(tmp, out_dir / "tokenizer")
+    with folder_written_whole(out_dir / "tokenizer") as tmp:
+        save_tokenizer(prepared.tokenizer, tmp, cfg.max_length)
     record = {"data_sha256": data_digest, "splits_sha256": sha256_of(prepared.splits),
               "tokenizer_sha256": folder_sha256(out_dir / "tokenizer"), "code_version": code_version()}
     write_text_atomic(out_dir / RUN_RECORD, json.dumps(record, indent=2))

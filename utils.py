@@ -310,14 +310,60 @@ def recover_dir(dst: Path) -> None:
 
 def replace_dir(tmp: Path, dst: Path) -> None:
     """Swap the fully written folder tmp in at dst. A kill at any instant leaves a complete copy at dst or
-    at dst.old (find_complete_dir finds it; the next replace_dir cleans up)."""
+    at dst.old (find_complete_dir finds it; the next replace_dir cleans up). Every file in it gets the mode a new
+    file gets here (the COMPLETE marker's: 0644 under umask 022): safetensors writes its weights 0600 through a temp
+    file, which others on shared storage could not read."""
     (tmp / COMPLETE).touch()
+    mode = (tmp / COMPLETE).stat().st_mode & 0o777
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
     recover_dir(dst)
     old = dst.with_name(dst.name + ".old")
     if dst.exists():
         dst.rename(old)
     tmp.rename(dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, when `e` is a failed write (a full disk, a quota, a read-only folder), also as the writers
+    wrap it: safetensors' SafetensorError ("I/O error: No space left on device"), torch.save's RuntimeError from its
+    zip writer ("unexpected pos", nothing more). None for anything else: a bug keeps its traceback."""
+    text = first_line(e)
+    if isinstance(e, OSError):
+        return e.strerror or text
+    if type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        return text.split("I/O error: ", 1)[-1].split(" (os error")[0]
+    if isinstance(e, RuntimeError) and "inline_container" in text:
+        return f"torch.save could not write ({text[:80]}): most likely a full disk"
+    return None
+
+
+@contextlib.contextmanager
+def folder_written_whole(dst: Path, is_main: bool = True):
+    """The one way a folder that must never be torn is written: into dst.tmp (yielded, new and empty),
+    swapped in at dst by replace_dir when the block ends. A failed write (a full disk) or a kill removes dst.tmp; a
+    failed write is one line naming dst (exit code 2), and dst keeps its previous complete copy. `is_main`: the
+    process that removes and swaps (every process may write into dst.tmp)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if is_main:
+            tmp.mkdir(parents=True)
+        yield tmp
+    except BaseException as e:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = write_failure(e)
+        if why is None:
+            raise
+        kept = ", its previous complete copy is kept" if find_complete_dir(dst) is not None else ""
+        raise UserError(f"{dst}: cannot be written ({why}); nothing half-written is left{kept}; free some space, then "
+                        "resume (--resume true) or run again") from None
+    if is_main:
+        replace_dir(tmp, dst)
 
 
 def find_complete_dir(dst: Path) -> Path | None:

@@ -288,3 +288,27 @@ def test_a_run_never_writes_its_config_over_the_config_file_it_reads(cli, tmp_pa
     assert code == 0, err
     assert (mine / "config.yaml").read_text() == text
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["max_steps"] == 2
+
+
+@pytest.mark.parametrize("raised", ["OSError", "SafetensorError"])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temp_folder(cli, tmp_path, monkeypatch, raised):
+    """The weights writer of checkpoints/last (accelerate's, through safetensors) finds the disk full: it was a
+    SafetensorError traceback with last.tmp left behind (issue 31). Now one line naming the folder, exit code 2,
+    no last.tmp; checkpoints/best (saved before it) stays complete."""
+    import errno
+
+    import accelerate.utils.other
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        if raised == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", disk_full)
+    out = tmp_path / "run"
+    line = one_error_line(*cli(train.main, ["--output_dir", out, *QUICK[:-2]]))  # last: first at the epoch's end
+    assert line.startswith(f"error: {out / 'checkpoints' / 'last'}: cannot be written (No space left on device); "
+                           "nothing half-written is left; free some space")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best"]
+    assert load_checkpoint(out / "checkpoints" / "best")[3]["epoch"] == 0
