@@ -204,8 +204,26 @@ def use_cudnn_attention(enabled: bool) -> None:
 def dataloader_kwargs(cfg, use_cuda: bool) -> dict:
     kwargs = {"num_workers": cfg.num_workers, "pin_memory": use_cuda}
     if cfg.num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=2)
+        kwargs.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=leave_stop_signals_to_the_main)
     return kwargs
+
+
+def leave_stop_signals_to_the_main(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT: `scancel`, `timeout` and Ctrl-C signal the whole process
+    group, and a worker killed by it made the main process raise "DataLoader worker is killed by signal" (a
+    traceback, exit 1) instead of ending the run as run_main does (one line, 143 / 130). The main process stops its
+    workers as it unwinds; a worker whose main process died exits by itself (PyTorch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_lost_main
+
+
+def _quiet_lost_main(kind, value, traceback) -> None:
+    """A worker's sys.excepthook: the main process, stopped, drops the connection on which it was fetching a batch's
+    tensors (multiprocessing's resource sharer hands their file descriptors over in a thread of the worker, and
+    reports the lost connection here); the rest is reported as usual."""
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, value, traceback)
 
 
 # --------------------------------------------------------------------------- files: read checked, written whole

@@ -312,3 +312,26 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temp_folder(cli, tmp
                            "nothing half-written is left; free some space")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best"]
     assert load_checkpoint(out / "checkpoints" / "best")[3]["epoch"] == 0
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_is_one_line(tmp_path):
+    """`scancel` and `timeout` signal the whole process group: with --num_workers 2 the workers died of it and the
+    main process raised "DataLoader worker is killed by signal" (tracebacks, exit 1; issue 31). The workers leave
+    SIGTERM to the main process, which ends the run with the one documented line and 143; no worker is left."""
+    argv = [sys.executable, "train.py", *QUICK, "--num_workers", "2", "--output_dir", str(tmp_path / "run"),
+            "--epochs", "200", "--patience", "0"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    while "epoch 1 step" not in seen:  # the workers have served two epochs, and go on
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = seen + proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM; continue it with: python train.py")
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left
+        os.killpg(proc.pid, 0)
