@@ -21,7 +21,7 @@ import torch
 import yaml
 
 import data
-from config import Config, load_yaml_config, make_config, post_encoding
+from config import Config, load_yaml_config, make_config, post_encoding, shown
 from models import TASKS, TaskModel, drop_pooler
 from utils import UserError, find_complete_dir, first_line, folder_written_whole
 
@@ -208,6 +208,26 @@ def load_tokenizer(folder: Path):
             from None
 
 
+def check_thresholds(thresholds, where: Path) -> None:
+    """checkpoint.json's thresholds, tuned on validation, are what training saves: {name: a number or null}, and
+    paper_thresholds {symptom: a number} for every symptom. Anything else (an edit, a list) is named here, not a
+    TypeError deep in the scoring."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    problem = None
+    if thresholds is not None and not isinstance(thresholds, dict):
+        problem = f"a {type(thresholds).__name__}, not a mapping of names to numbers"
+    for name, value in (thresholds.items() if isinstance(thresholds, dict) else ()):
+        if name == "paper_thresholds" and value:
+            if not isinstance(value, dict) or set(value) != set(data.SYMPTOMS) or not all(map(number, value.values())):
+                problem = "paper_thresholds is not a number for each of the nine symptoms"
+        elif name != "paper_thresholds" and value is not None and not number(value):
+            problem = f"{name} is {shown(value)}, not a number"
+    if problem:
+        raise UserError(f"{where}: its thresholds are damaged ({problem}); restore the file as training wrote it")
+
+
 def load_checkpoint(path: str | Path, expect_task: str | None = None):
     """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved.
     A damaged file (truncated weights, corrupt JSON, a broken tokenizer) is a UserError naming it."""
@@ -221,6 +241,7 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
         message = str(e)
         raise UserError(message if message.startswith(str(path)) else f"{path / 'config.yaml'}: {message}") from None
     extra = read_json_file(path / "checkpoint.json", "checkpoint.json")
+    check_thresholds(extra.get("thresholds"), path / "checkpoint.json")
     saved = extra.get("config")
     if isinstance(saved, dict):
         edited = [k for k, v in asdict(cfg).items() if k in saved and saved[k] != v]

@@ -265,6 +265,9 @@ def write_config(path, cfg: dict) -> None:
     ("other_task", ["heads.safetensors", "weights do not match a 'evidence' model"]),
     ("bad_config", ["config.yaml: unknown config key 'colour'"]),
     ("edited_config", ["config.yaml: edited after the checkpoint was saved (max_length differ"]),
+    # a TypeError traceback in evaluate.py (issue 31)
+    ("thresholds_list", ["checkpoint.json: its thresholds are damaged (a list, not a mapping of names to numbers)"]),
+    ("paper_thresholds_cut", ["checkpoint.json: its thresholds are damaged (paper_thresholds is not a number for"]),
 ])
 def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
     path = tmp_path / "best"
@@ -289,6 +292,10 @@ def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
         (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "max_length": 48}))
     elif damage == "bad_config":
         (path / "config.yaml").write_text(yaml.safe_dump({"task": "criteria", "colour": "red"}))
+    elif damage in ("thresholds_list", "paper_thresholds_cut"):
+        extra = json.loads((path / "checkpoint.json").read_text())
+        extra["thresholds"] = [0.5, 0.5] if damage == "thresholds_list" else {"paper_thresholds": {"FATIGUE": 0.4}}
+        (path / "checkpoint.json").write_text(json.dumps(extra))
     code, err = cli(evaluate.main, ["--checkpoint", path])
     assert_one_line_error(code, err, str(path), *needles)
 
