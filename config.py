@@ -408,10 +408,10 @@ def check_range(name: str, value, source: str) -> None:
         return  # None, 'auto', strings: their checks are elsewhere
     if not np.isfinite(value):
         raise UserError(f"{source}: must be a finite number, got {value}")
-    meta = config_fields()[name].metadata
-    outside = {"low": value < (meta["low"] or 0), "above": value <= (meta["above"] or 0),
-               "high": value > (meta["high"] or 0), "below": value >= (meta["below"] or 0)}
-    if any(outside[bound] for bound in outside if meta[bound] is not None):
+    low, above, high, below = (config_fields()[name].metadata[k] for k in ("low", "above", "high", "below"))
+    inside = (low is None or value >= low) and (above is None or value > above) and \
+        (high is None or value <= high) and (below is None or value < below)
+    if not inside:
         raise UserError(f"{source}: must be {allowed_range(name)}, got {value}")
 
 

@@ -63,10 +63,11 @@ def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedDa
     for name in ("train", "val"):
         if not examples[name]:
             raise UserError(f"the {name} split has no examples for task '{cfg.task}' (too little data?)")
-    for name in [n for n in ("test", "test_shift") if n in examples and not examples[n]]:  # the model is still made
-        log.warning("the %s split has no examples for task '%s' (%d posts, none with what the task reads): it is not "
-                    "scored, metrics.json has %s: null; for a score, raise --test_ratio or choose other posts "
-                    "(--splits_file)", name, cfg.task, len(splits.get(name, [])), name)
+    advice = {"test": "raise --test_ratio, or give a --splits_file with other test posts",
+              "test_shift": "give a --test_shift_dir whose posts have what the task reads"}
+    for name in [n for n in advice if n in examples and not examples[n]]:  # the model is still trained and validated
+        log.warning("the %s split has no examples for task '%s' (none of its posts has what the task reads): it is not "
+                    "scored (no %s metrics or predictions); for a score, %s", name, cfg.task, name, advice[name])
     if task.classify and not any(e["label"] for e in examples["train"]):
         log.warning("the train split has no positive example for task '%s' (no evidence annotation kept?): "
                     "the model can only learn 'no'", cfg.task)
