@@ -5,7 +5,7 @@ checkpoints/best/ is a folder the Hugging Face tools read: encoder/ (and span_en
 encoders) is a save_pretrained folder with its tokenizer, so AutoModel / AutoTokenizer.from_pretrained load the
 fine-tuned encoder alone; heads.safetensors holds the task heads; config.yaml, checkpoint.json, splits.json and a
 README.md model card describe the run. checkpoints/last/ is accelerate's save_state plus trainer_state.json.
-Both are written under a temporary name and swapped in whole (utils.replace_dir).
+Both are written under a temporary name and swapped in whole (utils.folder_written_whole).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 import yaml
 
 import data
-from config import Config, load_yaml_config, make_config, post_encoding
+from config import Config, load_yaml_config, make_config, post_encoding, shown
 from models import TASKS, TaskModel, drop_pooler
-from utils import UserError, find_complete_dir, first_line, replace_dir
+from utils import UserError, find_complete_dir, first_line, folder_written_whole
 
 log = logging.getLogger("redsm5")
 
@@ -208,6 +208,26 @@ def load_tokenizer(folder: Path):
             from None
 
 
+def check_thresholds(thresholds, where: Path) -> None:
+    """checkpoint.json's thresholds, tuned on validation, are what training saves: {name: a number or null}, and
+    paper_thresholds {symptom: a number} for every symptom. Anything else (an edit, a list) is named here, not a
+    TypeError deep in the scoring."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    problem = None
+    if thresholds is not None and not isinstance(thresholds, dict):
+        problem = f"a {type(thresholds).__name__}, not a mapping of names to numbers"
+    for name, value in (thresholds.items() if isinstance(thresholds, dict) else ()):
+        if name == "paper_thresholds" and value:
+            if not isinstance(value, dict) or set(value) != set(data.SYMPTOMS) or not all(map(number, value.values())):
+                problem = "paper_thresholds is not a number for each of the nine symptoms"
+        elif name != "paper_thresholds" and value is not None and not number(value):
+            problem = f"{name} is {shown(value)}, not a number"
+    if problem:
+        raise UserError(f"{where}: its thresholds are damaged ({problem}); restore the file as training wrote it")
+
+
 def load_checkpoint(path: str | Path, expect_task: str | None = None):
     """(model, tokenizer, cfg, extra) from a folder written by `save_checkpoint`. No pickle involved.
     A damaged file (truncated weights, corrupt JSON, a broken tokenizer) is a UserError naming it."""
@@ -221,6 +241,7 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
         message = str(e)
         raise UserError(message if message.startswith(str(path)) else f"{path / 'config.yaml'}: {message}") from None
     extra = read_json_file(path / "checkpoint.json", "checkpoint.json")
+    check_thresholds(extra.get("thresholds"), path / "checkpoint.json")
     saved = extra.get("config")
     if isinstance(saved, dict):
         edited = [k for k, v in asdict(cfg).items() if k in saved and saved[k] != v]
@@ -275,16 +296,15 @@ class LoopState:
 def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: dict, splits: dict,
               card=None) -> None:
     """The best model so far as an evaluate.py checkpoint (Hugging Face layout, save_checkpoint), swapped in whole by
-    replace_dir; with `card` (card.model_card), its model card of the validation metrics."""
+    folder_written_whole; with `card` (card.model_card), its model card of the validation metrics."""
     weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
     if accelerator.is_main_process:
-        tmp = best_dir.with_name(best_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items() if k.startswith("encoder."))}
-        text = card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits) if card else None
-        save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=text)
-        (tmp / "splits.json").write_text(json.dumps(splits))
-        replace_dir(tmp, best_dir)
+        with folder_written_whole(best_dir) as tmp:
+            info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items()
+                                                      if k.startswith("encoder."))}
+            text = card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits) if card else None
+            save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=text)
+            (tmp / "splits.json").write_text(json.dumps(splits))
 
 
 def load_best(accelerator, model, best_dir: Path) -> None:
@@ -300,24 +320,24 @@ def load_best(accelerator, model, best_dir: Path) -> None:
 
 
 def save_last(accelerator, path: Path, state: LoopState, scheduler, keep: int = 1) -> None:
-    """Full training state for --resume, swapped in whole by replace_dir.
+    """Full training state for --resume, swapped in whole (folder_written_whole).
 
     accelerate writes weights as safetensors and optimizer/RNG states as tensors that it reads back
     with torch.load(weights_only=True); the scheduler and loop state go to JSON. Nothing is unpickled.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "scheduler": scheduler.state_dict()},
-                                                           indent=2))
-        replace_dir(tmp, path)
-        if keep > 1:  # older states stay as step-N copies, for rolling back by hand
-            shutil.copytree(path, path.with_name(f"step-{state.global_step:07d}"), dirs_exist_ok=True)
-            for stale in sorted(path.parent.glob("step-*"))[: -(keep - 1)]:
-                shutil.rmtree(stale)
+    main = accelerator.is_main_process
+    with folder_written_whole(path, main) as tmp:
+        accelerator.wait_for_everyone()  # the stale dst.tmp is gone before anyone writes
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if main:
+            (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "scheduler": scheduler.state_dict()},
+                                                               indent=2))
+        accelerator.wait_for_everyone()  # every process's files are in before the swap
+    if main and keep > 1:  # older states stay as step-N copies, for rolling back by hand
+        with folder_written_whole(path.with_name(f"step-{state.global_step:07d}")) as tmp:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+        for stale in sorted(path.parent.glob("step-*"))[: -(keep - 1)]:
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
 
 
@@ -380,6 +400,11 @@ def resume_state(accelerator, scheduler, resume_from: Path, cfg: Config) -> Loop
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{resume_from / 'trainer_state.json'}: a damaged scheduler state ({first_line(e)})") \
             from None
+    # The schedule is this run's, built for its budget; the state gives only the position. The saved rate is the old
+    # budget's (0.0 at its end), so it is recomputed at that position: a resume with a longer --max_steps or --epochs
+    # then trains at the rates of an uninterrupted run of the new budget, not at the old schedule's end.
+    scheduler.last_epoch -= 1
+    scheduler.step()
     state = LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
     log.info("resumed from %s at epoch %d, batch %d, step %d", resume_from, state.epoch, state.batches_done,
              state.global_step)

@@ -24,10 +24,11 @@ from utils import UserError, read_yaml, write_text_atomic
 
 
 def knob(default, help: str = "", *, data: bool = False, resume: bool = False, hpo: bool = True,
-         low: float | None = None, below: float | None = None):
-    """A Config field with its --help text and tags. low: smallest allowed value; below: exclusive upper bound."""
+         low: float | None = None, above: float | None = None, high: float | None = None, below: float | None = None):
+    """A Config field with its --help text and tags. Its allowed range: low / high are inclusive bounds, above / below
+    exclusive ones (check_range; `None` and `auto` are not numbers and pass)."""
     return dataclasses.field(default=default, metadata={"help": help, "data": data, "resume": resume, "hpo": hpo,
-                                                         "low": low, "below": below})
+                                                         "low": low, "above": above, "high": high, "below": below})
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Config:
     test_ratio: float = knob(0.1, 'fraction of posts in the test split', data=True, hpo=False, low=0, below=1)
     splits_file: str | None = knob(None, data=True, hpo=False,
         help="reuse the post split of an earlier run (its splits.json)")
-    demo_shift_posts: int = knob(200, data=True,
+    demo_shift_posts: int = knob(200, data=True, low=0,
         help="demo: posts of the shifted test set (held-out phrasing) scored as test_shift; 0: none")
     test_shift_dir: str | None = knob(None, data=True,
         help="a second ReDSM5 folder scored as test_shift (replaces the demo's shift set)")
@@ -98,33 +99,34 @@ class Config:
         help="per process; auto: 32, 8 for a pretrained encoder under post encoding (AUTO_DEFAULTS)")
     eval_batch_size: int = knob(64, 'per process', resume=True, low=1)
     grad_accum: int = knob(1, 'micro-batches per optimizer step', low=1)
-    lr: float | typing.Literal["auto"] = knob("auto",
+    lr: float | typing.Literal["auto"] = knob("auto", above=0,
         help="auto: 2e-3 for tiny (from scratch); a pretrained encoder's by its width (AUTO_LR_BY_WIDTH): 2e-4 up "
              "to 384 (measured), 2e-5 up to 768, 1e-5 wider (published)")
-    head_lr: float | None = knob(None,
+    head_lr: float | None = knob(None, above=0,
         help="learning rate of the task heads, which start from random while a pretrained encoder does not; none: "
              "the same as lr")
     layer_decay: float = knob(1.0, "layer-wise rate decay: encoder layer l of L trains at lr * layer_decay ** (L - l), "
-                              "its embeddings at lr * layer_decay ** L; 1 = one rate (not measured to help yet)")
-    weight_decay: float = knob(0.01, 'not applied to biases and LayerNorm weights')
-    adam_beta1: float = knob(0.9, 'AdamW beta1')
-    adam_beta2: float = knob(0.999, 'AdamW beta2')
-    adam_eps: float = knob(1e-8, 'AdamW epsilon')
+                              "its embeddings at lr * layer_decay ** L; 1 = one rate (not measured to help yet)",
+                              above=0, high=1)
+    weight_decay: float = knob(0.01, 'not applied to biases and LayerNorm weights', low=0)
+    adam_beta1: float = knob(0.9, 'AdamW beta1', low=0, below=1)
+    adam_beta2: float = knob(0.999, 'AdamW beta2', low=0, below=1)
+    adam_eps: float = knob(1e-8, 'AdamW epsilon', above=0)
     scheduler: typing.Literal["cosine", "linear", "constant"] = knob("linear", 'learning-rate schedule after warmup')
     warmup_ratio: float = knob(0.06, 'fraction of optimizer steps spent warming up', low=0, below=1)
-    max_grad_norm: float = knob(1.0, 'gradient clipping on sync steps; 0 disables')
+    max_grad_norm: float = knob(1.0, 'gradient clipping on sync steps; 0 disables', low=0)
     class_weights: bool = knob(False, 'criteria, joint: weight CE by inverse class frequency, pooled over the criteria')
     criterion_weights: bool = knob(False, "criteria, joint: weight each criterion's CE by the inverse frequencies of "
                                    "its own two classes in the training inputs (a rare symptom's positives weigh more)")
-    loss_weight_criteria: float = knob(1.0, 'joint: w_c')
-    loss_weight_evidence: float = knob(1.0, 'joint: w_e')
+    loss_weight_criteria: float = knob(1.0, 'joint: w_c', low=0)
+    loss_weight_evidence: float = knob(1.0, 'joint: w_e', low=0)
     mixed_precision: typing.Literal["auto", "no", "fp16", "bf16"] = knob("auto", 'auto = what `accelerate launch` says')
     # --- early stopping and checkpoints
     early_stopping_metric: str = knob("auto", "validation metric to watch; auto = the task's main metric", hpo=False)
     early_stopping_mode: typing.Literal["max", "min"] = knob("max", hpo=False,
         help="max: a larger metric is better; min: a smaller one")
     patience: int = knob(3, 'epochs without improvement before stopping; 0 disables', resume=True, low=0)
-    min_delta: float = knob(1e-4, 'smallest change that counts as an improvement')
+    min_delta: float = knob(1e-4, 'smallest change that counts as an improvement', low=0)
     resume: bool = knob(False, 'continue the run in output_dir from checkpoints/last', resume=True, hpo=False)
     save_every: int = knob(0, resume=True, low=0,
         help="also write checkpoints/last every N optimizer steps (0 = once per epoch)")
@@ -164,7 +166,8 @@ class Config:
         help="log checkpoints/best as an MLflow pyfunc model (runs:/<run id>/model: mlflow.pyfunc.load_model, "
              "mlflow models serve)")
     mlflow_register_model: str | None = knob(None, resume=True,
-        help="with --mlflow_log_model, also register it in the model registry under this name")
+        help="also register the model --mlflow_log_model logs in the model registry under this name (refused "
+             "without --mlflow_log_model: it would register nothing)")
 
 
 # What `auto` means, per model kind (a pretrained encoder, or tiny, under pair or post encoding): the tiny encoder
@@ -269,6 +272,8 @@ def shown(value) -> str:
 def coerce(name: str, value, source: str):
     """Check `value` against the type of field `name`; strings from the command line are parsed."""
     fields = config_fields()
+    if not isinstance(name, str):  # YAML reads the keys `1:`, `true:` and `null:` as an int, a bool and None
+        raise UserError(f"{source}: config key {name!r} ({type(name).__name__}) is not a field name")
     if name not in fields:
         if name in SEED_SECTIONS and isinstance(value, dict):
             inner = [seed_hint(f"{name}.{k}", False) or f"{name}.{k} has no counterpart" for k in value]
@@ -352,13 +357,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def field_help(name: str, f: dataclasses.Field) -> str:
-    """--help text of a field: what it does, its choices, its default."""
+    """--help text of a field: what it does, its choices, its range, its default."""
     tp = typing.get_type_hints(Config)[name]
     choices = _choices(tp) or tuple(w for arg in typing.get_args(tp) for w in (_choices(arg) or ()))
     text = f.metadata["help"]
     if choices:
         text += f" (choices: {', '.join(map(str, choices))}{'' if _choices(tp) else ', or a number'})"
-    return f"{text} [default: {f.default}]"
+    allowed = allowed_range(name)
+    return f"{text} [{f'{allowed}; ' if allowed else ''}default: {f.default}]"
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra=None,
@@ -423,17 +429,36 @@ def changed_fields(cfg: Config) -> dict:
             if v != getattr(Config, k) and not (getattr(Config, k) == "auto" and v == getattr(auto, k))}
 
 
+def allowed_range(name: str) -> str | None:
+    """The range written on a field (knob low / above / high / below) as a reader writes it: '>= 0', '> 0',
+    'in [0, 1)'; None for a field without one."""
+    meta = config_fields()[name].metadata
+    low = ("[", ">=", meta["low"]) if meta["low"] is not None else ("(", ">", meta["above"])
+    high = ("]", "<=", meta["high"]) if meta["high"] is not None else (")", "<", meta["below"])
+    if low[2] is not None and high[2] is not None:
+        return f"in {low[0]}{low[2]}, {high[2]}{high[0]}"
+    bound = low if low[2] is not None else high
+    return None if bound[2] is None else f"{bound[1]} {bound[2]}"
+
+
+def check_range(name: str, value, source: str) -> None:
+    """The one range check of a field's value, from its knob: every config (flags, YAML, a checkpoint's config.yaml)
+    and every HPO search-space bound and choice go through it. A float must be finite first (nan passes every
+    comparison, and an infinite search bound overflows Optuna's sampler in every trial)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # None, 'auto', strings: their checks are elsewhere
+    if not np.isfinite(value):
+        raise UserError(f"{source}: must be a finite number, got {value}")
+    low, above, high, below = (config_fields()[name].metadata[k] for k in ("low", "above", "high", "below"))
+    inside = (low is None or value >= low) and (above is None or value > above) and \
+        (high is None or value <= high) and (below is None or value < below)
+    if not inside:
+        raise UserError(f"{source}: must be {allowed_range(name)}, got {value}")
+
+
 def validate_config(cfg: Config) -> None:
-    floats = [f.name for f in dataclasses.fields(Config) if isinstance(getattr(cfg, f.name), float)]
-    for name in floats:  # nan passes every comparison below, so it is refused first
-        if not np.isfinite(getattr(cfg, name)):
-            raise UserError(f"--{name}: must be a finite number, got {getattr(cfg, name)}")
-    for name, f in config_fields().items():  # the ranges written on the fields (knob low / below)
-        value, low, below = getattr(cfg, name), f.metadata["low"], f.metadata["below"]
-        if below is not None and not low <= value < below:
-            raise UserError(f"--{name}: must be in [{low}, {below}), got {value}")
-        if low is not None and value < low:
-            raise UserError(f"--{name}: must be >= {low}, got {value}")
+    for name in config_fields():
+        check_range(name, getattr(cfg, name), f"--{name}")
     if cfg.class_weights and cfg.criterion_weights:
         raise UserError("--class_weights and --criterion_weights: choose one (pooled or per-criterion weights)")
     if cfg.val_ratio + cfg.test_ratio >= 1:
@@ -443,11 +468,6 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--doc_stride: must be below max_length/2 ({cfg.max_length // 2}), got {cfg.doc_stride}")
     if cfg.tiny_hidden % cfg.tiny_heads:
         raise UserError(f"--tiny_heads: must divide --tiny_hidden {cfg.tiny_hidden}, got {cfg.tiny_heads}")
-    if not 0 < cfg.layer_decay <= 1:
-        raise UserError(f"--layer_decay: must be in (0, 1], got {cfg.layer_decay}")
-    for name in ("lr", "head_lr"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            raise UserError(f"--{name}: must be > 0, got {getattr(cfg, name)}")
     if post_encoding(cfg) and not cfg.criterion_heads:
         raise UserError("--encoding post: needs --criterion_heads true (a window is read once for all nine criteria, "
                         "and only the per-criterion head outputs tell them apart)")
@@ -458,6 +478,9 @@ def validate_config(cfg: Config) -> None:
     if cfg.mlflow and cfg.mlflow_system_metrics and importlib.util.find_spec("psutil") is None:
         raise UserError("--mlflow_system_metrics: needs psutil (pip install psutil, or the 'system-metrics' extra: "
                         "pip install -e '.[system-metrics]'); or run without it")
+    if cfg.mlflow_register_model is not None and not cfg.mlflow_log_model:
+        raise UserError(f"--mlflow_register_model {cfg.mlflow_register_model}: registers the model that "
+                        "--mlflow_log_model logs, and nothing is logged without it; add --mlflow_log_model true")
     if cfg.mlflow_log_model and sentence_unit(cfg):
         raise UserError("--mlflow_log_model: a criteria model of --unit sentence cannot score posts (it classifies "
                         "annotated sentences), so it makes no servable model; train --unit post (or --task joint)")

@@ -57,6 +57,7 @@ def main(argv=None):
     output = args.output or ("predictions.jsonl" if args.predict else None)
     if output is not None:
         check_writable(output)  # before the model is loaded and run, not after
+        check_not_an_input(output, args)
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
     posts = read_posts(Path(args.predict)) if args.predict else None  # a bad file fails before the model loads
@@ -85,6 +86,22 @@ def main(argv=None):
                  len(examples), accelerator.num_processes, format_metrics(metrics))
         if args.output:  # whole or not at all, like the predictions
             write_text_atomic(Path(args.output), dumps({scored: metrics}, indent=2))
+
+
+def check_not_an_input(output: str, args) -> None:
+    """--output must not be a file this command reads (the --predict CSV, a file of the checkpoint or of --data_dir):
+    it would be replaced by what is written."""
+    if not Path(output).is_file():
+        return
+    inputs = [("--predict", Path(args.predict))] if args.predict else []
+    for flag in ("checkpoint", "data_dir"):
+        folder = getattr(args, flag)
+        if folder is not None and Path(folder).is_dir():
+            inputs += [(f"--{flag}", f) for f in Path(folder).rglob("*") if f.is_file()]
+    for flag, f in inputs:
+        if f.is_file() and os.path.samefile(output, f):
+            raise UserError(f"--output {output}: is the {flag} file {f} that this command reads, and writing would "
+                            "replace it; give another file")
 
 
 def saved_thresholds(extra: dict) -> dict:

@@ -61,6 +61,8 @@ TASKS = {
 
 def featurize(cfg: Config, tokenizer, examples: list[dict]) -> list[dict]:
     """Model inputs of `examples` as cfg's task and encoding read them (features.featurize / featurize_posts)."""
+    if not examples:  # none: the tokenizers raise IndexError on an empty batch
+        return []
     if post_encoding(cfg):
         return features.featurize_posts(tokenizer, examples, cfg.max_length, cfg.doc_stride, cfg.max_windows_per_post)
     return features.featurize(tokenizer, examples, cfg.max_length, cfg.doc_stride, TASKS[cfg.task].windows(cfg),

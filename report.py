@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,10 @@ def fold_splits(corpus: data.Corpus, k: int, seed: int, val_ratio: float = 0.1,
         return [data.split_posts(corpus, seed, val_ratio, test_ratio)]
     if not 2 <= k <= len(corpus.posts) // 2:
         raise UserError(f"--cv_folds: must be 1 or between 2 and {len(corpus.posts) // 2} (posts / 2), got {k}")
+    largest = max(Counter(data.post_strata(corpus, sorted(corpus.posts))).values())
+    if k > largest:  # scikit-learn's stratified folds need one group with a post for every fold
+        raise UserError(f"--cv_folds: at most {largest} on this corpus (folds are stratified by symptom profile, "
+                        f"and its largest group has {largest} posts), got {k}")
     n_val = max(1, round(val_ratio * len(corpus.posts)))
     folds = []
     for rest, test in data.kfold_splits(corpus, k, seed):
@@ -264,10 +269,15 @@ def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = No
 def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: str) -> dict:
     """Train every fold x seed, then summarise (summary.json, summary.md, PNGs) into cfg.output_dir."""
     out_dir = Path(cfg.output_dir)
-    (out_dir / "splits").mkdir(parents=True, exist_ok=True)
     corpus = data.load_corpus_from_config(cfg)
     folds = [data.load_splits(cfg.splits_file, corpus)] if k == 1 and cfg.splits_file else \
         fold_splits(corpus, k, cfg.seed, cfg.val_ratio, cfg.test_ratio)
+    for i, split in enumerate(folds):  # a report is its test scores: a run would skip an empty test split
+        if not TASKS[cfg.task].examples(corpus, split["test"], cfg):
+            raise UserError(f"--cv_folds {k}: the test posts of fold {i} ({len(split['test'])}) have no examples for "
+                            f"task '{cfg.task}', so nothing to score; " + ("fewer folds" if k > 1 else
+                                                                          "raise --test_ratio or give other posts"))
+    (out_dir / "splits").mkdir(parents=True, exist_ok=True)
     parent_cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.task}-cv{k}x{len(seeds)}")
     with Tracker(parent_cfg, True) as parent:  # a run that raises ends the parent FAILED (KILLED on Ctrl-C)
         parent.log_params({"report.cv_folds": k, "report.seeds": " ".join(map(str, seeds))})

@@ -23,7 +23,7 @@ import torch
 from checkpoint import read_json_file, save_tokenizer
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, save_config
 from data import data_sha256
-from utils import UserError, code_version, replace_dir, write_text_atomic
+from utils import UserError, code_version, folder_written_whole, write_text_atomic
 
 log = logging.getLogger("redsm5")
 
@@ -116,10 +116,8 @@ def write_run_files(cfg: Config, prepared, out_dir: Path, data_digest: str) -> N
     (the digests a resume compares). A resumed run rewrites none of them. Main process only."""
     save_config(cfg, out_dir / "config.yaml")
     write_text_atomic(out_dir / "splits.json", json.dumps(prepared.splits))
-    tmp = out_dir / "tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tokenizer(prepared.tokenizer, tmp, cfg.max_length)
-    replace_dir(tmp, out_dir / "tokenizer")
+    with folder_written_whole(out_dir / "tokenizer") as tmp:
+        save_tokenizer(prepared.tokenizer, tmp, cfg.max_length)
     record = {"data_sha256": data_digest, "splits_sha256": sha256_of(prepared.splits),
               "tokenizer_sha256": folder_sha256(out_dir / "tokenizer"), "code_version": code_version()}
     write_text_atomic(out_dir / RUN_RECORD, json.dumps(record, indent=2))
@@ -176,20 +174,51 @@ def resolve_run(cfg: Config, accelerator) -> Config:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def check_output_dir(cfg: Config, out_dir: Path, accelerator) -> None:
-    """A run never replaces another silently: an output_dir that holds a run needs --resume or
-    --overwrite_output_dir."""
+def checkpoint_folder(folder: Path) -> bool:
+    """A folder of weights: our checkpoints/best (checkpoint.json) or checkpoints/last (trainer_state.json), or a
+    save_pretrained folder (config.json beside its weights)."""
+    return any((folder / name).is_file() for name in ("checkpoint.json", "trainer_state.json")) or \
+        ((folder / "config.json").is_file() and any((folder / w).is_file() for w in ("model.safetensors",
+                                                                                     "pytorch_model.bin")))
+
+
+def check_output_dir(cfg: Config, out_dir: Path, config_file: str | None = None) -> None:
+    """The one rule of what a run may write over, checked before anything is written. Never a checkpoint folder or
+    a folder inside one or inside another run's folder (a run in checkpoints/best wrote its config.yaml and
+    splits.json over the checkpoint's); a folder that holds a run only with --resume (the same run, continued) or
+    --overwrite_output_dir (replaced: clear_replaced_run); and never config.yaml over the --config file it was read
+    from (a new run writes its resolved config there, and the user's file with its comments would be gone)."""
+    where = Path(os.path.realpath(out_dir))
+    if not (cfg.resume and (where / RUN_RECORD).is_file()):  # the same run, continued, writes only into itself
+        for folder in (where, *where.parents):
+            if checkpoint_folder(folder):
+                raise UserError(f"--output_dir {out_dir}: {'is' if folder == where else 'is inside'} the checkpoint "
+                                f"folder {folder}: a run would write over its files; give a folder of its own "
+                                "(default: a new one under outputs/)")
+            if folder != where and (folder / RUN_RECORD).is_file():
+                raise UserError(f"--output_dir {out_dir}: is inside the folder of another run, {folder} (its "
+                                f"{RUN_RECORD}): a run would write over that run's files; give a folder outside it")
     held = [f for f in (RUN_RECORD, "metrics.json") if (out_dir / f).exists()]
     if held and not (cfg.resume or cfg.overwrite_output_dir):
         raise UserError(f"--output_dir {out_dir}: holds a run ({held[0]}); continue it with --resume true, replace it "
                         "with --overwrite_output_dir true, or give another --output_dir (default: a new folder)")
-    if held and not cfg.resume and accelerator.is_main_process:  # replaced: nothing of the old run may pass for the
-        # new one's (its checkpoints/last above all)
-        log.info("--overwrite_output_dir: replacing the run in %s", out_dir)
-        for name in (RUN_RECORD, "metrics.json", "run_stats.json", "history.json", *PREDICTION_FILES.values()):
-            (out_dir / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "figures"):  # renamed away first: a kill never leaves half a folder
-            if (out_dir / name).exists():
-                trash = out_dir / f".{name}.replaced-{os.getpid()}"
-                (out_dir / name).rename(trash)
-                shutil.rmtree(trash, ignore_errors=True)
+    if config_file and not cfg.resume and (where / "config.yaml").is_file() \
+            and os.path.samefile(config_file, where / "config.yaml"):
+        raise UserError(f"--config {config_file}: is the config.yaml this run writes in --output_dir {out_dir}, where "
+                        "its resolved config would replace your file; keep your config outside the run folder, or "
+                        "give another --output_dir")
+
+
+def clear_replaced_run(out_dir: Path) -> None:
+    """--overwrite_output_dir: nothing of the old run may pass for the new one's (its checkpoints/last above all).
+    Main process only."""
+    if not any((out_dir / f).exists() for f in (RUN_RECORD, "metrics.json")):
+        return
+    log.info("--overwrite_output_dir: replacing the run in %s", out_dir)
+    for name in (RUN_RECORD, "metrics.json", "run_stats.json", "history.json", *PREDICTION_FILES.values()):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "figures"):  # renamed away first: a kill never leaves half a folder
+        if (out_dir / name).exists():
+            trash = out_dir / f".{name}.replaced-{os.getpid()}"
+            (out_dir / name).rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)

@@ -39,6 +39,7 @@ from rundir import (
     check_output_dir,
     check_resume,
     check_resumed_data,
+    clear_replaced_run,
     resolve_run,
     saved_run_id,
     write_run_files,
@@ -94,11 +95,12 @@ def run_hooks(cfg: Config, accelerator, tracker: Tracker, last_dir: Path, on_val
 
 
 def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | None = None,
-        prepare=train.prepare_data) -> dict:
+        prepare=train.prepare_data, config_file: str | None = None) -> dict:
     """Train one run in cfg.output_dir. Returns {"val", "test", ["test_shift",] "train"}. `on_validation(epoch,
     val_metrics, step, total_steps)` is called after every validation (HPO prunes there). `parent_run_id` nests
     this run's MLflow run under another (an HPO study, a cross-validation); `prepare`: train.prepare_data, or a
-    cached one (hpo.py). A run that raises is ended in MLflow as KILLED (Ctrl-C) or FAILED, not left RUNNING."""
+    cached one (hpo.py); `config_file`: the --config the settings came from (never written over). A run that raises
+    is ended in MLflow as KILLED (Ctrl-C) or FAILED, not left RUNNING."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     accelerator = train.setup_process(cfg, accelerator)
@@ -108,8 +110,12 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
     with contextlib.ExitStack() as scope:  # the lock, then the MLflow run: released / ended however we leave
         scope.push(lambda kind, e, tb: setattr(e, "run_dir", out_dir) if kind and issubclass(kind, KeyboardInterrupt)
                    else None)  # a stopped run says where it is (train.main tells how to resume it)
+        # the folder rule before the lock writes its file there, and again under the lock (no run ends meanwhile)
+        check_output_dir(cfg, out_dir, config_file)
         scope.enter_context(output_dir_lock(out_dir, accelerator.is_main_process))
-        check_output_dir(cfg, out_dir, accelerator)
+        check_output_dir(cfg, out_dir, config_file)
+        if accelerator.is_main_process and not cfg.resume:
+            clear_replaced_run(out_dir)
         accelerator.wait_for_everyone()
         resume_from = load_last(last_dir) if cfg.resume else None
         prepared, data_digest = start_run(cfg, accelerator, out_dir, resume_from is not None, prepare)
@@ -136,7 +142,8 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
             write_text_atomic(out_dir / "run_stats.json", json.dumps({**results["train"], "system": system_info(),
                                                                       "code_version": code_version()}, indent=2))
             tracker.log_artifact(out_dir / "run_stats.json")
-            log.info("done: %s (metrics.json, predictions.jsonl, checkpoints/best); %s", out_dir, tracker.where())
+            written = ["metrics.json", *(["predictions.jsonl"] if "test" in predictions else []), "checkpoints/best"]
+            log.info("done: %s (%s); %s", out_dir, ", ".join(written), tracker.where())
     return results
 
 

@@ -1,7 +1,8 @@
 """Search spaces of HPO studies: config fields with ranges or choices (YAML), narrowed around the best trials, sampled.
 
-A space maps Config fields to {low, high, log} or {choices}, with values parsed like the field's own
-(config.coerce); fields trials are compared on or write to (config.HPO_FIXED_FIELDS) cannot be searched.
+A space maps Config fields to {low, high, log} or {choices}, with values parsed and range-checked like the field's
+own (config.coerce, config.check_range: an infinite bound is refused when the space is loaded); fields trials are
+compared on or write to (config.HPO_FIXED_FIELDS) cannot be searched.
 A study keeps the space it was created with (study_space: the YAML, or the coarse study's narrowed; a
 different --space on it is refused, check_same_space); trial n samples with seed + n (TrialSeededTPE).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import optuna
 
-from config import AUTO_DEFAULTS, HPO_FIXED_FIELDS, Config, coerce, pretrained, resolve_auto
+from config import AUTO_DEFAULTS, HPO_FIXED_FIELDS, Config, check_range, coerce, pretrained, resolve_auto
 from utils import UserError, read_yaml
 
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
@@ -36,11 +37,15 @@ def parse_range(name: str, spec, source: str, cfg: Config | None = None) -> dict
             raise UserError(f"{source}: times_auto must be true, on a field with an auto value "
                             f"({', '.join(AUTO_DEFAULTS)})")
         base = getattr(resolve_auto(dataclasses.replace(cfg, **{name: "auto"})), name)
-        spec = {k: v * base if k in ("low", "high") else v for k, v in spec.items() if k != "times_auto"}
+        spec = {k: coerce(name, v, source) * base if k in ("low", "high") else v
+                for k, v in spec.items() if k != "times_auto"}
     if "choices" in spec:
         if not spec["choices"]:
             raise UserError(f"{source}: no choices")
-        return {"choices": [coerce(name, c, source) for c in spec["choices"]]}
+        choices = [coerce(name, c, source) for c in spec["choices"]]
+        for c in choices:
+            check_range(name, c, f"{source}: choice {c!r}")
+        return {"choices": choices}
     low, high, log_scale = coerce(name, spec["low"], source), coerce(name, spec["high"], source), spec.get("log", False)
     if isinstance(low, bool) or not isinstance(low, (int, float)):
         raise UserError(f"{source}: '{name}' is not numeric: give a list of choices")
@@ -48,6 +53,8 @@ def parse_range(name: str, spec, source: str, cfg: Config | None = None) -> dict
         raise UserError(f"{source}: low ({low}) must be below high ({high})")
     if log_scale is not False and (log_scale is not True or low <= 0):
         raise UserError(f"{source}: log must be true or false, and a log range needs low > 0")
+    for bound, value in (("low", low), ("high", high)):  # a trial may draw either end (inf: every trial overflows)
+        check_range(name, value, f"{source}: {bound}")
     return {"low": low, "high": high, "log": log_scale}
 
 

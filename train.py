@@ -64,6 +64,11 @@ def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedDa
     for name in ("train", "val"):
         if not examples[name]:
             raise UserError(f"the {name} split has no examples for task '{cfg.task}' (too little data?)")
+    advice = {"test": "raise --test_ratio, or give a --splits_file with other test posts",
+              "test_shift": "give a --test_shift_dir whose posts have what the task reads"}
+    for name in [n for n in advice if n in examples and not examples[n]]:  # the model is still trained and validated
+        log.warning("the %s split has no examples for task '%s' (none of its posts has what the task reads): it is not "
+                    "scored (no %s metrics or predictions); for a score, %s", name, cfg.task, name, advice[name])
     if task.classify and not any(e["label"] for e in examples["train"]):
         log.warning("the train split has no positive example for task '%s' (no evidence annotation kept?): "
                     "the model can only learn 'no'", cfg.task)
@@ -349,14 +354,14 @@ def main(argv=None):
     from runner import run  # the run around the loop: output folder, resume, MLflow, outputs
     from utils import find_complete_dir
 
-    cfg, _ = parse_config(argv, prog="train.py", doc=__doc__)
+    cfg, args = parse_config(argv, prog="train.py", doc=__doc__)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     log.info("config (non-default fields): %s", changed_fields(cfg))
     if "lr" not in changed_fields(cfg):
         log.info("lr %g (auto): %s", cfg.lr, auto_lr(cfg)[1])
     try:
-        run(cfg, accelerator)
+        run(cfg, accelerator, config_file=args.config)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the one line run_main prints says whether it can resume
         out = getattr(e, "run_dir", None)
         if out is not None and find_complete_dir(out / "checkpoints" / "last") is not None:

@@ -204,8 +204,26 @@ def use_cudnn_attention(enabled: bool) -> None:
 def dataloader_kwargs(cfg, use_cuda: bool) -> dict:
     kwargs = {"num_workers": cfg.num_workers, "pin_memory": use_cuda}
     if cfg.num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=2)
+        kwargs.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=leave_stop_signals_to_the_main)
     return kwargs
+
+
+def leave_stop_signals_to_the_main(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT: `scancel`, `timeout` and Ctrl-C signal the whole process
+    group, and a worker killed by it made the main process raise "DataLoader worker is killed by signal" (a
+    traceback, exit 1) instead of ending the run as run_main does (one line, 143 / 130). The main process stops its
+    workers as it unwinds; a worker whose main process died exits by itself (PyTorch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_lost_main
+
+
+def _quiet_lost_main(kind, value, traceback) -> None:
+    """A worker's sys.excepthook: the main process, stopped, drops the connection on which it was fetching a batch's
+    tensors (multiprocessing's resource sharer hands their file descriptors over in a thread of the worker, and
+    reports the lost connection here); the rest is reported as usual."""
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, value, traceback)
 
 
 # --------------------------------------------------------------------------- files: read checked, written whole
@@ -222,6 +240,8 @@ def read_yaml(path: str | Path, what: str = "config"):
         raise UserError(f"{path}: not a text (UTF-8) {what} file") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML composes nested lists recursively: thousands of `[` exhaust the stack
+        raise UserError(f"{path}: nested too deeply to read (thousands of levels): not a {what} file") from None
 
 
 def json_safe(obj):
@@ -308,14 +328,60 @@ def recover_dir(dst: Path) -> None:
 
 def replace_dir(tmp: Path, dst: Path) -> None:
     """Swap the fully written folder tmp in at dst. A kill at any instant leaves a complete copy at dst or
-    at dst.old (find_complete_dir finds it; the next replace_dir cleans up)."""
+    at dst.old (find_complete_dir finds it; the next replace_dir cleans up). Every file in it gets the mode a new
+    file gets here (the COMPLETE marker's: 0644 under umask 022): safetensors writes its weights 0600 through a temp
+    file, which others on shared storage could not read."""
     (tmp / COMPLETE).touch()
+    mode = (tmp / COMPLETE).stat().st_mode & 0o777
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
     recover_dir(dst)
     old = dst.with_name(dst.name + ".old")
     if dst.exists():
         dst.rename(old)
     tmp.rename(dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, when `e` is a failed write (a full disk, a quota, a read-only folder), also as the writers
+    wrap it: safetensors' SafetensorError ("I/O error: No space left on device"), torch.save's RuntimeError from its
+    zip writer ("unexpected pos", nothing more). None for anything else: a bug keeps its traceback."""
+    text = first_line(e)
+    if isinstance(e, OSError):
+        return e.strerror or text
+    if type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        return text.split("I/O error: ", 1)[-1].split(" (os error")[0]
+    if isinstance(e, RuntimeError) and "inline_container" in text:
+        return f"torch.save could not write ({text[:80]}): most likely a full disk"
+    return None
+
+
+@contextlib.contextmanager
+def folder_written_whole(dst: Path, is_main: bool = True):
+    """The one way a folder that must never be torn is written: into dst.tmp (yielded, new and empty),
+    swapped in at dst by replace_dir when the block ends. A failed write (a full disk) or a kill removes dst.tmp; a
+    failed write is one line naming dst (exit code 2), and dst keeps its previous complete copy. `is_main`: the
+    process that removes and swaps (every process may write into dst.tmp)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if is_main:
+            tmp.mkdir(parents=True)
+        yield tmp
+    except BaseException as e:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = write_failure(e)
+        if why is None:
+            raise
+        kept = ", its previous complete copy is kept" if find_complete_dir(dst) is not None else ""
+        raise UserError(f"{dst}: cannot be written ({why}); nothing half-written is left{kept}; free some space, then "
+                        "resume (--resume true) or run again") from None
+    if is_main:
+        replace_dir(tmp, dst)
 
 
 def find_complete_dir(dst: Path) -> Path | None:

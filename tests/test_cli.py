@@ -69,6 +69,18 @@ QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--ti
     (["--tiny_layers", "0"], ["--tiny_layers", "must be >= 1"]),
     (["--val_ratio", "0.5", "--test_ratio", "0.5"], ["--val_ratio + --test_ratio", "0.5 + 0.5 >= 1"]),
     (["--output_dir", ""], ["--output_dir", "must not be empty"]),
+    # one range per field, from its knob, refused before anything is prepared or written (issue 31)
+    (["--weight_decay", "-0.5"], ["--weight_decay: must be >= 0, got -0.5"]),
+    (["--max_grad_norm", "-1"], ["--max_grad_norm: must be >= 0, got -1.0"]),
+    (["--min_delta", "-5"], ["--min_delta: must be >= 0, got -5.0"]),
+    (["--loss_weight_evidence", "-1"], ["--loss_weight_evidence: must be >= 0, got -1.0"]),
+    (["--demo_shift_posts", "-5"], ["--demo_shift_posts: must be >= 0, got -5"]),
+    (["--adam_beta1", "1.5"], ["--adam_beta1: must be in [0, 1), got 1.5"]),
+    (["--adam_beta2", "1"], ["--adam_beta2: must be in [0, 1), got 1.0"]),
+    (["--adam_eps", "-1"], ["--adam_eps: must be > 0, got -1.0"]),
+    (["--adam_eps", "0"], ["--adam_eps: must be > 0, got 0.0"]),
+    (["--head_lr", "0"], ["--head_lr: must be > 0, got 0.0"]),
+    (["--mlflow_register_model", "m"], ["--mlflow_register_model m", "add --mlflow_log_model true"]),
 ])
 def test_bad_flags(cli, argv, needles):
     code, err = cli(train.main, argv)
@@ -94,6 +106,9 @@ def test_bad_paths_in_flags(cli, tmp_path):
     ("task: foo\n", ["'task'", "criteria, evidence, joint"]),
     ("- epochs\n", ["expected a mapping"]),
     ("epochs: [unclosed\n", ["not valid YAML"]),
+    ("1: 2\nepochs: 1\n", ["config key 1 (int) is not a field name"]),
+    ("null: 2\n", ["config key None (NoneType) is not a field name"]),
+    ("lr: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply to read", "not a config file"]),
 ])
 def test_bad_config_files(cli, tmp_path, content, needles):
     path = tmp_path / "bad.yaml"
@@ -250,6 +265,9 @@ def write_config(path, cfg: dict) -> None:
     ("other_task", ["heads.safetensors", "weights do not match a 'evidence' model"]),
     ("bad_config", ["config.yaml: unknown config key 'colour'"]),
     ("edited_config", ["config.yaml: edited after the checkpoint was saved (max_length differ"]),
+    # a TypeError traceback in evaluate.py (issue 31)
+    ("thresholds_list", ["checkpoint.json: its thresholds are damaged (a list, not a mapping of names to numbers)"]),
+    ("paper_thresholds_cut", ["checkpoint.json: its thresholds are damaged (paper_thresholds is not a number for"]),
 ])
 def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
     path = tmp_path / "best"
@@ -274,6 +292,10 @@ def test_bad_checkpoints(cli, checkpoint, tmp_path, damage, needles):
         (path / "config.yaml").write_text(yaml.safe_dump({**cfg, "max_length": 48}))
     elif damage == "bad_config":
         (path / "config.yaml").write_text(yaml.safe_dump({"task": "criteria", "colour": "red"}))
+    elif damage in ("thresholds_list", "paper_thresholds_cut"):
+        extra = json.loads((path / "checkpoint.json").read_text())
+        extra["thresholds"] = [0.5, 0.5] if damage == "thresholds_list" else {"paper_thresholds": {"FATIGUE": 0.4}}
+        (path / "checkpoint.json").write_text(json.dumps(extra))
     code, err = cli(evaluate.main, ["--checkpoint", path])
     assert_one_line_error(code, err, str(path), *needles)
 
@@ -431,6 +453,26 @@ def test_evaluate_output_not_writable_is_refused_before_loading(cli, tmp_path, n
     argv = ["--checkpoint", tmp_path / "none", "--output", output] + (["--predict", tmp_path / "new.csv"] * predict)
     code, err = cli(evaluate.main, argv)
     assert_one_line_error(code, err, f"--output {output}", *needles)
+
+
+@pytest.mark.parametrize("target", ["predict", "predict_by_another_name", "checkpoint_file", "data_file"])
+def test_evaluate_output_that_is_one_of_its_inputs_is_refused(cli, checkpoint, tmp_path, target):
+    """`--predict posts.csv --output posts.csv` replaced the input with the predictions (issue 31)."""
+    posts = tmp_path / "new.csv"
+    posts.write_text("post_id,text\np1,I cannot sleep.\n")
+    (tmp_path / "link.csv").symlink_to(posts)
+    data = write_quirky(tmp_path / "data")
+    output, flag, read = {"predict": (posts, "--predict", posts),
+                          "predict_by_another_name": (tmp_path / "link.csv", "--predict", posts),
+                          "checkpoint_file": (checkpoint / "checkpoint.json", "--checkpoint",
+                                              checkpoint / "checkpoint.json"),
+                          "data_file": (data / "posts.csv", "--data_dir", data / "posts.csv")}[target]
+    before = read.read_bytes()
+    argv = ["--checkpoint", checkpoint, "--output", output] + (["--predict", posts] if flag == "--predict" else
+                                                                ["--data_dir", data])
+    code, err = cli(evaluate.main, argv)
+    assert_one_line_error(code, err, f"--output {output}: is the {flag} file", "give another file")
+    assert read.read_bytes() == before
 
 
 @pytest.mark.parametrize("content, needles", [

@@ -73,6 +73,10 @@ def test_space_values_are_parsed_like_config_values(tmp_path):
     ({"batch_size": [16, "big"]}, "invalid value 'big' for 'batch_size'"),
     ({"lr": {"low": 1e-4}}, "expected a list of choices or {low, high[, log, times_auto]}"),
     ({"dropout": []}, "no choices"),
+    # each bound and choice in the field's own range (config.check_range): an infinite bound failed every trial
+    ({"lr": {"low": 1e-4, "high": float("inf"), "log": True}}, "lr: high: must be a finite number, got inf"),
+    ({"weight_decay": {"low": -0.1, "high": 0.1}}, "weight_decay: low: must be >= 0, got -0.1"),
+    ({"adam_beta2": [0.99, 1.0]}, "adam_beta2: choice 1.0: must be in [0, 1), got 1.0"),
 ])
 def test_bad_space_is_a_user_error_naming_file_and_field(tmp_path, entry, message):
     path = write_space(tmp_path / "bad.yaml", entry)

@@ -176,7 +176,7 @@ def test_lr_auto_follows_the_encoders_width(tmp_path, width, rate, source, capfd
     model = models.build_model(cfg, models.build_tokenizer(cfg, []))
     assert {g["lr"] for g in train.make_optimizer(model, cfg).param_groups} == {rate}
     assert make_config(model=str(folder), lr=5e-5).lr == 5e-5  # a set rate wins
-    monkeypatch.setattr(runner, "run", lambda cfg, accelerator: None)  # the console line, not the training
+    monkeypatch.setattr(runner, "run", lambda cfg, accelerator, **kw: None)  # the console line, not the training
     train.main(["--model", str(folder), "--mlflow", "false"])
     assert f"INFO lr {rate:g} (auto): {source}" in capfd.readouterr().err
 

@@ -301,6 +301,10 @@ def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, m
 @pytest.mark.parametrize("argv, needle", [
     (["--cv_folds", "0"], "--cv_folds: must be >= 1"),
     (["--cv_folds", "40", "--demo_posts", "40"], "--cv_folds: must be 1 or between 2 and 20"),
+    # scikit-learn's ValueError from the stratified folds was a traceback (issue 31)
+    (["--cv_folds", "40", "--demo_posts", "120"], "--cv_folds: at most 35 on this corpus (folds are stratified"),
+    (["--cv_folds", "1", "--demo_posts", "30", "--test_ratio", "0.01"],
+     "--cv_folds 1: the test posts of fold 0 (1) have no examples for task 'criteria'"),
     (["--seeds", "one"], "--seeds: invalid int value: 'one'"),
     (["--n_bootstrap", "5"], "--n_bootstrap: must be between 100 and 1,000,000, got 5"),
     (["--cv_fold", "3"], "did you mean --cv_folds?"),

@@ -250,3 +250,88 @@ def test_evaluate_on_another_labelled_corpus_never_scores_trained_posts_as_new(c
     assert f"{n_seen} of its {n_posts} posts have ids the model trained or validated on" in err
     scored = json.loads((tmp_path / "all.json").read_text())["unseen"]
     assert scored["n"] == json.loads((tmp_path / "same.json").read_text())["test"]["n"]
+
+
+def test_a_run_never_writes_inside_another_run_or_a_checkpoint(cli, finished_run, tmp_path):
+    """`--output_dir <run>/checkpoints/best` exited 0 and rewrote that checkpoint's config.yaml and splits.json
+    (issue 31): a folder in another run's folder, or a checkpoint folder anywhere, is refused before anything is
+    written there (not even the lock file), also with --overwrite_output_dir."""
+    folder, out = finished_run
+    best = out / "checkpoints" / "best"
+    copied = tmp_path / "models" / "best"  # a checkpoint outside any run: the folder itself says what it is
+    shutil.copytree(best, copied)
+    before = {f: f.read_bytes() for f in best.rglob("*") if f.is_file()}
+    for target, needle in [(best, f"is the checkpoint folder {best}"), (out / "extra", f"another run, {out}"),
+                           (copied, f"is the checkpoint folder {copied}"),
+                           (copied / "encoder" / "new", f"is inside the checkpoint folder {copied / 'encoder'}")]:
+        for overwrite in ("false", "true"):
+            code, err = cli(train.main, ["--data_dir", folder, "--output_dir", target, *QUICK,
+                                         "--overwrite_output_dir", overwrite])
+            line = one_error_line(code, err)
+            assert f"--output_dir {target}: " in line and needle in line, line
+    assert {f: f.read_bytes() for f in best.rglob("*") if f.is_file()} == before
+    assert not (out / "extra").exists() and not (copied / "encoder" / "new").exists()
+    assert not (best / ".lock").exists() and not (copied / ".lock").exists()
+
+
+def test_a_run_never_writes_its_config_over_the_config_file_it_reads(cli, tmp_path):
+    """`--config mine/config.yaml --output_dir mine` replaced the user's hand-written file with the resolved config
+    (issue 31): refused in one line, the file as it was; the same file drives a run in another folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    text = "# tried first: a short run\nepochs: 1\nmax_steps: 2\n"
+    (mine / "config.yaml").write_text(text)
+    line = one_error_line(*cli(train.main, ["--config", mine / "config.yaml", "--output_dir", mine, *QUICK[:-4]]))
+    assert f"--config {mine / 'config.yaml'}: is the config.yaml this run writes in --output_dir {mine}" in line
+    assert (mine / "config.yaml").read_text() == text and not (mine / ".lock").exists()
+    code, err = cli(train.main, ["--config", mine / "config.yaml", "--output_dir", tmp_path / "run", *QUICK[:-4]])
+    assert code == 0, err
+    assert (mine / "config.yaml").read_text() == text
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["max_steps"] == 2
+
+
+@pytest.mark.parametrize("raised", ["OSError", "SafetensorError"])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temp_folder(cli, tmp_path, monkeypatch, raised):
+    """The weights writer of checkpoints/last (accelerate's, through safetensors) finds the disk full: it was a
+    SafetensorError traceback with last.tmp left behind (issue 31). Now one line naming the folder, exit code 2,
+    no last.tmp; checkpoints/best (saved before it) stays complete."""
+    import errno
+
+    import accelerate.utils.other
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        if raised == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", disk_full)
+    out = tmp_path / "run"
+    line = one_error_line(*cli(train.main, ["--output_dir", out, *QUICK[:-2]]))  # last: first at the epoch's end
+    assert line.startswith(f"error: {out / 'checkpoints' / 'last'}: cannot be written (No space left on device); "
+                           "nothing half-written is left; free some space")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best"]
+    assert load_checkpoint(out / "checkpoints" / "best")[3]["epoch"] == 0
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_is_one_line(tmp_path):
+    """`scancel` and `timeout` signal the whole process group: with --num_workers 2 the workers died of it and the
+    main process raised "DataLoader worker is killed by signal" (tracebacks, exit 1; issue 31). The workers leave
+    SIGTERM to the main process, which ends the run with the one documented line and 143; no worker is left."""
+    argv = [sys.executable, "train.py", *QUICK, "--num_workers", "2", "--output_dir", str(tmp_path / "run"),
+            "--epochs", "200", "--patience", "0"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    while "epoch 1 step" not in seen:  # the workers have served two epochs, and go on
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = seen + proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM; continue it with: python train.py")
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left
+        os.killpg(proc.pid, 0)

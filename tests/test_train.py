@@ -13,6 +13,7 @@ import checkpoint
 import evaluate
 import models
 import runner
+import train
 import utils
 from checkpoint import load_checkpoint
 from config import make_config
@@ -121,6 +122,55 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed["train"]["steps"] == full["train"]["steps"]
 
 
+@pytest.mark.parametrize("first,longer", [(dict(epochs=1, max_steps=3), dict(epochs=1, max_steps=6)),
+                                          (dict(epochs=1), dict(epochs=2))], ids=["max_steps", "epochs"])
+def test_resume_with_a_longer_budget_follows_the_new_schedule(tmp_path, first, longer):
+    """--max_steps 3 -> 6 on resume trained step 4 at lr 0.0, the end of the 3-step schedule (issue 31): from the
+    resumed step on, the rates are an uninterrupted run's of the new budget (warmup included: 1 step of 3, 2 of 6)."""
+    small = dict(demo_posts=60, demo_shift_posts=0, warmup_ratio=0.34, scheduler="linear")
+    rates = {}
+    for name, budgets in (("resumed", [first, longer]), ("uninterrupted", [longer])):
+        for i, budget in enumerate(budgets):
+            cfg, results = run(tmp_path, name, **small, **budget, resume=i > 0)
+        steps = json.loads((Path(cfg.output_dir) / "history.json").read_text())["steps"]
+        assert [s["step"] for s in steps] == list(range(1, results["train"]["steps"] + 1))
+        rates[name] = [s["lr"] for s in steps]
+    resumed_at = 3 if "max_steps" in first else len(rates["resumed"]) // 2
+    assert len(rates["resumed"]) == len(rates["uninterrupted"]) > resumed_at
+    assert rates["resumed"][resumed_at:] == rates["uninterrupted"][resumed_at:]
+    assert rates["resumed"][resumed_at] > 0  # was 0.0: the old schedule's end
+    if "max_steps" in first:  # linear, warmup 1 step of 3: 0, 2e-3, 1e-3; then warmup 2 of 6: (6 - 3) / (6 - 2) x 2e-3
+        assert rates["resumed"] == pytest.approx([0.0, 2e-3, 1e-3, 1.5e-3, 1e-3, 0.5e-3])
+
+
+@pytest.mark.parametrize("task", ["criteria", "evidence"])
+def test_an_empty_test_split_is_skipped_with_a_warning(tmp_path, caplog, task):
+    """A test split without examples for the task (--test_ratio 0.01 of 30 posts: one post, unannotated; a splits
+    file whose test posts have no evidence) was an IndexError in the tokenizer (issue 31). The run trains and
+    validates, says in a warning that test is not scored, and metrics.json has test: null."""
+    import data
+
+    small = dict(task=task, demo_posts=30, demo_shift_posts=0, epochs=1, max_steps=2)
+    corpus = data.load_corpus_from_config(make_config(**small))
+    evidence = {r["post_id"] for r in corpus.rows if r["status"] == 1}
+    if task == "criteria":
+        small["test_ratio"] = 0.01
+        annotated = {r["post_id"] for r in corpus.rows}
+        assert [p in annotated for p in data.split_posts(corpus, 42, 0.1, 0.01)["test"]] == [False]
+    else:
+        ids = sorted(corpus.posts)
+        test = [p for p in ids if p not in evidence][:3]
+        rest = [p for p in ids if p not in test]
+        (tmp_path / "splits.json").write_text(json.dumps({"train": rest[5:], "val": rest[:5], "test": test}))
+        small["splits_file"] = str(tmp_path / "splits.json")
+    cfg, results = run(tmp_path, "run", **small)
+    out = Path(cfg.output_dir)
+    assert results["test"] is None and 0 <= results["val"][train.main_metric(cfg)] <= 1
+    assert json.loads((out / "metrics.json").read_text())["test"] is None
+    assert not (out / "predictions.jsonl").exists() and (out / "val_predictions.jsonl").exists()
+    assert f"the test split has no examples for task '{task}'" in caplog.text and "raise --test_ratio" in caplog.text
+
+
 def test_two_processes_evaluate_like_one(tmp_path):
     cfg, results = run(tmp_path, "ddp", task="joint", epochs=1, max_steps=4)
     ckpt = Path(cfg.output_dir) / "checkpoints/best"
@@ -133,6 +183,11 @@ def test_two_processes_evaluate_like_one(tmp_path):
     one, two = (json.loads((tmp_path / f).read_text())["test"] for f in ("one.json", "two.json"))
     assert two["confusion_matrix"] == one["confusion_matrix"]  # every pair counted exactly once
     assert two == one  # the same batches on both sides, so the same numbers, bit for bit
+
+
+def every_epoch_improves(best, value, cfg) -> bool:
+    """train.improves for tests that need a new best checkpoint saved at every epoch (--min_delta may not be < 0)."""
+    return True
 
 
 def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
@@ -148,8 +203,9 @@ def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
         return real_save(model, tokenizer, cfg, path, extra, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", killed_on_second_save)
-    with pytest.raises(KeyboardInterrupt):  # min_delta < 0: every epoch counts as a new best
-        run(tmp_path, "torn", epochs=3, patience=0, min_delta=-1.0)
+    monkeypatch.setattr(train, "improves", every_epoch_improves)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "torn", epochs=3, patience=0)
     best = tmp_path / "torn/checkpoints/best"
     recorded = json.loads((best / "checkpoint.json").read_text())
     assert recorded["epoch"] == 0
@@ -235,7 +291,8 @@ def test_kill_inside_a_folder_swap_resumes_to_the_same_metrics(tmp_path, monkeyp
     uninterrupted one."""
     import shutil
 
-    common = dict(epochs=3, patience=0, min_delta=-1.0, deterministic=True)  # min_delta < 0: every epoch a new best
+    common = dict(epochs=3, patience=0, deterministic=True)
+    monkeypatch.setattr(train, "improves", every_epoch_improves)  # a new best at every epoch: best is saved each time
     _, full = run(tmp_path, "full", **common)
     real_rename, real_rmtree, seen = Path.rename, shutil.rmtree, {"n": 0}
 

@@ -1,4 +1,5 @@
-"""utils' atomic folder swap: a kill at any instant of replace_dir leaves one complete copy, found and cleaned up."""
+"""utils' atomic folder swap: a kill at any instant of replace_dir leaves one complete copy, found and cleaned up; a
+failed write leaves no temp folder; a swapped-in folder has the file modes of new files."""
 from __future__ import annotations
 
 import shutil
@@ -6,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from utils import COMPLETE, find_complete_dir, recover_dir, replace_dir, write_text_atomic
+from utils import (
+    COMPLETE,
+    UserError,
+    find_complete_dir,
+    folder_written_whole,
+    recover_dir,
+    replace_dir,
+    write_text_atomic,
+)
 
 
 def make_folder(path: Path, contents: str, complete: bool = True) -> Path:
@@ -80,6 +89,52 @@ def test_recover_dir_on_a_clean_folder_changes_nothing(tmp_path):
     recover_dir(dst)
     assert_only_dst_with(dst, "v1")
     assert find_complete_dir(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_a_swapped_in_folder_has_the_modes_of_new_files(tmp_path, umask, mode):
+    """safetensors writes its weights 0600 (through a temp file) while the other files were 0644: others on shared
+    storage could not read a checkpoint's weights (issue 31). After the swap every file has a new file's mode."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        tmp = make_folder(tmp_path / "best.tmp", "v1", complete=False)
+        (tmp / "encoder").mkdir()
+        (tmp / "encoder" / "model.safetensors").write_bytes(b"w")
+        for f in (tmp / "weights.txt", tmp / "encoder" / "model.safetensors"):
+            f.chmod(0o600 if umask != 0o077 else 0o644)
+        replace_dir(tmp, tmp_path / "best")
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "best").rglob("*") if p.is_file()]
+    assert len(files) == 3 and {p.stat().st_mode & 0o777 for p in files} == {mode}
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(28, "No space left on device"), "cannot be written (No space left on device)"),
+    ("safetensors", "cannot be written (No space left on device)"),  # what safetensors raises on a full disk
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),  # what torch.save raises
+     "cannot be written (torch.save could not write"),
+    (ValueError("a bug"), None),  # not a failed write: its own type, traceback and all
+    (KeyboardInterrupt(), None),
+])
+def test_a_failed_folder_write_removes_its_temp_and_keeps_the_previous_copy(tmp_path, error, line):
+    """A full disk while saving was a SafetensorError traceback and left checkpoints/last.tmp (issue 31)."""
+    from safetensors import SafetensorError
+
+    if error == "safetensors":
+        error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    dst = tmp_path / "last"
+    with folder_written_whole(dst) as tmp:
+        (tmp / "weights.txt").write_text("v1")
+    with pytest.raises(UserError if line else type(error)) as e:
+        with folder_written_whole(dst) as tmp:
+            (tmp / "weights.txt").write_text("v2, half")
+            raise error
+    if line:
+        assert str(e.value).startswith(f"{dst}: {line}") and "its previous complete copy is kept" in str(e.value)
+    assert_only_dst_with(dst, "v1")  # no last.tmp
 
 
 def test_write_text_atomic_replaces_the_file_and_leaves_no_temp(tmp_path):
