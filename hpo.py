@@ -104,6 +104,10 @@ def check_args(args, cfg: Config) -> None:
         raise UserError(f"--top_k: must be >= 1, got {args.top_k}")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UserError(f"--timeout: must be a number of seconds > 0, got {args.timeout}")
+    name = args.study_name  # it names the folder outputs/hpo/<study>: it must stay one folder there
+    if name is not None and (name.strip() in ("", ".", "..") or "/" in name or "\\" in name or not name.isprintable()):
+        raise UserError(f"--study_name {name!r}: not a plain name (it names the folder outputs/hpo/<study>: no path "
+                        "separator, not '.' or '..', no control character); give a name like criteria-run2")
     if cfg.early_stopping_metric != "auto":  # every trial would fail at its first validation
         valid = metric_names(cfg)
         if cfg.early_stopping_metric not in valid:
@@ -412,8 +416,8 @@ def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> T
     if tracker.enabled and "mlflow_parent_run_id" not in study.user_attrs:
         winner = elect_parent_run(tracker, f"{redact(args.storage)}#{name}")
         if winner != tracker.run_id:  # a worker started at the same moment made one too: one parent per study
+            tracker.end("KILLED")  # ended first: a deleted run left RUNNING shows as running in a restored view
             tracker.client.delete_run(tracker.run_id)
-            tracker.ended = True
             tracker = Tracker(parent_cfg, True, run_id=winner)
         study.set_user_attr("mlflow_parent_run_id", winner)
         tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": redact(args.storage),

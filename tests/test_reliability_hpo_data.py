@@ -25,6 +25,7 @@ import report
 import search_space
 import storage
 import train
+from config import Config
 from utils import UserError
 
 BASE = ["--task", "criteria", "--demo_posts", "40", "--mlflow", "false", "--threads", "1"]
@@ -518,3 +519,63 @@ def test_data_cli_numbers_out_of_range(cli, tmp_path, argv, needle):
     code, err = cli(data.main, [str(tmp_path / "demo") if a == "DIR" else a for a in argv])
     assert_one_line_error(code, err, needle, only_line=True)
     assert not (tmp_path / "demo").exists()
+
+
+# --------------------------------------------------------------------------- issue 31: study names, drivers, election
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "a\\b", "..", ".", " ", "bad\nname"])
+def test_a_study_name_that_is_not_one_folder_is_refused(cli, tmp_path, fake_train, name):
+    """--study_name names outputs/hpo/<study>: '../../escape' wrote two folders above it."""
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path)
+        code, err = cli(hpo.main, [*BASE, "--storage", f"sqlite:///{tmp_path}/o.db", "--space", space_file(tmp_path),
+                                   "--n_trials", "1", "--study_name", name])
+    assert_one_line_error(code, err, f"--study_name {name!r}: not a plain name", "no path separator")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no storage, no folder: refused first
+    assert fake_train[1] == []
+
+
+@pytest.mark.parametrize("module, hint", [("psycopg", "the database driver psycopg is not installed: pip install "
+                                                      "-e '.[postgres]'"),
+                                          ("MySQLdb", "the database driver MySQLdb is not installed: pip install "
+                                                      "mysqlclient"),
+                                          (None, "its database driver is not installed: install the driver of the "
+                                                 "URL's database")])
+def test_a_missing_database_driver_is_named(monkeypatch, module, hint):
+    """Optuna re-raises SQLAlchemy's ModuleNotFoundError as a bare ImportError: the message read "the driver its
+    database driver is not installed"."""
+    def rdb_storage(*args, **kwargs):  # what optuna.storages.RDBStorage raises without the driver
+        try:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+        except ModuleNotFoundError as e:
+            raise ImportError("Failed to import DB access module for the specified storage URL.") from e
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", rdb_storage)
+    with pytest.raises(UserError) as e:
+        storage.make_storage("postgresql://me:secret@db/optuna")
+    assert f"--storage postgresql://me:***@db/optuna: cannot open it ({hint};" in str(e.value)
+    assert "driver its" not in str(e.value) and "secret" not in str(e.value)
+
+
+def test_the_losing_parent_run_of_an_election_ends_killed_before_it_is_deleted(tmp_path, monkeypatch):
+    """Two workers that start a study together each create a parent run; the later one's run is deleted. It was
+    deleted RUNNING: restored (mlflow gc, the UI's trash), it showed a study running for ever."""
+    from argparse import Namespace
+
+    from mlflow.entities import ViewType
+
+    from tracking import Tracker
+
+    monkeypatch.setattr(hpo.time, "sleep", lambda s: None)
+    cfg = Config(mlflow=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "s"))
+    args = Namespace(storage="sqlite:///o.db", stage="coarse", pruner="median", n_trials=2)
+    study = optuna.create_study(study_name="s")
+    study.set_user_attr("search_space", {})
+    first = Tracker(cfg, True)  # the other worker's parent run, created a moment earlier
+    first.client.set_tag(first.run_id, hpo.PARENT_TAG, "sqlite:///o.db#s")
+    tracker = hpo.open_parent_run(args, cfg, study, tmp_path / "s", "f1_macro")
+    assert tracker.run_id == first.run_id == study.user_attrs["mlflow_parent_run_id"]
+    runs = tracker.client.search_runs([tracker.client.get_experiment_by_name("redsm5").experiment_id],
+                                      run_view_type=ViewType.ALL)
+    assert sorted((r.info.run_id == first.run_id, r.info.status, r.info.lifecycle_stage) for r in runs) == \
+        [(False, "KILLED", "deleted"), (True, "RUNNING", "active")]
