@@ -61,7 +61,15 @@ import train
 from config import DATA_FIELDS, Config, make_config, parse_config
 from plots import plot_hpo
 from scoring import metric_names
-from search_space import TrialSeededTPE, best_trials, check_same_space, sample_params, study_space
+from search_space import (
+    TrialSeededTPE,
+    best_trials,
+    check_same_fingerprint,
+    check_same_space,
+    fingerprint,
+    sample_params,
+    study_space,
+)
 from storage import (
     DEFAULT_STORAGE,
     QuietLostTrials,
@@ -251,6 +259,7 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
     if "search_space" not in study.user_attrs:  # a new study: its space is fixed now, for every worker and resume
         space, first, given = study_space(args, cfg, storage)
         for key, value in {"task": cfg.task, "metric": metric, "base_config": dataclasses.asdict(cfg),
+                           "fingerprint": fingerprint(cfg, metric, space),
                            "space_given": given, "search_space": space}.items():  # search_space last: it marks
             study.set_user_attr(key, value)                                       # the study as set up
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2, stable since
@@ -258,8 +267,10 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
             study.set_metric_names([f"val {metric}"])  # optuna-dashboard's name of the objective: not "Objective 0"
         if first:
             study.enqueue_trial(first, skip_if_exists=True)  # the fine stage starts from the coarse optimum
-    elif args.space:  # a study keeps the space it was created with: another --space must not be silently ignored
-        check_same_space(args, study, name)
+    else:  # a study keeps its space and what its trials' values mean: neither may change silently
+        if args.space:
+            check_same_space(args, study, name)
+        check_same_fingerprint(study, cfg, metric, name)
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if study.user_attrs["base_config"].get(k) != v}
     if changed:
         log.warning("base config differs from the one study '%s' was created with: %s", name, changed)

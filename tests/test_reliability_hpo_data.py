@@ -579,3 +579,29 @@ def test_the_losing_parent_run_of_an_election_ends_killed_before_it_is_deleted(t
                                       run_view_type=ViewType.ALL)
     assert sorted((r.info.run_id == first.run_id, r.info.status, r.info.lifecycle_stage) for r in runs) == \
         [(False, "KILLED", "deleted"), (True, "RUNNING", "active")]
+
+
+@pytest.mark.parametrize("change, needles", [
+    (["--early_stopping_metric", "auroc"], ["metric 'f1_macro' -> 'auroc'"]),
+    (["--data_dir", "CORPUS"], ["the data's content (sha256 "]),
+    (["--demo_posts", "50"], ["demo_posts 40 -> 50", "the data's content"]),
+], ids=["metric", "data_dir", "demo_posts"])
+def test_a_study_continued_with_another_objective_or_corpus_is_refused(cli, tmp_path, fake_train, change, needles):
+    """Rerun with --early_stopping_metric auroc, a study warned once, added auroc trials to its f1_macro ones and
+    reported "best trial 0: val auroc 0.665", 0.665 being trial 0's f1_macro."""
+    url = f"sqlite:///{tmp_path}/o.db"
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=1))
+    assert code == 0, err
+    corpus = write_corpus(tmp_path / "corpus", [(f"p{i}", f"I cannot sleep, night {i}.") for i in range(40)],
+                          [(f"p{i}", f"p{i}_0", f"I cannot sleep, night {i}.", "SLEEP_ISSUES", "1") for i in range(40)])
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2, extra=[str(corpus) if a == "CORPUS" else a for a in change]))
+    assert_one_line_error(code, err, "study 'criteria-coarse' was created with another base config", *needles,
+                          "another --study_name (e.g. criteria-coarse-2")
+    assert states(tmp_path) == ["COMPLETE"] and fake_train[1] == [0]  # nothing ran
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2, extra=["--early_stopping_metric", "f1_macro"]))
+    assert code == 0, err  # the study's own metric, named: it goes on
+    assert states(tmp_path) == ["COMPLETE"] * 2
+    study = optuna.load_study(study_name="criteria-coarse", storage=url)
+    study.set_user_attr("fingerprint", None)  # a study made before fingerprints: its base config and metric decide
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=3, extra=["--early_stopping_metric", "auroc"]))
+    assert_one_line_error(code, err, "metric 'f1_macro' -> 'auroc'")
