@@ -52,7 +52,7 @@ def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedDa
         splits = data.split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
     task = TASKS[cfg.task]
     examples = {name: task.examples(corpus, ids, cfg) for name, ids in splits.items()}
-    report, shift = corpus.report, data.load_shift_corpus(cfg)
+    report, shift = corpus.report, data.load_shift_corpus(cfg, corpus)
     if shift is not None:  # a separate corpus, scored whole; its features are built like test's
         log.info("test_shift:\n%s", data.format_report(shift.report))
         examples["test_shift"] = task.examples(shift, sorted(shift.posts), cfg)

@@ -605,3 +605,47 @@ def test_a_study_continued_with_another_objective_or_corpus_is_refused(cli, tmp_
     study.set_user_attr("fingerprint", None)  # a study made before fingerprints: its base config and metric decide
     code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=3, extra=["--early_stopping_metric", "auroc"]))
     assert_one_line_error(code, err, "metric 'f1_macro' -> 'auroc'")
+
+
+# --------------------------------------------------------------------------- issue 31: test_shift, conflicting rows
+
+def test_a_shift_corpus_that_is_the_training_corpus_is_refused_and_shared_posts_are_counted(cli, tmp_path, caplog):
+    """--test_shift_dir equal to --data_dir was scored as "phrasing no training post uses"."""
+    from config import make_config
+
+    posts = [(f"p{i}", f"Night {i}: I cannot sleep at all.") for i in range(12)]
+    annotations = [(pid, f"{pid}_0", text, "SLEEP_ISSUES", "1") for pid, text in posts]
+    folder = write_corpus(tmp_path / "d", posts, annotations)
+    shift = write_corpus(tmp_path / "s", posts[:3] + [("new1", posts[3][1]), ("new2", "I sleep well now.")],
+                         annotations[:1])
+    cfg = make_config(data_dir=str(folder), test_shift_dir=str(shift))
+    with caplog.at_level(logging.WARNING, "redsm5"):
+        data.load_shift_corpus(cfg, data.load_corpus(folder))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "redsm5"]
+    assert f"test_shift ({shift}): 3 of its 5 posts have the post_id of a post of the training corpus, 4 its text" \
+        in line
+    code, err = cli(train.main, ["--data_dir", folder, "--test_shift_dir", f"{tmp_path}/./d/", "--mlflow", "false",
+                                 "--output_dir", tmp_path / "run"])
+    assert_one_line_error(code, err, f"--test_shift_dir {tmp_path}/./d/: is the --data_dir folder",
+                          "phrasing no training post uses")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_conflicting_annotations_of_one_sentence_are_counted_and_keep_status_1(tmp_path):
+    """The same sentence under two sentence_ids (or one and none) with opposite statuses was kept as both, without a
+    word: the model read one input with both labels."""
+    posts = [("p1", "I cannot sleep. I feel sad. I eat well.")]
+    annotations = [("p1", "p1_0", "I cannot sleep.", "SLEEP_ISSUES", "1"),
+                   ("p1", "p1_7", "I  cannot sleep.", "SLEEP_ISSUES", "0"),  # another id, the same sentence
+                   ("p1", "", "I feel sad.", "DEPRESSED_MOOD", "0"),  # no id: its text
+                   ("p1", "p1_1", "I feel sad.", "DEPRESSED_MOOD", "1"),
+                   ("p1", "p1_1", "I feel sad.", "DEPRESSED_MOOD", "0"),  # same id: a dropped duplicate, as before
+                   ("p1", "p1_2", "I eat well.", "APPETITE_CHANGE", "0"),
+                   ("p1", "p1_9", "I eat well.", "APPETITE_CHANGE", "0")]  # agreeing: both kept, no conflict
+    corpus = data.load_corpus(write_corpus(tmp_path / "d", posts, annotations))
+    assert corpus.report["conflicting_duplicates_resolved_to_1"] == 3
+    assert corpus.report["dropped"] == {"annotation: duplicate (post, sentence, symptom)": 1}
+    assert sorted((r["sentence_id"], r["symptom"], r["status"]) for r in corpus.rows) == [
+        ("", "DEPRESSED_MOOD", 1), ("p1_0", "SLEEP_ISSUES", 1), ("p1_1", "DEPRESSED_MOOD", 1),
+        ("p1_2", "APPETITE_CHANGE", 0), ("p1_7", "SLEEP_ISSUES", 1), ("p1_9", "APPETITE_CHANGE", 0)]
+    assert "conflicting duplicates resolved to 1: 3" in data.format_report(corpus.report)
