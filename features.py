@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -85,6 +86,20 @@ def untruncated(backend):
             backend.enable_truncation(**truncation)
         if padding:
             backend.enable_padding(**padding)
+
+
+_ASCII_WORD = re.compile(r"[A-Za-z0-9]")
+
+
+def read_tokens(tokenizer, texts: list[str]) -> list[bool]:
+    """Whether the tokenizer reads at least one token in each text. A text of characters it drops (a BERT normaliser
+    drops control and format characters, and lone accents where it lowercases) has none: its window would hold the
+    specials alone, and a model scores that as a post. A text with an ASCII letter or digit has one for any tokenizer
+    and is not tokenised here; another is read piece by piece, up to its first token."""
+    with untruncated(tokenizer.backend_tokenizer) as backend:
+        return [bool(_ASCII_WORD.search(text))
+                or any(len(backend.encode(piece, add_special_tokens=False)) for _, piece in _pieces(text))
+                for text in texts]
 
 
 def cut_text(tokenizer, text: str, rooms: list[int], doc_stride: int, max_windows: int) -> list[tuple[str, int]]:
@@ -286,9 +301,16 @@ def check_windows_cover_texts(tokenizer, examples: list[dict], features: list[di
                             "windows; pip install -U 'tokenizers>=0.23.3')")
 
 
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its own longest sequence (dynamic padding)."""
-    width = max(len(f["input_ids"]) for f in features)
+def collate(features: list[dict], pad_id: int, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest sequence (dynamic padding); with `shape` (rows, width), to that shape, the
+    missing rows copies of the first with feature_idx -1 (model outputs drop them).
+
+    A fixed shape makes a window's outputs a function of the window alone: CPU kernels pick their blocking by the
+    shape (a batch of 1 to 7 rows, or another width, changes the last bits), so with dynamic batches a post's
+    probability depended on the posts read beside it."""
+    if shape is not None:
+        features = features + [{**features[0], "idx": -1}] * (shape[0] - len(features))
+    width = max(len(f["input_ids"]) for f in features) if shape is None else shape[1]
     input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(features), width), dtype=torch.long)
     for i, f in enumerate(features):
@@ -355,13 +377,15 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
-def make_loader(features: list[dict], batch_size: int, shuffle: bool, pad_id: int, seed: int = 0, **kwargs):
-    """DataLoader over pre-tokenised features: length-grouped (train) or length-sorted (eval) batches."""
+def make_loader(features: list[dict], batch_size: int, shuffle: bool, pad_id: int, seed: int = 0,
+                width: int | None = None, **kwargs):
+    """DataLoader over pre-tokenised features: length-grouped (train) or length-sorted (eval) batches; with `width`,
+    every batch padded to batch_size rows of `width` tokens (collate: outputs independent of the batch)."""
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle, seed)
     # A generator of its own: a new iterator then draws its base seed here, not from the global
     # RNG that dropout uses, so a resumed run sees the same dropout masks as an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
-    collate_fn = functools.partial(collate, pad_id=pad_id)
+    collate_fn = functools.partial(collate, pad_id=pad_id, shape=None if width is None else (batch_size, width))
     return torch.utils.data.DataLoader(features, batch_sampler=sampler, collate_fn=collate_fn, generator=generator,
                                        **kwargs)
 

@@ -607,6 +607,83 @@ def test_a_study_continued_with_another_objective_or_corpus_is_refused(cli, tmp_
     assert_one_line_error(code, err, "metric 'f1_macro' -> 'auroc'")
 
 
+# ---------------------------------------------------------------- issue 31: --predict streams; nothing to read
+
+LONG = " ".join(f"On day {i} I could not sleep and felt empty all day." for i in range(30))  # several windows
+
+
+def test_predict_in_chunks_writes_the_bytes_of_one_chunk(cli, checkpoint, tmp_path, monkeypatch):
+    """--predict read the whole file and scored it at once (2,000 posts: 4.8 GB); it streams now, a chunk of posts at
+    a time. The file it writes must not depend on the chunk size: batches of one shape give every post its own bits
+    (with dynamic batches a probability moved in its 8th digit with the posts beside it)."""
+    posts = tmp_path / "new.csv"
+    texts = ["I can't sleep.", LONG, "\u200e\u200f", "We went hiking, it was fun.", LONG[:300], "I feel worthless.",
+             "Tired. " * 40, "ok"]
+    posts.write_text("post_id,text\n" + "".join(f'p{i},"{t}"\n' for i, t in enumerate(texts)), encoding="utf-8")
+    real, chunks = evaluate.predict_posts, []
+    monkeypatch.setattr(evaluate, "predict_posts", lambda *a: chunks.append(list(a[4])) or real(*a))
+    written = {}
+    for size in (3, 1000):
+        monkeypatch.setattr(evaluate, "PREDICT_CHUNK_POSTS", size)
+        out = tmp_path / f"p{size}.jsonl"
+        code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", posts, "--output", out])
+        assert code == 0, err
+        written[size] = out.read_bytes()
+    assert chunks == [["p0", "p1", "p3"], ["p4", "p5", "p6"], ["p7"], ["p0", "p1", "p3", "p4", "p5", "p6", "p7"]]
+    assert written[3] == written[1000]
+    rows = [json.loads(line) for line in written[3].decode().splitlines()]
+    assert [(r["post_id"], r["criterion"]) for r in rows] == [(f"p{i}", c) for i in (0, 1, 3, 4, 5, 6, 7)
+                                                              for c in data.SYMPTOMS]
+
+
+@pytest.mark.parametrize("nothing", ["\u200e\u200f\u202e", "\u2066\u2069 \u061c", "\u0301\u0301", "\x01\x02",
+                                     "\ufffd\ufffd", "\ue000"], ids=["bidi", "isolates", "lone_accents", "controls",
+                                                                    "replacement", "private_use"])
+def test_a_post_with_nothing_to_read_is_dropped_by_the_loader_and_skipped_by_predict(cli, checkpoint, tmp_path,
+                                                                                     nothing):
+    """A post of bidi marks gave no token, and a criteria model scored it DEPRESSED_MOOD 0.870 (an evidence model
+    refused the whole file): such a post is counted and never scored, by the loader as by --predict."""
+    folder = write_corpus(tmp_path / "d", [("p1", nothing), ("p2", "I cannot sleep. I feel empty.")],
+                          [("p1", "p1_0", nothing, "SLEEP_ISSUES", "1"), ("p2", "p2_0", "I cannot sleep.",
+                                                                          "SLEEP_ISSUES", "1"),
+                           ("p2", "p2_1", nothing, "DEPRESSED_MOOD", "1")])
+    corpus = data.load_corpus(folder)
+    assert list(corpus.posts) == ["p2"] and [r["sentence_id"] for r in corpus.rows] == ["p2_0"]
+    assert corpus.report["dropped"] == {"post: empty text": 1, "annotation: post missing or empty": 1,
+                                        "annotation: empty sentence_text": 1}
+    out = tmp_path / "p.jsonl"
+    code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", folder / "posts.csv", "--output", out])
+    assert code == 0, err
+    assert "1 rows skipped, not predicted: 0 without post_id, 1 with an empty text or only invisible" in err
+    assert {json.loads(line)["post_id"] for line in out.read_text().splitlines()} == {"p2"}
+
+
+def test_a_post_the_tokenizer_reads_as_nothing_is_skipped_not_scored(checkpoint, caplog):
+    """Past data.visible, a tokenizer may still drop all of a text (here one that drops '~'): it was a UserError
+    that refused the whole --predict file (and a traceback under `mlflow models serve`); the post is now skipped and
+    counted, and a file of such posts alone is an error."""
+    from collections import Counter
+
+    from tokenizers import normalizers
+
+    from checkpoint import load_checkpoint
+    from utils import make_accelerator
+
+    model, tokenizer, cfg, extra = load_checkpoint(checkpoint)
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Replace("~", ""), backend.normalizer])
+    assert features.read_tokens(tokenizer, ["~ ~~", "I can't sleep.", "é"]) == [False, True, True]
+    skipped = Counter()
+    rows = evaluate.predict_posts(model, tokenizer, cfg, extra, {"p1": "~ ~~", "p2": "I can't sleep."},
+                                  make_accelerator(), skipped)
+    assert [r["post_id"] for r in rows] == ["p2"] * len(data.SYMPTOMS) and skipped == {"no token": 1}
+    with caplog.at_level(logging.WARNING, "redsm5"):
+        evaluate.report_tokenless("new.csv", 1, len(rows))
+    assert "new.csv: 1 posts skipped, not predicted: the model's tokenizer reads no token in them" in caplog.text
+    with pytest.raises(UserError, match="new.csv: the model's tokenizer reads no token in any of its posts"):
+        evaluate.report_tokenless("new.csv", 1, 0)
+
+
 # --------------------------------------------------------------------------- issue 31: test_shift, conflicting rows
 
 def test_a_shift_corpus_that_is_the_training_corpus_is_refused_and_shared_posts_are_counted(cli, tmp_path, caplog):
