@@ -81,7 +81,8 @@ def main(argv=None):
         raise UserError(f"split '{args.split}' has no examples for task {cfg.task}")
     features = featurize(cfg, tokenizer, examples)
     loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id,
-                              **dataloader_kwargs(cfg, accelerator.device.type == "cuda"))
+                         processes=accelerator.num_processes,
+                         **dataloader_kwargs(cfg, accelerator.device.type == "cuda"))
     model, loader = accelerator.prepare(model, loader)
     metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     if accelerator.is_main_process:
@@ -271,7 +272,8 @@ def predict_posts(model, tokenizer, cfg, extra, posts: dict[str, str], accelerat
                 for pid, text in posts.items() for symptom in data.SYMPTOMS]
     features = featurize(cfg, tokenizer, examples)
     # batches of one shape (rows, width): a post's numbers are then its own, whatever posts are read beside it
-    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id, width=cfg.max_length)
+    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id, width=cfg.max_length,
+                         processes=accelerator.num_processes)
     model, loader = accelerator.prepare(model, loader)
     _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     rows, tuned = [], saved_thresholds(extra).get("paper_thresholds") or {}

@@ -52,6 +52,9 @@ def run_main(main, argv=None) -> None:
         main(argv)
     except KeyboardInterrupt as e:
         code, how = (143, "stopped by SIGTERM") if isinstance(e, Terminated) else (130, "interrupted")
+        if code == 143 and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun stops every process when one fails
+            how += (" (from the launcher, which stops every process of a run when one of them fails: its error, or an "
+                    "exitcode -9 for a process killed, often for memory, is in the launcher's lines)")
         note = getattr(e, "note", None)  # what the entry point can say of it (train.py: how to resume, if it can)
         print(f"error: {how}" + (f"; {note}" if note else ""), file=sys.stderr)
         sys.exit(code)
