@@ -222,11 +222,11 @@ def predict_file(model, tokenizer, cfg, extra, path: Path, accelerator, chunk_po
     """The rows of predict_posts for every post of a --predict CSV, in its order, a chunk of posts at a time: each
     chunk read, featurized, scored and its rows handed on before the next is read, so memory stays flat whatever the
     file's length (read whole, 2,000 posts took 4.8 GB: results/2026-12-06_reliability-fourth-pass-b.md). Batches of
-    one shape make the rows those of a single chunk, bit for bit. A post the model's tokenizer reads no token in is
-    counted in one warning."""
+    one shape make the rows those of a single chunk, bit for bit. The posts the model's tokenizer reads no token in
+    are counted in one warning."""
     model, skipped, n_rows = accelerator.prepare(model), Counter(), 0  # the model once; each chunk's loader beside it
     for chunk in post_chunks(path, chunk_posts):
-        rows = predict_posts(model, tokenizer, cfg, extra, chunk, accelerator, skipped)
+        rows = predict_posts(model, tokenizer, cfg, extra, chunk, accelerator, skipped, one_shape=True)
         n_rows += len(rows)
         yield from rows
         accelerator.free_memory()  # prepare() keeps every loader it saw, and with it the chunk's features
@@ -244,12 +244,16 @@ def report_tokenless(where: str, n_posts: int, n_rows: int, error=UserError) -> 
                     "characters it drops)", where, n_posts)
 
 
-def predict_posts(model, tokenizer, cfg, extra, posts: dict[str, str], accelerator, skipped: Counter | None = None
-                  ) -> list[dict]:
+def predict_posts(model, tokenizer, cfg, extra, posts: dict[str, str], accelerator, skipped: Counter,
+                  one_shape: bool = False) -> list[dict]:
     """Per post (post_id -> text) and criterion: probability and decisions (criteria --unit post, joint: `pred` at 0.5,
     `pred_tuned` at `threshold_tuned`, the symptom's threshold chosen on validation) and the evidence sentences
     (evidence; joint only where a decision calls the criterion present). A post the tokenizer reads no token in
-    (features.read_tokens) is never scored: it is counted in `skipped["no token"]` (None: in a warning here).
+    (features.read_tokens) is never scored: it is counted in `skipped["no token"]`.
+
+    With `one_shape`, every batch is eval_batch_size windows of max_length tokens: a post's numbers are then its own,
+    bit for bit, whatever posts are read beside it (CPU kernels change the last bits with a batch's shape). It costs
+    the padding (--predict: a fifth more time on the demo); a served request of one post does without it.
 
     A criteria model of --unit sentence is refused: it learned the status of annotated (criterion, sentence) pairs
     and never met a post's other sentences, so scoring every sentence of a new post says "present" almost everywhere
@@ -260,20 +264,15 @@ def predict_posts(model, tokenizer, cfg, extra, posts: dict[str, str], accelerat
                         "score new posts; train --task criteria --unit post (or --task joint) for post predictions")
     read = read_tokens(tokenizer, list(posts.values()))
     if not all(read):
-        if skipped is None:
-            log.warning("%d posts skipped, not predicted: the model's tokenizer reads no token in them (only "
-                        "characters it drops)", read.count(False))
-        else:
-            skipped["no token"] += read.count(False)
+        skipped["no token"] += read.count(False)
         posts = {pid: text for (pid, text), r in zip(posts.items(), read) if r}
     if not posts:
         return []
     examples = [{"post_id": pid, "criterion": symptom, "text": text, "label": 0, "spans": []}
                 for pid, text in posts.items() for symptom in data.SYMPTOMS]
     features = featurize(cfg, tokenizer, examples)
-    # batches of one shape (rows, width): a post's numbers are then its own, whatever posts are read beside it
-    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id, width=cfg.max_length,
-                         processes=accelerator.num_processes)
+    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id,
+                         width=cfg.max_length if one_shape else None, processes=accelerator.num_processes)
     model, loader = accelerator.prepare(model, loader)
     _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     rows, tuned = [], saved_thresholds(extra).get("paper_thresholds") or {}

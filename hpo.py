@@ -11,8 +11,9 @@ of the search space (`--space`, default configs/hpo/<task>.yaml) sampled by TPE,
 validation metric that early stopping watches after each epoch (so the pruner can stop it), and
 returns that metric of its best checkpoint. A trial that fails (NaN loss, out of memory) is
 recorded as failed with its reason and the study goes on; a study that ends with no complete trial
-and a failed one exits 2 with the first failure's reason. A study keeps the space it was created with:
-another --space on it is an error (give a new --study_name).
+and a failed one exits 2 with the first failure's reason. A study keeps the space it was created with, and what
+its trials' values mean (the metric and the data: another --space, --early_stopping_metric or corpus on it is an
+error; give a new --study_name).
 
 --n_trials is the size of the study, not of this run: the same command run again after a kill
 adds only the missing trials (several workers can end a trial or two past it: each finishes the

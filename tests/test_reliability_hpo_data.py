@@ -401,7 +401,7 @@ def test_predictions_are_written_whole_or_not_at_all(cli, checkpoint, tmp_path, 
     posts.write_text("post_id,text\np1,I can't sleep.\n")
     out.write_text("the old file\n")
     real = evaluate.predict_posts
-    monkeypatch.setattr(evaluate, "predict_posts", lambda *a: real(*a)[:3] + [{"bad": object()}])
+    monkeypatch.setattr(evaluate, "predict_posts", lambda *a, **k: real(*a, **k)[:3] + [{"bad": object()}])
     with pytest.raises(TypeError):
         evaluate.main([str(a) for a in ["--checkpoint", checkpoint, "--predict", posts, "--output", out]])
     assert out.read_text() == "the old file\n"
@@ -621,7 +621,7 @@ def test_predict_in_chunks_writes_the_bytes_of_one_chunk(cli, checkpoint, tmp_pa
              "Tired. " * 40, "ok"]
     posts.write_text("post_id,text\n" + "".join(f'p{i},"{t}"\n' for i, t in enumerate(texts)), encoding="utf-8")
     real, chunks = evaluate.predict_posts, []
-    monkeypatch.setattr(evaluate, "predict_posts", lambda *a: chunks.append(list(a[4])) or real(*a))
+    monkeypatch.setattr(evaluate, "predict_posts", lambda *a, **k: chunks.append(list(a[4])) or real(*a, **k))
     written = {}
     for size in (3, 1000):
         monkeypatch.setattr(evaluate, "PREDICT_CHUNK_POSTS", size)
