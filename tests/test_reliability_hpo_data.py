@@ -708,6 +708,20 @@ def test_a_shift_corpus_that_is_the_training_corpus_is_refused_and_shared_posts_
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_a_shift_corpus_without_examples_is_not_scored(tmp_path, caplog):
+    """A --test_shift_dir of posts without annotations gave criteria no example, and featurizing none was an
+    IndexError deep in the tokenizer (a traceback)."""
+    from config import make_config
+
+    posts = [(f"p{i}", f"Night {i}: I cannot sleep at all.") for i in range(12)]
+    folder = write_corpus(tmp_path / "d", posts, [(pid, f"{pid}_0", t, "SLEEP_ISSUES", "1") for pid, t in posts])
+    shift = write_corpus(tmp_path / "s", [("s1", "I went hiking today.")], [])
+    with caplog.at_level(logging.WARNING, "redsm5"):
+        prepared = train.prepare_data(make_config(data_dir=str(folder), test_shift_dir=str(shift), tiny_vocab=300))
+    assert sorted(prepared.features) == ["test", "train", "val"]
+    assert "test_shift: no examples for task 'criteria' (no annotation kept?): not scored" in caplog.text
+
+
 def test_conflicting_annotations_of_one_sentence_are_counted_and_keep_status_1(tmp_path):
     """The same sentence under two sentence_ids (or one and none) with opposite statuses was kept as both, without a
     word: the model read one input with both labels."""
