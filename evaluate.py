@@ -6,17 +6,16 @@
 
 Reading order: `model_outputs` runs a model over a loader (gathered across processes exactly once) ->
 scoring the classification and the evidence of each (criterion, post) pair (metrics.py, decoding.py) ->
-`evaluate` -> the command line, and `predict_posts` for new posts.
+`evaluate` -> the command line, and `predict_file` for new posts: a chunk at a time, each scored by `predict_posts`.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import data
@@ -33,7 +32,6 @@ from utils import (
     make_accelerator,
     run_main,
     setup_logging,
-    trim_memory,
     write_jsonl,
     write_text_atomic,
 )
@@ -73,7 +71,7 @@ def main(argv=None):
             n_rows = write_jsonl(rows, output)  # whole or not at all: a temp file, then os.replace
             log.info("wrote %d predictions to %s", n_rows, output)
         else:
-            collections.deque(rows, maxlen=0)  # every process scores its share of each chunk
+            deque(rows, maxlen=0)  # every process scores its share of each chunk
         return
     corpus, post_ids, scored = split_posts_of(cfg, checkpoint, args.split, args.data_dir, extra.get("corpus_sha256"))
     examples = task.examples(corpus, post_ids, cfg)
@@ -221,16 +219,15 @@ def post_chunks(path: Path, chunk_posts: int | None = None):
 def predict_file(model, tokenizer, cfg, extra, path: Path, accelerator, chunk_posts: int | None = None):
     """The rows of predict_posts for every post of a --predict CSV, in its order, a chunk of posts at a time: each
     chunk read, featurized, scored and its rows handed on before the next is read, so memory stays flat whatever the
-    file's length (read whole, 2,000 posts took 4.8 GB: results/2026-12-06_reliability-fourth-pass-b.md). Batches of
-    one shape make the rows those of a single chunk, bit for bit. The posts the model's tokenizer reads no token in
-    are counted in one warning."""
+    file's length (read whole, 20,000 posts took 4.9 GB; now 1.0 GB: results/2026-12-06_reliability-fourth-pass-b.md).
+    Batches of one shape make the rows those of a single chunk, bit for bit. The posts the model's tokenizer reads no
+    token in are counted in one warning."""
     model, skipped, n_rows = accelerator.prepare(model), Counter(), 0  # the model once; each chunk's loader beside it
     for chunk in post_chunks(path, chunk_posts):
         rows = predict_posts(model, tokenizer, cfg, extra, chunk, accelerator, skipped, one_shape=True)
         n_rows += len(rows)
         yield from rows
         accelerator.free_memory()  # prepare() keeps every loader it saw, and with it the chunk's features
-        trim_memory()
     report_tokenless(str(path), skipped["no token"], n_rows)
 
 

@@ -204,18 +204,6 @@ def use_cudnn_attention(enabled: bool) -> None:
     torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
-def trim_memory() -> None:
-    """Give the memory freed so far back to the system (glibc's malloc_trim; a no-op without glibc). glibc keeps freed
-    blocks for later: a --predict that frees each chunk of posts still grew by about 10 MB per 1,000 posts, and
-    stays flat with this after each chunk (results/2026-12-06_reliability-fourth-pass-b.md)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # no glibc (macOS, musl): its allocator's own policy
-        pass
-
-
 def dataloader_kwargs(cfg, use_cuda: bool) -> dict:
     kwargs = {"num_workers": cfg.num_workers, "pin_memory": use_cuda}
     if cfg.num_workers > 0:
