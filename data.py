@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,13 +61,35 @@ def read_csv(path: Path, required: list[str]) -> tuple[list[dict], int]:
         bad = 1
     if not text.strip():
         raise UserError(f"{path}: file is empty (expected a header with columns {', '.join(required)})")
-    # Strict parsing, and a row with more fields than the header is an error, not a guess: an unquoted comma
-    # (`p1,I cannot sleep, I wake at 3am`) would otherwise cut the text, and an unclosed quote would swallow
-    # the rows after it into one post. Either one means the file is not what it claims, and a drop of the
-    # row would hide that: real ReDSM5 texts are quoted, so the fix is on the file's side.
-    reader, start = csv.reader(io.StringIO(text, newline=""), strict=True), 1
+    rows = [row for _, row in csv_records(path, io.StringIO(text, newline=""), required)]
+    if bad:
+        bad = sum("\ufffd" in "".join(r.values()) for r in rows)
+    return rows, bad
+
+
+def stream_csv(path: Path, required: list[str]):
+    """(line, row) of each record of a CSV read as it goes, never whole (a --predict file of any length); bytes that
+    are not UTF-8 are replaced. Structural problems are UserErrors, as read_csv's."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        yield from csv_records(path, fh, required)
+
+
+def csv_records(path: Path, lines, required: list[str]):
+    """(line on which it starts, row dict) of each record of the CSV text `lines`, blank lines skipped; the header is
+    checked first.
+
+    Strict parsing, and a row with more fields than the header is an error, not a guess: an unquoted comma
+    (`p1,I cannot sleep, I wake at 3am`) would otherwise cut the text, and an unclosed quote would swallow
+    the rows after it into one post. Either one means the file is not what it claims, and a drop of the
+    row would hide that: real ReDSM5 texts are quoted, so the fix is on the file's side."""
+    reader, start = csv.reader(lines, strict=True), 1
     try:
-        header = [h.strip() for h in next(reader, [])]
+        header = next(reader, None)
+        if header is None:
+            raise UserError(f"{path}: file is empty (expected a header with columns {', '.join(required)})")
+        header = [h.strip() for h in header]
         twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
         if twice is not None:  # a row dict keeps the last one: `post_id,text,text` would empty every text
             where = [i + 1 for i, h in enumerate(header) if h == twice]
@@ -75,7 +98,7 @@ def read_csv(path: Path, required: list[str]) -> tuple[list[dict], int]:
         missing = [c for c in required if c not in header]
         if missing:
             raise UserError(f"{path}: missing column '{missing[0]}' (found: {', '.join(header)})")
-        rows, start = [], reader.line_num + 1
+        start = reader.line_num + 1
         for fields in reader:
             if not fields:  # a blank line, as csv.DictReader skips it
                 start = reader.line_num + 1
@@ -83,14 +106,11 @@ def read_csv(path: Path, required: list[str]) -> tuple[list[dict], int]:
             if len(fields) > len(header):
                 raise UserError(f"{path}: line {start}: {len(fields)} fields where the header has {len(header)} "
                                 "(an unquoted comma in a text? quote the field)")
-            rows.append(dict(zip(header, fields + [""] * (len(header) - len(fields)))))
+            yield start, dict(zip(header, fields + [""] * (len(header) - len(fields))))
             start = reader.line_num + 1
     except csv.Error as e:
         raise UserError(f"{path}: malformed CSV at line {start} ({e}; "
                         "an unclosed quote?)") from None
-    if bad:
-        bad = sum("\ufffd" in "".join(r.values()) for r in rows)
-    return rows, bad
 
 
 def find_files(data_dir: str | Path) -> tuple[Path, Path]:
@@ -126,16 +146,38 @@ def load_corpus_from_config(cfg, data_dir=...) -> Corpus:
                        fuzzy_threshold=cfg.fuzzy_threshold)
 
 
-def load_shift_corpus(cfg) -> Corpus | None:
+def load_shift_corpus(cfg, corpus: Corpus | None = None) -> Corpus | None:
     """The test_shift corpus of a config: its test_shift_dir, else for the demo its held-out-phrasing part
-    (demo_shift_posts posts), else None. It is scored whole; the post split is the main corpus' alone."""
+    (demo_shift_posts posts), else None. It is scored whole; the post split is the main corpus' alone. A
+    test_shift_dir that is the data_dir is refused; posts it shares with `corpus` (the training corpus: same id, or
+    same text) are counted in a warning: test_shift then holds posts that are not new."""
     if cfg.test_shift_dir is not None:
-        return load_corpus(cfg.test_shift_dir, include_special_case=cfg.include_special_case,
-                           fuzzy_threshold=cfg.fuzzy_threshold)
-    if cfg.data_dir is None and cfg.demo_shift_posts > 0:
-        return load_corpus(None, demo_posts=cfg.demo_shift_posts, demo_seed=cfg.demo_seed, demo_part="shift",
-                           include_special_case=cfg.include_special_case, fuzzy_threshold=cfg.fuzzy_threshold)
-    return None
+        if cfg.data_dir is not None and Path(cfg.test_shift_dir).resolve() == Path(cfg.data_dir).resolve():
+            raise UserError(f"--test_shift_dir {cfg.test_shift_dir}: is the --data_dir folder: its posts are the "
+                            "training corpus's, and would be scored as phrasing no training post uses; give a folder "
+                            "of other posts (or leave it out)")
+        shift = load_corpus(cfg.test_shift_dir, include_special_case=cfg.include_special_case,
+                            fuzzy_threshold=cfg.fuzzy_threshold)
+    elif cfg.data_dir is None and cfg.demo_shift_posts > 0:
+        shift = load_corpus(None, demo_posts=cfg.demo_shift_posts, demo_seed=cfg.demo_seed, demo_part="shift",
+                            include_special_case=cfg.include_special_case, fuzzy_threshold=cfg.fuzzy_threshold)
+    else:
+        return None
+    if corpus is not None:
+        ids, texts = shared_posts(corpus, shift)
+        if ids or texts:
+            log.warning("test_shift (%s): %d of its %d posts have the post_id of a post of the training corpus, %d "
+                        "its text: they are not new phrasing, and test_shift scores them as if they were (remove them "
+                        "from one of the two)", shift.report["source"], ids, len(shift.posts), texts)
+    return shift
+
+
+def shared_posts(corpus: Corpus, shift: Corpus) -> tuple[int, int]:
+    """(posts of `shift` with the post_id of a post of `corpus`, posts of `shift` with the text of one: runs of white
+    space count as one)."""
+    texts = {" ".join(t.split()) for t in corpus.posts.values()}
+    return (len(shift.posts.keys() & corpus.posts.keys()),
+            sum(" ".join(t.split()) in texts for t in shift.posts.values()))
 
 
 def load_corpus(data_dir=None, *, demo_posts=1000, demo_seed=0, demo_part="main", include_special_case=False,
@@ -154,12 +196,16 @@ def load_corpus(data_dir=None, *, demo_posts=1000, demo_seed=0, demo_part="main"
                         fuzzy_threshold=fuzzy_threshold, undecodable_rows=bad_bytes)
 
 
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))  # zero-width and soft-hyphen
+# Characters with nothing to read: control and format characters (zero-width spaces and joiners, bidi marks
+# U+200E/200F/202A-202E/2066-2069, the soft hyphen, BOMs), unassigned and private-use code points, lone combining
+# marks, and U+FFFD (bytes that were not UTF-8). A BERT normaliser drops them all: alone, they give no token.
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Mn", "Me"}
 
 
 def visible(text: str) -> bool:
-    """Whether a text has anything to read: zero-width characters alone give a tokenizer no token."""
-    return bool(text.translate(_INVISIBLE).strip())
+    """Whether a text has anything to read: a character that is neither white space nor one of the above. A text
+    of only bidi marks was scored as a post (DEPRESSED_MOOD 0.870) by a model that read an empty window."""
+    return any(not (c.isspace() or c == "\ufffd" or unicodedata.category(c) in _INVISIBLE_CATEGORIES) for c in text)
 
 
 def valid_posts(post_rows: list[dict], dropped: Counter) -> dict[str, str]:
@@ -188,15 +234,19 @@ def annotation_problem(r: dict, label: str, status, posts: dict, symptoms: set) 
         return f"annotation: status not 0/1 ({r['status']!r})"
     if r["post_id"].strip() not in posts:
         return "annotation: post missing or empty"
-    if not r["sentence_text"].strip():
+    if not visible(r["sentence_text"]):
         return "annotation: empty sentence_text"
     return None
 
 
 def valid_annotations(ann_rows: list[dict], posts: dict, symptoms: set, dropped: Counter) -> tuple[list, int, int]:
-    """(kept rows, labels fixed, conflicting duplicates). A duplicate (post, sentence, symptom) is counted;
-    when its copies disagree, evidence wins."""
+    """(kept rows, labels fixed, conflicting duplicates). A duplicate (post, sentence, symptom) is dropped and counted.
+    When rows about one sentence disagree, evidence wins: they keep status 1, counted as conflicting duplicates
+    (each status-0 copy once). One sentence is one sentence_id or, across ids (or without one), one text (its runs
+    of white space as one): the model reads the text, so two ids of one text with opposite labels would teach it
+    both answers to the same input."""
     kept: dict[tuple, dict] = {}
+    by_text: dict[tuple, list[dict]] = defaultdict(list)  # (post, sentence text, symptom) -> its kept rows
     fixed_labels = conflicts = 0
     for r in ann_rows:
         pid, label = r["post_id"].strip(), r["DSM5_symptom"].strip().upper()
@@ -208,8 +258,8 @@ def valid_annotations(ann_rows: list[dict], posts: dict, symptoms: set, dropped:
             dropped[problem] += 1
             continue
         # a blank sentence_id must not make every such sentence of the post one duplicate: key it by its text
-        sentence_key = r["sentence_id"].strip() or "text:" + " ".join(r["sentence_text"].split())
-        key = (pid, sentence_key, label)
+        text = " ".join(r["sentence_text"].split())
+        key = (pid, r["sentence_id"].strip() or "text:" + text, label)
         if key in kept:
             dropped["annotation: duplicate (post, sentence, symptom)"] += 1
             if kept[key]["status"] != status:
@@ -218,6 +268,12 @@ def valid_annotations(ann_rows: list[dict], posts: dict, symptoms: set, dropped:
             continue
         kept[key] = {"post_id": pid, "sentence_id": r["sentence_id"].strip(), "sentence_text": r["sentence_text"],
                      "symptom": label, "status": status}
+        by_text[pid, text, label].append(kept[key])
+    for rows in by_text.values():  # one text under several ids, with opposite statuses: evidence wins too
+        if len({row["status"] for row in rows}) > 1:
+            for row in rows:
+                conflicts += row["status"] == 0
+                row["status"] = 1
     return list(kept.values()), fixed_labels, conflicts
 
 

@@ -6,23 +6,22 @@
 
 Reading order: `model_outputs` runs a model over a loader (gathered across processes exactly once) ->
 scoring the classification and the evidence of each (criterion, post) pair (metrics.py, decoding.py) ->
-`evaluate` -> the command line, and `predict_posts` for new posts.
+`evaluate` -> the command line, and `predict_file` for new posts: a chunk at a time, each scored by `predict_posts`.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import logging
 import os
+from collections import Counter, deque
 from pathlib import Path
 
 import data
 from checkpoint import load_checkpoint, resolve_checkpoint
 from config import _Parser, sentence_unit
-from features import make_loader
+from features import make_loader, read_tokens
 from models import TASKS, featurize
 from scoring import evaluate, format_metrics
 from utils import (
@@ -60,17 +59,20 @@ def main(argv=None):
         check_not_an_input(output, args)
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
-    posts = read_posts(Path(args.predict)) if args.predict else None  # a bad file fails before the model loads
+    if args.predict:
+        check_posts_file(Path(args.predict))  # a bad file fails before the model loads
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, tokenizer, cfg, extra = load_checkpoint(checkpoint)
     if args.batch_size is not None:
         cfg.eval_batch_size = args.batch_size
     task = TASKS[cfg.task]
     if args.predict:
-        predictions = predict_posts(model, tokenizer, cfg, extra, posts, accelerator)
+        rows = predict_file(model, tokenizer, cfg, extra, Path(args.predict), accelerator)
         if accelerator.is_main_process:
-            write_jsonl(predictions, output)  # whole or not at all: a temp file, then os.replace
-            log.info("wrote %d predictions to %s", len(predictions), output)
+            n_rows = write_jsonl(rows, output)  # whole or not at all: a temp file, then os.replace
+            log.info("wrote %d predictions to %s", n_rows, output)
+        else:
+            deque(rows, maxlen=0)  # every process scores its share of each chunk
         return
     corpus, post_ids, scored = split_posts_of(cfg, checkpoint, args.split, args.data_dir, extra.get("corpus_sha256"))
     examples = task.examples(corpus, post_ids, cfg)
@@ -78,7 +80,8 @@ def main(argv=None):
         raise UserError(f"split '{args.split}' has no examples for task {cfg.task}")
     features = featurize(cfg, tokenizer, examples)
     loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id,
-                              **dataloader_kwargs(cfg, accelerator.device.type == "cuda"))
+                         processes=accelerator.num_processes,
+                         **dataloader_kwargs(cfg, accelerator.device.type == "cuda"))
     model, loader = accelerator.prepare(model, loader)
     metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     if accelerator.is_main_process:
@@ -155,60 +158,116 @@ def same_corpus(cfg, data_dir, trained_on: str | None) -> bool:
     return cfg.data_dir is not None and os.path.realpath(cfg.data_dir) == os.path.realpath(data_dir)
 
 
-def record_lines(path: Path) -> list[int]:
-    """The line on which each record (blank lines skipped) of a CSV that data.read_csv accepted starts, header first."""
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    reader, lines, start = csv.reader(io.StringIO(text, newline="")), [], 1
-    for fields in reader:
-        if fields:
-            lines.append(start)
-        start = reader.line_num + 1
-    return lines
+# --predict reads, scores and writes this many posts at a time, fewer where their texts reach PREDICT_CHUNK_CHARS (a
+# long post's windows weigh more): its memory is flat in the file's length
+PREDICT_CHUNK_POSTS, PREDICT_CHUNK_CHARS = 512, 2_000_000
 
 
-def posts_to_predict(rows, where: str, error=UserError, line_of=None) -> dict[str, str]:
-    """post_id -> text of posts given to predict on ((post_id, text) rows of a --predict CSV or of a served
-    DataFrame): ids stripped; a post_id twice is an error (predictions are keyed by it); rows without an id or a
-    visible text (empty, or only zero-width characters: no token, as training drops them) are skipped and counted in
-    one warning; none left is an error. `error`: the exception to raise; `line_of(i)`: where row i is in the file."""
-    posts, first, no_id, no_text = {}, {}, 0, 0
-    for i, (pid, text) in enumerate(rows):
+def usable_posts(rows, where: str, skipped: Counter, error=UserError):
+    """(post_id, text) of the rows (line or None, post_id, text) given to predict on (a --predict CSV, a served
+    DataFrame), in their order: ids stripped; a post_id twice is an error (predictions are keyed by it); a row
+    without an id or a visible text (data.visible: as training drops it) is skipped and counted in `skipped`."""
+    first = {}
+    for line, pid, text in rows:
         pid = "" if pid is None else str(pid).strip()
         if not pid:
-            no_id += 1
+            skipped["without post_id"] += 1
             continue
         if pid in first:
-            at = f" on line {line_of(first[pid])} and again on line {line_of(i)}" if line_of else " twice"
+            at = f" on line {first[pid]} and again on line {line}" if line else " twice"
             raise error(f"{where}: post_id '{pid}'{at} (predictions are keyed by post_id: give each post its own)")
-        first[pid] = i
+        first[pid] = line
         if isinstance(text, str) and data.visible(text):
-            posts[pid] = text
+            yield pid, text
         else:
-            no_text += 1
-    if not posts:
+            skipped["with an empty text or only invisible characters"] += 1
+
+
+def report_skipped(where: str, n_posts: int, skipped: Counter, error=UserError) -> None:
+    """One warning counting the rows usable_posts skipped; none left to predict on is an error."""
+    no_id, no_text = skipped["without post_id"], skipped["with an empty text or only invisible characters"]
+    if not n_posts:
         raise error(f"{where}: no row has both a post_id and a visible text ({no_id} without post_id, {no_text} "
                     "with an empty text or only invisible characters)")
     if no_id or no_text:
         log.warning("%s: %d rows skipped, not predicted: %d without post_id, %d with an empty text or only invisible "
-                    "(zero-width) characters", where, no_id + no_text, no_id, no_text)
+                    "characters (zero-width, bidi marks, controls)", where, no_id + no_text, no_id, no_text)
+
+
+def posts_to_predict(rows, where: str, error=UserError) -> dict[str, str]:
+    """post_id -> text of (post_id, text) rows held whole (a served DataFrame): usable_posts, then report_skipped."""
+    skipped = Counter()
+    posts = dict(usable_posts(((None, pid, text) for pid, text in rows), where, skipped, error))
+    report_skipped(where, len(posts), skipped, error)
     return posts
 
 
-def read_posts(path: Path) -> dict[str, str]:
-    """post_id -> text of a --predict CSV (posts_to_predict: what is skipped, what is an error); no rows at all
-    is an error naming the file."""
-    rows, _ = data.read_csv(path, data.POST_COLUMNS)
-    if not rows:
+def file_posts(path: Path, skipped: Counter):
+    """usable_posts of a --predict CSV (a header, the columns post_id and text), read as it goes, never whole."""
+    records = data.stream_csv(path, data.POST_COLUMNS)
+    yield from usable_posts(((line, r["post_id"], r["text"]) for line, r in records), str(path), skipped)
+
+
+def check_posts_file(path: Path) -> int:
+    """The number of posts of a --predict CSV to predict on, read through once before the model loads: a bad file
+    (its structure, a post_id twice, no usable row) fails first, and what is skipped is counted in one warning."""
+    skipped, n_posts = Counter(), 0
+    for _ in file_posts(path, skipped):
+        n_posts += 1
+    if not n_posts and not skipped:
         raise UserError(f"{path}: no posts (a header and no rows)")
-    return posts_to_predict([(r["post_id"], r["text"]) for r in rows], str(path),
-                                 line_of=lambda i: record_lines(path)[1:][i])
+    report_skipped(str(path), n_posts, skipped)
+    return n_posts
 
 
-def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[dict]:
-    """Per post and criterion: probability and decisions (criteria --unit post, joint: `pred` at 0.5, `pred_tuned` at
-    `threshold_tuned`, the symptom's threshold chosen on validation) and the evidence sentences (evidence; joint only
-    where a decision calls the criterion present). `posts_csv`: a CSV path or
-    read_posts' dict.
+def post_chunks(path: Path, chunk_posts: int | None = None):
+    """The posts of a --predict CSV (file_posts, post_id -> text), `chunk_posts` (default PREDICT_CHUNK_POSTS) at a
+    time, fewer where their texts reach PREDICT_CHUNK_CHARS."""
+    chunk, chars, chunk_posts = {}, 0, chunk_posts or PREDICT_CHUNK_POSTS
+    for pid, text in file_posts(path, Counter()):  # check_posts_file counted what is skipped here
+        chunk[pid], chars = text, chars + len(text)
+        if len(chunk) == chunk_posts or chars >= PREDICT_CHUNK_CHARS:
+            yield chunk
+            chunk, chars = {}, 0
+    if chunk:
+        yield chunk
+
+
+def predict_file(model, tokenizer, cfg, extra, path: Path, accelerator, chunk_posts: int | None = None):
+    """The rows of predict_posts for every post of a --predict CSV, in its order, a chunk of posts at a time: each
+    chunk read, featurized, scored and its rows handed on before the next is read, so memory stays flat whatever the
+    file's length (read whole, 20,000 posts took 4.9 GB; now 1.0 GB: results/2026-12-06_reliability-fourth-pass-b.md).
+    Batches of one shape make the rows those of a single chunk, bit for bit. The posts the model's tokenizer reads no
+    token in are counted in one warning."""
+    model, skipped, n_rows = accelerator.prepare(model), Counter(), 0  # the model once; each chunk's loader beside it
+    for chunk in post_chunks(path, chunk_posts):
+        rows = predict_posts(model, tokenizer, cfg, extra, chunk, accelerator, skipped, one_shape=True)
+        n_rows += len(rows)
+        yield from rows
+        accelerator.free_memory()  # prepare() keeps every loader it saw, and with it the chunk's features
+    report_tokenless(str(path), skipped["no token"], n_rows)
+
+
+def report_tokenless(where: str, n_posts: int, n_rows: int, error=UserError) -> None:
+    """One warning counting the posts the model's tokenizer reads no token in; nothing predicted is an error."""
+    if not n_rows:
+        raise error(f"{where}: the model's tokenizer reads no token in any of its posts (only characters it drops): "
+                    "nothing to predict")
+    if n_posts:
+        log.warning("%s: %d posts skipped, not predicted: the model's tokenizer reads no token in them (only "
+                    "characters it drops)", where, n_posts)
+
+
+def predict_posts(model, tokenizer, cfg, extra, posts: dict[str, str], accelerator, skipped: Counter,
+                  one_shape: bool = False) -> list[dict]:
+    """Per post (post_id -> text) and criterion: probability and decisions (criteria --unit post, joint: `pred` at 0.5,
+    `pred_tuned` at `threshold_tuned`, the symptom's threshold chosen on validation) and the evidence sentences
+    (evidence; joint only where a decision calls the criterion present). A post the tokenizer reads no token in
+    (features.read_tokens) is never scored: it is counted in `skipped["no token"]`.
+
+    With `one_shape`, every batch is eval_batch_size windows of max_length tokens: a post's numbers are then its own,
+    bit for bit, whatever posts are read beside it (CPU kernels change the last bits with a batch's shape). It costs
+    the padding (--predict: a fifth more time on the demo); a served request of one post does without it.
 
     A criteria model of --unit sentence is refused: it learned the status of annotated (criterion, sentence) pairs
     and never met a post's other sentences, so scoring every sentence of a new post says "present" almost everywhere
@@ -217,11 +276,17 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
         raise UserError("--predict: this checkpoint is a criteria model of --unit sentence: it classifies annotated "
                         "(criterion, sentence) pairs and was never trained on a post's other sentences, so it cannot "
                         "score new posts; train --task criteria --unit post (or --task joint) for post predictions")
-    posts = posts_csv if isinstance(posts_csv, dict) else read_posts(Path(posts_csv))
+    read = read_tokens(tokenizer, list(posts.values()))
+    if not all(read):
+        skipped["no token"] += read.count(False)
+        posts = {pid: text for (pid, text), r in zip(posts.items(), read) if r}
+    if not posts:
+        return []
     examples = [{"post_id": pid, "criterion": symptom, "text": text, "label": 0, "spans": []}
                 for pid, text in posts.items() for symptom in data.SYMPTOMS]
     features = featurize(cfg, tokenizer, examples)
-    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id)
+    loader = make_loader(features, cfg.eval_batch_size, False, tokenizer.pad_token_id,
+                         width=cfg.max_length if one_shape else None, processes=accelerator.num_processes)
     model, loader = accelerator.prepare(model, loader)
     _, preds, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     rows, tuned = [], saved_thresholds(extra).get("paper_thresholds") or {}
@@ -240,6 +305,7 @@ def predict_posts(model, tokenizer, cfg, extra, posts_csv, accelerator) -> list[
                        evidence_sentences=p["pred_sentence_spans"], evidence_sentence_texts=p["pred_sentence_texts"])
         rows.append(row)
     return rows
+
 
 if __name__ == "__main__":
     run_main(main)

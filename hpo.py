@@ -11,8 +11,9 @@ of the search space (`--space`, default configs/hpo/<task>.yaml) sampled by TPE,
 validation metric that early stopping watches after each epoch (so the pruner can stop it), and
 returns that metric of its best checkpoint. A trial that fails (NaN loss, out of memory) is
 recorded as failed with its reason and the study goes on; a study that ends with no complete trial
-and a failed one exits 2 with the first failure's reason. A study keeps the space it was created with:
-another --space on it is an error (give a new --study_name).
+and a failed one exits 2 with the first failure's reason. A study keeps the space it was created with, and what
+its trials' values mean (the metric and the data: another --space, --early_stopping_metric or corpus on it is an
+error; give a new --study_name).
 
 --n_trials is the size of the study, not of this run: the same command run again after a kill
 adds only the missing trials (several workers can end a trial or two past it: each finishes the
@@ -61,7 +62,15 @@ import train
 from config import DATA_FIELDS, Config, make_config, parse_config
 from plots import plot_hpo
 from scoring import metric_names
-from search_space import TrialSeededTPE, best_trials, check_same_space, sample_params, study_space
+from search_space import (
+    TrialSeededTPE,
+    best_trials,
+    check_same_fingerprint,
+    check_same_space,
+    fingerprint,
+    sample_params,
+    study_space,
+)
 from storage import (
     DEFAULT_STORAGE,
     QuietLostTrials,
@@ -104,6 +113,10 @@ def check_args(args, cfg: Config) -> None:
         raise UserError(f"--top_k: must be >= 1, got {args.top_k}")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UserError(f"--timeout: must be a number of seconds > 0, got {args.timeout}")
+    name = args.study_name  # it names the folder outputs/hpo/<study>: it must stay one folder there
+    if name is not None and (name.strip() in ("", ".", "..") or "/" in name or "\\" in name or not name.isprintable()):
+        raise UserError(f"--study_name {name!r}: not a plain name (it names the folder outputs/hpo/<study>: no path "
+                        "separator, not '.' or '..', no control character); give a name like criteria-run2")
     if cfg.early_stopping_metric != "auto":  # every trial would fail at its first validation
         valid = metric_names(cfg)
         if cfg.early_stopping_metric not in valid:
@@ -247,6 +260,7 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
     if "search_space" not in study.user_attrs:  # a new study: its space is fixed now, for every worker and resume
         space, first, given = study_space(args, cfg, storage)
         for key, value in {"task": cfg.task, "metric": metric, "base_config": dataclasses.asdict(cfg),
+                           "fingerprint": fingerprint(cfg, metric, space),
                            "space_given": given, "search_space": space}.items():  # search_space last: it marks
             study.set_user_attr(key, value)                                       # the study as set up
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2, stable since
@@ -254,8 +268,10 @@ def open_study(args, cfg: Config, name: str, metric: str) -> tuple:
             study.set_metric_names([f"val {metric}"])  # optuna-dashboard's name of the objective: not "Objective 0"
         if first:
             study.enqueue_trial(first, skip_if_exists=True)  # the fine stage starts from the coarse optimum
-    elif args.space:  # a study keeps the space it was created with: another --space must not be silently ignored
-        check_same_space(args, study, name, cfg)
+    else:  # a study keeps its space and what its trials' values mean: neither may change silently
+        if args.space:
+            check_same_space(args, study, name, cfg)
+        check_same_fingerprint(study, cfg, metric, name)
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if study.user_attrs["base_config"].get(k) != v}
     if changed:
         log.warning("base config differs from the one study '%s' was created with: %s", name, changed)
@@ -412,8 +428,8 @@ def open_parent_run(args, cfg: Config, study, study_dir: Path, metric: str) -> T
     if tracker.enabled and "mlflow_parent_run_id" not in study.user_attrs:
         winner = elect_parent_run(tracker, f"{redact(args.storage)}#{name}")
         if winner != tracker.run_id:  # a worker started at the same moment made one too: one parent per study
+            tracker.end("KILLED")  # ended first: a deleted run left RUNNING shows as running in a restored view
             tracker.client.delete_run(tracker.run_id)
-            tracker.ended = True
             tracker = Tracker(parent_cfg, True, run_id=winner)
         study.set_user_attr("mlflow_parent_run_id", winner)
         tracker.log_params({"hpo.study": name, "hpo.stage": args.stage, "hpo.storage": redact(args.storage),

@@ -57,11 +57,15 @@ class ReDSM5Model(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None):  # the hint: mlflow neither checks nor warns
         """model_input: a DataFrame with columns post_id and text, one row per post (or a list of such dicts, or a
         dict of such lists). Returns a DataFrame of evaluate.py --predict's rows, in its order."""
-        from evaluate import predict_posts
+        from collections import Counter
 
+        from evaluate import predict_posts, report_tokenless
+
+        skipped = Counter()  # posts the model's tokenizer reads no token in: never scored, counted, as --predict does
         rows = predict_posts(self.model, self.tokenizer, self.cfg, self.extra, posts_of(model_input),
-                             self.accelerator)
+                             self.accelerator, skipped)
         self.accelerator.free_memory()  # prepare() keeps every loader it saw: a server would hold them all
+        report_tokenless("model input", skipped["no token"], len(rows), error=BadInput)
         return pd.DataFrame(rows)
 
 

@@ -281,7 +281,7 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
     parent_cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.task}-cv{k}x{len(seeds)}")
     with Tracker(parent_cfg, True) as parent:  # a run that raises ends the parent FAILED (KILLED on Ctrl-C)
         parent.log_params({"report.cv_folds": k, "report.seeds": " ".join(map(str, seeds))})
-        shift = data.load_shift_corpus(cfg)  # one shifted test set, scored by every fold's model
+        shift = data.load_shift_corpus(cfg, corpus)  # one shifted test set, scored by every fold's model
         shift_ex = TASKS[cfg.task].examples(shift, sorted(shift.posts), cfg) if shift is not None else None
         runs, baselines = train_folds(cfg, corpus, folds, seeds, parent, shift_ex)
         result = summarize_cv(cfg, k, seeds, folds, runs, baselines, n_boot, command)

@@ -54,7 +54,7 @@ def model_outputs(model, loader, accelerator, cfg, desc: str | None = None) -> d
     bar = desc is not None and accelerator.is_main_process and sys.stderr.isatty()
     for batch in tqdm(loader, desc=desc, leave=False, disable=not bar):
         out = model(**{k: v for k, v in batch.items() if k in INPUT_KEYS})
-        res = {"feature_idx": batch["feature_idx"]}
+        res, real = {"feature_idx": batch["feature_idx"]}, batch["feature_idx"] >= 0  # -1: a row padding a batch
         if "cls_logits" in out:
             res["prob"] = out["cls_logits"].float().softmax(-1)[..., 1]
         if "tag_logits" in out:  # --evidence_head tag: the whole logits, one width for every batch
@@ -69,6 +69,8 @@ def model_outputs(model, loader, accelerator, cfg, desc: str | None = None) -> d
             room = cfg.max_length - start.shape[-1]  # the whole logits too, for sentence scores: one width
             res["start_logits"] = torch.nn.functional.pad(start, (0, room), value=-1e4)
             res["end_logits"] = torch.nn.functional.pad(end, (0, room), value=-1e4)
+        if not real.all():
+            res = {k: v[real.to(v.device)] for k, v in res.items()}
         for k, v in accelerator.gather_for_metrics(res).items():
             parts[k].append(v.cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}

@@ -4,7 +4,9 @@ A space maps Config fields to {low, high, log} or {choices}, with values parsed 
 own (config.coerce, config.check_range: an infinite bound is refused when the space is loaded); fields trials are
 compared on or write to (config.HPO_FIXED_FIELDS) cannot be searched.
 A study keeps the space it was created with (study_space: the YAML, or the coarse study's narrowed; a
-different --space on it is refused, check_same_space); trial n samples with seed + n (TrialSeededTPE).
+different --space on it is refused, check_same_space), and the fingerprint of its base config (what a trial's value
+means: the metric, and the data it is measured on; another one is refused, check_same_fingerprint); trial n samples
+with seed + n (TrialSeededTPE).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import optuna
 
-from config import AUTO_DEFAULTS, HPO_FIXED_FIELDS, Config, check_range, coerce, pretrained, resolve_auto
+import data
+from config import AUTO_DEFAULTS, DATA_FIELDS, HPO_FIXED_FIELDS, Config, check_range, coerce, pretrained, resolve_auto
 from utils import UserError, read_yaml
 
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
@@ -153,6 +156,38 @@ def check_same_space(args, study, name: str, cfg: Config | None = None) -> None:
     raise UserError(f"--space {args.space}: differs from the search space study '{name}' was created with (fields "
                     f"{', '.join(fields)}), and a study keeps its space: give a new --study_name to search this one, "
                     "or leave --space out to continue the study")
+
+
+# The data fields (config.DATA_FIELDS) whose value is not what a trial is measured on: the corpus and split files are
+# in the fingerprint by their content (workers on machines with other paths share a study), and the shifted test set
+# and remote code do not change the validation metric a trial returns.
+NOT_IN_FINGERPRINT = ("data_dir", "splits_file", "test_shift_dir", "demo_shift_posts", "trust_remote_code")
+
+
+def fingerprint(cfg: Config, metric: str, space: dict) -> dict:
+    """What a trial's value means, stored by a study at its creation: the metric and its direction, the data fields
+    the search space leaves fixed, and the content of the data (the corpus, its split file)."""
+    fields = [f for f in DATA_FIELDS if f not in NOT_IN_FINGERPRINT and f not in space]
+    return {"metric": metric, "early_stopping_mode": cfg.early_stopping_mode, **{f: getattr(cfg, f) for f in fields},
+            "data_sha256": data.data_sha256(dataclasses.replace(cfg, test_shift_dir=None))}
+
+
+def check_same_fingerprint(study, cfg: Config, metric: str, name: str) -> None:
+    """A study continues only with the fingerprint it was created with: trials of another metric or corpus would be
+    ranked together ("best trial 0: val auroc 0.665", the 0.665 an f1_macro). A study made before fingerprints were
+    stored is compared on what it recorded: its metric and base config, the corpus by its path."""
+    mine, stored = fingerprint(cfg, metric, study.user_attrs["search_space"]), study.user_attrs.get("fingerprint")
+    if stored is None:
+        base = study.user_attrs.get("base_config", {})
+        mine.update(data_dir=cfg.data_dir, splits_file=cfg.splits_file)
+        stored = {"metric": study.user_attrs.get("metric", metric), **{k: base[k] for k in mine if k in base}}
+    differ = [k for k in mine if k in stored and as_stored(mine[k]) != stored[k]]
+    if differ:
+        shown = ", ".join(f"{k} {stored[k]!r} -> {mine[k]!r}" if k != "data_sha256" else
+                          f"the data's content (sha256 {stored[k][:12]} -> {mine[k][:12]})" for k in differ)
+        raise UserError(f"study '{name}' was created with another base config: {shown}; its trials' values would not "
+                        f"compare with this command's: start a new study with another --study_name (e.g. {name}-2; "
+                        "and another --output_dir if you give one), or continue this one with its own settings")
 
 
 def default_space(cfg: Config) -> Path:

@@ -44,11 +44,29 @@ def make_storage(url: str):
     except (ImportError, OSError, ValueError, sqlalchemy.exc.SQLAlchemyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, ImportError):  # name the driver that is missing: SQLAlchemy picks it from the URL's scheme
-            driver = getattr(e, "name", None) or "its database driver"
-            hint = "pip install -e '.[postgres]'" if "psycopg" in driver else f"pip install {driver}"
-            msg = f"the driver {driver} is not installed: {hint}"
+            driver = missing_module(e)
+            if driver is None:
+                msg = "its database driver is not installed: install the driver of the URL's database"
+            else:
+                msg = f"the database driver {driver} is not installed: " + \
+                      DRIVER_PACKAGES.get(driver, f"pip install {driver}")
         raise UserError(f"--storage {redact(url)}: cannot open it ({redact(msg)[:300]}; expected sqlite:///PATH, "
                         "postgresql://user:password@host/db, mysql://..., or journal:PATH)") from None
+
+
+# the pip command of the drivers SQLAlchemy imports for a URL's scheme (their module names are not their package names)
+DRIVER_PACKAGES = {"psycopg": "pip install -e '.[postgres]'", "psycopg2": "pip install psycopg2-binary",
+                   "MySQLdb": "pip install mysqlclient", "pymysql": "pip install pymysql"}
+
+
+def missing_module(e: BaseException) -> str | None:
+    """The module an import error is about: Optuna re-raises SQLAlchemy's ModuleNotFoundError as an ImportError of its
+    own ("Failed to import DB access module"), without the name, which is on the error it came from."""
+    while e is not None:
+        if isinstance(e, ImportError) and e.name:
+            return e.name
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _make_storage(url: str):

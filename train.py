@@ -30,7 +30,7 @@ import torch
 import data
 from checkpoint import LoopState, load_best, load_tokenizer, resume_state, save_best
 from config import Config, auto_lr, changed_fields, parse_config
-from features import make_loader
+from features import make_loader, per_process_batch
 from models import TASKS, build_model, build_tokenizer, featurize
 from scoring import evaluate, metric_names
 from utils import UserError, dataloader_kwargs, make_accelerator, run_main, set_seed, setup_logging
@@ -53,11 +53,14 @@ def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedDa
         splits = data.split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
     task = TASKS[cfg.task]
     examples = {name: task.examples(corpus, ids, cfg) for name, ids in splits.items()}
-    report, shift = corpus.report, data.load_shift_corpus(cfg)
+    report, shift = corpus.report, data.load_shift_corpus(cfg, corpus)
     if shift is not None:  # a separate corpus, scored whole; its features are built like test's
         log.info("test_shift:\n%s", data.format_report(shift.report))
         examples["test_shift"] = task.examples(shift, sorted(shift.posts), cfg)
         report = {**report, "test_shift": shift.report}
+        if not examples["test_shift"]:  # its featurizing raised an IndexError deep in the tokenizer
+            log.warning("test_shift: no examples for task '%s' (no annotation kept?): not scored", cfg.task)
+            del examples["test_shift"]
     if task.spans:
         log.info("evidence spans usable after alignment (all splits): %s",
                  data.span_usability(corpus, list(corpus.posts)))
@@ -187,8 +190,15 @@ def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
     train_features = prepared.features["train"][1]
     model = build_model(cfg, prepared.tokenizer, make_class_weights(cfg, train_features))
     dl_kwargs, pad = dataloader_kwargs(cfg, accelerator.device.type == "cuda"), prepared.tokenizer.pad_token_id
-    train_loader = make_loader(train_features, cfg.batch_size, True, pad, cfg.seed, **dl_kwargs)
-    val_loader = make_loader(prepared.features["val"][1], cfg.eval_batch_size, False, pad, **dl_kwargs)
+    processes = accelerator.num_processes
+    batch = per_process_batch(len(train_features), cfg.batch_size, processes)
+    if batch < cfg.batch_size and processes > 1 and accelerator.is_main_process:
+        log.warning("--batch_size %d: more than the %d training inputs shared by %d processes: each takes %d a step "
+                    "(accelerate would fill every batch up to %d with copies)", cfg.batch_size, len(train_features),
+                    processes, batch, cfg.batch_size)
+    train_loader = make_loader(train_features, cfg.batch_size, True, pad, cfg.seed, processes=processes, **dl_kwargs)
+    val_loader = make_loader(prepared.features["val"][1], cfg.eval_batch_size, False, pad, processes=processes,
+                             **dl_kwargs)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader,
                                                                      val_loader)
     _, total_steps = step_budget(cfg, len(train_loader))
@@ -234,6 +244,16 @@ def train_step(model, batch, optimizer, scheduler, accelerator, cfg: Config) -> 
     return (None if skip else loss.detach()), lr
 
 
+def real_inputs(batch, accelerator) -> int:
+    """The inputs of this micro-batch over all processes, without the copies accelerate adds to the epoch's last
+    batch so that every process gets a full one (its remainder: the real ones of that batch; make_loader puts the one
+    short batch last)."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+        return state.remainder
+    return len(batch["input_ids"]) * accelerator.num_processes
+
+
 def step_loss(micro_losses: list[torch.Tensor], step: int) -> float:
     """The loss of one optimizer step (the mean of its micro-batches), on the host: one sync per step. A
     non-finite loss stops the run at that step, naming it."""
@@ -273,7 +293,7 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
             else:
                 micro_losses.append(loss)
             state.batches_done += 1
-            samples += len(batch["input_ids"])
+            samples += real_inputs(batch, accelerator)
             if not accelerator.sync_gradients:  # inside a gradient accumulation
                 continue
             state.global_step += 1
@@ -322,7 +342,7 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
     load_best(accelerator, model, best_dir)
     results, predictions = test_best(model, prepared, cfg, accelerator, state.thresholds)
     results["train"] = {"steps": state.global_step, "epochs_completed": state.epoch, "train_seconds": train_s,
-                        "samples_per_second": samples * accelerator.num_processes / max(train_s, 1e-9),
+                        "samples_per_second": samples / max(train_s, 1e-9),
                         "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
                         "skipped_nonfinite_steps": state.skipped_steps}
     return results, predictions, state
@@ -342,8 +362,8 @@ def test_best(model, prepared: PreparedData, cfg: Config, accelerator, threshold
         examples, feats = prepared.features[name]
         if not examples:
             continue
-        loader = accelerator.prepare(make_loader(feats, cfg.eval_batch_size, False,
-                                                      prepared.tokenizer.pad_token_id, **dl_kwargs))
+        loader = accelerator.prepare(make_loader(feats, cfg.eval_batch_size, False, prepared.tokenizer.pad_token_id,
+                                                 processes=accelerator.num_processes, **dl_kwargs))
         metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
                                            desc=f"score {name}")
         results[name], all_predictions[name] = metrics, predictions

@@ -52,6 +52,9 @@ def run_main(main, argv=None) -> None:
         main(argv)
     except KeyboardInterrupt as e:
         code, how = (143, "stopped by SIGTERM") if isinstance(e, Terminated) else (130, "interrupted")
+        if code == 143 and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun stops every process when one fails
+            how += (" (from the launcher, which stops every process of a run when one of them fails: its error, or an "
+                    "exitcode -9 for a process killed, often for memory, is in the launcher's lines)")
         note = getattr(e, "note", None)  # what the entry point can say of it (train.py: how to resume, if it can)
         print(f"error: {how}" + (f"; {note}" if note else ""), file=sys.stderr)
         sys.exit(code)
@@ -267,18 +270,20 @@ def dumps(obj, **kwargs) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, default=float, **kwargs)
 
 
-def write_jsonl(rows, path) -> None:
+def write_jsonl(rows, path) -> int:
     """JSON lines, written whole or not at all (a temp file beside it, then os.replace): a file that a later step
-    reads back is never torn."""
-    path = Path(path)
+    reads back is never torn. `rows` may be a generator (rows made as they are written); returns their number."""
+    path, n = Path(path), 0
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as fh:
             for r in rows:
                 fh.write(dumps(r) + "\n")
+                n += 1
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return n
 
 
 def check_writable(path: str | Path, flag: str = "--output") -> Path:

@@ -121,6 +121,18 @@ def test_predict_inputs_and_errors(logged):
         model.predict(None, frame([("p1", " \u200b ")]))
 
 
+def test_a_post_of_bidi_marks_is_skipped_not_scored(logged):
+    """A post of bidi marks passed as visible, then the tokenizer gave it no token: a traceback under `mlflow models
+    serve` for it alone, and a refusal of every post beside it. It is skipped like an empty post, and alone it is a
+    bad input (a ValueError and an MlflowException: HTTP 400 with its sentence)."""
+    model = logged.pyfunc.unwrap_python_model()
+    rows = model.predict(None, frame([("p0", "\u200e\u200f\u202e"), *POSTS[:1]]))
+    pd.testing.assert_frame_equal(rows, model.predict(None, frame(POSTS[:1])))
+    with pytest.raises(mlflow_model.BadInput, match="model input: no row has both a post_id and a visible text "
+                                                    r"\(0 without post_id, 1 with an empty text"):
+        model.predict(None, frame([("p0", "\u200e\u200f\u202e")]))
+
+
 def test_register_model(logged):
     run_id = logged.client.create_run(logged.exp_id).info.run_id
     uri = mlflow_model.log_model(logged.best, run_id, logged.uri, register_name="redsm5-joint")

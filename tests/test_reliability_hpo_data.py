@@ -25,6 +25,7 @@ import report
 import search_space
 import storage
 import train
+from config import Config
 from utils import UserError
 
 BASE = ["--task", "criteria", "--demo_posts", "40", "--mlflow", "false", "--threads", "1"]
@@ -400,7 +401,7 @@ def test_predictions_are_written_whole_or_not_at_all(cli, checkpoint, tmp_path, 
     posts.write_text("post_id,text\np1,I can't sleep.\n")
     out.write_text("the old file\n")
     real = evaluate.predict_posts
-    monkeypatch.setattr(evaluate, "predict_posts", lambda *a: real(*a)[:3] + [{"bad": object()}])
+    monkeypatch.setattr(evaluate, "predict_posts", lambda *a, **k: real(*a, **k)[:3] + [{"bad": object()}])
     with pytest.raises(TypeError):
         evaluate.main([str(a) for a in ["--checkpoint", checkpoint, "--predict", posts, "--output", out]])
     assert out.read_text() == "the old file\n"
@@ -518,3 +519,224 @@ def test_data_cli_numbers_out_of_range(cli, tmp_path, argv, needle):
     code, err = cli(data.main, [str(tmp_path / "demo") if a == "DIR" else a for a in argv])
     assert_one_line_error(code, err, needle, only_line=True)
     assert not (tmp_path / "demo").exists()
+
+
+# --------------------------------------------------------------------------- issue 31: study names, drivers, election
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "a\\b", "..", ".", " ", "bad\nname"])
+def test_a_study_name_that_is_not_one_folder_is_refused(cli, tmp_path, fake_train, name):
+    """--study_name names outputs/hpo/<study>: '../../escape' wrote two folders above it."""
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path)
+        code, err = cli(hpo.main, [*BASE, "--storage", f"sqlite:///{tmp_path}/o.db", "--space", space_file(tmp_path),
+                                   "--n_trials", "1", "--study_name", name])
+    assert_one_line_error(code, err, f"--study_name {name!r}: not a plain name", "no path separator")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no storage, no folder: refused first
+    assert fake_train[1] == []
+
+
+@pytest.mark.parametrize("module, hint", [("psycopg", "the database driver psycopg is not installed: pip install "
+                                                      "-e '.[postgres]'"),
+                                          ("MySQLdb", "the database driver MySQLdb is not installed: pip install "
+                                                      "mysqlclient"),
+                                          (None, "its database driver is not installed: install the driver of the "
+                                                 "URL's database")])
+def test_a_missing_database_driver_is_named(monkeypatch, module, hint):
+    """Optuna re-raises SQLAlchemy's ModuleNotFoundError as a bare ImportError: the message read "the driver its
+    database driver is not installed"."""
+    def rdb_storage(*args, **kwargs):  # what optuna.storages.RDBStorage raises without the driver
+        try:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+        except ModuleNotFoundError as e:
+            raise ImportError("Failed to import DB access module for the specified storage URL.") from e
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", rdb_storage)
+    with pytest.raises(UserError) as e:
+        storage.make_storage("postgresql://me:secret@db/optuna")
+    assert f"--storage postgresql://me:***@db/optuna: cannot open it ({hint};" in str(e.value)
+    assert "driver its" not in str(e.value) and "secret" not in str(e.value)
+
+
+def test_the_losing_parent_run_of_an_election_ends_killed_before_it_is_deleted(tmp_path, monkeypatch):
+    """Two workers that start a study together each create a parent run; the later one's run is deleted. It was
+    deleted RUNNING: restored (mlflow gc, the UI's trash), it showed a study running for ever."""
+    from argparse import Namespace
+
+    from mlflow.entities import ViewType
+
+    from tracking import Tracker
+
+    monkeypatch.setattr(hpo.time, "sleep", lambda s: None)
+    cfg = Config(mlflow=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "s"))
+    args = Namespace(storage="sqlite:///o.db", stage="coarse", pruner="median", n_trials=2)
+    study = optuna.create_study(study_name="s")
+    study.set_user_attr("search_space", {})
+    first = Tracker(cfg, True)  # the other worker's parent run, created a moment earlier
+    first.client.set_tag(first.run_id, hpo.PARENT_TAG, "sqlite:///o.db#s")
+    tracker = hpo.open_parent_run(args, cfg, study, tmp_path / "s", "f1_macro")
+    assert tracker.run_id == first.run_id == study.user_attrs["mlflow_parent_run_id"]
+    runs = tracker.client.search_runs([tracker.client.get_experiment_by_name("redsm5").experiment_id],
+                                      run_view_type=ViewType.ALL)
+    assert sorted((r.info.run_id == first.run_id, r.info.status, r.info.lifecycle_stage) for r in runs) == \
+        [(False, "KILLED", "deleted"), (True, "RUNNING", "active")]
+
+
+@pytest.mark.parametrize("change, needles", [
+    (["--early_stopping_metric", "auroc"], ["metric 'f1_macro' -> 'auroc'"]),
+    (["--data_dir", "CORPUS"], ["the data's content (sha256 "]),
+    (["--demo_posts", "50"], ["demo_posts 40 -> 50", "the data's content"]),
+], ids=["metric", "data_dir", "demo_posts"])
+def test_a_study_continued_with_another_objective_or_corpus_is_refused(cli, tmp_path, fake_train, change, needles):
+    """Rerun with --early_stopping_metric auroc, a study warned once, added auroc trials to its f1_macro ones and
+    reported "best trial 0: val auroc 0.665", 0.665 being trial 0's f1_macro."""
+    url = f"sqlite:///{tmp_path}/o.db"
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=1))
+    assert code == 0, err
+    corpus = write_corpus(tmp_path / "corpus", [(f"p{i}", f"I cannot sleep, night {i}.") for i in range(40)],
+                          [(f"p{i}", f"p{i}_0", f"I cannot sleep, night {i}.", "SLEEP_ISSUES", "1") for i in range(40)])
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2, extra=[str(corpus) if a == "CORPUS" else a for a in change]))
+    assert_one_line_error(code, err, "study 'criteria-coarse' was created with another base config", *needles,
+                          "another --study_name (e.g. criteria-coarse-2")
+    assert states(tmp_path) == ["COMPLETE"] and fake_train[1] == [0]  # nothing ran
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=2, extra=["--early_stopping_metric", "f1_macro"]))
+    assert code == 0, err  # the study's own metric, named: it goes on
+    assert states(tmp_path) == ["COMPLETE"] * 2
+    study = optuna.load_study(study_name="criteria-coarse", storage=url)
+    study.set_user_attr("fingerprint", None)  # a study made before fingerprints: its base config and metric decide
+    code, err = cli(hpo.main, hpo_argv(tmp_path, url, n=3, extra=["--early_stopping_metric", "auroc"]))
+    assert_one_line_error(code, err, "metric 'f1_macro' -> 'auroc'")
+
+
+# ---------------------------------------------------------------- issue 31: --predict streams; nothing to read
+
+LONG = " ".join(f"On day {i} I could not sleep and felt empty all day." for i in range(30))  # several windows
+
+
+def test_predict_in_chunks_writes_the_bytes_of_one_chunk(cli, checkpoint, tmp_path, monkeypatch):
+    """--predict read the whole file and scored it at once (2,000 posts: 4.8 GB); it streams now, a chunk of posts at
+    a time. The file it writes must not depend on the chunk size: batches of one shape give every post its own bits
+    (with dynamic batches a probability moved in its 8th digit with the posts beside it)."""
+    posts = tmp_path / "new.csv"
+    texts = ["I can't sleep.", LONG, "\u200e\u200f", "We went hiking, it was fun.", LONG[:300], "I feel worthless.",
+             "Tired. " * 40, "ok"]
+    posts.write_text("post_id,text\n" + "".join(f'p{i},"{t}"\n' for i, t in enumerate(texts)), encoding="utf-8")
+    real, chunks = evaluate.predict_posts, []
+    monkeypatch.setattr(evaluate, "predict_posts", lambda *a, **k: chunks.append(list(a[4])) or real(*a, **k))
+    written = {}
+    for size in (3, 1000):
+        monkeypatch.setattr(evaluate, "PREDICT_CHUNK_POSTS", size)
+        out = tmp_path / f"p{size}.jsonl"
+        code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", posts, "--output", out])
+        assert code == 0, err
+        written[size] = out.read_bytes()
+    assert chunks == [["p0", "p1", "p3"], ["p4", "p5", "p6"], ["p7"], ["p0", "p1", "p3", "p4", "p5", "p6", "p7"]]
+    assert written[3] == written[1000]
+    rows = [json.loads(line) for line in written[3].decode().splitlines()]
+    assert [(r["post_id"], r["criterion"]) for r in rows] == [(f"p{i}", c) for i in (0, 1, 3, 4, 5, 6, 7)
+                                                              for c in data.SYMPTOMS]
+
+
+@pytest.mark.parametrize("nothing", ["\u200e\u200f\u202e", "\u2066\u2069 \u061c", "\u0301\u0301", "\x01\x02",
+                                     "\ufffd\ufffd", "\ue000"], ids=["bidi", "isolates", "lone_accents", "controls",
+                                                                    "replacement", "private_use"])
+def test_a_post_with_nothing_to_read_is_dropped_by_the_loader_and_skipped_by_predict(cli, checkpoint, tmp_path,
+                                                                                     nothing):
+    """A post of bidi marks gave no token, and a criteria model scored it DEPRESSED_MOOD 0.870 (an evidence model
+    refused the whole file): such a post is counted and never scored, by the loader as by --predict."""
+    folder = write_corpus(tmp_path / "d", [("p1", nothing), ("p2", "I cannot sleep. I feel empty.")],
+                          [("p1", "p1_0", nothing, "SLEEP_ISSUES", "1"), ("p2", "p2_0", "I cannot sleep.",
+                                                                          "SLEEP_ISSUES", "1"),
+                           ("p2", "p2_1", nothing, "DEPRESSED_MOOD", "1")])
+    corpus = data.load_corpus(folder)
+    assert list(corpus.posts) == ["p2"] and [r["sentence_id"] for r in corpus.rows] == ["p2_0"]
+    assert corpus.report["dropped"] == {"post: empty text": 1, "annotation: post missing or empty": 1,
+                                        "annotation: empty sentence_text": 1}
+    out = tmp_path / "p.jsonl"
+    code, err = cli(evaluate.main, ["--checkpoint", checkpoint, "--predict", folder / "posts.csv", "--output", out])
+    assert code == 0, err
+    assert "1 rows skipped, not predicted: 0 without post_id, 1 with an empty text or only invisible" in err
+    assert {json.loads(line)["post_id"] for line in out.read_text().splitlines()} == {"p2"}
+
+
+def test_a_post_the_tokenizer_reads_as_nothing_is_skipped_not_scored(checkpoint, caplog):
+    """Past data.visible, a tokenizer may still drop all of a text (here one that drops '~'): it was a UserError
+    that refused the whole --predict file (and a traceback under `mlflow models serve`); the post is now skipped and
+    counted, and a file of such posts alone is an error."""
+    from collections import Counter
+
+    from tokenizers import normalizers
+
+    from checkpoint import load_checkpoint
+    from utils import make_accelerator
+
+    model, tokenizer, cfg, extra = load_checkpoint(checkpoint)
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Replace("~", ""), backend.normalizer])
+    assert features.read_tokens(tokenizer, ["~ ~~", "I can't sleep.", "é"]) == [False, True, True]
+    skipped = Counter()
+    rows = evaluate.predict_posts(model, tokenizer, cfg, extra, {"p1": "~ ~~", "p2": "I can't sleep."},
+                                  make_accelerator(), skipped)
+    assert [r["post_id"] for r in rows] == ["p2"] * len(data.SYMPTOMS) and skipped == {"no token": 1}
+    with caplog.at_level(logging.WARNING, "redsm5"):
+        evaluate.report_tokenless("new.csv", 1, len(rows))
+    assert "new.csv: 1 posts skipped, not predicted: the model's tokenizer reads no token in them" in caplog.text
+    with pytest.raises(UserError, match="new.csv: the model's tokenizer reads no token in any of its posts"):
+        evaluate.report_tokenless("new.csv", 1, 0)
+
+
+# --------------------------------------------------------------------------- issue 31: test_shift, conflicting rows
+
+def test_a_shift_corpus_that_is_the_training_corpus_is_refused_and_shared_posts_are_counted(cli, tmp_path, caplog):
+    """--test_shift_dir equal to --data_dir was scored as "phrasing no training post uses"."""
+    from config import make_config
+
+    posts = [(f"p{i}", f"Night {i}: I cannot sleep at all.") for i in range(12)]
+    annotations = [(pid, f"{pid}_0", text, "SLEEP_ISSUES", "1") for pid, text in posts]
+    folder = write_corpus(tmp_path / "d", posts, annotations)
+    shift = write_corpus(tmp_path / "s", posts[:3] + [("new1", posts[3][1]), ("new2", "I sleep well now.")],
+                         annotations[:1])
+    cfg = make_config(data_dir=str(folder), test_shift_dir=str(shift))
+    with caplog.at_level(logging.WARNING, "redsm5"):
+        data.load_shift_corpus(cfg, data.load_corpus(folder))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "redsm5"]
+    assert f"test_shift ({shift}): 3 of its 5 posts have the post_id of a post of the training corpus, 4 its text" \
+        in line
+    code, err = cli(train.main, ["--data_dir", folder, "--test_shift_dir", f"{tmp_path}/./d/", "--mlflow", "false",
+                                 "--output_dir", tmp_path / "run"])
+    assert_one_line_error(code, err, f"--test_shift_dir {tmp_path}/./d/: is the --data_dir folder",
+                          "phrasing no training post uses")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_shift_corpus_without_examples_is_not_scored(tmp_path, caplog):
+    """A --test_shift_dir of posts without annotations gave criteria no example, and featurizing none was an
+    IndexError deep in the tokenizer (a traceback)."""
+    from config import make_config
+
+    posts = [(f"p{i}", f"Night {i}: I cannot sleep at all.") for i in range(12)]
+    folder = write_corpus(tmp_path / "d", posts, [(pid, f"{pid}_0", t, "SLEEP_ISSUES", "1") for pid, t in posts])
+    shift = write_corpus(tmp_path / "s", [("s1", "I went hiking today.")], [])
+    with caplog.at_level(logging.WARNING, "redsm5"):
+        prepared = train.prepare_data(make_config(data_dir=str(folder), test_shift_dir=str(shift), tiny_vocab=300))
+    assert sorted(prepared.features) == ["test", "train", "val"]
+    assert "test_shift: no examples for task 'criteria' (no annotation kept?): not scored" in caplog.text
+
+
+def test_conflicting_annotations_of_one_sentence_are_counted_and_keep_status_1(tmp_path):
+    """The same sentence under two sentence_ids (or one and none) with opposite statuses was kept as both, without a
+    word: the model read one input with both labels."""
+    posts = [("p1", "I cannot sleep. I feel sad. I eat well.")]
+    annotations = [("p1", "p1_0", "I cannot sleep.", "SLEEP_ISSUES", "1"),
+                   ("p1", "p1_7", "I  cannot sleep.", "SLEEP_ISSUES", "0"),  # another id, the same sentence
+                   ("p1", "", "I feel sad.", "DEPRESSED_MOOD", "0"),  # no id: its text
+                   ("p1", "p1_1", "I feel sad.", "DEPRESSED_MOOD", "1"),
+                   ("p1", "p1_1", "I feel sad.", "DEPRESSED_MOOD", "0"),  # same id: a dropped duplicate, as before
+                   ("p1", "p1_2", "I eat well.", "APPETITE_CHANGE", "0"),
+                   ("p1", "p1_9", "I eat well.", "APPETITE_CHANGE", "0")]  # agreeing: both kept, no conflict
+    corpus = data.load_corpus(write_corpus(tmp_path / "d", posts, annotations))
+    assert corpus.report["conflicting_duplicates_resolved_to_1"] == 3
+    assert corpus.report["dropped"] == {"annotation: duplicate (post, sentence, symptom)": 1}
+    assert sorted((r["sentence_id"], r["symptom"], r["status"]) for r in corpus.rows) == [
+        ("", "DEPRESSED_MOOD", 1), ("p1_0", "SLEEP_ISSUES", 1), ("p1_1", "DEPRESSED_MOOD", 1),
+        ("p1_2", "APPETITE_CHANGE", 0), ("p1_7", "SLEEP_ISSUES", 1), ("p1_9", "APPETITE_CHANGE", 0)]
+    assert "conflicting duplicates resolved to 1: 3" in data.format_report(corpus.report)

@@ -190,6 +190,55 @@ def every_epoch_improves(best, value, cfg) -> bool:
     return True
 
 
+def test_two_processes_with_a_batch_larger_than_the_data_train_on_their_share(tmp_path):
+    """--batch_size 1024 on two processes and a few dozen training inputs: accelerate filled each process's batch
+    with copies up to 1024 (6 GB; killed for memory, and rank 0 said only "stopped by SIGTERM"), and
+    samples_per_second counted the copies. Each process now takes its share, and the copies are not counted."""
+    import math
+
+    import train
+
+    argv = ["--task", "criteria", "--demo_posts", "40", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads",
+            "1", "--tiny_vocab", "300", "--epochs", "2", "--demo_shift_posts", "0", "--mlflow", "false"]
+    n = len(train.prepare_data(train.parse_config(argv)[0]).features["train"][1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *argv,
+           "--batch_size", "1024", "--output_dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [line for line in proc.stderr.splitlines() if "--batch_size 1024: more than the" in line]
+    assert len(warned) == 1, proc.stderr[-3000:]  # the main process says it, once
+    assert f"the {n} training inputs shared by 2 processes: each takes {math.ceil(n / 2)} a step" in warned[0]
+    stats = json.loads((tmp_path / "run" / "run_stats.json").read_text())
+    assert (stats["processes"], stats["steps"]) == (2, 2)  # one step an epoch: both shares at once
+    assert round(stats["samples_per_second"] * stats["train_seconds"]) == 2 * n  # each input once an epoch
+
+
+@pytest.mark.parametrize("n, batch_size", [(1000, 32), (130, 32), (100, 8), (51, 1024)])
+def test_two_processes_see_every_training_input_once_an_epoch(n, batch_size):
+    """accelerate deals batches to the processes in turns and expects a short batch only at the end: the shuffled
+    short batch, dealt in the middle, dropped itself and the batch beside it (1,000 inputs, batch 32: 40 unseen in
+    epoch 0). The copies it adds to even out the last step are what train.real_inputs leaves out."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    import features
+
+    per_process = features.per_process_batch(n, batch_size, 2)
+    sampler = features.LengthGroupedBatches(np.arange(n) % 7, per_process, True, seed=0, short_last=True)
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        shards = [list(BatchSamplerShard(sampler, 2, rank)) for rank in range(2)]
+        assert len(shards[0]) == len(shards[1])  # the same number of steps on both processes
+        steps = list(zip(*shards))
+        assert all(len(b) == per_process for step in steps for b in step)
+        assert sorted({i for step in steps for b in step for i in b}) == list(range(n))
+        earlier = [i for step in steps[:-1] for b in step for i in b]
+        assert len(earlier) == len(set(earlier))  # copies only in the last step
+        last = {i for b in steps[-1] for i in b} - set(earlier)
+        assert len(last) == (n % (2 * per_process) or 2 * per_process)  # its real inputs: accelerate's remainder
+
+
 def test_kill_during_best_save_keeps_previous_best(tmp_path, monkeypatch):
     real_save = checkpoint.save_checkpoint
     calls = {"n": 0}
