@@ -32,6 +32,10 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    # The run unwinds from wherever the signal lands; inside an MLflow store's database call, SQLAlchemy's pool then
+    # logs the interrupted connection's reset as an ERROR with a traceback. The run is ending: the line run_main
+    # prints says so, and the store ends the run KILLED.
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
     raise Terminated()
 
 
