@@ -1,5 +1,5 @@
 """report.py --compare's table from two report folders whose cross-validations did not both finish: the folds x seeds
-both have, paired (report.paired, report.compare_markdown), and the baselines refit on those folds.
+both have, paired (compare.paired, compare.compare_markdown), and the baselines refit on those folds.
 
     python scripts/compare_folds.py --data_dir corpora/written outputs/written/criteria-minilm \
         outputs/written/criteria-authors-minilm --name redsm5_authors --out outputs/written/compare
@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines  # noqa: E402
+import compare  # noqa: E402
 import data  # noqa: E402
 import report  # noqa: E402
 from config import load_yaml_config, make_config  # noqa: E402
@@ -54,11 +55,11 @@ def main() -> None:
         results.append({"command": f"python scripts/compare_folds.py {' '.join(sys.argv[1:])}", "runs": runs,
                         "folds": [{s: len(splits[k][s]) for s in ("train", "val", "test")} for k in folds],
                         "summary": summary, "baseline_per_symptom": report.baseline_per_symptom(fitted)})
-    cmp = report.paired(*results)
+    cmp = compare.paired(*results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"compare-{args.name}.json").write_text(json.dumps(cmp, indent=2))
-    (out / f"compare-{args.name}.md").write_text(report.compare_markdown(args.name, results[0], cmp))
+    (out / f"compare-{args.name}.md").write_text(compare.compare_markdown(args.name, results[0], cmp))
     print((out / f"compare-{args.name}.md").read_text())
 
 
