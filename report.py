@@ -246,8 +246,8 @@ def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = No
     run_dir = Path(run_cfg.output_dir)
     if resume and (run_dir / "config.yaml").exists():
         saved, now = load_yaml_config(run_dir / "config.yaml"), dataclasses.asdict(run_cfg)
-        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
-                   if k != "resume" and not same_setting(k, saved, now)]
+        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now  # how the folder was entered, not the run:
+                   if k not in ("resume", "overwrite_output_dir") and not same_setting(k, saved, now)]
         if changed:
             raise UserError(f"{run_dir}: trained with other settings ({', '.join(changed[:3])}): "
                             "give another --output_dir, or drop --resume")

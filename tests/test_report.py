@@ -296,6 +296,9 @@ def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, m
     assert code == 0, err
     assert calls == [(str(out / "fold1-seed1"), False)]  # trained again, from the start, in its own folder
     assert timeless(report.json.loads((out / "summary.json").read_text())["runs"]) == timeless(first["runs"])
+    calls.clear()  # fold 1 was trained again with overwrite_output_dir, and its config.yaml says so
+    code, err = cli(report.main, argv + ["--resume", "true"])
+    assert code == 0 and calls == [], err  # both read back: how a folder was entered is not a setting of the run
 
 
 @pytest.mark.parametrize("argv, needle", [
