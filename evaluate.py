@@ -100,8 +100,10 @@ def main(argv=None):
         if args.output:  # whole or not at all, like the predictions
             write_text_atomic(Path(args.output), dumps({scored: metrics}, indent=2))
         if args.html:
-            write_error_page(Path(args.html), predictions, examples, metrics, f"{cfg.task}: errors on {scored} "
-                             f"({args.split}) of {checkpoint}")
+            posts = {"all": "all posts of --data_dir", "unseen": "the unseen posts of --data_dir"}.get(
+                scored, f"the {scored} split")
+            write_error_page(Path(args.html), predictions, examples, metrics, f"{cfg.task}: errors on {posts}, "
+                             f"checkpoint {checkpoint}")
             log.info("wrote the error page %s", args.html)
 
 
