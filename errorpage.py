@@ -172,7 +172,7 @@ def render_card(rank: int, card: dict) -> str:
     elif evidence:
         body = evidence_lines(card["text"], evidence)
     else:
-        body = [f'<li class="correct"><span class="n"></span><span class="t">{esc(clip(card["text"]))}</span></li>']
+        body = [f'<li class="text">{esc(clip(card["text"]))}</li>']
     symptoms = " ".join(sorted({m.criterion for m in marks if m.kind in WRONG}))
     head = (f'<h2>#{rank} <code>{esc(card["post_id"])}</code> <small>error weight {card["error"]:.2f}, '
             f'{card["n_wrong"]} wrong decision{"s" * (card["n_wrong"] != 1)}</small></h2>')
@@ -186,7 +186,8 @@ body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1300px;padd
 h1{font-size:1.4em;margin:0 0 .3em} h2{font-size:1.05em;margin:0 0 .4em} small{color:#666;font-weight:normal}
 .about p{margin:.25em 0} .card{border:1px solid #ccc;border-radius:6px;padding:.6em .9em;margin:1em 0}
 .lines{list-style:none;padding:0;margin:0} .lines li{padding:.2em .5em;border-left:5px solid #eee;margin:2px 0}
-.lines .n{display:inline-block;min-width:2.2em;color:#888;font-size:.85em} .lines .t{margin-right:.5em}
+.lines .n{display:inline-block;min-width:2.2em;margin-right:.4em;color:#888;font-size:.85em}
+.lines .t{margin-right:.5em} .lines li.text{border:0}
 .lines li.hit{border-color:#2e8b57;background:#f1faf3} .lines li.missed{border-color:#c0392b;background:#fdf0ef}
 .lines li.false_alarm{border-color:#7d3cbd;background:#f6f0fc} .lines li.fold{color:#888;font-style:italic}
 .mark,.key{display:inline-block;border-radius:4px;padding:0 .45em;margin:1px 3px;font-size:.82em;white-space:nowrap}
@@ -213,18 +214,23 @@ def legend() -> str:
 
 def about(cards: list[dict], n_shown: int, metrics: dict) -> list[str]:
     """The page's opening lines: what it shows, how it orders posts, what its numbers are, its counts."""
-    n_wrong = sum(1 for c in cards if c["n_wrong"])
+    n_wrong, counts = sum(1 for c in cards if c["n_wrong"]), decision_counts(cards)
+    levels = {level for level, _ in counts}
     left_out = f", the {n_wrong - n_shown} least wrong left out" if n_wrong > n_shown else ""
-    threshold = metrics.get("sentence_threshold", 0.0)
-    return [f"{len(cards)} posts: {n_wrong} with at least one wrong decision, shown worst first ({n_shown} shown"
-            f"{left_out}); {len(cards) - n_wrong} with none, not shown. Every row is in the split's predictions.",
-            "<b>Worst first</b>: a post's <b>error weight</b> is the sum, over its wrong decisions (symptoms and "
-            "evidence sentences), of the probability the model gave its wrong answer: p for a false alarm, "
-            "1 &minus; p for a miss. Ties: more wrong decisions first.",
-            "<b>p</b> is the probability of &quot;yes&quot;: for a symptom, the classifier's (yes at p &ge; 0.5); for "
-            "an evidence sentence, sigmoid(sentence score &minus; the sentence threshold tuned on validation, "
-            f"{threshold:.4f}), so yes at p &ge; 0.5 too (a pair with no sentence above it still gets its best one).",
-            *against_metrics(decision_counts(cards), metrics), f"Legend: {legend()}"]
+    probability = {"criteria": "for a symptom, the classifier's probability (yes at p &ge; 0.5)",
+                   "evidence": "for an evidence sentence, sigmoid(sentence score &minus; the sentence threshold tuned "
+                               f"on validation, {metrics.get('sentence_threshold', 0.0):.4f}), so yes at p &ge; 0.5 "
+                               "too (a pair with no sentence above it still gets its best one)"}
+    lines = [f"{len(cards)} posts scored: {n_wrong} with at least one wrong decision, shown worst first ({n_shown} "
+             f"shown{left_out}); {len(cards) - n_wrong} with none, not shown. Every row is in the split's predictions.",
+             "<b>Worst first</b>: a post's <b>error weight</b> is the sum, over its wrong decisions, of the "
+             "probability the model gave its wrong answer: p for a false alarm, 1 &minus; p for a miss. Ties: more "
+             "wrong decisions first.",
+             f"<b>p</b> is the probability of &quot;yes&quot;: {'; '.join(probability[k] for k in sorted(levels))}."]
+    if len(levels) == 2:
+        lines.append("Evidence is marked on the (post, symptom) pairs with gold evidence: the pairs that the "
+                     "evidence metrics score.")
+    return [*lines, *against_metrics(counts, metrics), f"Legend: {legend()}"]
 
 
 def render_page(cards: list[dict], metrics: dict, title: str, max_posts: int = MAX_POSTS) -> str:

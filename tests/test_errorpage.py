@@ -59,7 +59,7 @@ def test_the_page_marks_exactly_the_hand_computed_sentences():
     assert marked_lines(page, "B") == {"0": [("missed", "WORTHLESSNESS", round(sigmoid(-1.5), 2))],
                                        "1": [("false_alarm", "WORTHLESSNESS", round(sigmoid(0.2), 2))]}
     assert "<code>C</code>" not in page  # no wrong decision: counted, not shown
-    assert "3 posts: 2 with at least one wrong decision" in page
+    assert "3 posts scored: 2 with at least one wrong decision" in page
     assert "Evidence sentences: 2 hits, 2 missed, 2 false alarms: precision 0.5000, recall 0.5000" in page
 
 
