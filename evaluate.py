@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint outputs/run/checkpoints/best [--data_dir DIR] [--split test] [--output FILE]
     python evaluate.py --checkpoint outputs/run/checkpoints/best --predict posts.csv --output predictions.jsonl
+    python evaluate.py --checkpoint outputs/run/checkpoints/best --html errors.html   # the split's errors, worst first
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint ...   # same numbers, two processes
 
 Reading order: `model_outputs` runs a model over a loader (gathered across processes exactly once) ->
@@ -21,6 +22,7 @@ from pathlib import Path
 import data
 from checkpoint import load_checkpoint, resolve_checkpoint
 from config import _Parser, sentence_unit
+from errorpage import write_error_page
 from features import make_loader, read_tokens
 from models import TASKS, featurize
 from scoring import evaluate, format_metrics
@@ -50,13 +52,21 @@ def main(argv=None):
     parser.add_argument("--predict", metavar="POSTS_CSV", help="predict on new posts (post_id,text) instead")
     parser.add_argument("--output", help="where to write the metrics JSON (or the predictions JSONL)")
     parser.add_argument("--batch_size", type=int, help="evaluation batch size (default: the run's)")
+    parser.add_argument("--html", metavar="FILE", help="also write an HTML page of the split's posts, the worst "
+                        "errors first: gold and predicted symptoms and evidence sentences (errorpage.py)")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size: must be >= 1, got {args.batch_size}")
     output = args.output or ("predictions.jsonl" if args.predict else None)
-    if output is not None:
-        check_writable(output)  # before the model is loaded and run, not after
-        check_not_an_input(output, args)
+    if args.html is not None and args.predict:
+        raise UserError("--html: the error page compares predictions with gold labels, which new posts (--predict) "
+                        "do not have; give --split instead")
+    for flag, path in (("--output", output), ("--html", args.html)):
+        if path is not None:
+            check_writable(path, flag)  # before the model is loaded and run, not after
+            check_not_an_input(path, args, flag)
+    if output is not None and args.html is not None and Path(output).resolve() == Path(args.html).resolve():
+        raise UserError(f"--html {args.html}: is also the --output file; give another file")
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
     if args.predict:
@@ -89,21 +99,27 @@ def main(argv=None):
                  len(examples), accelerator.num_processes, format_metrics(metrics))
         if args.output:  # whole or not at all, like the predictions
             write_text_atomic(Path(args.output), dumps({scored: metrics}, indent=2))
+        if args.html:
+            posts = {"all": "all posts of --data_dir", "unseen": "the unseen posts of --data_dir"}.get(
+                scored, f"the {scored} split")
+            write_error_page(Path(args.html), predictions, examples, metrics, f"{cfg.task}: errors on {posts}, "
+                             f"checkpoint {checkpoint}")
+            log.info("wrote the error page %s", args.html)
 
 
-def check_not_an_input(output: str, args) -> None:
-    """--output must not be a file this command reads (the --predict CSV, a file of the checkpoint or of --data_dir):
-    it would be replaced by what is written."""
+def check_not_an_input(output: str, args, flag: str = "--output") -> None:
+    """An output (--output, --html) must not be a file this command reads (the --predict CSV, a file of the
+    checkpoint or of --data_dir): it would be replaced by what is written."""
     if not Path(output).is_file():
         return
     inputs = [("--predict", Path(args.predict))] if args.predict else []
-    for flag in ("checkpoint", "data_dir"):
-        folder = getattr(args, flag)
+    for name in ("checkpoint", "data_dir"):
+        folder = getattr(args, name)
         if folder is not None and Path(folder).is_dir():
-            inputs += [(f"--{flag}", f) for f in Path(folder).rglob("*") if f.is_file()]
-    for flag, f in inputs:
+            inputs += [(f"--{name}", f) for f in Path(folder).rglob("*") if f.is_file()]
+    for source, f in inputs:
         if f.is_file() and os.path.samefile(output, f):
-            raise UserError(f"--output {output}: is the {flag} file {f} that this command reads, and writing would "
+            raise UserError(f"{flag} {output}: is the {source} file {f} that this command reads, and writing would "
                             "replace it; give another file")
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger("redsm5")
 
 PREDICTION_FILES = {"val": "val_predictions.jsonl", "test": "predictions.jsonl",
                     "test_shift": "shift_predictions.jsonl"}
+ERROR_PAGE = "error_page.html"  # the test split's errors, worst first (errorpage.py)
 
 
 RUN_RECORD = "run.json"  # what a run trains on, by content: what --resume compares before it continues
@@ -215,7 +216,7 @@ def clear_replaced_run(out_dir: Path) -> None:
     if not any((out_dir / f).exists() for f in (RUN_RECORD, "metrics.json")):
         return
     log.info("--overwrite_output_dir: replacing the run in %s", out_dir)
-    for name in (RUN_RECORD, "metrics.json", "run_stats.json", "history.json", *PREDICTION_FILES.values()):
+    for name in (RUN_RECORD, "metrics.json", "run_stats.json", "history.json", ERROR_PAGE, *PREDICTION_FILES.values()):
         (out_dir / name).unlink(missing_ok=True)
     for name in ("checkpoints", "figures"):  # renamed away first: a kill never leaves half a folder
         if (out_dir / name).exists():

@@ -10,6 +10,7 @@ MLflow (and, where stderr is a file, a console line every 30 s), validation metr
     metrics.json          {"val", "test"} and "test_shift" when there is a shifted test set (the demo's held-out
                           phrasing, or --test_shift_dir): only what the model scored, comparable byte for byte
     predictions.jsonl     (and val_predictions.jsonl, shift_predictions.jsonl)
+    error_page.html       the test posts, the worst errors first: gold vs predicted symptoms and evidence (errorpage.py)
     history.json          loss and lr per step, the validation metric per epoch
     run_stats.json        timings, what ran (device, precision, processes), the MLflow run id
     checkpoints/best      what evaluate.py loads: encoder/ (Hugging Face layout), heads.safetensors, a model card
@@ -33,8 +34,10 @@ from card import model_card
 from checkpoint import find_complete_dir, load_last, save_last
 from config import Config
 from data import data_sha256
+from errorpage import write_error_page
 from models import TASKS
 from rundir import (
+    ERROR_PAGE,
     PREDICTION_FILES,
     check_output_dir,
     check_resume,
@@ -136,6 +139,10 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
             "tf32": accelerator.device.type == "cuda" and cfg.tf32})
         if accelerator.is_main_process:
             write_outputs(out_dir, cfg, results, predictions, state, tracker)
+            if "test" in predictions:
+                page = write_error_page(out_dir / ERROR_PAGE, predictions["test"], prepared.features["test"][0],
+                                        results["test"], f"{cfg.task}: errors on the test split of {out_dir}")
+                tracker.log_artifact(page)
             finish_best(best_dir, cfg, results, prepared.splits, tracker)
             tracker.flush()  # what MLflow did not get is known only now
             results["train"].update(tracker.unlogged())

@@ -152,11 +152,12 @@ def score_spans(examples, features, out, cfg, thresholds: dict, tune: bool, pred
         metrics.update({f"{name}_{k}": m[k] for k in ("sentence_f1", "set_exact_match")})
     metrics["n_multi_sentence_pairs"] = len(several)
     metrics["sentence_threshold"] = thresholds["sentence_threshold"]
-    for p, d, g, gs, chosen, t in zip(predictions, decoded, golds, gold_sets, pred_sets, texts):
+    for p, d, g, gs, chosen, t, sc in zip(predictions, decoded, golds, gold_sets, pred_sets, texts, scores):
         spans = [split[t][k] for k in sorted(chosen)]
         p.update(pred_text=d["text"], pred_start=d["start"], pred_end=d["end"], span_score=d["span_score"],
                  null_score=d["null_score"], gold_texts=g, gold_sentences=gs, pred_sentences=sorted(chosen),
-                 pred_sentence_spans=[list(s) for s in spans], pred_sentence_texts=[t[a:b] for a, b in spans])
+                 pred_sentence_spans=[list(s) for s in spans], pred_sentence_texts=[t[a:b] for a, b in spans],
+                 sentence_scores=sc.tolist())  # each sentence's score (-inf, JSON null: no window reads it)
     return metrics
 
 
