@@ -7,10 +7,11 @@
     python train.py --output_dir outputs/run --resume      # continue a killed run from checkpoints/last
 
 This file is the training path alone: the data, tokenised once -> the optimizer and schedule -> `train_step`
-(forward, which returns the loss; backward; clip; step) -> `train`, the epoch loop around it with validation,
-the best checkpoint and its test. It tracks and records nothing but through the hooks its caller gives:
-runner.py makes it a run (the output folder and its lock, resume, MLflow, the files a run leaves, listed
-there), and `main` below is that run from the command line.
+(forward, which returns the loss; backward; clip; step) -> `train`, the epoch loop around it with validation
+(each epoch, or every --eval_every steps), the best checkpoint and its test; a SIGTERM stops it at a step boundary.
+It tracks and records nothing but through the hooks its caller gives: runner.py makes it a run (the output folder
+and its lock, resume, MLflow, the files a run leaves, listed there), and `main` below is that run from the command
+line.
 """
 from __future__ import annotations
 
