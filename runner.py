@@ -4,7 +4,8 @@ hpo.py (a trial) and report.py (a fold x seed) call.
 Around `train.train` it takes the output folder's lock, checks the folder (rundir.py), records a new run or checks
 a resumed one, opens the MLflow run (tracking.py) and gives the loop its hooks: the loss and rate of every step to
 MLflow (and, where stderr is a file, a console line every 30 s), validation metrics, checkpoints/last every
---save_every steps, every epoch and at a SIGTERM. A step out of memory retries at half the batch. When the loop is done it writes what a finished run leaves in output_dir:
+--save_every steps, every epoch and at a SIGTERM. A step out of memory retries at half the batch.
+When the loop is done it writes what a finished run leaves in output_dir:
 
     config.yaml, splits.json, tokenizer/, run.json   the run's record (written at its start; --resume checks it)
     metrics.json          {"val", "test"} and "test_shift" when there is a shifted test set (the demo's held-out
