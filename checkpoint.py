@@ -283,12 +283,13 @@ class LoopState:
     """Where training stands; saved with checkpoints/last as trainer_state.json, so a resume continues exactly."""
     epoch: int = 0
     batches_done: int = 0  # micro-batches of the current epoch already trained on
+    batch_size: int = 0  # the per-process micro-batch they were (an out-of-memory fallback halves it); 0: not recorded
     global_step: int = 0  # optimizer steps
     best: float | None = None  # best validation value of the main metric
-    bad_epochs: int = 0  # validations without improvement, for --patience
+    bad_epochs: int = 0  # validations without improvement, for --patience (each epoch's, or --eval_every's)
     thresholds: dict = field(default_factory=dict)  # tuned on validation for the best checkpoint (evaluate)
     run_id: str | None = None  # the MLflow run a resume continues
-    history: list = field(default_factory=list)  # validation metric per epoch
+    history: list = field(default_factory=list)  # validation metric per validation, with its epoch and step
     curve: list = field(default_factory=list)  # [step, train loss, lr] per optimizer step, for history.json
     skipped_steps: int = 0  # non-finite losses skipped
 

@@ -125,7 +125,10 @@ class Config:
     early_stopping_metric: str = knob("auto", "validation metric to watch; auto = the task's main metric", hpo=False)
     early_stopping_mode: typing.Literal["max", "min"] = knob("max", hpo=False,
         help="max: a larger metric is better; min: a smaller one")
-    patience: int = knob(3, 'epochs without improvement before stopping; 0 disables', resume=True, low=0)
+    eval_every: int = knob(0, low=0, hpo=False,
+        help="validate every N optimizer steps, and after the last one (0 = after every epoch); the best checkpoint "
+             "and --patience count these validations. Not changed on resume: it decides which checkpoint is best")
+    patience: int = knob(3, 'validations without improvement before stopping; 0 disables', resume=True, low=0)
     min_delta: float = knob(1e-4, 'smallest change that counts as an improvement', low=0)
     resume: bool = knob(False, 'continue the run in output_dir from checkpoints/last', resume=True, hpo=False)
     save_every: int = knob(0, resume=True, low=0,

@@ -117,6 +117,9 @@ def check_args(args, cfg: Config) -> None:
     if name is not None and (name.strip() in ("", ".", "..") or "/" in name or "\\" in name or not name.isprintable()):
         raise UserError(f"--study_name {name!r}: not a plain name (it names the folder outputs/hpo/<study>: no path "
                         "separator, not '.' or '..', no control character); give a name like criteria-run2")
+    if cfg.eval_every:
+        raise UserError(f"--eval_every {cfg.eval_every}: hpo.py prunes and compares trials at epoch ends (trials of "
+                        "other batch sizes after the same data); leave it at 0 here")
     if cfg.early_stopping_metric != "auto":  # every trial would fail at its first validation
         valid = metric_names(cfg)
         if cfg.early_stopping_metric not in valid:

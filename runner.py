@@ -4,7 +4,8 @@ hpo.py (a trial) and report.py (a fold x seed) call.
 Around `train.train` it takes the output folder's lock, checks the folder (rundir.py), records a new run or checks
 a resumed one, opens the MLflow run (tracking.py) and gives the loop its hooks: the loss and rate of every step to
 MLflow (and, where stderr is a file, a console line every 30 s), validation metrics, checkpoints/last every
---save_every steps and every epoch. When the loop is done it writes what a finished run leaves in output_dir:
+--save_every steps, every epoch and at a SIGTERM. A step out of memory retries at half the batch.
+When the loop is done it writes what a finished run leaves in output_dir:
 
     config.yaml, splits.json, tokenizer/, run.json   the run's record (written at its start; --resume checks it)
     metrics.json          {"val", "test"} and "test_shift" when there is a shifted test set (the demo's held-out
@@ -25,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from pathlib import Path
 import train
 from card import model_card
 from checkpoint import find_complete_dir, load_last, save_last
-from config import Config
+from config import Config, load_yaml_config, save_config
 from data import data_sha256
 from errorpage import write_error_page
 from models import TASKS
@@ -49,7 +51,7 @@ from rundir import (
 )
 from scoring import summary_table
 from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, log_figures, log_run_inputs, tracked_metrics
-from utils import code_version, dumps, output_dir_lock, system_info, write_jsonl, write_text_atomic
+from utils import UserError, code_version, dumps, output_dir_lock, system_info, write_jsonl, write_text_atomic
 
 log = logging.getLogger("redsm5")
 
@@ -121,6 +123,8 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
             clear_replaced_run(out_dir)
         accelerator.wait_for_everyone()
         resume_from = load_last(last_dir) if cfg.resume else None
+        if resume_from:
+            cfg = fallen_back_batch(cfg, out_dir)
         prepared, data_digest = start_run(cfg, accelerator, out_dir, resume_from is not None, prepare)
         # the training corpus alone, by content: evaluate.py --data_dir tells it from another corpus by this
         corpus_digest = data_sha256(dataclasses.replace(cfg, test_shift_dir=None, splits_file=None)) \
@@ -132,7 +136,8 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
         log.info("run folder %s; %s", out_dir, tracker.where())
         scope.enter_context(logging_redirect_tqdm())  # log lines go above the bar, not into it
         hooks = run_hooks(cfg, accelerator, tracker, last_dir, on_validation, {"corpus_sha256": corpus_digest})
-        results, predictions, state = train.train(cfg, accelerator, prepared, out_dir, resume_from, hooks)
+        cfg, (results, predictions, state) = train_fitting_memory(cfg, accelerator, prepared, out_dir, resume_from,
+                                                                  hooks)
         results["train"].update(mlflow_run_id=tracker.run_id, resumed=resume_from is not None, ran_with={
             "device": accelerator.device.type, "mixed_precision": cfg.mixed_precision,
             "distributed_type": accelerator.distributed_type.name,
@@ -152,6 +157,63 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
             written = ["metrics.json", *(["predictions.jsonl"] if "test" in predictions else []), "checkpoints/best"]
             log.info("done: %s (%s); %s", out_dir, ", ".join(written), tracker.where())
     return results
+
+
+# --------------------------------------------------------------------------- out of memory: half the batch
+
+def train_fitting_memory(cfg: Config, accelerator, prepared, out_dir: Path, resume_from: Path | None,
+                         hooks: train.Hooks) -> tuple[Config, tuple]:
+    """(the config that trained, train.train's results): a training step out of memory restarts the training at half
+    the per-process batch and twice the gradient accumulation (the same effective batch when the batch was even),
+    down to batch 1. What accelerate's find_executable_batch_size does, with the accumulation kept, each fallback
+    recorded (config.yaml, run_stats.json `batch_fallbacks`), and one process only: under several, the others would
+    wait for the failed one in an all-reduce. The restart begins where this invocation began (a new run: from
+    scratch, its checkpoints/last removed; a resume: from the state it resumed)."""
+    from accelerate.utils.memory import clear_device_cache
+
+    fallbacks = []
+    while True:
+        try:
+            results = train.train(cfg, accelerator, prepared, out_dir, resume_from, hooks)
+            break
+        except train.OutOfMemory as e:
+            if cfg.batch_size == 1 or accelerator.num_processes > 1:
+                how = "lower --max_length, or try --gradient_checkpointing true or --mixed_precision bf16" \
+                    if cfg.batch_size == 1 else "give a smaller --batch_size and a larger --grad_accum"
+                raise UserError(f"{e}: {how}") from None
+            event = {"step": e.step, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "error": str(e)}
+        accelerator.free_memory()  # outside the except: the failed step's tensors are released with its traceback
+        clear_device_cache(garbage_collection=True)
+        cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2, grad_accum=cfg.grad_accum * 2)
+        accelerator.gradient_accumulation_steps = cfg.grad_accum
+        fallbacks.append({**event, "to_batch_size": cfg.batch_size, "to_grad_accum": cfg.grad_accum})
+        log.warning("out of memory at step %d with --batch_size %d: training again from %s at --batch_size %d "
+                    "--grad_accum %d", event["step"], event["batch_size"], "the resumed state" if resume_from else
+                    "the start", cfg.batch_size, cfg.grad_accum)
+        if accelerator.is_main_process:
+            save_config(cfg, out_dir / "config.yaml")  # what trains now: a resume continues at this batch
+            if resume_from is None:  # a state of the failed attempt is not this run's
+                for stale in [out_dir / "checkpoints" / "last", *out_dir.glob("checkpoints/step-*")]:
+                    shutil.rmtree(stale, ignore_errors=True)
+    results[0]["train"]["batch_fallbacks"] = fallbacks
+    return cfg, results
+
+
+def fallen_back_batch(cfg: Config, out_dir: Path) -> Config:
+    """A resume of a run whose batch an out-of-memory fallback halved (config.yaml says so: a smaller batch, the
+    same effective batch) continues at that batch when it is asked for the batch the run started with: a requeued
+    job repeats its first command line."""
+    try:
+        saved = load_yaml_config(out_dir / "config.yaml")
+    except UserError:  # missing or damaged: check_resume names it
+        return cfg
+    batch, accum = saved.get("batch_size"), saved.get("grad_accum")
+    halvings = range(1, cfg.batch_size.bit_length())
+    if any((batch, accum) == (cfg.batch_size >> k, cfg.grad_accum << k) for k in halvings):
+        log.info("--resume: this run fell back to --batch_size %d --grad_accum %d after running out of memory; "
+                 "it continues so", batch, accum)
+        return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
+    return cfg
 
 
 # --------------------------------------------------------------------------- what a finished run leaves

@@ -7,10 +7,11 @@
     python train.py --output_dir outputs/run --resume      # continue a killed run from checkpoints/last
 
 This file is the training path alone: the data, tokenised once -> the optimizer and schedule -> `train_step`
-(forward, which returns the loss; backward; clip; step) -> `train`, the epoch loop around it with validation,
-the best checkpoint and its test. It tracks and records nothing but through the hooks its caller gives:
-runner.py makes it a run (the output folder and its lock, resume, MLflow, the files a run leaves, listed
-there), and `main` below is that run from the command line.
+(forward, which returns the loss; backward; clip; step) -> `train`, the epoch loop around it with validation
+(each epoch, or every --eval_every steps), the best checkpoint and its test; a SIGTERM stops it at a step boundary.
+It tracks and records nothing but through the hooks its caller gives: runner.py makes it a run (the output folder
+and its lock, resume, MLflow, the files a run leaves, listed there), and `main` below is that run from the command
+line.
 """
 from __future__ import annotations
 
@@ -33,7 +34,17 @@ from config import Config, auto_lr, changed_fields, parse_config
 from features import make_loader, per_process_batch
 from models import TASKS, build_model, build_tokenizer, featurize
 from scoring import evaluate, metric_names
-from utils import UserError, dataloader_kwargs, make_accelerator, run_main, set_seed, setup_logging
+from utils import (
+    STEP_BOUNDARY,
+    Terminated,
+    UserError,
+    dataloader_kwargs,
+    first_line,
+    make_accelerator,
+    run_main,
+    set_seed,
+    setup_logging,
+)
 
 log = logging.getLogger("redsm5")
 
@@ -215,7 +226,7 @@ class Hooks:
     checkpoints/last there; hpo.py prunes at validation."""
     logged: Callable = _nothing  # (step, train loss, lr) after every optimizer step
     validated: Callable = _nothing  # (epoch, val metrics, step, total steps) after every validation
-    save_state: Callable = _nothing  # (state, scheduler) every --save_every steps and after every epoch
+    save_state: Callable = _nothing  # (state, scheduler) every --save_every steps, after every epoch, at a SIGTERM
     best_info: dict = field(default_factory=dict)  # more for the best checkpoint's checkpoint.json
     card: Callable | None = None  # (cfg, metrics, n_params, splits) -> the best checkpoint's README.md
 
@@ -263,79 +274,129 @@ def step_loss(micro_losses: list[torch.Tensor], step: int) -> float:
     return loss
 
 
+class OutOfMemory(Exception):
+    """A training step ran out of device memory (runner.py retries the run at half the batch)."""
+
+    def __init__(self, step: int, batch_size: int, error: BaseException):
+        super().__init__(f"out of memory at step {step} with --batch_size {batch_size} ({first_line(error)[:120]})")
+        self.step, self.batch_size = step, batch_size
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the "out of memory" RuntimeError of other backends (accelerate's own test)."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)
+
+
+def stop_requested(accelerator) -> bool:
+    """Whether a SIGTERM asked the run to stop (utils.STEP_BOUNDARY). Every process must stop at the same step, or the
+    others would wait in the next step's all-reduce: under several processes, a flag gathered each step."""
+    asked = STEP_BOUNDARY.asked
+    if accelerator.num_processes > 1:
+        asked = bool(accelerator.gather(torch.tensor([asked], device=accelerator.device)).any())
+    return asked
+
+
+def stop_on_sigterm(step: int) -> None:
+    log.info("SIGTERM: stopping at step %d, checkpoints/last saved there (--resume continues from it)", step)
+    raise Terminated()
+
+
 def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resume_from: Path | None = None,
           hooks: Hooks | None = None) -> tuple[dict, dict, LoopState]:
-    """Train, validate each epoch, keep the best checkpoint (out_dir/checkpoints/best), test it. Returns (metrics
-    {"val", "test", ["test_shift",] "train"}, predictions per split, the loop state). `resume_from`: a
-    checkpoints/last to continue from."""
+    """Train, validate each epoch (or every --eval_every steps), keep the best checkpoint (out_dir/checkpoints/best),
+    test it. Returns (metrics {"val", "test", ["test_shift",] "train"}, predictions per split, the loop state).
+    `resume_from`: a checkpoints/last to continue from. A SIGTERM stops it at the next step boundary, with
+    checkpoints/last saved there; a step out of memory raises OutOfMemory."""
     from tqdm.auto import tqdm
 
     hooks, metric_name, t_start = hooks or Hooks(), main_metric(cfg), time.perf_counter()
     best_dir = out_dir / "checkpoints" / "best"
     model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator, prepared)
     state = resume_state(accelerator, scheduler, resume_from, cfg) if resume_from else LoopState()
+    batch_size = per_process_batch(len(prepared.features["train"][1]), cfg.batch_size, accelerator.num_processes)
+    if state.batch_size and state.batch_size != batch_size:  # saved before an out-of-memory fallback halved it
+        state.batches_done = state.batches_done * state.batch_size // batch_size  # as many inputs, not the same ones
+    state.batch_size = batch_size
     # no bar (its \r frames) where stderr is a file: runner.py's log line instead
     progress = tqdm(total=total_steps, initial=state.global_step, desc=f"train {cfg.task}", mininterval=2,
                     disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     micro_losses, samples, first_step_s = [], 0, None
     t_train, stop = time.perf_counter(), state.global_step >= total_steps
     model.train()
-    while not stop and state.epoch < cfg.epochs:
-        epoch = state.epoch
-        train_loader.set_epoch(epoch)  # accelerate's loader passes it on to our sampler at each new iterator
-        batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done \
-            else train_loader
-        for batch in batches:
-            loss, lr = train_step(model, batch, optimizer, scheduler, accelerator, cfg)
-            if loss is None:
-                log.warning("non-finite loss: step skipped (--skip_nonfinite)")
-                state.skipped_steps += 1
-            else:
-                micro_losses.append(loss)
-            state.batches_done += 1
-            samples += real_inputs(batch, accelerator)
-            if not accelerator.sync_gradients:  # inside a gradient accumulation
-                continue
-            state.global_step += 1
-            if first_step_s is None:
-                first_step_s = time.perf_counter() - t_start
-                log.info("first optimizer step %.1f s after start", first_step_s)
-            if micro_losses:
-                state.curve.append([state.global_step, step_loss(micro_losses, state.global_step), lr])
-                hooks.logged(*state.curve[-1])
-                if state.global_step % cfg.log_every == 0:
-                    progress.set_postfix(loss=f"{state.curve[-1][1]:.4f}", lr=f"{lr:.2e}")
-            micro_losses = []
-            progress.update(1)
-            if cfg.save_every and state.global_step % cfg.save_every == 0 and state.global_step < total_steps:
-                hooks.save_state(state, scheduler)
-            if state.global_step >= total_steps:
-                break
-        budget_spent = state.global_step >= total_steps
-        if not (budget_spent and state.batches_done < len(train_loader)):  # the epoch ran to its end
-            state.epoch, state.batches_done = epoch + 1, 0
-
-        # validation; the thresholds tuned on it (null answer, evidence sentences, per symptom) go with the best
-        val_examples, val_features = prepared.features["val"]
-        metrics, _, thresholds = evaluate(model, val_loader, val_features, val_examples, cfg, accelerator)
-        value = metrics[metric_name]
-        state.history.append({"epoch": epoch, "step": state.global_step, metric_name: value})
-        log.info("epoch %d step %d: val %s %.4f", epoch, state.global_step, metric_name, value)
-        hooks.validated(epoch, metrics, state.global_step, total_steps)
-        if improves(state.best, value, cfg):
-            state.best, state.bad_epochs, state.thresholds = value, 0, thresholds
-            info = {"thresholds": thresholds, "epoch": epoch, "step": state.global_step, metric_name: value,
-                    "val_metrics": metrics, **hooks.best_info}
-            save_best(accelerator, model, prepared.tokenizer, cfg, best_dir, info, prepared.splits, hooks.card)
-        else:
-            state.bad_epochs += 1
-        accelerator.wait_for_everyone()
-        model.train()  # evaluate() left it in eval mode
-        stop = budget_spent or (cfg.patience > 0 and state.bad_epochs >= cfg.patience)
-        if stop and not budget_spent:
-            log.info("early stopping after epoch %d: val %s has not improved by more than %g for %d epochs "
-                     "(best %.4f)", epoch, metric_name, cfg.min_delta, state.bad_epochs, state.best)
-        hooks.save_state(state, scheduler)
+    with STEP_BOUNDARY:  # a SIGTERM is taken after a step (stop_requested), with checkpoints/last saved there
+        while not stop and state.epoch < cfg.epochs:
+            epoch = state.epoch
+            train_loader.set_epoch(epoch)  # accelerate's loader passes it on to our sampler at each new iterator
+            batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done \
+                else train_loader
+            for batch in batches:
+                try:
+                    loss, lr = train_step(model, batch, optimizer, scheduler, accelerator, cfg)
+                except RuntimeError as e:  # torch.OutOfMemoryError is one
+                    if not out_of_memory(e):
+                        raise
+                    raise OutOfMemory(state.global_step + 1, batch_size, e) from None
+                if loss is None:
+                    log.warning("non-finite loss: step skipped (--skip_nonfinite)")
+                    state.skipped_steps += 1
+                else:
+                    micro_losses.append(loss)
+                state.batches_done += 1
+                samples += real_inputs(batch, accelerator)
+                if not accelerator.sync_gradients:  # inside a gradient accumulation
+                    continue
+                state.global_step += 1
+                if first_step_s is None:
+                    first_step_s = time.perf_counter() - t_start
+                    log.info("first optimizer step %.1f s after start", first_step_s)
+                if micro_losses:
+                    state.curve.append([state.global_step, step_loss(micro_losses, state.global_step), lr])
+                    hooks.logged(*state.curve[-1])
+                    if state.global_step % cfg.log_every == 0:
+                        progress.set_postfix(loss=f"{state.curve[-1][1]:.4f}", lr=f"{lr:.2e}")
+                micro_losses = []
+                progress.update(1)
+                budget_spent = state.global_step >= total_steps
+                epoch_done = state.batches_done == len(train_loader)
+                if budget_spent or (cfg.eval_every and state.global_step % cfg.eval_every == 0) or \
+                        (epoch_done and not cfg.eval_every):
+                    # validation; the thresholds tuned on it (null answer, evidence sentences, per symptom) go with the
+                    # best checkpoint
+                    val_examples, val_features = prepared.features["val"]
+                    metrics, _, thresholds = evaluate(model, val_loader, val_features, val_examples, cfg, accelerator)
+                    value = metrics[metric_name]
+                    state.history.append({"epoch": epoch, "step": state.global_step, metric_name: value})
+                    log.info("epoch %d step %d: val %s %.4f", epoch, state.global_step, metric_name, value)
+                    hooks.validated(epoch, metrics, state.global_step, total_steps)
+                    if improves(state.best, value, cfg):
+                        state.best, state.bad_epochs, state.thresholds = value, 0, thresholds
+                        info = {"thresholds": thresholds, "epoch": epoch, "step": state.global_step,
+                                metric_name: value, "val_metrics": metrics, **hooks.best_info}
+                        save_best(accelerator, model, prepared.tokenizer, cfg, best_dir, info, prepared.splits,
+                                  hooks.card)
+                    else:
+                        state.bad_epochs += 1
+                    accelerator.wait_for_everyone()
+                    model.train()  # evaluate() left it in eval mode
+                    stop = budget_spent or (cfg.patience > 0 and state.bad_epochs >= cfg.patience)
+                    if stop and not budget_spent:
+                        log.info("early stopping at epoch %d step %d: val %s has not improved by more than %g for %d "
+                                 "validations (best %.4f)", epoch, state.global_step, metric_name, cfg.min_delta,
+                                 state.bad_epochs, state.best)
+                if stop:
+                    break
+                terminated = not epoch_done and stop_requested(accelerator)  # at an epoch's end: after its save below
+                if terminated or (cfg.save_every and state.global_step % cfg.save_every == 0 and not epoch_done):
+                    hooks.save_state(state, scheduler)
+                if terminated:
+                    stop_on_sigterm(state.global_step)
+            if state.batches_done == len(train_loader):  # the epoch ran to its end
+                state.epoch, state.batches_done = epoch + 1, 0
+            hooks.save_state(state, scheduler)  # after every epoch, and at the end
+            if stop_requested(accelerator):
+                stop_on_sigterm(state.global_step)
     progress.close()
     train_s = time.perf_counter() - t_train
 

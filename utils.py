@@ -31,7 +31,32 @@ class Terminated(KeyboardInterrupt):
     lock released, the MLflow run ended KILLED, checkpoints/last left as it was saved."""
 
 
+class _SigtermAtStepBoundary:
+    """While the training loop holds it (`with STEP_BOUNDARY:`), SIGTERM only sets `asked`: the loop reads it after each
+    optimizer step, saves checkpoints/last there and raises Terminated itself, so that a resume loses no step and no
+    save holds half-applied gradients. Anywhere else SIGTERM raises at once (nothing unsaved to lose)."""
+
+    def __init__(self):
+        self.active, self.asked = False, False
+
+    def __enter__(self):
+        self.active, self.asked = True, False
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.active = False
+        if kind is None and self.asked:  # it came after the loop's last look, everything saved: stop here
+            raise Terminated()
+        return False
+
+
+STEP_BOUNDARY = _SigtermAtStepBoundary()
+
+
 def _raise_terminated(signum, frame):
+    if STEP_BOUNDARY.active:
+        STEP_BOUNDARY.asked = True
+        return
     # The run unwinds from wherever the signal lands; inside an MLflow store's database call, SQLAlchemy's pool then
     # logs the interrupted connection's reset as an ERROR with a traceback. The run is ending: the line run_main
     # prints says so, and the store ends the run KILLED.
