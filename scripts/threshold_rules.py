@@ -11,6 +11,9 @@ Rules:
   shrink10   the symptom's cut shrunk toward the pooled one: w t_s + (1 - w) t_pooled, w = n_pos / (n_pos + 10)
 
     python scripts/threshold_rules.py --data_dir corpora/written NAME=outputs/written/criteria-minilm [...]
+
+The first folder's splits refit the bag of words; the other folders must have the same folds (fold k = k-th), and a
+folder with fewer finished folds is paired on its first ones.
 """
 from __future__ import annotations
 
@@ -66,9 +69,11 @@ def score_fold(val, test) -> dict[str, dict]:
     return {name: paper_metrics(tg, tp, cuts) for name, cuts in rules(vg, vp).items()}
 
 
-def model_folds(folder: Path) -> list[dict]:
-    return [score_fold(read_rows(run / "val_predictions.jsonl"), read_rows(run / "predictions.jsonl"))
-            for run in sorted(folder.glob("fold*-seed*")) if (run / "metrics.json").exists()]
+def model_folds(folder: Path) -> dict[int, dict]:
+    """{fold: scores} of the finished runs (one seed) of a report folder."""
+    return {int(run.name[4:].split("-seed")[0]): score_fold(read_rows(run / "val_predictions.jsonl"),
+                                                            read_rows(run / "predictions.jsonl"))
+            for run in sorted(folder.glob("fold*-seed*")) if (run / "history.json").exists()}
 
 
 def bow_folds(folder: Path, data_dir: str) -> list[dict]:
@@ -108,9 +113,23 @@ def main() -> None:
     args = ap.parse_args()
     runs = dict(r.split("=", 1) for r in args.runs)
     for name, folder in runs.items():
-        table(name, model_folds(Path(folder)), args.ratio)
-    if not args.no_bow:
-        table("bag-of-words LR", bow_folds(Path(next(iter(runs.values()))), args.data_dir), args.ratio)
+        table(name, list(model_folds(Path(folder)).values()), args.ratio)
+    if args.no_bow:
+        return
+    bow = bow_folds(Path(next(iter(runs.values()))), args.data_dir)
+    table("bag-of-words LR", bow, args.ratio)
+    print("\n### each model - bag of words, both at per-symptom cuts (the folds both have, paired)\n")
+    print("| model | folds | metric | model | bag of words | difference [corrected 95% CI] |")
+    print("|---|---|---|---|---|---|")
+    for name, folder in runs.items():
+        folds = model_folds(Path(folder))
+        for metric in ("paper_macro_f1", "paper_micro_f1"):
+            a = np.array([f["symptom"][metric] for f in folds.values()])
+            b = np.array([bow[k]["symptom"][metric] for k in folds])
+            lo, hi = corrected_t_ci(a - b, args.ratio)
+            ci = f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None else "(one fold: no interval)"
+            print(f"| {name} | {', '.join(map(str, folds))} | {metric} | {a.mean():.3f} | {b.mean():.3f} | "
+                  f"{(a - b).mean():+.3f} {ci} |")
 
 
 if __name__ == "__main__":
