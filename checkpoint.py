@@ -22,7 +22,8 @@ import yaml
 
 import data
 from config import Config, load_yaml_config, make_config, post_encoding, shown
-from models import TASKS, TaskModel, drop_pooler
+from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, load_lora
+from models import TASKS, TaskModel, attention, build_encoder, drop_pooler
 from utils import UserError, find_complete_dir, first_line, folder_written_whole
 
 log = logging.getLogger("redsm5")
@@ -159,7 +160,9 @@ def check_checkpoint_files(path: Path) -> None:
     if (path / "model.safetensors").exists() and (path / "encoder_config.json").exists():
         raise UserError(f"{path}: a checkpoint written by an older version of this code (model.safetensors + "
                         "encoder_config.json): retrain, or evaluate it with the version that wrote it")
-    needed = ["encoder/config.json", "encoder/model.safetensors", "encoder/tokenizer_config.json", HEADS,
+    adapter = is_adapter(path / "encoder")
+    encoder = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if adapter else ["config.json", "model.safetensors"]
+    needed = [f"encoder/{name}" for name in encoder] + ["encoder/tokenizer_config.json", HEADS,
               "config.yaml", "checkpoint.json"]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
@@ -171,7 +174,11 @@ def check_encoder_folder(folder: Path, cfg: Config) -> None:
     from transformers import AutoConfig
 
     for f in sorted(folder.glob("*.json")):
-        read_json_file(f, "encoder config" if f.name == "config.json" else "tokenizer file")
+        read_json_file(f, {"config.json": "encoder config", ADAPTER_CONFIG: "LoRA adapter config"}.get(f.name,
+                                                                                                     "tokenizer file"))
+    if cfg.lora:  # the adapter; its base encoder is --model's, checked as it loads
+        check_safetensors(folder / ADAPTER_WEIGHTS)
+        return
     try:
         AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
@@ -187,7 +194,7 @@ def load_encoder(folder: Path, cfg: Config):
     try:
         with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the pooler's init draws random numbers
             encoder, info = AutoModel.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code,
-                                                      output_loading_info=True)
+                                                      output_loading_info=True, **attention(cfg, loading=True))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: other shapes
         raise UserError(f"{folder}: cannot build its encoder ({first_line(e)[:150]})") from None
     problems = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
@@ -251,17 +258,27 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
     if expect_task and cfg.task != expect_task:
         raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")
     folders = encoder_folders(cfg)
-    if not (path / folders[-1] / "model.safetensors").exists():
-        raise UserError(f"{path}: not a complete checkpoint (missing {folders[-1]}/model.safetensors)")
+    if is_adapter(path / "encoder") != cfg.lora:
+        raise UserError(f"{path / 'encoder'}: {'a LoRA adapter' if not cfg.lora else 'a whole encoder'}, but "
+                        f"config.yaml says lora: {str(cfg.lora).lower()}: the checkpoint is damaged")
+    weights = ADAPTER_WEIGHTS if cfg.lora else "model.safetensors"
+    if not (path / folders[-1] / weights).exists():
+        raise UserError(f"{path}: not a complete checkpoint (missing {folders[-1]}/{weights})")
     for name in folders:
         check_encoder_folder(path / name, cfg)
     tokenizer = load_tokenizer(path / "encoder")
-    encoders = [load_encoder(path / name, cfg) for name in folders]
+    if cfg.lora:  # the base encoder, as training loaded it; the adapters go on after the heads are built
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):
+            encoders = [build_encoder(cfg, len(tokenizer), loading=True) for _ in folders]
+    else:
+        encoders = [load_encoder(path / name, cfg) for name in folders]
     try:
         model = TaskModel(TASKS[cfg.task], *encoders, dropout=cfg.dropout, criterion_heads=cfg.criterion_heads,
                           pooling=cfg.pooling, evidence_head=cfg.evidence_head)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot build a '{cfg.task}' model ({first_line(e)})") from None
+    if cfg.lora:
+        load_lora(model, {name: path / name for name in folders}, cfg.model)
     check_safetensors(path / HEADS)
     heads = load_file(str(path / HEADS))
     try:

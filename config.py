@@ -91,6 +91,18 @@ class Config:
     n_best: int = knob(5, 'span candidates kept per window', low=1)
     gradient_checkpointing: bool = knob(False, 'trade compute for memory')
     trust_remote_code: bool = knob(False, 'only for hub models that need it', data=True)
+    attn_implementation: typing.Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob("auto",
+        help="the encoder's attention kernel (from_pretrained's attn_implementation); auto: the library's default "
+             "(sdpa where the model has it), and sdpa for tiny; flash_attention_2 needs CUDA and flash_attn")
+    lora: bool = knob(False,
+        help="train LoRA adapters (PEFT) on the frozen pretrained encoder and the heads in full; the checkpoint keeps "
+             "the adapter and names the base by --model (lora.py). Usually wants a higher --lr than full fine-tuning")
+    lora_rank: int = knob(8, 'rank r of each LoRA update', low=1)
+    lora_alpha: float = knob(16.0, 'LoRA scale: the update B @ A is multiplied by lora_alpha / lora_rank', above=0)
+    lora_dropout: float = knob(0.1, "dropout on the input of each LoRA update", low=0, below=1)
+    lora_target_modules: str = knob("all-linear",
+        help="the encoder's linear layers that get adapters: all-linear, or comma-separated module names (query,value: "
+             "the LoRA paper's choice for BERT)")
     # --- optimisation
     epochs: int | typing.Literal["auto"] = knob("auto", resume=True, low=1,
         help="auto: tiny 4 (8 under post encoding), pretrained 3 (AUTO_DEFAULTS)")
@@ -194,6 +206,13 @@ AUTO_LR_BY_WIDTH = [
     (None, None, 1e-5, "published for 24 x 1024 encoders, not measured here: the bottom of RoBERTa-large's grid "
                        "(1e-5 to 3e-5), below BERT-large's (2e-5 to 5e-5); results/2026-12-06_encoder-rates.md"),
 ]
+# `lr: auto` under --lora, by width as above: the adapters start at zero and the encoder is frozen, so they train at
+# about ten times full fine-tuning's rate. Hu et al. 2021 (LoRA, Table 9): RoBERTa-base 4e-4 to 5e-4, RoBERTa-large
+# 2e-4 to 4e-4 (full fine-tuning: 1e-5 to 3e-5); 1e-3 on MiniLM-L6: results/2026-12-06_lora-and-attention.md.
+AUTO_LORA_LR_BY_WIDTH = [(384, 1e-3, "LoRA on a 384-wide encoder, 5x full fine-tuning's 2e-4 as the LoRA paper's "
+                                     "rates are 10-20x: results/2026-12-06_lora-and-attention.md (one fold)"),
+                         (768, 5e-4, "LoRA, published for RoBERTa-base (Hu et al. 2021), not measured here"),
+                         (None, 3e-4, "LoRA, published for RoBERTa-large (Hu et al. 2021), not measured here")]
 UNKNOWN_WIDTH = "its config.json could not be read, so the rate published for 12 x 768 encoders, not measured here"
 
 
@@ -205,8 +224,11 @@ def auto_lr(cfg) -> tuple[float, str]:
 
     shape = encoder_shape(cfg.model)
     if shape is None:
-        return AUTO_LR_BY_WIDTH[1][2], UNKNOWN_WIDTH
+        return (AUTO_LORA_LR_BY_WIDTH[1] if cfg.lora else AUTO_LR_BY_WIDTH[1])[-2], UNKNOWN_WIDTH
     layers, width, model_type = shape
+    if cfg.lora:
+        rate, source = next((r, src) for top, r, src in AUTO_LORA_LR_BY_WIDTH if top is None or width <= top)
+        return rate, f"{layers} x {width}: {source}"
     rate, source = next((r, src) for top, family, r, src in AUTO_LR_BY_WIDTH
                         if (top is None or width <= top) and family in (None, model_type))
     return rate, f"{layers} x {width}: {source}"
@@ -484,6 +506,11 @@ def validate_config(cfg: Config) -> None:
     if cfg.mlflow_log_model and sentence_unit(cfg):
         raise UserError("--mlflow_log_model: a criteria model of --unit sentence cannot score posts (it classifies "
                         "annotated sentences), so it makes no servable model; train --unit post (or --task joint)")
+    if cfg.lora and not pretrained(cfg):
+        raise UserError("--lora: adapts a pretrained encoder, and --model tiny starts from random weights (train it in "
+                        "full, or use --model minilm or a hub name)")
+    if cfg.lora and importlib.util.find_spec("peft") is None:
+        raise UserError("--lora: needs peft (pip install peft, or pip install -e '.[lora]')")
     if pretrained(cfg) and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"--model {cfg.model}: a folder without config.json (not a save_pretrained model folder)")
 
