@@ -315,12 +315,14 @@ def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: 
     """The best model so far as an evaluate.py checkpoint (Hugging Face layout, save_checkpoint), swapped in whole by
     folder_written_whole; with `card` (card.model_card), its model card of the validation metrics."""
     weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
+    weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # torch.compile's wrapper (dynamo_backend)
     if accelerator.is_main_process:
         with folder_written_whole(best_dir) as tmp:
             info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items()
                                                       if k.startswith("encoder."))}
             text = card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits) if card else None
-            save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=text)
+            save_checkpoint(accelerator.unwrap_model(model, keep_torch_compile=False), tokenizer, cfg, tmp, info,
+                            state_dict=weights, card=text)
             (tmp / "splits.json").write_text(json.dumps(splits))
 
 
@@ -333,7 +335,7 @@ def load_best(accelerator, model, best_dir: Path) -> None:
 
         set_model_state_dict(model, best_weights, options=StateDictOptions(full_state_dict=True))
     else:
-        accelerator.unwrap_model(model).load_state_dict(best_weights)
+        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(best_weights)
 
 
 def save_last(accelerator, path: Path, state: LoopState, scheduler, keep: int = 1) -> None:

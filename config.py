@@ -133,6 +133,9 @@ class Config:
     loss_weight_criteria: float = knob(1.0, 'joint: w_c', low=0)
     loss_weight_evidence: float = knob(1.0, 'joint: w_e', low=0)
     mixed_precision: typing.Literal["auto", "no", "fp16", "bf16"] = knob("auto", 'auto = what `accelerate launch` says')
+    dynamo_backend: typing.Literal["auto", "no", "inductor", "aot_eager", "eager", "cudagraphs"] = knob("auto",
+        help="torch.compile the model with this backend (accelerate's dynamo setting); auto = what `accelerate "
+             "launch` says (no, unless told)")
     # --- early stopping and checkpoints
     early_stopping_metric: str = knob("auto", "validation metric to watch; auto = the task's main metric", hpo=False)
     early_stopping_mode: typing.Literal["max", "min"] = knob("max", hpo=False,

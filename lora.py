@@ -35,14 +35,26 @@ def add_lora(model, cfg: Config):
         encoder = getattr(model, name)
         if encoder is None:
             continue
+        config = lora_config(cfg)
+        layers = {path.rsplit(".", 1)[-1] for path, _ in encoder.named_modules()}
+        unknown = sorted(set() if config.target_modules == "all-linear" else set(config.target_modules) - layers)
+        if unknown:  # PEFT adapts the names it finds and passes over the others
+            raise UserError(f"--lora_target_modules {cfg.lora_target_modules}: the encoder has no layer named "
+                            f"{', '.join(unknown)} (its linear layers: {', '.join(linear_layers(encoder))})")
         try:
-            wrapped = get_peft_model(encoder, lora_config(cfg))
-        except ValueError as e:  # no layer of that name
+            wrapped = get_peft_model(encoder, config)
+        except ValueError as e:  # a layer PEFT cannot adapt (a LayerNorm)
             raise UserError(f"--lora_target_modules {cfg.lora_target_modules}: {first_line(e)}") from None
         if cfg.gradient_checkpointing:
             wrapped.enable_input_require_grads()
         setattr(model, name, wrapped)
     return model
+
+
+def linear_layers(encoder) -> list[str]:
+    import torch
+
+    return sorted({path.rsplit(".", 1)[-1] for path, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def load_lora(model, folders: dict[str, Path], base: str):
