@@ -212,8 +212,8 @@ AUTO_LR_BY_WIDTH = [
 # `lr: auto` under --lora, by width as above: the adapters start at zero and the encoder is frozen, so they train at
 # about ten times full fine-tuning's rate. Hu et al. 2021 (LoRA, Table 9): RoBERTa-base 4e-4 to 5e-4, RoBERTa-large
 # 2e-4 to 4e-4 (full fine-tuning: 1e-5 to 3e-5); 1e-3 on MiniLM-L6: results/2026-12-06_lora-and-attention.md.
-AUTO_LORA_LR_BY_WIDTH = [(384, 1e-3, "LoRA on a 384-wide encoder, 5x full fine-tuning's 2e-4 as the LoRA paper's "
-                                     "rates are 10-20x: results/2026-12-06_lora-and-attention.md (one fold)"),
+AUTO_LORA_LR_BY_WIDTH = [(384, 1e-3, "LoRA: 5x MiniLM-L6's full fine-tuning rate (2e-4), toward the LoRA paper's "
+                                     "10-20x; results/2026-12-06_lora-and-attention.md"),
                          (768, 5e-4, "LoRA, published for RoBERTa-base (Hu et al. 2021), not measured here"),
                          (None, 3e-4, "LoRA, published for RoBERTa-large (Hu et al. 2021), not measured here")]
 UNKNOWN_WIDTH = "its config.json could not be read, so the rate published for 12 x 768 encoders, not measured here"
@@ -227,7 +227,7 @@ def auto_lr(cfg) -> tuple[float, str]:
 
     shape = encoder_shape(cfg.model)
     if shape is None:
-        return (AUTO_LORA_LR_BY_WIDTH[1] if cfg.lora else AUTO_LR_BY_WIDTH[1])[-2], UNKNOWN_WIDTH
+        return AUTO_LORA_LR_BY_WIDTH[1][1] if cfg.lora else AUTO_LR_BY_WIDTH[1][2], UNKNOWN_WIDTH
     layers, width, model_type = shape
     if cfg.lora:
         rate, source = next((r, src) for top, r, src in AUTO_LORA_LR_BY_WIDTH if top is None or width <= top)
