@@ -99,11 +99,47 @@ def test_a_saved_lora_model_reloads_with_identical_outputs_and_a_small_checkpoin
     assert not (tmp_path / "best/encoder/model.safetensors").exists()
 
 
-def test_a_lora_run_scores_the_same_through_evaluate_and_resumes_exactly(bert, tmp_path, monkeypatch):
-    common = dict(task="criteria", unit="post", epochs=1, max_steps=4, save_every=2, patience=0, deterministic=True)
-    full = runner.run(lora_cfg(bert, tmp_path / "full", **common))
-    evaluate.main(["--checkpoint", str(tmp_path / "full/run/checkpoints/best"), "--output", str(tmp_path / "e.json")])
-    assert json.loads((tmp_path / "e.json").read_text())["test"] == full["test"]
+RESUMABLE = dict(task="criteria", unit="post", epochs=1, max_steps=4, save_every=2, patience=0, deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def lora_run(bert, tmp_path_factory):
+    """(run folder, results) of a 4-step LoRA run that saves its training state every 2 steps."""
+    tmp = tmp_path_factory.mktemp("lora_run")
+    return tmp / "run", runner.run(lora_cfg(bert, tmp, **RESUMABLE))
+
+
+def test_a_lora_run_scores_the_same_through_evaluate_and_mlflow(lora_run, tmp_path, cli):
+    """evaluate.py reloads the adapter onto --model's encoder: the run's test metrics, exactly; the MLflow pyfunc model
+    predicts evaluate.py --predict's probabilities and lists peft among its requirements."""
+    import mlflow
+    import pandas as pd
+
+    import mlflow_model
+
+    run_dir, results = lora_run
+    evaluate.main(["--checkpoint", str(run_dir / "checkpoints/best"), "--output", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["test"] == results["test"]
+    posts = [("p1", "I can't sleep at night. I feel worthless and tired all day."), ("p2", "We went to the beach.")]
+    (tmp_path / "posts.csv").write_text("post_id,text\n" + "".join(f'{p},"{t}"\n' for p, t in posts))
+    code, err = cli(evaluate.main, ["--checkpoint", run_dir / "checkpoints/best", "--predict", tmp_path / "posts.csv",
+                                    "--output", tmp_path / "p.jsonl"])
+    assert code == 0, err
+    expected = [json.loads(line)["prob"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    uri, previous = f"sqlite:///{tmp_path}/m.db", os.environ.get("MLFLOW_TRACKING_URI")
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("lora", (tmp_path / "a").as_uri())).info.run_id
+    try:
+        model_uri = mlflow_model.log_model(run_dir / "checkpoints/best", run_id, uri)
+        got = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame(posts, columns=["post_id", "text"]))
+        requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text().split()
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert len(got) == 2 * 9 and got["prob"].tolist() == pytest.approx(expected, abs=1e-6)
+    assert {r.split("==")[0] for r in requirements} >= {"peft", "torch", "transformers"}
+
+
+def test_a_lora_run_resumes_exactly(bert, lora_run, tmp_path, monkeypatch):
     calls, real_loss = {"n": 0}, models.TaskModel.loss
 
     def crash_at_step_3(*args, **kwargs):  # after the step-2 training state
@@ -114,10 +150,10 @@ def test_a_lora_run_scores_the_same_through_evaluate_and_resumes_exactly(bert, t
 
     monkeypatch.setattr(models.TaskModel, "loss", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        runner.run(lora_cfg(bert, tmp_path / "crashed", **common))
+        runner.run(lora_cfg(bert, tmp_path, **RESUMABLE))
     monkeypatch.setattr(models.TaskModel, "loss", real_loss)
-    resumed = runner.run(lora_cfg(bert, tmp_path / "crashed", resume=True, **common))
-    assert resumed["test"] == full["test"] and resumed["val"] == full["val"]
+    resumed = runner.run(lora_cfg(bert, tmp_path, resume=True, **RESUMABLE))
+    assert resumed["test"] == lora_run[1]["test"] and resumed["val"] == lora_run[1]["val"]
 
 
 def test_lora_on_tiny_and_bad_lora_fields_are_one_line_naming_the_flag(cli, bert):
