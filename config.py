@@ -361,8 +361,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # one line, exit code 2, no usage dump
         if message.startswith("unrecognized arguments"):  # name the valid flags, or the likely one
-            import difflib
-
             words = message.split()[2:]
             hints = [seed_hint(w.split("=")[0].lstrip("-"), True) for w in words if w.startswith("--")]
             for w in (w for w in words if "=" in w and not w.startswith("-")):  # training.epochs=20
@@ -376,9 +374,18 @@ class _Parser(argparse.ArgumentParser):
                 raise UserError(f"{self.prog}: {message} ({'; '.join(h for h in hints if h)})")
             flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
             unknown = [w.split("=")[0] for w in words if w.startswith("--")]
-            close = sorted({m for w in unknown for m in difflib.get_close_matches(w, flags, n=3)})
+            close = sorted({m for w in unknown for m in closest(w, flags)})
             message += f" (did you mean {' or '.join(close)}?)" if close else f" (valid: {', '.join(flags)})"
         raise UserError(f"{self.prog}: {message}")
+
+
+def closest(word: str, names: list[str]) -> list[str]:
+    """The names a mistyped `word` most likely meant: difflib's close matches as close as the best one (within 0.1 of
+    its similarity): --lrr is --lr, not also --lora."""
+    import difflib
+
+    scored = sorted(((difflib.SequenceMatcher(None, word, n).ratio(), n) for n in names), reverse=True)[:3]
+    return [n for ratio, n in scored if ratio >= max(0.6, scored[0][0] - 0.1)] if scored else []
 
 
 def field_help(name: str, f: dataclasses.Field) -> str:
