@@ -9,6 +9,8 @@ merged: a merged copy would be as large as full fine-tuning's (results/2026-12-0
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 from config import Config
@@ -36,13 +38,10 @@ def add_lora(model, cfg: Config):
         if encoder is None:
             continue
         config = lora_config(cfg)
-        layers = {path.rsplit(".", 1)[-1] for path, _ in encoder.named_modules()}
-        unknown = sorted(set() if config.target_modules == "all-linear" else set(config.target_modules) - layers)
-        if unknown:  # PEFT adapts the names it finds and passes over the others
-            raise UserError(f"--lora_target_modules {cfg.lora_target_modules}: the encoder has no layer named "
-                            f"{', '.join(unknown)} (its linear layers: {', '.join(linear_layers(encoder))})")
+        check_targets(encoder, config.target_modules, cfg.lora_target_modules)
         try:
-            wrapped = get_peft_model(encoder, config)
+            with quiet_peft():
+                wrapped = get_peft_model(encoder, config)
         except ValueError as e:  # a layer PEFT cannot adapt (a LayerNorm)
             raise UserError(f"--lora_target_modules {cfg.lora_target_modules}: {first_line(e)}") from None
         if cfg.gradient_checkpointing:
@@ -51,10 +50,18 @@ def add_lora(model, cfg: Config):
     return model
 
 
-def linear_layers(encoder) -> list[str]:
+def check_targets(encoder, targets, flag: str) -> None:
+    """Every named target is a layer of the encoder: PEFT adapts the names it finds and passes over the others."""
     import torch
 
-    return sorted({path.rsplit(".", 1)[-1] for path, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)})
+    if targets == "all-linear":
+        return
+    unknown = sorted(set(targets) - {path.rsplit(".", 1)[-1] for path, _ in encoder.named_modules()})
+    if unknown:
+        linear = sorted({path.rsplit(".", 1)[-1] for path, m in encoder.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"--lora_target_modules {flag}: the encoder has no layer named {', '.join(unknown)} (its "
+                        f"linear layers: {', '.join(linear)})")
 
 
 def load_lora(model, folders: dict[str, Path], base: str):
@@ -64,11 +71,20 @@ def load_lora(model, folders: dict[str, Path], base: str):
 
     for name, folder in folders.items():
         try:
-            setattr(model, name, PeftModel.from_pretrained(getattr(model, name), str(folder)))
+            with quiet_peft():
+                setattr(model, name, PeftModel.from_pretrained(getattr(model, name), str(folder)))
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"{folder}: cannot load its LoRA adapter onto --model {base} "
                             f"({first_line(e)[:150]})") from None
     return model
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT asks transformers' deprecated is_gradient_checkpointing, a FutureWarning per encoder: noise in a log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def is_adapter(folder: Path) -> bool:
