@@ -73,7 +73,7 @@ def load_lora(model, folders: dict[str, Path], base: str):
         try:
             with quiet_peft():
                 setattr(model, name, PeftModel.from_pretrained(getattr(model, name), str(folder)))
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: another base's shapes
             raise UserError(f"{folder}: cannot load its LoRA adapter onto --model {base} "
                             f"({first_line(e)[:150]})") from None
     return model
