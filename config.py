@@ -96,10 +96,12 @@ class Config:
              "(sdpa where the model has it), and sdpa for tiny; flash_attention_2 needs CUDA and flash_attn")
     lora: bool = knob(False,
         help="train LoRA adapters (PEFT) on the frozen pretrained encoder and the heads in full; the checkpoint keeps "
-             "the adapter and names the base by --model (lora.py). Usually wants a higher --lr than full fine-tuning")
+             "the adapter and names the base by --model (lora.py); lr: auto then takes LoRA's rates (AUTO_LORA_LR_BY_WIDTH)")
     lora_rank: int = knob(8, 'rank r of each LoRA update', low=1)
     lora_alpha: float = knob(16.0, 'LoRA scale: the update B @ A is multiplied by lora_alpha / lora_rank', above=0)
-    lora_dropout: float = knob(0.1, "dropout on the input of each LoRA update", low=0, below=1)
+    lora_dropout: float = knob(0.1, low=0, below=1,
+        help="dropout on the input of each LoRA update (on a CPU 0.1 makes a step 27% slower than 0: "
+             "results/2026-12-06_lora-and-attention.md)")
     lora_target_modules: str = knob("all-linear",
         help="the encoder's linear layers that get adapters: all-linear, or comma-separated module names (query,value: "
              "the LoRA paper's choice for BERT)")
