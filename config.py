@@ -96,7 +96,7 @@ class Config:
              "(sdpa where the model has it), and sdpa for tiny; flash_attention_2 needs CUDA and flash_attn")
     lora: bool = knob(False,
         help="train LoRA adapters (PEFT) on the frozen pretrained encoder and the heads in full; the checkpoint keeps "
-             "the adapter and names the base by --model (lora.py); lr: auto then takes LoRA's rates (AUTO_LORA_LR_BY_WIDTH)")
+             "the adapter and names the base by --model (lora.py); lr: auto takes LoRA's rates (AUTO_LORA_LR_BY_WIDTH)")
     lora_rank: int = knob(8, 'rank r of each LoRA update', low=1)
     lora_alpha: float = knob(16.0, 'LoRA scale: the update B @ A is multiplied by lora_alpha / lora_rank', above=0)
     lora_dropout: float = knob(0.1, low=0, below=1,
