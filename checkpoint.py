@@ -22,7 +22,7 @@ import yaml
 
 import data
 from config import Config, load_yaml_config, make_config, post_encoding, shown
-from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, load_lora
+from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_digest, is_adapter, load_lora
 from models import TASKS, TaskModel, attention, build_encoder, drop_pooler
 from utils import UserError, find_complete_dir, first_line, folder_written_whole
 
@@ -69,6 +69,8 @@ def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra:
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     parts = split_state(state)
+    if cfg.lora:  # the adapter's base, named by --model, is checked against this when it loads
+        extra = {**(extra or {}), "lora_base_sha256": base_digest(parts["encoder"])}
     with quiet_transformers():
         for name in ENCODERS:
             if getattr(model, name) is not None:  # save_pretrained pops what it writes: it gets its own dict
@@ -279,6 +281,9 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
         raise UserError(f"{path}: cannot build a '{cfg.task}' model ({first_line(e)})") from None
     if cfg.lora:
         load_lora(model, {name: path / name for name in folders}, cfg.model)
+        if base_digest(model.encoder.state_dict()) != extra.get("lora_base_sha256"):
+            raise UserError(f"{path}: --model {cfg.model} is not the encoder its LoRA adapter was trained on (its "
+                            "weights differ from the sha256 in checkpoint.json): install the same version of it")
     check_safetensors(path / HEADS)
     heads = load_file(str(path / HEADS))
     try:

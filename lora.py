@@ -10,8 +10,11 @@ merged: a merged copy would be as large as full fine-tuning's (results/2026-12-0
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 from pathlib import Path
+
+import torch
 
 from config import Config
 from utils import UserError, first_line
@@ -52,8 +55,6 @@ def add_lora(model, cfg: Config):
 
 def check_targets(encoder, targets, flag: str) -> None:
     """Every named target is a layer of the encoder: PEFT adapts the names it finds and passes over the others."""
-    import torch
-
     if targets == "all-linear":
         return
     unknown = sorted(set(targets) - {path.rsplit(".", 1)[-1] for path, _ in encoder.named_modules()})
@@ -85,6 +86,17 @@ def quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         yield
+
+
+def base_digest(encoder_state: dict) -> str:
+    """sha256 of an adapted encoder's frozen weights (its state dict without the adapters): saved with the adapter,
+    and checked when it is loaded onto --model again, so that another base of the same shapes (a new revision, another
+    package version) is an error, not an adapter silently applied to weights it was not trained with."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in encoder_state if "lora_" not in k):
+        digest.update(key.encode())
+        digest.update(encoder_state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def is_adapter(folder: Path) -> bool:

@@ -99,6 +99,26 @@ def test_a_saved_lora_model_reloads_with_identical_outputs_and_a_small_checkpoin
     assert not (tmp_path / "best/encoder/model.safetensors").exists()
 
 
+def test_an_adapter_on_another_base_of_the_same_shapes_is_refused(bert, tmp_path):
+    """checkpoint.json holds the sha256 of the base weights: a base that changed under --model (a new revision, another
+    package version) is one error, not an adapter silently applied to other weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = shutil.copytree(bert, tmp_path / "base")
+    cfg = lora_cfg(str(base), task="criteria", unit="post")
+    tokenizer = models.build_tokenizer(cfg, [])
+    checkpoint.save_checkpoint(models.build_model(cfg, tokenizer), tokenizer, cfg, tmp_path / "best")
+    checkpoint.load_checkpoint(tmp_path / "best")  # the same base: loads
+    weights = load_file(base / "model.safetensors")
+    weights["embeddings.word_embeddings.weight"][5, 0] += 1e-3
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'best'}: --model {base} is not the encoder its LoRA adapter "
+                                        r"was trained on \(its weights differ from the sha256 in checkpoint.json\)"):
+        checkpoint.load_checkpoint(tmp_path / "best")
+
+
 RESUMABLE = dict(task="criteria", unit="post", epochs=1, max_steps=4, save_every=2, patience=0, deterministic=True)
 
 
