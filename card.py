@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 
 from config import Config, pretrained, sentence_unit
-from models import TASKS
+from models import TASKS, model_source
 
 TASK_TEXT = {
     "criteria": "DSM-5 criteria classification: for each (text, criterion) pair, whether the text shows that "
@@ -22,6 +22,17 @@ UNIT_TEXT = {
     False: "the post. Each score says whether the whole post shows the criterion (its windows read together); "
            "`evaluate.py --predict` gives one row per (post, criterion).",
 }
+
+LOAD_ENCODER = """from transformers import AutoModel, AutoTokenizer
+
+encoder = AutoModel.from_pretrained("checkpoints/best/encoder")  # the fine-tuned encoder alone
+tokenizer = AutoTokenizer.from_pretrained("checkpoints/best/encoder")"""
+LOAD_ADAPTER = """from peft import PeftModel
+from transformers import AutoModel, AutoTokenizer
+
+base = AutoModel.from_pretrained("{base}")  # --model {model}: adapter_config.json's base_model_name_or_path
+encoder = PeftModel.from_pretrained(base, "checkpoints/best/encoder")  # with its LoRA adapter
+tokenizer = AutoTokenizer.from_pretrained("checkpoints/best/encoder")"""
 
 # The checkpoint's README.md. {front_matter} is the YAML block the Hugging Face hub reads
 # (https://huggingface.co/docs/hub/model-cards); {results} the metric tables of `card_metrics`.
@@ -49,10 +60,7 @@ CARD_TEMPLATE = """{front_matter}# ReDSM5 {task} model
 ## How to load
 
 ```python
-from transformers import AutoModel, AutoTokenizer
-
-encoder = AutoModel.from_pretrained("checkpoints/best/encoder")  # the fine-tuned encoder alone
-tokenizer = AutoTokenizer.from_pretrained("checkpoints/best/encoder")
+{load}
 ```
 
 The whole model (encoder and heads): `python evaluate.py --checkpoint checkpoints/best` (metrics) or \
@@ -129,7 +137,9 @@ def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
         front_matter=card_front_matter(cfg, metrics), task=cfg.task, task_text=TASK_TEXT[cfg.task], n_params=n_params,
         unit=UNIT_TEXT[sentence_unit(cfg)],
         encoder=(f"`tiny`: a {cfg.tiny_arch} encoder (depth {cfg.tiny_layers}, width {cfg.tiny_hidden}) trained from "
-                 "scratch" if not pretrained(cfg) else f"`{cfg.model}`, fine-tuned"),
+                 "scratch" if not pretrained(cfg) else f"`{cfg.model}`, "
+                 + (f"frozen, with LoRA adapters of rank {cfg.lora_rank} (the base encoder is not in the checkpoint)"
+                    if cfg.lora else "fine-tuned")),
         heads=("one output pair per criterion" if cfg.criterion_heads else "shared")
         + ("; a second encoder for the evidence in `span_encoder/`" if two_encoders else ""),
         max_length=cfg.max_length, lr=cfg.lr, seed=cfg.seed,
@@ -137,4 +147,5 @@ def model_card(cfg: Config, metrics: dict, n_params: int, splits: dict) -> str:
               f"synthetic demo corpus ({cfg.demo_posts} posts, seed {cfg.demo_seed}): generated, not real posts"),
         sizes=" / ".join(f"{len(splits.get(n, []))} {n}" for n in ("train", "val", "test")),
         tested="" if metrics.get("test") else "\n(Test metrics are added once the run has tested this checkpoint.)\n",
-        results="\n".join(card_metrics(metrics, TASKS[cfg.task].headline)))
+        results="\n".join(card_metrics(metrics, TASKS[cfg.task].headline)),
+        load=LOAD_ADAPTER.format(base=model_source(cfg.model), model=cfg.model) if cfg.lora else LOAD_ENCODER)

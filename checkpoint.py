@@ -22,7 +22,8 @@ import yaml
 
 import data
 from config import Config, load_yaml_config, make_config, post_encoding, shown
-from models import TASKS, TaskModel, drop_pooler
+from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_digest, is_adapter, load_lora
+from models import TASKS, TaskModel, attention, build_encoder, drop_pooler
 from utils import UserError, find_complete_dir, first_line, folder_written_whole
 
 log = logging.getLogger("redsm5")
@@ -68,6 +69,8 @@ def save_checkpoint(model: TaskModel, tokenizer, cfg: Config, path: Path, extra:
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     parts = split_state(state)
+    if cfg.lora:  # the adapter's base, named by --model, is checked against this when it loads
+        extra = {**(extra or {}), "lora_base_sha256": base_digest(parts["encoder"])}
     with quiet_transformers():
         for name in ENCODERS:
             if getattr(model, name) is not None:  # save_pretrained pops what it writes: it gets its own dict
@@ -159,7 +162,9 @@ def check_checkpoint_files(path: Path) -> None:
     if (path / "model.safetensors").exists() and (path / "encoder_config.json").exists():
         raise UserError(f"{path}: a checkpoint written by an older version of this code (model.safetensors + "
                         "encoder_config.json): retrain, or evaluate it with the version that wrote it")
-    needed = ["encoder/config.json", "encoder/model.safetensors", "encoder/tokenizer_config.json", HEADS,
+    adapter = is_adapter(path / "encoder")
+    encoder = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if adapter else ["config.json", "model.safetensors"]
+    needed = [f"encoder/{name}" for name in encoder] + ["encoder/tokenizer_config.json", HEADS,
               "config.yaml", "checkpoint.json"]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
@@ -171,7 +176,11 @@ def check_encoder_folder(folder: Path, cfg: Config) -> None:
     from transformers import AutoConfig
 
     for f in sorted(folder.glob("*.json")):
-        read_json_file(f, "encoder config" if f.name == "config.json" else "tokenizer file")
+        read_json_file(f, {"config.json": "encoder config", ADAPTER_CONFIG: "LoRA adapter config"}.get(f.name,
+                                                                                                     "tokenizer file"))
+    if cfg.lora:  # the adapter; its base encoder is --model's, checked as it loads
+        check_safetensors(folder / ADAPTER_WEIGHTS)
+        return
     try:
         AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
@@ -187,7 +196,7 @@ def load_encoder(folder: Path, cfg: Config):
     try:
         with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the pooler's init draws random numbers
             encoder, info = AutoModel.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code,
-                                                      output_loading_info=True)
+                                                      output_loading_info=True, **attention(cfg, loading=True))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: other shapes
         raise UserError(f"{folder}: cannot build its encoder ({first_line(e)[:150]})") from None
     problems = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
@@ -251,17 +260,30 @@ def load_checkpoint(path: str | Path, expect_task: str | None = None):
     if expect_task and cfg.task != expect_task:
         raise UserError(f"{path}: checkpoint of task '{cfg.task}', expected '{expect_task}'")
     folders = encoder_folders(cfg)
-    if not (path / folders[-1] / "model.safetensors").exists():
-        raise UserError(f"{path}: not a complete checkpoint (missing {folders[-1]}/model.safetensors)")
+    if is_adapter(path / "encoder") != cfg.lora:
+        raise UserError(f"{path / 'encoder'}: {'a LoRA adapter' if not cfg.lora else 'a whole encoder'}, but "
+                        f"config.yaml says lora: {str(cfg.lora).lower()}: the checkpoint is damaged")
+    weights = ADAPTER_WEIGHTS if cfg.lora else "model.safetensors"
+    if not (path / folders[-1] / weights).exists():
+        raise UserError(f"{path}: not a complete checkpoint (missing {folders[-1]}/{weights})")
     for name in folders:
         check_encoder_folder(path / name, cfg)
     tokenizer = load_tokenizer(path / "encoder")
-    encoders = [load_encoder(path / name, cfg) for name in folders]
+    if cfg.lora:  # the base encoder, as training loaded it; the adapters go on after the heads are built
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):
+            encoders = [build_encoder(cfg, len(tokenizer), loading=True) for _ in folders]
+    else:
+        encoders = [load_encoder(path / name, cfg) for name in folders]
     try:
         model = TaskModel(TASKS[cfg.task], *encoders, dropout=cfg.dropout, criterion_heads=cfg.criterion_heads,
                           pooling=cfg.pooling, evidence_head=cfg.evidence_head)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot build a '{cfg.task}' model ({first_line(e)})") from None
+    if cfg.lora:
+        load_lora(model, {name: path / name for name in folders}, cfg.model)
+        if base_digest(model.encoder.state_dict()) != extra.get("lora_base_sha256"):
+            raise UserError(f"{path}: --model {cfg.model} is not the encoder its LoRA adapter was trained on (its "
+                            "weights differ from the sha256 in checkpoint.json): install the same version of it")
     check_safetensors(path / HEADS)
     heads = load_file(str(path / HEADS))
     try:
@@ -299,12 +321,14 @@ def save_best(accelerator, model, tokenizer, cfg: Config, best_dir: Path, info: 
     """The best model so far as an evaluate.py checkpoint (Hugging Face layout, save_checkpoint), swapped in whole by
     folder_written_whole; with `card` (card.model_card), its model card of the validation metrics."""
     weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process gathers
+    weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # torch.compile's wrapper (dynamo_backend)
     if accelerator.is_main_process:
         with folder_written_whole(best_dir) as tmp:
             info = {**info, "encoder_parameters": sum(v.numel() for k, v in weights.items()
                                                       if k.startswith("encoder."))}
             text = card(cfg, {"val": info["val_metrics"]}, info["encoder_parameters"], splits) if card else None
-            save_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, tmp, info, state_dict=weights, card=text)
+            save_checkpoint(accelerator.unwrap_model(model, keep_torch_compile=False), tokenizer, cfg, tmp, info,
+                            state_dict=weights, card=text)
             (tmp / "splits.json").write_text(json.dumps(splits))
 
 
@@ -317,7 +341,7 @@ def load_best(accelerator, model, best_dir: Path) -> None:
 
         set_model_state_dict(model, best_weights, options=StateDictOptions(full_state_dict=True))
     else:
-        accelerator.unwrap_model(model).load_state_dict(best_weights)
+        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(best_weights)
 
 
 def save_last(accelerator, path: Path, state: LoopState, scheduler, keep: int = 1) -> None:

@@ -91,6 +91,20 @@ class Config:
     n_best: int = knob(5, 'span candidates kept per window', low=1)
     gradient_checkpointing: bool = knob(False, 'trade compute for memory')
     trust_remote_code: bool = knob(False, 'only for hub models that need it', data=True)
+    attn_implementation: typing.Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob("auto",
+        help="the encoder's attention kernel (from_pretrained's attn_implementation); auto: the library's default "
+             "(sdpa where the model has it), and sdpa for tiny; flash_attention_2 needs CUDA and flash_attn")
+    lora: bool = knob(False,
+        help="train LoRA adapters (PEFT) on the frozen pretrained encoder and the heads in full; the checkpoint keeps "
+             "the adapter and names the base by --model (lora.py); lr: auto takes LoRA's rates (AUTO_LORA_LR_BY_WIDTH)")
+    lora_rank: int = knob(8, 'rank r of each LoRA update', low=1)
+    lora_alpha: float = knob(16.0, 'LoRA scale: the update B @ A is multiplied by lora_alpha / lora_rank', above=0)
+    lora_dropout: float = knob(0.1, low=0, below=1,
+        help="dropout on the input of each LoRA update (on a CPU 0.1 makes a step 27% slower than 0: "
+             "results/2026-12-06_lora-and-attention.md)")
+    lora_target_modules: str = knob("all-linear",
+        help="the encoder's linear layers that get adapters: all-linear, or comma-separated module names (query,value: "
+             "the LoRA paper's choice for BERT)")
     # --- optimisation
     epochs: int | typing.Literal["auto"] = knob("auto", resume=True, low=1,
         help="auto: tiny 4 (8 under post encoding), pretrained 3 (AUTO_DEFAULTS)")
@@ -121,6 +135,9 @@ class Config:
     loss_weight_criteria: float = knob(1.0, 'joint: w_c', low=0)
     loss_weight_evidence: float = knob(1.0, 'joint: w_e', low=0)
     mixed_precision: typing.Literal["auto", "no", "fp16", "bf16"] = knob("auto", 'auto = what `accelerate launch` says')
+    dynamo_backend: typing.Literal["auto", "no", "inductor", "aot_eager", "eager", "cudagraphs"] = knob("auto",
+        help="torch.compile the model with this backend (accelerate's dynamo setting); auto = what `accelerate "
+             "launch` says (no, unless told)")
     # --- early stopping and checkpoints
     early_stopping_metric: str = knob("auto", "validation metric to watch; auto = the task's main metric", hpo=False)
     early_stopping_mode: typing.Literal["max", "min"] = knob("max", hpo=False,
@@ -197,6 +214,13 @@ AUTO_LR_BY_WIDTH = [
     (None, None, 1e-5, "published for 24 x 1024 encoders, not measured here: the bottom of RoBERTa-large's grid "
                        "(1e-5 to 3e-5), below BERT-large's (2e-5 to 5e-5); results/2026-12-06_encoder-rates.md"),
 ]
+# `lr: auto` under --lora, by width as above: the adapters start at zero and the encoder is frozen, so they train at
+# about ten times full fine-tuning's rate. Hu et al. 2021 (LoRA, Table 9): RoBERTa-base 4e-4 to 5e-4, RoBERTa-large
+# 2e-4 to 4e-4 (full fine-tuning: 1e-5 to 3e-5); 1e-3 on MiniLM-L6: results/2026-12-06_lora-and-attention.md.
+AUTO_LORA_LR_BY_WIDTH = [(384, 1e-3, "LoRA: 5x MiniLM-L6's full fine-tuning rate (2e-4), toward the LoRA paper's "
+                                     "10-20x; results/2026-12-06_lora-and-attention.md"),
+                         (768, 5e-4, "LoRA, published for RoBERTa-base (Hu et al. 2021), not measured here"),
+                         (None, 3e-4, "LoRA, published for RoBERTa-large (Hu et al. 2021), not measured here")]
 UNKNOWN_WIDTH = "its config.json could not be read, so the rate published for 12 x 768 encoders, not measured here"
 
 
@@ -208,8 +232,11 @@ def auto_lr(cfg) -> tuple[float, str]:
 
     shape = encoder_shape(cfg.model)
     if shape is None:
-        return AUTO_LR_BY_WIDTH[1][2], UNKNOWN_WIDTH
+        return AUTO_LORA_LR_BY_WIDTH[1][1] if cfg.lora else AUTO_LR_BY_WIDTH[1][2], UNKNOWN_WIDTH
     layers, width, model_type = shape
+    if cfg.lora:
+        rate, source = next((r, src) for top, r, src in AUTO_LORA_LR_BY_WIDTH if top is None or width <= top)
+        return rate, f"{layers} x {width}: {source}"
     rate, source = next((r, src) for top, family, r, src in AUTO_LR_BY_WIDTH
                         if (top is None or width <= top) and family in (None, model_type))
     return rate, f"{layers} x {width}: {source}"
@@ -339,8 +366,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # one line, exit code 2, no usage dump
         if message.startswith("unrecognized arguments"):  # name the valid flags, or the likely one
-            import difflib
-
             words = message.split()[2:]
             hints = [seed_hint(w.split("=")[0].lstrip("-"), True) for w in words if w.startswith("--")]
             for w in (w for w in words if "=" in w and not w.startswith("-")):  # training.epochs=20
@@ -354,9 +379,18 @@ class _Parser(argparse.ArgumentParser):
                 raise UserError(f"{self.prog}: {message} ({'; '.join(h for h in hints if h)})")
             flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
             unknown = [w.split("=")[0] for w in words if w.startswith("--")]
-            close = sorted({m for w in unknown for m in difflib.get_close_matches(w, flags, n=3)})
+            close = sorted({m for w in unknown for m in closest(w, flags)})
             message += f" (did you mean {' or '.join(close)}?)" if close else f" (valid: {', '.join(flags)})"
         raise UserError(f"{self.prog}: {message}")
+
+
+def closest(word: str, names: list[str]) -> list[str]:
+    """The names a mistyped `word` most likely meant: difflib's close matches as close as the best one (within 0.1 of
+    its similarity): --lrr is --lr, not also --lora."""
+    import difflib
+
+    scored = sorted(((difflib.SequenceMatcher(None, word, n).ratio(), n) for n in names), reverse=True)[:3]
+    return [n for ratio, n in scored if ratio >= max(0.6, scored[0][0] - 0.1)] if scored else []
 
 
 def field_help(name: str, f: dataclasses.Field) -> str:
@@ -487,6 +521,11 @@ def validate_config(cfg: Config) -> None:
     if cfg.mlflow_log_model and sentence_unit(cfg):
         raise UserError("--mlflow_log_model: a criteria model of --unit sentence cannot score posts (it classifies "
                         "annotated sentences), so it makes no servable model; train --unit post (or --task joint)")
+    if cfg.lora and not pretrained(cfg):
+        raise UserError("--lora: adapts a pretrained encoder, and --model tiny starts from random weights (train it in "
+                        "full, or use --model minilm or a hub name)")
+    if cfg.lora and importlib.util.find_spec("peft") is None:
+        raise UserError("--lora: needs peft (pip install peft, or pip install -e '.[lora]')")
     if pretrained(cfg) and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"--model {cfg.model}: a folder without config.json (not a save_pretrained model folder)")
 

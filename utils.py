@@ -214,7 +214,8 @@ def make_accelerator(cfg=None):
     kwargs = {"cpu": not torch.cuda.is_available()}
     if cfg is not None:
         kwargs.update(gradient_accumulation_steps=cfg.grad_accum,
-                      mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+                      mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision,
+                      dynamo_backend=None if cfg.dynamo_backend == "auto" else cfg.dynamo_backend)
     accelerator = Accelerator(**kwargs)
     if accelerator.device.type == "cuda":
         use_cudnn_attention(cfg.cudnn_attention if cfg is not None else False)
