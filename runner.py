@@ -154,7 +154,8 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
             write_text_atomic(out_dir / "run_stats.json", json.dumps({**results["train"], "system": system_info(),
                                                                       "code_version": code_version()}, indent=2))
             tracker.log_artifact(out_dir / "run_stats.json")
-            written = ["metrics.json", *(["predictions.jsonl"] if "test" in predictions else []), "checkpoints/best"]
+            written = ["metrics.json", *(["predictions.jsonl", ERROR_PAGE] if "test" in predictions else []),
+                       "checkpoints/best"]
             log.info("done: %s (%s); %s", out_dir, ", ".join(written), tracker.where())
     return results
 
