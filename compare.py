@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from config import Config, changed_fields, load_yaml_config, make_config
+from auto_defaults import changed_fields
+from config import Config, load_yaml_config, make_config
 from intervals import corrected_t_ci
 
 COMPARED = ("paper_micro_f1", "paper_macro_f1", "paper_micro_f1_tuned", "paper_macro_f1_tuned", "f1_macro", "auroc",

@@ -18,7 +18,8 @@ from pathlib import Path
 import optuna
 
 import data
-from config import AUTO_DEFAULTS, DATA_FIELDS, HPO_FIXED_FIELDS, Config, check_range, coerce, pretrained, resolve_auto
+from auto_defaults import AUTO_DEFAULTS, resolve_auto
+from config import DATA_FIELDS, HPO_FIXED_FIELDS, Config, check_range, coerce, pretrained
 from utils import UserError, read_yaml
 
 SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
@@ -27,7 +28,7 @@ SPACE_DIR = Path(__file__).resolve().parent / "configs" / "hpo"
 def parse_range(name: str, spec, source: str, cfg: Config | None = None) -> dict:
     """One entry of a search space, checked against the Config field: {low, high, log} or {choices}. With
     `times_auto: true`, low and high are multiples of what `auto` gives this field for cfg's encoder (lr: the rate
-    config.auto_lr takes from the encoder's width), so one space suits MiniLM and bert-base alike."""
+    auto_defaults.auto_lr takes from the encoder's width), so one space suits MiniLM and bert-base alike."""
     if isinstance(spec, list):
         spec = {"choices": spec}
     if name in HPO_FIXED_FIELDS:

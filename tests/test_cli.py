@@ -548,7 +548,8 @@ def test_error_lines_never_print_control_bytes(cli, tmp_path):
 
 
 def test_a_bare_run_logs_no_non_default_field():
-    from config import changed_fields, parse_config
+    from auto_defaults import changed_fields
+    from config import parse_config
 
     assert changed_fields(parse_config([])[0]) == {}  # `auto` resolved to its own value is not a change
     assert changed_fields(parse_config(["--lr", "1e-3", "--task", "joint"])[0]) == {"task": "joint", "lr": 1e-3}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import config
+import auto_defaults
 import data
 import decoding
 import evaluate
@@ -184,7 +184,7 @@ def test_lr_auto_follows_the_encoders_width(tmp_path, width, rate, source, capfd
 
 def test_lr_auto_of_an_encoder_whose_config_cannot_be_read_is_the_base_sized_rate():
     cfg = make_config(model="no-such-org/no-such-encoder-h29")
-    assert cfg.lr == 2e-5 and config.auto_lr(cfg)[1].startswith("its config.json could not be read")
+    assert cfg.lr == 2e-5 and auto_defaults.auto_lr(cfg)[1].startswith("its config.json could not be read")
 
 
 def test_minilm_short_name_resolves_to_the_installed_package(tmp_path, monkeypatch):
@@ -310,7 +310,7 @@ def test_hpo_samples_from_the_pretrained_space_for_a_pretrained_model(folders, t
 def test_lr_auto_rule_by_width_and_family(monkeypatch, shape, rate):
     monkeypatch.setattr(models, "encoder_shape", lambda name: shape)
     cfg = make_config(model="some/encoder")
-    assert cfg.lr == rate and config.auto_lr(cfg)[1].startswith(f"{shape[0]} x {shape[1]}: ")
+    assert cfg.lr == rate and auto_defaults.auto_lr(cfg)[1].startswith(f"{shape[0]} x {shape[1]}: ")
 
 
 def test_pretrained_search_space_is_centred_on_the_encoders_own_rate(monkeypatch):
