@@ -239,6 +239,12 @@ def same_setting(name: str, saved: dict, now: dict) -> bool:
     return rundir.same_setting(name, saved.get(name, getattr(Config, name)), now[name])
 
 
+def moved_with_the_report(name: str, run_dir: Path, now: dict) -> bool:
+    """A report folder that was moved or copied elsewhere resumes there: its runs are found where they are now
+    (output_dir), and a fold's split file is the same setting when it holds the split the run trained on."""
+    return name == "output_dir" or (name == "splits_file" and rundir.holds_its_split(now[name], run_dir))
+
+
 def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = None) -> str:
     """Train one fold x seed. With --resume, a run that finished with this same config is read back
     as it is and one that stopped midway goes on from its last training state; a run of another
@@ -247,7 +253,8 @@ def train_or_reuse(run_cfg: Config, resume: bool, parent_run_id: str | None = No
     if resume and (run_dir / "config.yaml").exists():
         saved, now = load_yaml_config(run_dir / "config.yaml"), dataclasses.asdict(run_cfg)
         changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now  # how the folder was entered, not the run:
-                   if k not in ("resume", "overwrite_output_dir") and not same_setting(k, saved, now)]
+                   if k not in ("resume", "overwrite_output_dir") and not same_setting(k, saved, now)
+                   and not moved_with_the_report(k, run_dir, now)]
         if changed:
             raise UserError(f"{run_dir}: trained with other settings ({', '.join(changed[:3])}): "
                             "give another --output_dir, or drop --resume")

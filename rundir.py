@@ -60,6 +60,15 @@ def same_setting(name: str, saved, now) -> bool:
     return saved == now
 
 
+def holds_its_split(splits_file, out_dir: Path) -> bool:
+    """Whether a split file holds the split the run in out_dir trained on (its own splits.json, compared as JSON),
+    wherever the file lives now: a moved or copied report folder carries its split files with it."""
+    try:
+        return json.loads(Path(splits_file).read_text()) == json.loads((out_dir / "splits.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def read_run_record(out_dir: Path) -> tuple[dict, dict]:
     """(saved config, run.json) of the run to resume. Missing, empty or unreadable is a refusal, not a pass:
     without them nothing says what the run trained on."""
@@ -87,7 +96,8 @@ def check_resume(cfg: Config, out_dir: Path) -> dict:
     saved, record = read_run_record(out_dir)
     now = asdict(cfg)
     changed = {k: (saved[k], now[k]) for k in now if k in saved and not same_setting(k, saved[k], now[k])}
-    refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUMABLE_FIELDS]
+    refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUMABLE_FIELDS
+               and not (k == "splits_file" and holds_its_split(b, out_dir))]
     if refused:
         raise UserError(f"--resume: {out_dir / 'config.yaml'} was trained with other settings "
                         f"({', '.join(refused[:4])}); resume with the saved values, or give another --output_dir")

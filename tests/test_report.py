@@ -301,6 +301,34 @@ def test_resume_reads_finished_runs_back_and_continues_the_rest(tmp_path, cli, m
     assert code == 0 and calls == [], err  # both read back: how a folder was entered is not a setting of the run
 
 
+def test_resume_of_a_moved_report_folder(tmp_path, cli, monkeypatch):
+    """A report folder copied elsewhere (another disk, a colleague's machine) resumes there: its finished folds
+    are read back and a fold that stopped midway goes on, though config.yaml names the old paths (it was refused:
+    'trained with other settings (splits_file ... -> ...)')."""
+    import shutil
+
+    out, moved = tmp_path / "cv", tmp_path / "elsewhere" / "cv"
+    argv = TINY + ["--cv_folds", "2", "--seeds", "1", "--mlflow", "false"]
+    code, err = cli(report.main, argv + ["--output_dir", out])
+    assert code == 0, err
+    first = report.json.loads((out / "summary.json").read_text())
+    shutil.copytree(out, moved)
+    for f in ("history.json", "metrics.json"):  # fold 1 of the copy stopped after its last training state
+        (moved / "fold1-seed1" / f).unlink()
+    calls, real_train = [], report.runner.run
+    monkeypatch.setattr(report.runner, "run", lambda cfg, **kw: calls.append(cfg.output_dir) or real_train(cfg, **kw))
+    code, err = cli(report.main, argv + ["--output_dir", moved, "--resume", "true"])
+    assert code == 0, err
+    assert calls == [str(moved / "fold1-seed1")]  # fold 0 read back where it is now, fold 1 resumed
+    again = report.json.loads((moved / "summary.json").read_text())
+    placeless = lambda runs: [{k: v for k, v in r.items() if k not in ("train_seconds", "output_dir")}  # noqa: E731
+                              for r in runs]
+    assert placeless(again["runs"]) == placeless(first["runs"]) and again["summary"] == first["summary"]
+    (moved / "fold0-seed1" / "splits.json").write_text(report.json.dumps({"train": [], "val": [], "test": []}))
+    code, err = cli(report.main, argv + ["--output_dir", moved, "--resume", "true"])
+    assert code == 2 and "fold0-seed1: trained with other settings (splits_file" in err, err  # another split
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--cv_folds", "0"], "--cv_folds: must be >= 1"),
     (["--cv_folds", "40", "--demo_posts", "40"], "--cv_folds: must be 1 or between 2 and 20"),
