@@ -430,6 +430,10 @@ def validate_config(cfg: Config) -> None:
         check_range(name, getattr(cfg, name), f"--{name}")
     if cfg.class_weights and cfg.criterion_weights:
         raise UserError("--class_weights and --criterion_weights: choose one (pooled or per-criterion weights)")
+    for flag in ("class_weights", "criterion_weights"):
+        if getattr(cfg, flag) and cfg.task == "evidence":  # it weighs the criteria loss, which evidence lacks
+            raise UserError(f"--{flag}: weighs the criteria loss, of --task criteria or joint; --task evidence has "
+                            "none (its sentence tags are what it learns)")
     if cfg.val_ratio + cfg.test_ratio >= 1:
         raise UserError(f"--val_ratio + --test_ratio: must leave posts to train on, got "
                         f"{cfg.val_ratio} + {cfg.test_ratio} >= 1")

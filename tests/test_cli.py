@@ -81,6 +81,7 @@ QUICK = ["--mlflow", "false", "--demo_posts", "40", "--tiny_hidden", "16", "--ti
     (["--adam_eps", "0"], ["--adam_eps: must be > 0, got 0.0"]),
     (["--head_lr", "0"], ["--head_lr: must be > 0, got 0.0"]),
     (["--mlflow_register_model", "m"], ["--mlflow_register_model m", "add --mlflow_log_model true"]),
+    (["--task", "evidence", "--class_weights", "true"], ["--class_weights: weighs the criteria loss"]),
 ])
 def test_bad_flags(cli, argv, needles):
     code, err = cli(train.main, argv)

@@ -176,6 +176,7 @@ def test_criterion_weights_count_each_criterions_classes_in_the_training_inputs(
     weights = train.make_class_weights(cfg, pairs + [{"label": window}])
     torch.testing.assert_close(weights[0], torch.tensor([5 / 6, 5 / 4]))
     torch.testing.assert_close(weights[4], torch.tensor([2 / 2, 2 / 2]))
-    assert train.make_class_weights(make_config(task="evidence", criterion_weights=True), pairs) is None
+    with pytest.raises(UserError, match="--criterion_weights: weighs the criteria loss.*--task evidence has none"):
+        make_config(task="evidence", criterion_weights=True)  # it was ignored without a word
     with pytest.raises(UserError, match="choose one"):
         make_config(class_weights=True, criterion_weights=True)
