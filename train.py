@@ -198,7 +198,7 @@ def setup_process(cfg: Config, accelerator):
 
 
 def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
-    """(model, optimizer, scheduler, train loader, val loader, total optimizer steps), prepared by accelerate."""
+    """(model, optimizer, scheduler, train loader, total optimizer steps), prepared by accelerate."""
     train_features = prepared.features["train"][1]
     model = build_model(cfg, prepared.tokenizer, make_class_weights(cfg, train_features))
     dl_kwargs, pad = dataloader_kwargs(cfg, accelerator.device.type == "cuda"), prepared.tokenizer.pad_token_id
@@ -209,12 +209,9 @@ def build_training(cfg: Config, accelerator, prepared: PreparedData) -> tuple:
                     "(accelerate would fill every batch up to %d with copies)", cfg.batch_size, len(train_features),
                     processes, batch, cfg.batch_size)
     train_loader = make_loader(train_features, cfg.batch_size, True, pad, cfg.seed, processes=processes, **dl_kwargs)
-    val_loader = make_loader(prepared.features["val"][1], cfg.eval_batch_size, False, pad, processes=processes,
-                             **dl_kwargs)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader,
-                                                                     val_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, make_optimizer(model, cfg), train_loader)
     _, total_steps = step_budget(cfg, len(train_loader))
-    return model, optimizer, make_scheduler(cfg, optimizer, total_steps), train_loader, val_loader, total_steps
+    return model, optimizer, make_scheduler(cfg, optimizer, total_steps), train_loader, total_steps
 
 
 def _nothing(*args, **kwargs) -> None:
@@ -314,7 +311,8 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
 
     hooks, metric_name, t_start = hooks or Hooks(), main_metric(cfg), time.perf_counter()
     best_dir = out_dir / "checkpoints" / "best"
-    model, optimizer, scheduler, train_loader, val_loader, total_steps = build_training(cfg, accelerator, prepared)
+    model, optimizer, scheduler, train_loader, total_steps = build_training(cfg, accelerator, prepared)
+    scoring = {"eval_batch_size": cfg.eval_batch_size, "eval_batch_fallbacks": []}  # halved by score_split on OOM
     state = resume_state(accelerator, scheduler, resume_from, cfg) if resume_from else LoopState()
     batch_size = per_process_batch(len(prepared.features["train"][1]), cfg.batch_size, accelerator.num_processes)
     if state.batch_size and state.batch_size != batch_size:  # saved before an out-of-memory fallback halved it
@@ -365,8 +363,7 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
                         (epoch_done and not cfg.eval_every):
                     # validation; the thresholds tuned on it (null answer, evidence sentences, per symptom) go with the
                     # best checkpoint
-                    val_examples, val_features = prepared.features["val"]
-                    metrics, _, thresholds = evaluate(model, val_loader, val_features, val_examples, cfg, accelerator)
+                    metrics, _, thresholds = score_split(model, "val", prepared, cfg, accelerator, scoring)
                     value = metrics[metric_name]
                     state.history.append({"epoch": epoch, "step": state.global_step, metric_name: value})
                     log.info("epoch %d step %d: val %s %.4f", epoch, state.global_step, metric_name, value)
@@ -402,11 +399,12 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
     train_s = time.perf_counter() - t_train
 
     load_best(accelerator, model, best_dir)
-    results, predictions = test_best(model, prepared, cfg, accelerator, state.thresholds)
+    results, predictions = test_best(model, prepared, cfg, accelerator, state.thresholds, scoring)
     results["train"] = {"steps": state.global_step, "epochs_completed": state.epoch, "train_seconds": train_s,
                         "samples_per_second": samples / max(train_s, 1e-9),
                         "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
-                        "skipped_nonfinite_steps": state.skipped_steps}
+                        "skipped_nonfinite_steps": state.skipped_steps,
+                        "eval_batch_fallbacks": scoring["eval_batch_fallbacks"]}
     return results, predictions, state
 
 
@@ -415,20 +413,45 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
 SPLITS_SCORED = ("val", "test", "test_shift")
 
 
-def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict) -> tuple[dict, dict]:
+def score_split(model, name: str, prepared: PreparedData, cfg: Config, accelerator, scoring: dict,
+                thresholds: dict | None = None) -> tuple[dict, list, dict]:
+    """evaluate() on one split at scoring["eval_batch_size"]. Out of device memory there (its batches are larger than
+    training's), again at half the batch, down to 1, and the smaller batch kept for the run's later scoring, each
+    fallback recorded in `scoring`; under several processes one line instead (the others wait in a gather)."""
+    examples, feats = prepared.features[name]
+    dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
+    while True:
+        batch = scoring["eval_batch_size"]
+        loader = accelerator.prepare(make_loader(feats, batch, False, prepared.tokenizer.pad_token_id,
+                                                 processes=accelerator.num_processes, **dl_kwargs))
+        try:
+            return evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
+                            desc=None if thresholds is None else f"score {name}")
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            error = f"out of memory scoring {name} with --eval_batch_size {batch} ({first_line(e)[:120]})"
+            if batch == 1 or accelerator.num_processes > 1:
+                raise UserError(f"{error}: give a smaller --eval_batch_size" if batch > 1 else
+                                f"{error}: lower --max_length") from None
+        from accelerate.utils.memory import clear_device_cache
+
+        clear_device_cache(garbage_collection=True)  # outside the except: the failed batch's tensors are released
+        scoring["eval_batch_size"] = batch // 2
+        scoring["eval_batch_fallbacks"].append({"split": name, "eval_batch_size": batch, "to": batch // 2})
+        log.warning("%s: scoring it again at --eval_batch_size %d", error, batch // 2)
+
+
+def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict,
+              scoring: dict | None = None) -> tuple[dict, dict]:
     """(metrics, predictions) of the best checkpoint on val, test and (when there is one) test_shift, all with the
     thresholds tuned on val."""
+    scoring = scoring or {"eval_batch_size": cfg.eval_batch_size, "eval_batch_fallbacks": []}
     results, all_predictions = {"val": None, "test": None}, {}
-    dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
     for name in [n for n in SPLITS_SCORED if n in prepared.features]:
-        examples, feats = prepared.features[name]
-        if not examples:
-            continue
-        loader = accelerator.prepare(make_loader(feats, cfg.eval_batch_size, False, prepared.tokenizer.pad_token_id,
-                                                 processes=accelerator.num_processes, **dl_kwargs))
-        metrics, predictions, _ = evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
-                                           desc=f"score {name}")
-        results[name], all_predictions[name] = metrics, predictions
+        if prepared.features[name][0]:
+            results[name], all_predictions[name], _ = score_split(model, name, prepared, cfg, accelerator, scoring,
+                                                                  thresholds)
     return results, all_predictions
 
 

@@ -26,7 +26,7 @@ def step_seconds(cfg, prepared, steps: int) -> tuple[float, int]:
     """(CPU seconds per step over `steps` steps after one untimed, trainable parameters)."""
     torch.manual_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
-    model, optimizer, scheduler, loader, _, _ = train.build_training(cfg, accelerator, prepared)
+    model, optimizer, scheduler, loader, _ = train.build_training(cfg, accelerator, prepared)
     batches = iter(loader)
     train.train_step(model, next(batches), optimizer, scheduler, accelerator, cfg)
     start = time.process_time()
