@@ -138,6 +138,11 @@ def run(cfg: Config, accelerator=None, on_validation=None, parent_run_id: str | 
         hooks = run_hooks(cfg, accelerator, tracker, last_dir, on_validation, {"corpus_sha256": corpus_digest})
         cfg, (results, predictions, state) = train_fitting_memory(cfg, accelerator, prepared, out_dir, resume_from,
                                                                   hooks)
+        if results["train"]["batch_fallbacks"]:  # MLflow params are set once: the batch that trained goes beside them
+            fell = "; ".join(f"out of memory at step {e['step']} with batch {e['batch_size']}"
+                             for e in results["train"]["batch_fallbacks"])
+            tracker.log_params({"ran_batch_size": cfg.batch_size, "ran_grad_accum": cfg.grad_accum, "batch_fallbacks":
+                                f"{fell} (train_loss points up to those steps include the failed attempts')"})
         results["train"].update(mlflow_run_id=tracker.run_id, resumed=resume_from is not None, ran_with={
             "device": accelerator.device.type, "mixed_precision": cfg.mixed_precision,
             "distributed_type": accelerator.distributed_type.name,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -166,7 +167,13 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_effective_batch(tmp_path, 
     """Batch 16 runs out of memory at step 3, then 8 at its first step; 4 fits, with 4 micro-batches a step: the run
     completes with as many steps as batch 16 takes, every training input seen once an epoch."""
     ran = out_of_memory_above(monkeypatch, rows=4, from_call=3)
-    results = run(tmp_path, "run", epochs=2, batch_size=16, patience=0)
+    results = run(tmp_path, "run", epochs=2, batch_size=16, patience=0, mlflow=True,
+                  tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    params = client.get_run(results["train"]["mlflow_run_id"]).data.params
+    assert (params["batch_size"], params["ran_batch_size"], params["ran_grad_accum"]) == ("16", "4", "4")
+    assert params["batch_fallbacks"].startswith("out of memory at step 3 with batch 16; out of memory at step 1 with "
+                                                "batch 8 (train_loss points")
     config = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
     assert (config["batch_size"], config["grad_accum"]) == (4, 4)
     stats = json.loads((tmp_path / "run/run_stats.json").read_text())
