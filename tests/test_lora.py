@@ -50,12 +50,15 @@ def pair_batch(tokenizer, n: int = 6) -> dict:
             "labels": torch.tensor([int(e["label"]) for e in examples])}
 
 
-def test_lora_trains_the_adapters_and_the_heads_and_nothing_else(bert):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_trains_the_adapters_and_the_heads_and_nothing_else(bert, checkpointing):
     """Trainable parameters: r * (in + out) per adapted linear layer, by hand, plus the criteria head; after one
-    optimizer step the encoder's own weights are byte-equal and every adapter's B and the head have moved."""
-    cfg = lora_cfg(bert)
+    optimizer step the encoder's own weights are byte-equal and every adapter's B and the head have moved. Also under
+    --gradient_checkpointing, where frozen embeddings would leave the checkpointed layers' adapters without gradient."""
+    cfg = lora_cfg(bert, gradient_checkpointing=checkpointing)
     tokenizer = models.build_tokenizer(cfg, [])
     model = models.build_model(cfg, tokenizer)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
     # 1 layer, width 32, intermediate 64: query, key, value, attention output 32 -> 32; intermediate 32 -> 64;
     # output 64 -> 32 (the pooler is dropped). The criteria head: 32 -> 2 x 9 criteria, with its bias.
     adapters = RANK * (4 * (32 + 32) + (32 + 64) + (64 + 32))
