@@ -146,13 +146,14 @@ def test_sigterm_from_outside_loses_no_step(tmp_path):
     assert (tmp_path / "stopped/metrics.json").read_bytes() == (tmp_path / "full/metrics.json").read_bytes()
 
 
-def out_of_memory_above(monkeypatch, rows: int, from_call: int = 1):
-    """TaskModel.forward raises CUDA's OutOfMemoryError for a training batch of more than `rows` inputs, from the
-    `from_call`-th training call on; returns the sizes of the training batches it ran."""
+def out_of_memory_above(monkeypatch, rows: int, from_call: int = 1, training: bool = True):
+    """TaskModel.forward raises CUDA's OutOfMemoryError for a training batch (or with training=False, a scoring batch:
+    the model in eval mode) of more than `rows` inputs, from the `from_call`-th such call on; returns the sizes of
+    the batches of that kind it ran."""
     real, ran, calls = models.TaskModel.forward, [], {"n": 0}
 
     def forward(self, **batch):
-        if self.training:
+        if self.training == training:
             calls["n"] += 1
             if len(batch["input_ids"]) > rows and calls["n"] >= from_call:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -197,28 +198,12 @@ def test_out_of_memory_at_batch_1_is_one_line(cli, tmp_path, monkeypatch):
                                                    "memory. Tried to allocate 2.00 GiB): lower --max_length")
 
 
-def scoring_out_of_memory_above(monkeypatch, rows: int) -> list[int]:
-    """TaskModel.forward raises CUDA's OutOfMemoryError for a scoring batch (the model in eval mode) of more than
-    `rows` inputs; returns the sizes of the scoring batches it ran."""
-    real, ran = models.TaskModel.forward, []
-
-    def forward(self, **batch):
-        if not self.training:
-            if len(batch["input_ids"]) > rows:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
-            ran.append(len(batch["input_ids"]))
-        return real(self, **batch)
-
-    monkeypatch.setattr(models.TaskModel, "forward", forward)
-    return ran
-
-
 def test_out_of_memory_in_validation_halves_the_eval_batch(tmp_path, monkeypatch):
     """Validation at --eval_batch_size 32 runs out of memory (it was a traceback after an epoch of training): scored
     again at 16, then 8, which fits and is kept for the later validations and the test; the run equals one asked
     for 8 to begin with, its fallbacks in run_stats.json."""
     asked = run(tmp_path, "asked-for-8", epochs=2, eval_batch_size=8)
-    ran = scoring_out_of_memory_above(monkeypatch, rows=8)
+    ran = out_of_memory_above(monkeypatch, rows=8, training=False)
     results = run(tmp_path, "run", epochs=2, eval_batch_size=32)
     assert max(ran) == 8
     stats = json.loads((tmp_path / "run/run_stats.json").read_text())
@@ -229,13 +214,13 @@ def test_out_of_memory_in_validation_halves_the_eval_batch(tmp_path, monkeypatch
 
 
 def test_out_of_memory_in_validation_at_eval_batch_1_is_one_line(cli, tmp_path, monkeypatch):
-    scoring_out_of_memory_above(monkeypatch, rows=0)
+    out_of_memory_above(monkeypatch, rows=0, training=False)
     code, err = cli(train.main, [*FLAGS, "--eval_batch_size", "2", "--epochs", "1", "--output_dir", tmp_path / "run"])
     assert code == 2 and "Traceback" not in err, err
-    assert "out of memory scoring val with --eval_batch_size 2 (CUDA out of memory. Tried to allocate 4.00 GiB): " \
+    assert "out of memory scoring val with --eval_batch_size 2 (CUDA out of memory. Tried to allocate 2.00 GiB): " \
            "scoring it again at --eval_batch_size 1" in err
     assert err.strip().splitlines()[-1] == "error: out of memory scoring val with --eval_batch_size 1 (CUDA out of " \
-                                           "memory. Tried to allocate 4.00 GiB): lower --max_length", err
+                                           "memory. Tried to allocate 2.00 GiB): lower --max_length", err
 
 
 def test_a_resume_with_the_first_flags_continues_at_the_fallen_back_batch(tmp_path):
