@@ -32,6 +32,7 @@ from utils import (
     dataloader_kwargs,
     dumps,
     make_accelerator,
+    out_of_memory_as_error,
     run_main,
     setup_logging,
     write_jsonl,
@@ -76,13 +77,15 @@ def main(argv=None):
     if args.batch_size is not None:
         cfg.eval_batch_size = args.batch_size
     task = TASKS[cfg.task]
+    memory = f"scoring at --batch_size {cfg.eval_batch_size}", "give a smaller --batch_size"  # if it runs out
     if args.predict:
-        rows = predict_file(model, tokenizer, cfg, extra, Path(args.predict), accelerator)
-        if accelerator.is_main_process:
-            n_rows = write_jsonl(rows, output)  # whole or not at all: a temp file, then os.replace
-            log.info("wrote %d predictions to %s", n_rows, output)
-        else:
-            deque(rows, maxlen=0)  # every process scores its share of each chunk
+        with out_of_memory_as_error(*memory):
+            rows = predict_file(model, tokenizer, cfg, extra, Path(args.predict), accelerator)
+            if accelerator.is_main_process:
+                n_rows = write_jsonl(rows, output)  # whole or not at all: a temp file, then os.replace
+                log.info("wrote %d predictions to %s", n_rows, output)
+            else:
+                deque(rows, maxlen=0)  # every process scores its share of each chunk
         return
     corpus, post_ids, scored = split_posts_of(cfg, checkpoint, args.split, args.data_dir, extra.get("corpus_sha256"))
     examples = task.examples(corpus, post_ids, cfg)
@@ -93,7 +96,8 @@ def main(argv=None):
                          processes=accelerator.num_processes,
                          **dataloader_kwargs(cfg, accelerator.device.type == "cuda"))
     model, loader = accelerator.prepare(model, loader)
-    metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
+    with out_of_memory_as_error(*memory):
+        metrics, predictions, _ = evaluate(model, loader, features, examples, cfg, accelerator, saved_thresholds(extra))
     if accelerator.is_main_process:
         log.info("%s on %s (%d posts, %d examples, %d processes):\n%s", cfg.task, scored, len(post_ids),
                  len(examples), accelerator.num_processes, format_metrics(metrics))

@@ -42,6 +42,7 @@ from utils import (
     dataloader_kwargs,
     first_line,
     make_accelerator,
+    out_of_memory,
     run_main,
     set_seed,
     setup_logging,
@@ -278,13 +279,6 @@ class OutOfMemory(Exception):
     def __init__(self, step: int, batch_size: int, error: BaseException):
         super().__init__(f"out of memory at step {step} with --batch_size {batch_size} ({first_line(error)[:120]})")
         self.step, self.batch_size = step, batch_size
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the "out of memory" RuntimeError of other backends (accelerate's own test)."""
-    from accelerate.utils.memory import should_reduce_batch_size
-
-    return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)
 
 
 def stop_requested(accelerator) -> bool:

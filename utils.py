@@ -101,6 +101,25 @@ def run_main(main, argv=None) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the "out of memory" RuntimeError of other backends (accelerate's own test)."""
+    import torch
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(what: str, remedy: str):
+    """The device out of memory inside the block: one line naming what ran out and what to change, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        raise UserError(f"out of memory {what} ({first_line(e)[:120]}): {remedy}") from None
+
+
 def retry(call, retryable, tries: int, wait_s, what: str | None = None):
     """call(), again while `retryable(error)` says the error is a race between processes that start together (a
     fresh store's schema being created by another), at most `tries` times; the last error is raised. `wait_s(n)`:

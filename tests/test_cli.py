@@ -11,12 +11,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, write_corpus, write_quirky
 
 import data
 import demo
 import evaluate
+import models
 import train
 import utils
 from checkpoint import load_checkpoint
@@ -438,6 +440,24 @@ def test_damaged_checkpoint_files(cli, checkpoint, tmp_path, damage, file, needl
 def test_evaluate_batch_size_must_be_positive(cli, value):
     code, err = cli(evaluate.main, ["--checkpoint", "x", "--batch_size", value])
     assert_one_line_error(code, err, "--batch_size", f"must be >= 1, got {value}")
+
+
+@pytest.mark.parametrize("predict", [False, True], ids=["split", "predict"])
+def test_evaluate_out_of_memory_is_one_line_naming_the_batch(cli, checkpoint, tmp_path, monkeypatch, predict):
+    (tmp_path / "new.csv").write_text("post_id,text\np1,I can't sleep and I feel worthless.\n")
+
+    def forward(self, **batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(models.TaskModel, "forward", forward)
+    corpus = write_corpus(tmp_path / "d", [["p0", "I can't sleep."]], [["p0", "p0_0", "I can't sleep.", "SLEEP_ISSUES",
+                                                                         "1"]])
+    argv = ["--checkpoint", checkpoint, "--batch_size", "16"] + (["--predict", tmp_path / "new.csv"] if predict else
+                                                                 ["--data_dir", corpus])
+    code, err = cli(evaluate.main, [*argv, "--output", tmp_path / "out.json"])
+    assert_one_line_error(code, err, "out of memory scoring at --batch_size 16 (CUDA out of memory. Tried to "
+                          "allocate 2.00 GiB): give a smaller --batch_size")
+    assert not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.parametrize("name, needles", [
