@@ -11,9 +11,10 @@ from config import Config, post_encoding, pretrained
 # What `auto` means, per model kind (a pretrained encoder, or tiny, under pair or post encoding): the tiny encoder
 # learns from scratch and takes a large rate; a pretrained one is fine-tuned. Chosen on the demo, each by the runs on
 # its results page: results/2026-12-05_pretrained-defaults.md (lr), results/2026-12-05_pretrained-post-level.md
-# (batch 8 under post encoding), results/2026-12-02_post-encoding-and-evidence-sets.md (tiny_post epochs).
+# (batch 8 under post encoding), results/2026-12-02_post-encoding-and-evidence-sets.md (tiny_post epochs); 5 epochs
+# for a pretrained encoder under post encoding on the written corpus: results/2026-12-06_epochs-written-corpus.md.
 AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": None, "pretrained_post": None},  # by width
-                 "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3, "pretrained_post": 3},
+                 "epochs": {"tiny": 4, "tiny_post": 8, "pretrained": 3, "pretrained_post": 5},
                  "batch_size": {"tiny": 32, "tiny_post": 32, "pretrained": 32, "pretrained_post": 8}}
 
 

@@ -107,7 +107,7 @@ class Config:
              "the LoRA paper's choice for BERT)")
     # --- optimisation
     epochs: int | typing.Literal["auto"] = knob("auto", resume=True, low=1,
-        help="auto: tiny 4 (8 under post encoding), pretrained 3 (AUTO_DEFAULTS)")
+        help="auto: tiny 4 (8 under post encoding), pretrained 3 (5 under post encoding) (AUTO_DEFAULTS)")
     max_steps: int = knob(-1, '> 0 caps the number of optimizer steps', resume=True)
     batch_size: int | typing.Literal["auto"] = knob("auto", low=1,
         help="per process; auto: 32, 8 for a pretrained encoder under post encoding (AUTO_DEFAULTS)")

@@ -106,7 +106,7 @@ def test_pretrained_folder_trains_every_task(tmp_path, folders, family, task, en
     metric = models.TASKS[task].main_metric
     assert 0 <= results["test"][metric] <= 1
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
-    assert saved["lr"] == 2e-4 and saved["epochs"] == 3  # auto, resolved for a pretrained encoder
+    assert saved["lr"] == 2e-4 and saved["epochs"] == (5 if encoding == "post" else 3)  # auto, resolved
     assert saved["mixed_precision"] == "no"  # auto, recorded as what ran (fp32 on this CPU)
     rerun = make_config(**load_yaml_config(tmp_path / "run/config.yaml"))
     assert rerun == dataclasses.replace(cfg, mixed_precision="no")  # a rerun from it is this run
@@ -149,11 +149,15 @@ def test_lr_epochs_and_batch_size_follow_the_model(folders, tmp_path):
     assert (make_config().lr, make_config().epochs, make_config().batch_size) == (2e-3, 4, 32)  # tiny: as before
     pretrained = make_config(model=folders["bert"])
     assert (pretrained.lr, pretrained.epochs, pretrained.batch_size) == (2e-4, 3, 32)
-    # batch 8 where a pretrained encoder reads post windows (a ninth of the examples of pair encoding)
-    for task, encoding, tiny_batch, pretrained_batch in [("criteria", "post", 32, 32), ("evidence", "post", 32, 8),
-                                                         ("joint", "post", 32, 8), ("joint", "pair", 32, 32)]:
+    # batch 8 and 5 epochs where a pretrained encoder reads post windows (a ninth of the examples of pair encoding;
+    # criteria of single sentences reads pairs whatever --encoding says)
+    for task, encoding, tiny_batch, batch, epochs in [("criteria", "post", 32, 32, 3), ("evidence", "post", 32, 8, 5),
+                                                      ("joint", "post", 32, 8, 5), ("joint", "pair", 32, 32, 3)]:
         assert make_config(task=task, encoding=encoding).batch_size == tiny_batch
-        assert make_config(model=folders["bert"], task=task, encoding=encoding).batch_size == pretrained_batch
+        cfg = make_config(model=folders["bert"], task=task, encoding=encoding)
+        assert (cfg.batch_size, cfg.epochs) == (batch, epochs)
+    cfg = make_config(model=folders["bert"], task="criteria", unit="post")
+    assert (cfg.batch_size, cfg.epochs) == (8, 5)
     assert make_config(model=folders["bert"], task="joint", batch_size=16).batch_size == 16  # a set value wins
     cfg, _ = parse_config(["--model", folders["bert"], "--lr", "3e-5", "--epochs", "auto"])
     assert (cfg.lr, cfg.epochs) == (3e-5, 3)
