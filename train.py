@@ -414,10 +414,13 @@ def score_split(model, name: str, prepared: PreparedData, cfg: Config, accelerat
     fallback recorded in `scoring`; under several processes one line instead (the others wait in a gather)."""
     examples, feats = prepared.features[name]
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
+    loaders = scoring.setdefault("loaders", {})  # one per split and batch: --num_workers start once, not each time
     while True:
         batch = scoring["eval_batch_size"]
-        loader = accelerator.prepare(make_loader(feats, batch, False, prepared.tokenizer.pad_token_id,
-                                                 processes=accelerator.num_processes, **dl_kwargs))
+        if (name, batch) not in loaders:
+            loaders[name, batch] = accelerator.prepare(make_loader(
+                feats, batch, False, prepared.tokenizer.pad_token_id, processes=accelerator.num_processes, **dl_kwargs))
+        loader = loaders[name, batch]
         try:
             return evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
                             desc=None if thresholds is None else f"score {name}")

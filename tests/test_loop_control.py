@@ -213,6 +213,17 @@ def test_out_of_memory_in_validation_halves_the_eval_batch(tmp_path, monkeypatch
     assert results["train"]["steps"] == asked["train"]["steps"]
 
 
+def test_each_split_gets_one_loader_however_often_it_is_scored(tmp_path, monkeypatch):
+    """Validation after each of 3 epochs reuses one loader (a new one each time started --num_workers processes
+    anew and kept the old ones: a SIGTERM to the group then met a worker being born); val and test: 2 loaders."""
+    made, real = [], train.make_loader
+    monkeypatch.setattr(train, "make_loader", lambda feats, batch, shuffle, *a, **k: made.append(shuffle) or
+                        real(feats, batch, shuffle, *a, **k))
+    results = run(tmp_path, "run", epochs=3, patience=0)
+    assert len(json.loads((tmp_path / "run/history.json").read_text())["val"]) == 3 and results["test"]
+    assert made == [True, False, False]  # training, val (3 validations, then scored again with the best), test
+
+
 def test_out_of_memory_in_validation_at_eval_batch_1_is_one_line(cli, tmp_path, monkeypatch):
     out_of_memory_above(monkeypatch, rows=0, training=False)
     code, err = cli(train.main, [*FLAGS, "--eval_batch_size", "2", "--epochs", "1", "--output_dir", tmp_path / "run"])
