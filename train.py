@@ -306,7 +306,7 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
     hooks, metric_name, t_start = hooks or Hooks(), main_metric(cfg), time.perf_counter()
     best_dir = out_dir / "checkpoints" / "best"
     model, optimizer, scheduler, train_loader, total_steps = build_training(cfg, accelerator, prepared)
-    scoring = {"eval_batch_size": cfg.eval_batch_size, "eval_batch_fallbacks": []}  # halved by score_split on OOM
+    scoring = Scoring(cfg.eval_batch_size)
     state = resume_state(accelerator, scheduler, resume_from, cfg) if resume_from else LoopState()
     batch_size = per_process_batch(len(prepared.features["train"][1]), cfg.batch_size, accelerator.num_processes)
     if state.batch_size and state.batch_size != batch_size:  # saved before an out-of-memory fallback halved it
@@ -398,7 +398,7 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
                         "samples_per_second": samples / max(train_s, 1e-9),
                         "seconds_to_first_step": first_step_s, "processes": accelerator.num_processes,
                         "skipped_nonfinite_steps": state.skipped_steps,
-                        "eval_batch_fallbacks": scoring["eval_batch_fallbacks"]}
+                        "eval_batch_fallbacks": scoring.fallbacks}
     return results, predictions, state
 
 
@@ -407,20 +407,28 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
 SPLITS_SCORED = ("val", "test", "test_shift")
 
 
-def score_split(model, name: str, prepared: PreparedData, cfg: Config, accelerator, scoring: dict,
+@dataclass
+class Scoring:
+    """What a run's scoring keeps between validations: the eval batch (halved on out of memory), its fallbacks, and
+    one loader per split and batch (a loader made each time would start --num_workers processes anew)."""
+    eval_batch_size: int
+    fallbacks: list = field(default_factory=list)
+    loaders: dict = field(default_factory=dict)
+
+
+def score_split(model, name: str, prepared: PreparedData, cfg: Config, accelerator, scoring: Scoring,
                 thresholds: dict | None = None) -> tuple[dict, list, dict]:
-    """evaluate() on one split at scoring["eval_batch_size"]. Out of device memory there (its batches are larger than
+    """evaluate() on one split at scoring.eval_batch_size. Out of device memory there (its batches are larger than
     training's), again at half the batch, down to 1, and the smaller batch kept for the run's later scoring, each
-    fallback recorded in `scoring`; under several processes one line instead (the others wait in a gather)."""
+    fallback recorded; under several processes one line instead (the others wait in a gather)."""
     examples, feats = prepared.features[name]
     dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
-    loaders = scoring.setdefault("loaders", {})  # one per split and batch: --num_workers start once, not each time
     while True:
-        batch = scoring["eval_batch_size"]
-        if (name, batch) not in loaders:
-            loaders[name, batch] = accelerator.prepare(make_loader(
+        batch = scoring.eval_batch_size
+        if (name, batch) not in scoring.loaders:
+            scoring.loaders[name, batch] = accelerator.prepare(make_loader(
                 feats, batch, False, prepared.tokenizer.pad_token_id, processes=accelerator.num_processes, **dl_kwargs))
-        loader = loaders[name, batch]
+        loader = scoring.loaders[name, batch]
         try:
             return evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
                             desc=None if thresholds is None else f"score {name}")
@@ -434,16 +442,16 @@ def score_split(model, name: str, prepared: PreparedData, cfg: Config, accelerat
         from accelerate.utils.memory import clear_device_cache
 
         clear_device_cache(garbage_collection=True)  # outside the except: the failed batch's tensors are released
-        scoring["eval_batch_size"] = batch // 2
-        scoring["eval_batch_fallbacks"].append({"split": name, "eval_batch_size": batch, "to": batch // 2})
+        scoring.eval_batch_size = batch // 2
+        scoring.fallbacks.append({"split": name, "eval_batch_size": batch, "to": batch // 2})
         log.warning("%s: scoring it again at --eval_batch_size %d", error, batch // 2)
 
 
 def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict,
-              scoring: dict | None = None) -> tuple[dict, dict]:
+              scoring: Scoring | None = None) -> tuple[dict, dict]:
     """(metrics, predictions) of the best checkpoint on val, test and (when there is one) test_shift, all with the
     thresholds tuned on val."""
-    scoring = scoring or {"eval_batch_size": cfg.eval_batch_size, "eval_batch_fallbacks": []}
+    scoring = scoring or Scoring(cfg.eval_batch_size)
     results, all_predictions = {"val": None, "test": None}, {}
     for name in [n for n in SPLITS_SCORED if n in prepared.features]:
         if prepared.features[name][0]:
