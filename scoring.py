@@ -3,7 +3,8 @@ validation. `evaluate` is what train.py validates and tests with, and what evalu
 
 Reading order: `model_outputs` runs a model over a loader (gathered across processes exactly once) ->
 scoring the classification and the evidence of each (criterion, post) pair (metrics.py, decoding.py) ->
-`evaluate` -> the names of its metrics and the console tables.
+`evaluate` -> `score_split`, what a training run scores a split with (the eval batch halved on out of memory) ->
+the names of its metrics and the console tables.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import collections
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from decoding import (
     tune_sentence_threshold,
     window_candidates,
 )
+from features import make_loader
 from metrics import (
     classification_metrics,
     post_level_metrics,
@@ -37,7 +40,7 @@ from metrics import (
     span_metrics,
 )
 from models import INPUT_KEYS, TASKS
-from utils import UserError
+from utils import UserError, dataloader_kwargs, first_line, out_of_memory
 
 log = logging.getLogger("redsm5")
 
@@ -184,6 +187,62 @@ def evaluate(model, loader, features, examples, cfg, accelerator, thresholds: di
     if task.classify and task.spans:
         metrics["combined"] = (metrics["f1_macro"] + metrics["span_f1"]) / 2
     return metrics, predictions, thresholds
+
+
+SPLITS_SCORED = ("val", "test", "test_shift")
+
+
+@dataclass
+class Scoring:
+    """What a run's scoring keeps between validations: the eval batch (halved on out of memory), its fallbacks, and
+    one loader per split and batch (a loader made each time would start --num_workers processes anew)."""
+    eval_batch_size: int
+    fallbacks: list = field(default_factory=list)
+    loaders: dict = field(default_factory=dict)
+
+
+def score_split(model, name: str, prepared, cfg, accelerator, scoring: Scoring,
+                thresholds: dict | None = None) -> tuple[dict, list, dict]:
+    """evaluate() on one split at scoring.eval_batch_size. Out of device memory there (its batches are larger than
+    training's), again at half the batch, down to 1, and the smaller batch kept for the run's later scoring, each
+    fallback recorded; under several processes one line instead (the others wait in a gather)."""
+    examples, feats = prepared.features[name]
+    dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
+    while True:
+        batch = scoring.eval_batch_size
+        if (name, batch) not in scoring.loaders:
+            scoring.loaders[name, batch] = accelerator.prepare(make_loader(
+                feats, batch, False, prepared.tokenizer.pad_token_id, processes=accelerator.num_processes, **dl_kwargs))
+        loader = scoring.loaders[name, batch]
+        try:
+            return evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
+                            desc=None if thresholds is None else f"score {name}")
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            error = f"out of memory scoring {name} with --eval_batch_size {batch} ({first_line(e)[:120]})"
+            if batch == 1 or accelerator.num_processes > 1:
+                raise UserError(f"{error}: give a smaller --eval_batch_size" if batch > 1 else
+                                f"{error}: lower --max_length") from None
+        from accelerate.utils.memory import clear_device_cache
+
+        clear_device_cache(garbage_collection=True)  # outside the except: the failed batch's tensors are released
+        scoring.eval_batch_size = batch // 2
+        scoring.fallbacks.append({"split": name, "eval_batch_size": batch, "to": batch // 2})
+        log.warning("%s: scoring it again at --eval_batch_size %d", error, batch // 2)
+
+
+def test_best(model, prepared, cfg, accelerator, thresholds: dict,
+              scoring: Scoring | None = None) -> tuple[dict, dict]:
+    """(metrics, predictions) of the best checkpoint on val, test and (when there is one) test_shift, all with the
+    thresholds tuned on val."""
+    scoring = scoring or Scoring(cfg.eval_batch_size)
+    results, all_predictions = {"val": None, "test": None}, {}
+    for name in [n for n in SPLITS_SCORED if n in prepared.features]:
+        if prepared.features[name][0]:
+            results[name], all_predictions[name], _ = score_split(model, name, prepared, cfg, accelerator, scoring,
+                                                                  thresholds)
+    return results, all_predictions
 
 
 def metric_names(cfg) -> list[str]:

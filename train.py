@@ -34,7 +34,7 @@ from checkpoint import LoopState, load_best, load_tokenizer, resume_state, save_
 from config import Config, parse_config
 from features import make_loader, per_process_batch
 from models import TASKS, build_model, build_tokenizer, featurize
-from scoring import evaluate, metric_names
+from scoring import Scoring, metric_names, score_split, test_best
 from utils import (
     STEP_BOUNDARY,
     Terminated,
@@ -400,64 +400,6 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
                         "skipped_nonfinite_steps": state.skipped_steps,
                         "eval_batch_fallbacks": scoring.fallbacks}
     return results, predictions, state
-
-
-# --------------------------------------------------------------------------- test
-
-SPLITS_SCORED = ("val", "test", "test_shift")
-
-
-@dataclass
-class Scoring:
-    """What a run's scoring keeps between validations: the eval batch (halved on out of memory), its fallbacks, and
-    one loader per split and batch (a loader made each time would start --num_workers processes anew)."""
-    eval_batch_size: int
-    fallbacks: list = field(default_factory=list)
-    loaders: dict = field(default_factory=dict)
-
-
-def score_split(model, name: str, prepared: PreparedData, cfg: Config, accelerator, scoring: Scoring,
-                thresholds: dict | None = None) -> tuple[dict, list, dict]:
-    """evaluate() on one split at scoring.eval_batch_size. Out of device memory there (its batches are larger than
-    training's), again at half the batch, down to 1, and the smaller batch kept for the run's later scoring, each
-    fallback recorded; under several processes one line instead (the others wait in a gather)."""
-    examples, feats = prepared.features[name]
-    dl_kwargs = dataloader_kwargs(cfg, accelerator.device.type == "cuda")
-    while True:
-        batch = scoring.eval_batch_size
-        if (name, batch) not in scoring.loaders:
-            scoring.loaders[name, batch] = accelerator.prepare(make_loader(
-                feats, batch, False, prepared.tokenizer.pad_token_id, processes=accelerator.num_processes, **dl_kwargs))
-        loader = scoring.loaders[name, batch]
-        try:
-            return evaluate(model, loader, feats, examples, cfg, accelerator, thresholds,
-                            desc=None if thresholds is None else f"score {name}")
-        except RuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            error = f"out of memory scoring {name} with --eval_batch_size {batch} ({first_line(e)[:120]})"
-            if batch == 1 or accelerator.num_processes > 1:
-                raise UserError(f"{error}: give a smaller --eval_batch_size" if batch > 1 else
-                                f"{error}: lower --max_length") from None
-        from accelerate.utils.memory import clear_device_cache
-
-        clear_device_cache(garbage_collection=True)  # outside the except: the failed batch's tensors are released
-        scoring.eval_batch_size = batch // 2
-        scoring.fallbacks.append({"split": name, "eval_batch_size": batch, "to": batch // 2})
-        log.warning("%s: scoring it again at --eval_batch_size %d", error, batch // 2)
-
-
-def test_best(model, prepared: PreparedData, cfg: Config, accelerator, thresholds: dict,
-              scoring: Scoring | None = None) -> tuple[dict, dict]:
-    """(metrics, predictions) of the best checkpoint on val, test and (when there is one) test_shift, all with the
-    thresholds tuned on val."""
-    scoring = scoring or Scoring(cfg.eval_batch_size)
-    results, all_predictions = {"val": None, "test": None}, {}
-    for name in [n for n in SPLITS_SCORED if n in prepared.features]:
-        if prepared.features[name][0]:
-            results[name], all_predictions[name], _ = score_split(model, name, prepared, cfg, accelerator, scoring,
-                                                                  thresholds)
-    return results, all_predictions
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ import yaml
 
 import models
 import runner
+import scoring
 import train
 from checkpoint import load_checkpoint
 from config import make_config
@@ -217,8 +218,9 @@ def test_each_split_gets_one_loader_however_often_it_is_scored(tmp_path, monkeyp
     """Validation after each of 3 epochs reuses one loader (a new one each time started --num_workers processes
     anew and kept the old ones: a SIGTERM to the group then met a worker being born); val and test: 2 loaders."""
     made, real = [], train.make_loader
-    monkeypatch.setattr(train, "make_loader", lambda feats, batch, shuffle, *a, **k: made.append(shuffle) or
-                        real(feats, batch, shuffle, *a, **k))
+    for module in (train, scoring):  # the training loader, the scoring ones
+        monkeypatch.setattr(module, "make_loader", lambda feats, batch, shuffle, *a, **k: made.append(shuffle) or
+                            real(feats, batch, shuffle, *a, **k))
     results = run(tmp_path, "run", epochs=3, patience=0)
     assert len(json.loads((tmp_path / "run/history.json").read_text())["val"]) == 3 and results["test"]
     assert made == [True, False, False]  # training, val (3 validations, then scored again with the best), test
