@@ -5,7 +5,7 @@ checkpoints/best/ is a folder the Hugging Face tools read: encoder/ (and span_en
 encoders) is a save_pretrained folder with its tokenizer, so AutoModel / AutoTokenizer.from_pretrained load the
 fine-tuned encoder alone; heads.safetensors holds the task heads; config.yaml, checkpoint.json, splits.json and a
 README.md model card describe the run. checkpoints/last/ is accelerate's save_state plus trainer_state.json.
-Both are written under a temporary name and swapped in whole (utils.folder_written_whole).
+Both are written under a temporary name and swapped in whole (files.folder_written_whole).
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import yaml
 
 import data
 from config import Config, load_yaml_config, make_config, post_encoding, shown
+from files import find_complete_dir, folder_written_whole
 from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_digest, is_adapter, load_lora
 from models import TASKS, TaskModel, attention, build_encoder, drop_pooler
-from utils import UserError, find_complete_dir, first_line, folder_written_whole
+from utils import UserError, first_line
 
 log = logging.getLogger("redsm5")
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from utils import UserError, read_yaml, write_text_atomic
+from files import write_text_atomic
+from utils import UserError, read_yaml
 
 
 def knob(default, help: str = "", *, data: bool = False, resume: bool = False, hpo: bool = True,

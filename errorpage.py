@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from alignment import sentence_spans
-from utils import write_text_atomic
+from files import write_text_atomic
 
 # the worst posts shown: a 200-post split then stays a few hundred KB; the rest are counted in a note
 MAX_POSTS = 100

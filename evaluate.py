@@ -24,20 +24,10 @@ from checkpoint import load_checkpoint, resolve_checkpoint
 from config import _Parser, sentence_unit
 from errorpage import write_error_page
 from features import make_loader, read_tokens
+from files import check_writable, write_jsonl, write_text_atomic
 from models import TASKS, featurize
 from scoring import evaluate, format_metrics
-from utils import (
-    UserError,
-    check_writable,
-    dataloader_kwargs,
-    dumps,
-    make_accelerator,
-    out_of_memory_as_error,
-    run_main,
-    setup_logging,
-    write_jsonl,
-    write_text_atomic,
-)
+from utils import UserError, dataloader_kwargs, dumps, make_accelerator, out_of_memory_as_error, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
 

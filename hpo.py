@@ -60,6 +60,7 @@ import yaml
 import runner
 import train
 from config import DATA_FIELDS, Config, make_config, parse_config
+from files import write_text_atomic
 from plots import plot_hpo
 from scoring import metric_names
 from search_space import (
@@ -84,7 +85,7 @@ from storage import (
     retry_at_start,
 )
 from tracking import Tracker
-from utils import UserError, run_main, setup_logging, write_text_atomic
+from utils import UserError, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
 PRUNERS = ("median", "halving", "hyperband", "none")

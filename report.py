@@ -37,13 +37,14 @@ import rundir
 import runner
 from baselines import choose_threshold, fold_baselines, with_threshold
 from config import Config, load_yaml_config, parse_config
+from files import write_text_atomic
 from intervals import summarize_runs
 from metrics import classification_metrics, f1_from_counts, span_scores
 from models import TASKS
 from plots import plot_confusion, plot_hpo, plot_per_criterion, plot_pr_roc, plot_training, summary_markdown
 from storage import DEFAULT_STORAGE, make_storage
 from tracking import Tracker
-from utils import UserError, run_main, setup_logging, write_text_atomic
+from utils import UserError, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
 

@@ -23,7 +23,8 @@ import torch
 from checkpoint import read_json_file, save_tokenizer
 from config import DATA_FIELDS, RESUMABLE_FIELDS, Config, load_yaml_config, save_config
 from data import data_sha256
-from utils import UserError, code_version, folder_written_whole, write_text_atomic
+from files import folder_written_whole, write_text_atomic
+from utils import UserError, code_version
 
 log = logging.getLogger("redsm5")
 

@@ -37,6 +37,7 @@ from checkpoint import find_complete_dir, load_last, save_last
 from config import Config, load_yaml_config, save_config
 from data import data_sha256
 from errorpage import write_error_page
+from files import output_dir_lock, write_jsonl, write_text_atomic
 from models import TASKS
 from rundir import (
     ERROR_PAGE,
@@ -51,7 +52,7 @@ from rundir import (
 )
 from scoring import summary_table
 from tracking import TRAIN_LOSS, TRAIN_LR, Tracker, log_figures, log_run_inputs, tracked_metrics
-from utils import UserError, code_version, dumps, output_dir_lock, system_info, write_jsonl, write_text_atomic
+from utils import UserError, code_version, dumps, system_info
 
 log = logging.getLogger("redsm5")
 

@@ -403,8 +403,8 @@ def train(cfg: Config, accelerator, prepared: PreparedData, out_dir: Path, resum
 
 
 def main(argv=None):
+    from files import find_complete_dir
     from runner import run  # the run around the loop: output folder, resume, MLflow, outputs
-    from utils import find_complete_dir
 
     cfg, args = parse_config(argv, prog="train.py", doc=__doc__)
     accelerator = make_accelerator(cfg)

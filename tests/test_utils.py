@@ -1,4 +1,4 @@
-"""utils' atomic folder swap: a kill at any instant of replace_dir leaves one complete copy, found and cleaned up; a
+"""files.py's atomic folder swap: a kill at any instant of replace_dir leaves one complete copy, found and cleaned up; a
 failed write leaves no temp folder; a swapped-in folder has the file modes of new files."""
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 
 import utils
-from utils import (
-    COMPLETE,
-    UserError,
-    find_complete_dir,
-    folder_written_whole,
-    recover_dir,
-    replace_dir,
-    write_text_atomic,
-)
+from files import COMPLETE, find_complete_dir, folder_written_whole, recover_dir, replace_dir, write_text_atomic
+from utils import UserError
 
 
 def make_folder(path: Path, contents: str, complete: bool = True) -> Path:
