@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from config import Config, post_encoding, pretrained
+from packaged_encoders import encoder_shape
 
 # What `auto` means, per model kind (a pretrained encoder, or tiny, under pair or post encoding): the tiny encoder
 # learns from scratch and takes a large rate; a pretrained one is fine-tuned. Chosen on the demo, each by the runs on
@@ -47,7 +48,6 @@ def auto_lr(cfg) -> tuple[float, str]:
     """(rate, where it comes from) of `lr: auto` for this config's encoder."""
     if not pretrained(cfg):
         return AUTO_DEFAULTS["lr"]["tiny"], "tiny, trained from scratch: results/2026-12-02_single-split-defaults.md"
-    from models import encoder_shape  # lazy: models imports this module
 
     shape = encoder_shape(cfg.model)
     if shape is None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import yaml
 
 from config import Config, pretrained, sentence_unit
-from models import TASKS, model_source
+from models import TASKS
+from packaged_encoders import model_source
 
 TASK_TEXT = {
     "criteria": "DSM-5 criteria classification: for each (text, criterion) pair, whether the text shows that "

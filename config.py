@@ -59,7 +59,7 @@ class Config:
         help="a second ReDSM5 folder scored as test_shift (replaces the demo's shift set)")
     # --- model
     model: str = knob("tiny", data=True,
-        help="'tiny' (built offline), 'minilm' (pip package, models.SHORT_NAMES), a hub name or "
+        help="'tiny' (built offline), 'minilm' (pip package, packaged_encoders.SHORT_NAMES), a hub name or "
              "local dir")
     tiny_arch: typing.Literal["modernbert", "bert"] = knob("modernbert",
         help="tiny encoder: ModernBERT (rotary positions, local+global attention) or BERT (learned "

