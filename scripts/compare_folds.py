@@ -17,15 +17,16 @@ import compare  # noqa: E402
 import data  # noqa: E402
 import report  # noqa: E402
 from config import load_yaml_config, make_config  # noqa: E402
+from finished_runs import incomplete_run, run_artifacts  # noqa: E402
 from intervals import summarize_runs  # noqa: E402
 
 
 def finished_runs(folder: Path) -> list[dict]:
     runs = []
     for run_dir in sorted(folder.glob("fold*-seed*")):
-        if report.incomplete_run(run_dir, True) is None:
+        if incomplete_run(run_dir, True) is None:
             fold, seed = (int(x) for x in run_dir.name[4:].split("-seed"))
-            runs.append({"fold": fold, "seed": seed, **report.run_artifacts(run_dir, True)})
+            runs.append({"fold": fold, "seed": seed, **run_artifacts(run_dir, True)})
     return runs
 
 

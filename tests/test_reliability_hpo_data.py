@@ -20,6 +20,7 @@ from test_cli import assert_one_line_error
 import data
 import evaluate
 import features
+import finished_runs
 import hpo
 import report
 import search_space
@@ -445,9 +446,9 @@ def drop_rows(path, n=3):
         "rows_without_prob"])
 def test_incomplete_run_is_found(finished_report, tmp_path, damage, needle):
     run_dir = shutil.copytree(finished_report / "fold1-seed1", tmp_path / "run")
-    assert report.incomplete_run(run_dir, classify=True) is None
+    assert finished_runs.incomplete_run(run_dir, classify=True) is None
     damage(run_dir)
-    why = report.incomplete_run(run_dir, classify=True)
+    why = finished_runs.incomplete_run(run_dir, classify=True)
     assert why is not None and needle in why, why
 
 
@@ -502,10 +503,10 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"a": 1}\n{"a": 2\n')
     with pytest.raises(UserError, match=r"p.jsonl: line 2 is not JSON"):
-        report.read_jsonl(path)
+        finished_runs.read_jsonl(path)
     path.write_text('{"a": 1}\n[1]\n')
     with pytest.raises(UserError, match=r"p.jsonl: line 2 is not a JSON object"):
-        report.read_jsonl(path)
+        finished_runs.read_jsonl(path)
 
 
 @pytest.mark.parametrize("argv, needle", [
