@@ -27,6 +27,7 @@ from features import make_loader, read_tokens
 from files import check_writable, write_jsonl, write_text_atomic
 from models import TASKS, featurize
 from scoring import evaluate, format_metrics
+from splits import load_splits
 from utils import UserError, dataloader_kwargs, dumps, make_accelerator, out_of_memory_as_error, run_main, setup_logging
 
 log = logging.getLogger("redsm5")
@@ -153,7 +154,7 @@ def split_posts_of(cfg, checkpoint: Path, split: str, data_dir=None, trained_on:
         log.info("%s is not the corpus this model was trained on: scoring all %d of its posts", data_dir,
                  len(corpus.posts))
         return corpus, post_ids, "all"
-    post_ids = data.load_splits(checkpoint / "splits.json", corpus)[split]
+    post_ids = load_splits(checkpoint / "splits.json", corpus)[split]
     log.info("scoring the %s split of the training run: %d of the corpus's %d posts (another labelled corpus: "
              "--data_dir)", split, len(post_ids), len(corpus.posts))
     return corpus, post_ids, split

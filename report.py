@@ -6,7 +6,7 @@
     python report.py --hpo_study criteria-coarse                    # plots of an Optuna study (hpo.py makes them too)
     python report.py --task joint --cv_folds 5 --resume true        # after a crash: finished runs are read back
 
-Folds are by post and stratified by the post's symptom profile (`data.kfold_splits`): fold k is the
+Folds are by post and stratified by the post's symptom profile (`splits.fold_splits`): fold k is the
 test set, a stratified slice of the other folds (val_ratio of all posts) the validation set, the rest
 trains. Folds depend on --seed only, so --seeds vary the training (initialisation, batch order), not
 the data. Each fold x seed is one `runner.run` in output_dir/fold{k}-seed{s}/ and an MLflow run nested
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import numpy as np
 import data
 import rundir
 import runner
+import splits
 from baselines import fold_baselines
 from config import Config, load_yaml_config, parse_config
 from files import write_text_atomic
@@ -110,34 +110,6 @@ def mean_tables(tables: list[dict]) -> dict[str, dict]:
     return out
 
 
-# --------------------------------------------------------------------------- folds
-
-def fold_splits(corpus: data.Corpus, k: int, seed: int, val_ratio: float = 0.1,
-                test_ratio: float = 0.1) -> list[dict[str, list[str]]]:
-    """{train, val, test} post ids per fold: test = fold k, val = a stratified slice of the other folds.
-    k = 1: the usual split_posts split (every seed refits on it)."""
-    from sklearn.model_selection import train_test_split
-
-    if k == 1:
-        return [data.split_posts(corpus, seed, val_ratio, test_ratio)]
-    if not 2 <= k <= len(corpus.posts) // 2:
-        raise UserError(f"--cv_folds: must be 1 or between 2 and {len(corpus.posts) // 2} (posts / 2), got {k}")
-    largest = max(Counter(data.post_strata(corpus, sorted(corpus.posts))).values())
-    if k > largest:  # scikit-learn's stratified folds need one group with a post for every fold
-        raise UserError(f"--cv_folds: at most {largest} on this corpus (folds are stratified by symptom profile, "
-                        f"and its largest group has {largest} posts), got {k}")
-    n_val = max(1, round(val_ratio * len(corpus.posts)))
-    folds = []
-    for rest, test in data.kfold_splits(corpus, k, seed):
-        try:
-            fit, val = train_test_split(rest, test_size=n_val, random_state=seed,
-                                        stratify=data.post_strata(corpus, rest))
-        except ValueError:  # too few posts per stratum (tiny corpora): an unstratified slice
-            fit, val = train_test_split(rest, test_size=n_val, random_state=seed)
-        folds.append({"train": sorted(fit), "val": sorted(val), "test": sorted(test)})
-    return folds
-
-
 # --------------------------------------------------------------------------- cross-validation
 
 def _curve(name: str, rows: list[dict], **style) -> tuple:
@@ -192,8 +164,8 @@ def cross_validate(cfg: Config, k: int, seeds: list[int], n_boot: int, command: 
     """Train every fold x seed, then summarise (summary.json, summary.md, PNGs) into cfg.output_dir."""
     out_dir = Path(cfg.output_dir)
     corpus = data.load_corpus_from_config(cfg)
-    folds = [data.load_splits(cfg.splits_file, corpus)] if k == 1 and cfg.splits_file else \
-        fold_splits(corpus, k, cfg.seed, cfg.val_ratio, cfg.test_ratio)
+    folds = [splits.load_splits(cfg.splits_file, corpus)] if k == 1 and cfg.splits_file else \
+        splits.fold_splits(corpus, k, cfg.seed, cfg.val_ratio, cfg.test_ratio)
     for i, split in enumerate(folds):  # a report is its test scores: a run would skip an empty test split
         if not TASKS[cfg.task].examples(corpus, split["test"], cfg):
             raise UserError(f"--cv_folds {k}: the test posts of fold {i} ({len(split['test'])}) have no examples for "

@@ -35,6 +35,7 @@ from config import Config, parse_config
 from features import make_loader, per_process_batch
 from models import TASKS, build_model, build_tokenizer, featurize
 from scoring import Scoring, metric_names, score_split, test_best
+from splits import load_splits, split_posts
 from utils import (
     STEP_BOUNDARY,
     Terminated,
@@ -61,9 +62,9 @@ def prepare_data(cfg: Config, saved_tokenizer: Path | None = None) -> PreparedDa
     corpus = data.load_corpus_from_config(cfg)
     log.info("\n%s", data.format_report(corpus.report))
     if cfg.splits_file:
-        splits = data.load_splits(cfg.splits_file, corpus)
+        splits = load_splits(cfg.splits_file, corpus)
     else:
-        splits = data.split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
+        splits = split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
     task = TASKS[cfg.task]
     examples = {name: task.examples(corpus, ids, cfg) for name, ids in splits.items()}
     report, shift = corpus.report, data.load_shift_corpus(cfg, corpus)

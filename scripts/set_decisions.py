@@ -33,6 +33,7 @@ from features import make_loader  # noqa: E402
 from metrics import best_threshold, sentence_set_metrics  # noqa: E402
 from models import TASKS, featurize  # noqa: E402
 from scoring import model_outputs  # noqa: E402
+from splits import load_splits  # noqa: E402
 from utils import make_accelerator  # noqa: E402
 
 SET_RULES = ("absolute", "per_criterion", "relative", "zero")
@@ -122,7 +123,7 @@ def checkpoint_sets(path, data_dirs, accelerator) -> tuple:
     model, tokenizer, cfg, _ = load_checkpoint(checkpoint)
     model = accelerator.prepare(model)
     corpus = data.load_corpus_from_config(cfg, cfg.data_dir)
-    splits = data.load_splits(checkpoint / "splits.json", corpus)
+    splits = load_splits(checkpoint / "splits.json", corpus)
     sets = {name: scored_pairs(model, tokenizer, cfg, corpus, splits[name], accelerator) for name in ("val", "test")}
     shift = data.load_shift_corpus(cfg)
     if shift is not None:

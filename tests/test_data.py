@@ -13,6 +13,7 @@ import alignment
 import data
 import demo
 import features
+import splits as splitting
 from utils import UserError
 
 QUIRKY_DROPPED = {
@@ -178,13 +179,13 @@ def demo_corpus():
 
 
 def test_split_posts_partition_sizes_and_determinism(demo_corpus):
-    splits = data.split_posts(demo_corpus, seed=42)
+    splits = splitting.split_posts(demo_corpus, seed=42)
     ids = [set(splits[k]) for k in ("train", "val", "test")]
     assert [len(s) for s in ids] == [800, 100, 100]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     assert ids[0] | ids[1] | ids[2] == set(demo_corpus.posts)
-    assert data.split_posts(demo_corpus, seed=42) == splits
-    other = data.split_posts(demo_corpus, seed=7)
+    assert splitting.split_posts(demo_corpus, seed=42) == splits
+    other = splitting.split_posts(demo_corpus, seed=7)
     assert other["test"] != splits["test"] and sorted(sum(other.values(), [])) == sorted(demo_corpus.posts)
     # stratified: the share of posts without any symptom is about the same in each split
     positive_posts = {r["post_id"] for r in demo_corpus.rows if r["status"] == 1}
@@ -195,44 +196,44 @@ def test_split_posts_partition_sizes_and_determinism(demo_corpus):
 def test_split_posts_refuses_too_few_posts(tmp_path):
     corpus = data.build_corpus([{"post_id": f"p{i}", "text": "x"} for i in range(3)], [])
     with pytest.raises(UserError, match="only 3 usable posts"):
-        data.split_posts(corpus, seed=0)
+        splitting.split_posts(corpus, seed=0)
 
 
 def test_kfold_splits_group_by_post(demo_corpus):
-    folds = data.kfold_splits(demo_corpus, k=5, seed=0)
+    folds = splitting.kfold_splits(demo_corpus, k=5, seed=0)
     assert len(folds) == 5
     held = [set(te) for _, te in folds]
     assert sum(len(h) for h in held) == len(demo_corpus.posts) == len(set().union(*held))  # each post held out once
     for (train, test), h in zip(folds, held):
         assert not set(train) & h and set(train) | h == set(demo_corpus.posts)
         assert len(h) == 200
-    assert data.kfold_splits(demo_corpus, k=5, seed=0) == folds
+    assert splitting.kfold_splits(demo_corpus, k=5, seed=0) == folds
 
 
 def test_load_splits(tmp_path, quirky_dir):
     corpus = data.load_corpus(quirky_dir)
     path = tmp_path / "splits.json"
     path.write_text(json.dumps({"train": ["p_main", "p_nl", "gone", "p_noann"], "val": ["p_dup"], "test": ["p_latin"]}))
-    assert data.load_splits(path, corpus) == {"train": ["p_main", "p_nl", "p_noann"], "val": ["p_dup"],
+    assert splitting.load_splits(path, corpus) == {"train": ["p_main", "p_nl", "p_noann"], "val": ["p_dup"],
                                               "test": ["p_latin"]}
     path.write_text(json.dumps({"train": ["p_main", "p_nl"], "val": ["p_dup"], "test": ["p_latin"]}))
     with pytest.raises(UserError, match=r"splits.json: 1 of the corpus' 5 posts are in no split \(first: 'p_noann'\)"):
-        data.load_splits(path, corpus)
+        splitting.load_splits(path, corpus)
     path.write_text(json.dumps({"train": ["p_main", "p_nl"], "val": ["p_dup"], "test": ["p_nl"]}))
     with pytest.raises(UserError, match=r"splits.json: post 'p_nl' is in both 'train' and 'test'"):
-        data.load_splits(path, corpus)
+        splitting.load_splits(path, corpus)
     path.write_text(json.dumps({"train": ["p_main"], "val": []}))
     with pytest.raises(UserError, match="expected lists 'train', 'val' and 'test'"):
-        data.load_splits(path, corpus)
+        splitting.load_splits(path, corpus)
     path.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        data.load_splits(path, corpus)
+        splitting.load_splits(path, corpus)
     path.write_text(json.dumps({"train": ["p_main"], "val": ["p_dup"], "test": []}))  # was an IndexError
     with pytest.raises(UserError, match="splits.json: 'test' is empty"):
-        data.load_splits(path, corpus)
+        splitting.load_splits(path, corpus)
     path.write_text(json.dumps({"train": ["p_main"], "val": [["p_dup"]], "test": ["p_nl"]}))  # was a TypeError
     with pytest.raises(UserError, match=r"splits.json: 'val' holds \['p_dup'\], not a post id"):
-        data.load_splits(path, corpus)
+        splitting.load_splits(path, corpus)
 
 
 # --------------------------------------------------------------------------- demo corpus
@@ -453,7 +454,7 @@ def test_a_rewritten_training_corpus_is_never_scored_as_new_posts(tmp_path):
 
     cfg = make_config(demo_posts=60, demo_seed=0, demo_shift_posts=0)
     corpus = data.load_corpus_from_config(cfg)
-    splits = data.split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
+    splits = splitting.split_posts(corpus, cfg.seed, cfg.val_ratio, cfg.test_ratio)
     ckpt = tmp_path / "best"
     ckpt.mkdir()
     (ckpt / "splits.json").write_text(json.dumps(splits))

@@ -24,6 +24,7 @@ import finished_runs
 import hpo
 import report
 import search_space
+import splits as splitting
 import storage
 import train
 from config import Config
@@ -284,10 +285,10 @@ def test_splits_file_that_leaves_posts_out_is_refused(cli, tmp_path):
                           "silently go unused", "drop --splits_file")
     assert not (tmp_path / "run" / "metrics.json").exists()
     splits.write_text(json.dumps({"train": ids[:80], "val": ids[80:88], "test": ids[88:]}))
-    assert [len(v) for v in data.load_splits(splits, corpus).values()] == [80, 8, 8]
+    assert [len(v) for v in splitting.load_splits(splits, corpus).values()] == [80, 8, 8]
     splits.write_text(json.dumps({"train": ids, "val": ["gone1"], "test": ["gone2"]}))
     with pytest.raises(UserError, match="none of the posts of 'val' is in the corpus"):
-        data.load_splits(splits, corpus)
+        splitting.load_splits(splits, corpus)
 
 
 # --------------------------------------------------------------------------- 8. max_windows_per_post; a huge post

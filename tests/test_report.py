@@ -10,6 +10,7 @@ import data
 import intervals
 import metrics
 import report
+import splits as splitting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--task", "criteria", "--demo_posts", "60", "--tiny_hidden", "16", "--tiny_layers", "1", "--tiny_heads", "1",
@@ -91,10 +92,10 @@ def corpus():
 
 def test_folds_group_by_post_and_keep_strata(corpus):
     k, ids = 5, set(corpus.posts)
-    folds = report.fold_splits(corpus, k, seed=7, val_ratio=0.1)
+    folds = splitting.fold_splits(corpus, k, seed=7, val_ratio=0.1)
     tests = [set(f["test"]) for f in folds]
     assert sum(map(len, tests)) == len(ids) == len(set().union(*tests))  # every post in exactly one test fold
-    strata = dict(zip(sorted(ids), data.post_strata(corpus, sorted(ids))))
+    strata = dict(zip(sorted(ids), splitting.post_strata(corpus, sorted(ids))))
     total = Counter(strata.values())
     assert len(total) >= 5  # the demo has real strata to keep
     for f in folds:
@@ -106,14 +107,14 @@ def test_folds_group_by_post_and_keep_strata(corpus):
         assert all(abs(held[s] - n / k) < 1 for s, n in total.items()), (held, total)
         # the validation slice keeps the strata of the posts it is cut from, within 1 post per stratum
         rest = sorted(f["train"] + f["val"])
-        rest_strata = dict(zip(rest, data.post_strata(corpus, rest)))
+        rest_strata = dict(zip(rest, splitting.post_strata(corpus, rest)))
         in_val, in_rest = Counter(rest_strata[p] for p in f["val"]), Counter(rest_strata.values())
         assert all(abs(in_val[s] - n * 30 / len(rest)) <= 1 for s, n in in_rest.items()), (in_val, in_rest)
     # the annotation rows follow their post: no row of a test post is trained on
     train_rows = {r["sentence_id"] for r in corpus.rows if r["post_id"] in set(folds[0]["train"])}
     assert not train_rows & {r["sentence_id"] for r in corpus.rows if r["post_id"] in tests[0]}
-    assert report.fold_splits(corpus, k, seed=7, val_ratio=0.1) == folds  # deterministic
-    assert report.fold_splits(corpus, 1, seed=7) == [data.split_posts(corpus, 7)]
+    assert splitting.fold_splits(corpus, k, seed=7, val_ratio=0.1) == folds  # deterministic
+    assert splitting.fold_splits(corpus, 1, seed=7) == [splitting.split_posts(corpus, 7)]
 
 
 # --------------------------------------------------------------------------- baselines

@@ -149,6 +149,7 @@ def test_an_empty_test_split_is_skipped_with_a_warning(tmp_path, caplog, task):
     file whose test posts have no evidence) was an IndexError in the tokenizer (issue 31). The run trains and
     validates, says in a warning that test is not scored, and metrics.json has test: null."""
     import data
+    import splits as splitting
 
     small = dict(task=task, demo_posts=30, demo_shift_posts=0, epochs=1, max_steps=2)
     corpus = data.load_corpus_from_config(make_config(**small))
@@ -156,7 +157,7 @@ def test_an_empty_test_split_is_skipped_with_a_warning(tmp_path, caplog, task):
     if task == "criteria":
         small["test_ratio"] = 0.01
         annotated = {r["post_id"] for r in corpus.rows}
-        assert [p in annotated for p in data.split_posts(corpus, 42, 0.1, 0.01)["test"]] == [False]
+        assert [p in annotated for p in splitting.split_posts(corpus, 42, 0.1, 0.01)["test"]] == [False]
     else:
         ids = sorted(corpus.posts)
         test = [p for p in ids if p not in evidence][:3]

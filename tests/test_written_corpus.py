@@ -11,6 +11,7 @@ import pytest
 
 import alignment
 import data
+import splits as splitting
 
 DIR = Path(__file__).resolve().parents[1] / "corpora" / "written"
 N_POSTS, N_ROWS, N_STATUS_1, N_STATUS_0 = 1056, 2589, 1612, 977
@@ -64,7 +65,7 @@ def test_shape_follows_redsm5(corpus):
 
 
 def test_splits_by_post_and_stratified(corpus):
-    splits = data.split_posts(corpus, 42, 0.1, 0.1)
+    splits = splitting.split_posts(corpus, 42, 0.1, 0.1)
     assert {k: len(v) for k, v in splits.items()} == {"train": 845, "val": 105, "test": 106}
     assert sorted(p for ids in splits.values() for p in ids) == sorted(corpus.posts)
     positive = {pid for pid, _ in corpus.positives()}
