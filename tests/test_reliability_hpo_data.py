@@ -26,6 +26,7 @@ import report
 import search_space
 import splits as splitting
 import storage
+import study_runs
 import train
 from config import Config
 from utils import UserError
@@ -568,14 +569,14 @@ def test_the_losing_parent_run_of_an_election_ends_killed_before_it_is_deleted(t
 
     from tracking import Tracker
 
-    monkeypatch.setattr(hpo.time, "sleep", lambda s: None)
+    monkeypatch.setattr(study_runs.time, "sleep", lambda s: None)
     cfg = Config(mlflow=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "s"))
     args = Namespace(storage="sqlite:///o.db", stage="coarse", pruner="median", n_trials=2)
     study = optuna.create_study(study_name="s")
     study.set_user_attr("search_space", {})
     first = Tracker(cfg, True)  # the other worker's parent run, created a moment earlier
-    first.client.set_tag(first.run_id, hpo.PARENT_TAG, "sqlite:///o.db#s")
-    tracker = hpo.open_parent_run(args, cfg, study, tmp_path / "s", "f1_macro")
+    first.client.set_tag(first.run_id, study_runs.PARENT_TAG, "sqlite:///o.db#s")
+    tracker = study_runs.open_parent_run(args, cfg, study, tmp_path / "s", "f1_macro")
     assert tracker.run_id == first.run_id == study.user_attrs["mlflow_parent_run_id"]
     runs = tracker.client.search_runs([tracker.client.get_experiment_by_name("redsm5").experiment_id],
                                       run_view_type=ViewType.ALL)
