@@ -12,8 +12,9 @@ Rules:
 
     python scripts/threshold_rules.py --data_dir corpora/written NAME=outputs/written/criteria-minilm [...]
 
-The first folder's splits refit the bag of words; the other folders must have the same folds (fold k = k-th), and a
-folder with fewer finished folds is paired on its first ones.
+The first folder's splits refit the bag of words; the other folders must have the same folds (fold k = k-th). A run
+(fold k, seed s) is paired with fold k's bag of words, which has no seed; a folder of several seeds gives one row per
+run, and the corrected interval counts the runs (Nadeau & Bengio's 1/n + test/train).
 """
 from __future__ import annotations
 
@@ -69,11 +70,15 @@ def score_fold(val, test) -> dict[str, dict]:
     return {name: paper_metrics(tg, tp, cuts) for name, cuts in rules(vg, vp).items()}
 
 
-def model_folds(folder: Path) -> dict[int, dict]:
-    """{fold: scores} of the finished runs (one seed) of a report folder."""
-    return {int(run.name[4:].split("-seed")[0]): score_fold(read_rows(run / "val_predictions.jsonl"),
-                                                            read_rows(run / "predictions.jsonl"))
-            for run in sorted(folder.glob("fold*-seed*")) if (run / "history.json").exists()}
+def fold_of(run: str) -> int:
+    return int(run[4:].split("-seed")[0])  # "fold3-seed42" -> 3
+
+
+def model_folds(folder: Path) -> dict[str, dict]:
+    """{run name (fold k, seed s): scores} of the finished runs of a report folder, every seed."""
+    return {run.name: score_fold(read_rows(run / "val_predictions.jsonl"), read_rows(run / "predictions.jsonl"))
+            for run in sorted(folder.glob("fold*-seed*"), key=lambda r: (r.name.split("-seed")[1], fold_of(r.name)))
+            if (run / "history.json").exists()}
 
 
 def bow_folds(folder: Path, data_dir: str) -> list[dict]:
@@ -89,7 +94,7 @@ def bow_folds(folder: Path, data_dir: str) -> list[dict]:
 
 def table(name: str, folds: list[dict], ratio: float) -> None:
     names = list(folds[0])
-    print(f"\n### {name} ({len(folds)} folds)\n")
+    print(f"\n### {name} ({len(folds)} runs)\n")
     print("| rule | paper_macro_f1 | paper_micro_f1 | vs symptom: mean [corrected 95% CI] | "
           + " | ".join(s[:10] for s in SYMPTOMS) + " |")
     print("|---|---|---|---|" + "---|" * len(SYMPTOMS))
@@ -118,17 +123,17 @@ def main() -> None:
         return
     bow = bow_folds(Path(next(iter(runs.values()))), args.data_dir)
     table("bag-of-words LR", bow, args.ratio)
-    print("\n### each model - bag of words, both at per-symptom cuts (the folds both have, paired)\n")
-    print("| model | folds | metric | model | bag of words | difference [corrected 95% CI] |")
+    print("\n### each model - bag of words, both at per-symptom cuts (each run paired with its fold's bag of words)\n")
+    print("| model | runs | metric | model | bag of words | difference [corrected 95% CI] |")
     print("|---|---|---|---|---|---|")
     for name, folder in runs.items():
         folds = model_folds(Path(folder))
         for metric in ("paper_macro_f1", "paper_micro_f1"):
             a = np.array([f["symptom"][metric] for f in folds.values()])
-            b = np.array([bow[k]["symptom"][metric] for k in folds])
+            b = np.array([bow[fold_of(run)]["symptom"][metric] for run in folds])  # the bag of words has no seed
             lo, hi = corrected_t_ci(a - b, args.ratio)
             ci = f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None else "(one fold: no interval)"
-            print(f"| {name} | {', '.join(map(str, folds))} | {metric} | {a.mean():.3f} | {b.mean():.3f} | "
+            print(f"| {name} | {len(folds)} | {metric} | {a.mean():.3f} | {b.mean():.3f} | "
                   f"{(a - b).mean():+.3f} {ci} |")
 
 
