@@ -259,9 +259,9 @@ def describe(breakdown: dict, peak: float) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from config import _Parser
+    from cli import Parser
 
-    p = _Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")

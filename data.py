@@ -397,10 +397,10 @@ def data_sha256(cfg) -> str:
 def main(argv=None):
     import argparse
 
-    from config import _Parser
+    from cli import Parser
     from utils import setup_logging
 
-    parser = _Parser(prog="data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make_demo", metavar="DIR", help="write the synthetic demo corpus to DIR")
     parser.add_argument("--n_posts", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

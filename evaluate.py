@@ -21,7 +21,8 @@ from pathlib import Path
 
 import data
 from checkpoint import load_checkpoint, resolve_checkpoint
-from config import _Parser, sentence_unit
+from cli import Parser
+from config import sentence_unit
 from errorpage import write_error_page
 from features import make_loader, read_tokens
 from files import check_writable, write_jsonl, write_text_atomic
@@ -36,7 +37,7 @@ log = logging.getLogger("redsm5")
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = _Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/best folder of a run")
     parser.add_argument("--data_dir", help="ReDSM5 folder (default: the one the checkpoint was trained on)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "test_shift"],

@@ -59,7 +59,8 @@ import yaml
 
 import runner
 import train
-from config import DATA_FIELDS, Config, make_config, parse_config
+from cli import parse_config
+from config import DATA_FIELDS, Config, make_config
 from files import write_text_atomic
 from plots import plot_hpo
 from scoring import metric_names

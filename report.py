@@ -36,7 +36,8 @@ import rundir
 import runner
 import splits
 from baselines import fold_baselines
-from config import Config, load_yaml_config, parse_config
+from cli import parse_config
+from config import Config, load_yaml_config
 from files import write_text_atomic
 from finished_runs import incomplete_run, run_artifacts
 from intervals import summarize_runs

@@ -31,7 +31,8 @@ import torch
 import data
 from auto_defaults import auto_lr, changed_fields
 from checkpoint import LoopState, load_best, load_tokenizer, resume_state, save_best
-from config import Config, parse_config
+from cli import parse_config
+from config import Config
 from features import make_loader, per_process_batch
 from models import TASKS, build_model, build_tokenizer, featurize
 from scoring import Scoring, metric_names, score_split, test_best

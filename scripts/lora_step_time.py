@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from config import make_config, parse_config  # noqa: E402
+from cli import parse_config  # noqa: E402
+from config import make_config  # noqa: E402
 from utils import make_accelerator, run_main  # noqa: E402
 
 

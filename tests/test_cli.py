@@ -126,7 +126,7 @@ def test_config_file_missing_and_precedence(cli, tmp_path):
     # YAML (3e-5 is a string to YAML 1.1, still a float here) < flags; the rest keep their defaults
     path = tmp_path / "ok.yaml"
     path.write_text("lr: 3e-5\nepochs: 2.0\ntask: evidence\n")
-    from config import parse_config
+    from cli import parse_config
 
     cfg, _ = parse_config(["--config", str(path), "--epochs", "5"])
     assert (cfg.lr, cfg.epochs, cfg.task, cfg.batch_size) == (3e-5, 5, "evidence", 32)
@@ -373,8 +373,30 @@ def test_script_bad_input_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "outputs").exists()  # nothing written on a bad command line
 
 
+def test_help_prints_every_field_help_as_written():
+    """argparse %-formats help texts: lora_dropout's '27% slower' printed the action's dict in its place."""
+    from cli import parse_config
+    from config import config_fields
+
+    help_text = " ".join(_help_of(parse_config).split())  # argparse wraps lines
+    assert "a CPU 0.1 makes a step 27% slower than 0" in help_text
+    assert "option_strings" not in help_text
+    for name, f in config_fields().items():
+        assert " ".join(f.metadata["help"].split()[:4]) in help_text, name
+
+
+def _help_of(parse_config) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_config(["--help"])
+    return out.getvalue()
+
+
 def test_boolean_flags_also_take_the_bare_form():
-    from config import parse_config
+    from cli import parse_config
 
     assert parse_config(["--resume"])[0].resume is True
     assert parse_config(["--resume", "false"])[0].resume is False
@@ -570,7 +592,7 @@ def test_error_lines_never_print_control_bytes(cli, tmp_path):
 
 def test_a_bare_run_logs_no_non_default_field():
     from auto_defaults import changed_fields
-    from config import parse_config
+    from cli import parse_config
 
     assert changed_fields(parse_config([])[0]) == {}  # `auto` resolved to its own value is not a change
     assert changed_fields(parse_config(["--lr", "1e-3", "--task", "joint"])[0]) == {"task": "joint", "lr": 1e-3}
@@ -595,7 +617,7 @@ PRESETS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_loads(preset):
-    from config import parse_config
+    from cli import parse_config
 
     parse_config(["--config", str(ROOT / "configs" / preset)])
 
@@ -603,7 +625,7 @@ def test_every_preset_loads(preset):
 def test_the_authors_preset_is_their_recipe():
     """examples/bert.ipynb of eliseobao/redsm5: post level, 512 tokens truncated, batch 8, constant 2e-5, no warmup,
     no clipping, 5 epochs, no early stopping."""
-    from config import parse_config
+    from cli import parse_config
 
     cfg, _ = parse_config(["--config", str(ROOT / "configs" / "redsm5_authors.yaml"), "--model", "minilm"])
     assert (cfg.task, cfg.unit, cfg.max_length, cfg.max_windows_per_post, cfg.batch_size) == ("criteria", "post", 512,

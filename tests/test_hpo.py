@@ -15,7 +15,8 @@ import yaml
 import hpo
 import search_space
 import storage
-from config import Config, load_yaml_config, parse_config
+from cli import parse_config
+from config import Config, load_yaml_config
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

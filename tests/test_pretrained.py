@@ -20,7 +20,8 @@ import models
 import packaged_encoders
 import runner
 import train
-from config import load_yaml_config, make_config, parse_config
+from cli import parse_config
+from config import load_yaml_config, make_config
 from features import featurize
 from utils import UserError
 
