@@ -305,6 +305,7 @@ def test_hpo_samples_from_the_pretrained_space_for_a_pretrained_model(folders, t
     for trial in study.trials:
         assert space["lr"]["low"] <= trial.params["lr"] <= space["lr"]["high"]
         assert space["head_lr"]["low"] <= trial.params["head_lr"] <= space["head_lr"]["high"]
+        assert 0.7 <= trial.params["layer_decay"] <= 1.0 and trial.state == optuna.trial.TrialState.COMPLETE
     assert search_space.default_space(make_config()).name == "criteria.yaml"
     assert search_space.default_space(make_config(model=folders["bert"])).name == "criteria_pretrained.yaml"
 
