@@ -80,6 +80,22 @@ def test_lora_trains_the_adapters_and_the_heads_and_nothing_else(bert, checkpoin
     assert len(moved) == 6 + 2 and all(not torch.equal(before[n], after[n]) for n in moved)
 
 
+def test_layer_decay_under_lora_gives_each_layers_adapters_its_rate(tmp_path):
+    """--layer_decay with --lora: the adapters of layer l of L train at lr * decay ** (L - l); the frozen encoder
+    weights are in no group (the HPO spaces of pretrained encoders search layer_decay, --lora studies too)."""
+    folder = tmp_path / "two"
+    bert_folder(folder, num_hidden_layers=2).save_pretrained(folder)
+    cfg = lora_cfg(str(folder), lr=1e-3, head_lr=4e-3, layer_decay=0.5)
+    model = models.build_model(cfg, models.build_tokenizer(cfg, []))
+    rate = {id(p): g["lr"] for g in train.make_optimizer(model, cfg).param_groups for p in g["params"]}
+    by_name = {n: rate.get(id(p)) for n, p in model.named_parameters()}
+    adapters = {n: r for n, r in by_name.items() if "lora_" in n}
+    assert len(adapters) == 2 * 6 * 2  # 2 layers x 6 linear layers x (A, B)
+    assert all(r == (5e-4 if ".layer.0." in n else 1e-3) for n, r in adapters.items()), adapters
+    assert by_name["cls_head.weight"] == 4e-3
+    assert all(r is None for n, r in by_name.items() if n not in adapters and not n.startswith("cls_head."))
+
+
 def test_a_saved_lora_model_reloads_with_identical_outputs_and_a_small_checkpoint(bert, tmp_path):
     """Trained one step (so the adapters are not zero), saved, loaded by load_checkpoint: the same logits, bit for
     bit. The encoder folder holds the adapter (about 4 bytes per adapter weight), not the encoder."""
