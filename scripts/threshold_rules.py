@@ -78,7 +78,7 @@ def model_folds(folder: Path) -> dict[str, dict]:
     """{run name (fold k, seed s): scores} of the finished runs of a report folder, every seed."""
     return {run.name: score_fold(read_rows(run / "val_predictions.jsonl"), read_rows(run / "predictions.jsonl"))
             for run in sorted(folder.glob("fold*-seed*"), key=lambda r: (r.name.split("-seed")[1], fold_of(r.name)))
-            if (run / "history.json").exists()}
+            if (run / "metrics.json").exists()}  # written last: a run still training is left out
 
 
 def bow_folds(folder: Path, data_dir: str) -> list[dict]:
@@ -117,8 +117,9 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="NAME=report output folder (criteria --unit post)")
     args = ap.parse_args()
     runs = dict(r.split("=", 1) for r in args.runs)
-    for name, folder in runs.items():
-        table(name, list(model_folds(Path(folder)).values()), args.ratio)
+    scored = {name: model_folds(Path(folder)) for name, folder in runs.items()}  # read once: both tables, same runs
+    for name, folds in scored.items():
+        table(name, list(folds.values()), args.ratio)
     if args.no_bow:
         return
     bow = bow_folds(Path(next(iter(runs.values()))), args.data_dir)
@@ -126,8 +127,7 @@ def main() -> None:
     print("\n### each model - bag of words, both at per-symptom cuts (each run paired with its fold's bag of words)\n")
     print("| model | runs | metric | model | bag of words | difference [corrected 95% CI] |")
     print("|---|---|---|---|---|---|")
-    for name, folder in runs.items():
-        folds = model_folds(Path(folder))
+    for name, folds in scored.items():
         for metric in ("paper_macro_f1", "paper_micro_f1"):
             a = np.array([f["symptom"][metric] for f in folds.values()])
             b = np.array([bow[fold_of(run)]["symptom"][metric] for run in folds])  # the bag of words has no seed
