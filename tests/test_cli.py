@@ -373,26 +373,18 @@ def test_script_bad_input_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "outputs").exists()  # nothing written on a bad command line
 
 
-def test_help_prints_every_field_help_as_written():
+def test_help_prints_every_field_help_as_written(capsys):
     """argparse %-formats help texts: lora_dropout's '27% slower' printed the action's dict in its place."""
     from cli import parse_config
     from config import config_fields
 
-    help_text = " ".join(_help_of(parse_config).split())  # argparse wraps lines
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "a CPU 0.1 makes a step 27% slower than 0" in help_text
     assert "option_strings" not in help_text
     for name, f in config_fields().items():
         assert " ".join(f.metadata["help"].split()[:4]) in help_text, name
-
-
-def _help_of(parse_config) -> str:
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        parse_config(["--help"])
-    return out.getvalue()
 
 
 def test_boolean_flags_also_take_the_bare_form():
