@@ -11,7 +11,6 @@ import dataclasses
 import typing
 
 from config import (
-    SEED_NAMES,
     Config,
     allowed_range,
     coerce,
@@ -20,6 +19,7 @@ from config import (
     load_yaml_config,
     make_config,
     seed_hint,
+    seed_name,
 )
 from utils import UserError
 
@@ -44,7 +44,7 @@ class Parser(argparse.ArgumentParser):
             hints = [seed_hint(w.split("=")[0].lstrip("-"), True) for w in words if w.startswith("--")]
             for w in (w for w in words if "=" in w and not w.startswith("-")):  # training.epochs=20
                 key, value = w.split("=", 1)
-                ours = SEED_NAMES.get(key) or SEED_NAMES.get(key.split(".", 1)[-1])
+                ours = seed_name(key)
                 hints.append(f"{w} is --{ours} {value} here" if ours and " " not in ours else None)
             dotted = [w for w in words if "." in w.split("=")[0] and "=" in w and not w.startswith("-")]
             if dotted and not any(hints):

@@ -211,9 +211,14 @@ SEED_NAMES = {"num_epochs": "epochs", "learning_rate": "lr", "gradient_clip": "m
 SEED_SECTIONS = ("training", "amp", "early_stopping", "optimizer", "scheduler")
 
 
+def seed_name(name: str) -> str | None:
+    """Our field(s) for a name of the earlier guide ('training.learning_rate' or 'learning_rate': 'lr'), or None."""
+    return SEED_NAMES.get(name) or SEED_NAMES.get(name.split(".", 1)[-1])
+
+
 def seed_hint(name: str, as_flag: bool) -> str | None:
     """'--gradient_accumulation_steps is --grad_accum here'-style advice for a name of the earlier guide."""
-    ours = SEED_NAMES.get(name) or SEED_NAMES.get(name.split(".", 1)[-1])
+    ours = seed_name(name)
     if ours is None:
         return None
     spell = (lambda n: " and ".join(f"--{x}" for x in n.split(" and "))) if as_flag else (lambda n: n)
