@@ -221,7 +221,8 @@ def summary_markdown(result: dict, pngs: list[str]) -> str:
                   "phrase items, or `--test_shift_dir`). The set is the same for all runs, so the intervals are "
                   "over training variation only.", ""] + metric_table(shifted, corrected)
     thresholded = "val_threshold" in summary["model"]
-    at_threshold = ", classified at each run's validation-chosen threshold" if thresholded else ""
+    at_threshold = (", classified at each run's one validation-chosen threshold, pooled over the criteria (the "
+                    "paper_*_tuned metrics tune a cut per symptom instead)") if thresholded else ""
     lines += ["", "## Per criterion", "",
               "Model: each seed's test predictions pooled over the folds (every post scored once per seed)"
               + at_threshold

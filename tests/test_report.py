@@ -229,6 +229,7 @@ def test_cv_run_writes_summary_plots_and_nested_mlflow_runs(tmp_path, cli):
     assert "| metric | model | 95% CI | corrected 95% CI | majority class | bag-of-words LR |" in md
     assert sum(line.startswith("| f1_macro | ") for line in md.splitlines()) == 2  # test, test_shift
     assert "| f1_macro_at_val_threshold |" in md
+    assert "at each run's one validation-chosen threshold, pooled over the criteria" in md  # not paper_*_tuned's cuts
     assert "| FATIGUE |" in md and "| all |" in md and "| fold1-seed1 |" in md
     result = report.json.loads((out / "summary.json").read_text())
     assert [(r["fold"], r["seed"]) for r in result["runs"]] == [(0, 1), (1, 1)]
