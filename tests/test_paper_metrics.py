@@ -185,3 +185,24 @@ def test_ranking_metrics_hand_computed():
     assert math.isnan(metrics.ranking_metrics([[]], [[0.3]])["sentence_map"])
     with pytest.raises(ValueError, match="gold sentence 2"):
         metrics.ranking_metrics([[2]], [[0.1, 0.2]])
+
+
+def test_post_bootstrap_macro_f1_is_the_papers_on_each_resample():
+    """scripts/post_bootstrap.py scores a resample of posts by counts: drawn once each it is paper_macro_f1; each post
+    twice, the same; p4 left out and p1 twice, paper_macro_f1 of that multiset of posts."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "post_bootstrap", Path(__file__).resolve().parents[1] / "scripts" / "post_bootstrap.py")
+    post_bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(post_bootstrap)
+    gold, probs = hand_matrix()
+    pred = metrics.predict_labels(probs)
+    weights = np.array([[1, 1, 1, 1], [2, 2, 2, 2], [2, 1, 1, 0]])
+    got = post_bootstrap.macro_f1(gold, pred, weights)
+    rows = [0, 0, 1, 2]
+    assert got[0] == pytest.approx(metrics.paper_metrics(gold, probs)["paper_macro_f1"])
+    assert got[1] == pytest.approx(got[0])
+    assert got[2] == pytest.approx(metrics.paper_metrics(gold[rows], probs[rows])["paper_macro_f1"])
+    assert got[2] != pytest.approx(got[0])
