@@ -21,11 +21,13 @@ AUTO_DEFAULTS = {"lr": {"tiny": 2e-3, "tiny_post": 2e-3, "pretrained": None, "pr
 
 # `lr: auto` of a pretrained encoder follows its width (hidden_size in its config.json): the first row whose width
 # bound (and model_type, where one is named) fits gives (rate, where it comes from). Never above what the encoder
-# family's own authors fine-tuned at, but where a measurement justifies it (MiniLM-L6). Sources, and the table
-# behind the rule: results/2026-12-06_encoder-rates.md.
+# family's own authors fine-tuned at, but where a measurement justifies it (MiniLM-L6, MPNet-base). Sources, and the
+# table behind the rule: results/2026-12-06_encoder-rates.md.
 AUTO_LR_BY_WIDTH = [
     (384, None, 2e-4, "measured on MiniLM-L6 (6 x 384): results/2026-12-05_pretrained-defaults.md (demo) and "
                       "results/2026-12-06_written-corpus-first-measurement.md (written corpus)"),
+    (768, "mpnet", 5e-5, "measured on MPNet-base (12 x 768): written corpus, fold 0, 5e-5 above 2e-5 on validation "
+                         "and test; results/2026-12-07_mpnet-written-corpus.md"),
     (768, None, 2e-5, "published for 12 x 768 encoders, not measured here: inside BERT-base's (2e-5 to 5e-5) and "
                       "RoBERTa-base's (1e-5 to 3e-5) grids, below DeBERTa-v3-base's (2.5e-5) and ModernBERT-base's "
                       "(up to 8e-5), the ReDSM5 authors' own; results/2026-12-06_encoder-rates.md"),
@@ -50,15 +52,13 @@ def auto_lr(cfg) -> tuple[float, str]:
         return AUTO_DEFAULTS["lr"]["tiny"], "tiny, trained from scratch: results/2026-12-02_single-split-defaults.md"
 
     shape = encoder_shape(cfg.model)
-    if shape is None:
-        return AUTO_LORA_LR_BY_WIDTH[1][1] if cfg.lora else AUTO_LR_BY_WIDTH[1][2], UNKNOWN_WIDTH
-    layers, width, model_type = shape
+    layers, width, model_type = shape or (12, 768, None)  # unreadable: as a 12 x 768 encoder of no measured family
     if cfg.lora:
         rate, source = next((r, src) for top, r, src in AUTO_LORA_LR_BY_WIDTH if top is None or width <= top)
-        return rate, f"{layers} x {width}: {source}"
-    rate, source = next((r, src) for top, family, r, src in AUTO_LR_BY_WIDTH
-                        if (top is None or width <= top) and family in (None, model_type))
-    return rate, f"{layers} x {width}: {source}"
+    else:
+        rate, source = next((r, src) for top, family, r, src in AUTO_LR_BY_WIDTH
+                            if (top is None or width <= top) and family in (None, model_type))
+    return rate, f"{layers} x {width}: {source}" if shape else UNKNOWN_WIDTH
 
 
 def resolve_auto(cfg: Config) -> Config:

@@ -312,6 +312,7 @@ def test_hpo_samples_from_the_pretrained_space_for_a_pretrained_model(folders, t
 
 @pytest.mark.parametrize("shape,rate", [((24, 1024, "roberta"), 1e-5), ((24, 1024, "deberta-v2"), 6e-6),
                                         ((12, 768, "deberta-v2"), 2e-5), ((12, 384, "bert"), 2e-4),
+                                        ((12, 768, "mpnet"), 5e-5), ((12, 768, "bert"), 2e-5),
                                         ((6, 512, "bert"), 2e-5)])
 def test_lr_auto_rule_by_width_and_family(monkeypatch, shape, rate):
     monkeypatch.setattr(auto_defaults, "encoder_shape", lambda name: shape)
